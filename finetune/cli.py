@@ -1,0 +1,151 @@
+"""The ``finetune`` command line: the commands, nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from finetune.errors import UserError
+
+app = typer.Typer(help="Transfer learning for small image classifiers.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a recipe key: section.key=value (a TOML value).")
+]
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe TOML file.")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last.pt.")] = None,
+) -> None:
+    """Train a recipe end to end: data, model, training, evaluation, report."""
+    from finetune.config import load_recipe
+    from finetune.runs import load_run_recipe
+    from finetune.runs import run as run_recipe
+
+    if resume is not None:
+        if recipe is not None:
+            raise UserError("give either RECIPE or --resume RUN_DIR (a resumed run uses its own recipe.toml)")
+        cfg = load_run_recipe(resume, overrides)
+    elif recipe is None:
+        raise UserError("missing RECIPE; e.g. finetune run recipes/quickstart.toml")
+    else:
+        cfg = load_recipe(recipe, overrides)
+    run_recipe(cfg, resume, err)
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    overrides: SetOption = None,
+    check_images: Annotated[bool, typer.Option(help="Decode every image (slow on big datasets).")] = False,
+) -> None:
+    """Check a recipe: build the model and read the data without training, then print the plan."""
+    from finetune import build
+    from finetune.config import load_recipe
+    from finetune.data.coco import check_images as check
+    from finetune.runs import read_splits
+
+    cfg = load_recipe(recipe, overrides)
+    device, precision = build.build_device(cfg.train)
+    splits = read_splits(cfg)
+    if check_images:
+        for s in splits.values():
+            problems = check(s.image_paths, decode=True)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise UserError(problems[0] + more)
+    classes = splits["train"].classes
+    model, load_report = build.build_model(cfg, len(classes))
+    build.build_loss(cfg, splits["train"])
+    steps = build.plan_steps(cfg, len(splits["train"].image_paths))
+    n_params = sum(p.numel() for p in model.parameters())
+    table = Table(title=f"{recipe}: valid", show_header=False)
+    table.add_row("model", f"{cfg.model.name} ({n_params:,} parameters), head for {len(classes)} classes")
+    if load_report:
+        table.add_row("weights", load_report.summary())
+    names = ", ".join(classes.names[:8]) + (", ..." if len(classes) > 8 else "")
+    table.add_row("classes", f"{len(classes)}: {names}")
+    for role, s in splits.items():
+        table.add_row(role, f"{len(s.image_paths)} images, {int(s.targets.sum())} labels, {s.annotation_file}")
+    table.add_row("steps", f"{steps.steps_per_epoch}/epoch x {cfg.train.epochs} epochs = {steps.total_steps} "
+                  f"(warmup {steps.warmup_steps})")  # fmt: skip
+    table.add_row("device", f"{device.type}, {precision}")
+    table.add_row("run dir", str(Path(cfg.output.dir) / cfg.output.name))
+    out.print(table)
+
+
+@app.command(name="eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: the recipe's).")] = None,
+) -> None:
+    """Score a run's best checkpoint on a split; prints the tables and writes eval_<split>.json."""
+    from finetune.report import print_report
+    from finetune.runs import evaluate as evaluate_run
+
+    print_report(evaluate_run(run_dir, split, threshold, err), out)
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: the recipe's).")] = None,
+    top: Annotated[int, typer.Option(help="Probabilities to show per image.")] = 5,
+) -> None:
+    """Predict labels for images with a run's best checkpoint."""
+    from finetune.runs import predict_images
+
+    results = predict_images(run_dir, [str(p) for p in images], threshold)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in list(r["probabilities"].items())[:top])
+        out.print(f"{r['image']}: [bold]{', '.join(r['labels']) or '(none)'}[/]  ({shown})")
+
+
+@data_app.command("demo")
+def data_demo(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the dataset.")],
+    seed: int = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    train: int = 2200,
+    val: int = 400,
+    test: int = 400,
+) -> None:
+    """Write the synthetic COCO-format demo dataset (deterministic)."""
+    from finetune.data.demo import write_demo
+
+    start = time.perf_counter()
+    counts = write_demo(out_dir, {"train": train, "val": val, "test": test}, size, seed)
+    err.print(f"wrote {sum(counts.values())} images {counts} to {out_dir} in {time.perf_counter() - start:.1f}s")
+
+
+def main() -> None:
+    """Console entry point: a UserError is one line on stderr and exit code 2."""
+    try:
+        app()
+    except UserError as e:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

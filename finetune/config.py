@@ -1,0 +1,268 @@
+"""The recipe schema: TOML -> one typed, validated config, with ``--set a.b=c`` overrides.
+
+Unknown keys, wrong types and bad values become a single-line :class:`~finetune.errors.UserError` that names the
+file, the key path and what is expected. Only ``build_*()`` functions elsewhere read a :class:`Recipe`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from finetune.errors import UserError
+
+
+class _Section(BaseModel):
+    # strict: TOML values are already typed, so "3" for an int is a mistake, not something to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class AugmentConfig(_Section):
+    """Train-time augmentation (albumentations) and normalisation."""
+
+    crop: Literal["random_resized_crop", "resize"] = "random_resized_crop"
+    scale: list[float] = Field([0.5, 1.0], min_length=2, max_length=2)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
+    normalize: Literal["imagenet"] | dict[str, list[float]] = "imagenet"
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError("scale must be [low, high] with 0 < low <= high <= 1")
+        if isinstance(self.normalize, dict):
+            if set(self.normalize) != {"mean", "std"} or any(len(v) != 3 for v in self.normalize.values()):
+                raise ValueError('normalize must be "imagenet" or {mean = [r, g, b], std = [r, g, b]}')
+            if any(s <= 0 for s in self.normalize["std"]):
+                raise ValueError("normalize.std values must be > 0")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the COCO-format data is and how it is read."""
+
+    format: Literal["coco"] = "coco"
+    root: str = "data/demo"
+    train: str = "train"
+    val: str = "val"
+    test: str = ""
+    annotations: str = Field("annotations/instances_{split}.json", description="relative to root")
+    images: str = Field("{split}", description="image folder relative to root")
+    image_size: int = Field(224, ge=16, le=2048)
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    include_crowd: bool = True
+    min_box_area: float = Field(0.0, ge=0.0)
+    on_bad_image: Literal["skip", "error"] = "skip"
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if "{split}" not in self.annotations:
+            raise ValueError('annotations must contain "{split}", e.g. "annotations/instances_{split}.json"')
+        if not self.train or not self.val:
+            raise ValueError("train and val split names must not be empty")
+        return self
+
+
+class ModelConfig(_Section):
+    """Backbone and head."""
+
+    name: str = "mobilenetv2_100"
+    pretrained: bool = False
+    checkpoint: str = ""
+    drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.pretrained and self.checkpoint:
+            raise ValueError("set either pretrained = true (timm hub) or checkpoint = path (local file), not both")
+        return self
+
+
+class LossConfig(_Section):
+    """Multi-label loss."""
+
+    name: Literal["bce", "focal"] = "bce"
+    pos_weight: Literal["none", "auto"] | float | list[float] = "none"
+    pos_weight_max: float = Field(100.0, gt=0.0)
+    alpha: float = Field(0.25, description="focal alpha; < 0 disables the class-balance term")
+    gamma: float = Field(2.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
+        if self.alpha > 1.0:
+            raise ValueError("alpha must be <= 1 (or negative to disable)")
+        if self.name == "focal" and self.pos_weight != "none":
+            raise ValueError('pos_weight applies to name = "bce"; focal loss uses alpha')
+        return self
+
+
+class OptimConfig(_Section):
+    """Optimizer and learning-rate schedule (linear warmup, then cosine decay)."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_factor: float = Field(0.01, gt=0.0, le=1.0)
+    min_lr_factor: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    """The training loop."""
+
+    epochs: int = Field(10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 = off")
+    accum_steps: int = Field(1, ge=1)
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    select: Literal["map", "macro_f1", "micro_f1", "loss"] = "map"
+
+
+class OutputConfig(_Section):
+    """Where the run directory goes: ``<dir>/<name>``."""
+
+    dir: str = "runs"
+    name: str = ""
+
+
+class Recipe(_Section):
+    """A whole recipe."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into a key path and a TOML value (a bare word is read as a string).
+
+    Args:
+        item: The text given to ``--set``.
+
+    Returns:
+        The key path and the parsed value.
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=2")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw recipe dict, creating sections as needed (validation comes after)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema accepts in the section that holds ``loc``."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop pydantic's union-member tags (``literal['x']``, ``float``...) so only recipe keys remain."""
+    keep, model = [], Recipe
+    for part in loc:
+        fields = model.model_fields if model else {}
+        if isinstance(part, int) or part in fields or model is None and not keep:
+            keep.append(part)
+            ann = fields[part].annotation if part in fields else None
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif model is not None:  # an unknown key in a section: keep it so the message can name it
+            keep.append(part)
+            model = None
+    return tuple(keep)
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    """One line for the first problem pydantic found."""
+    errors = err.errors()
+    first = errors[0]
+    loc = _clean_loc(first["loc"])
+    key = ".".join(str(p) for p in loc) or "(recipe)"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        msg = "unknown key" + (f"; expected one of: {', '.join(allowed)}" if allowed else "")
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] not in ("value_error", "missing"):
+            msg += f" (got {first['input']!r})"
+    more = len({_clean_loc(e["loc"]) for e in errors}) - 1
+    return f"{source}: {key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    """Validate a raw dict into a :class:`Recipe`, turning pydantic errors into one-line user errors."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_error(source, err)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: not valid TOML: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe; the run name defaults to the recipe's file name.
+
+    Args:
+        path: A TOML recipe.
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Returns:
+        The validated recipe.
+    """
+    raw = apply_overrides(read_toml(path), overrides or [])
+    recipe = validate_recipe(raw, str(path))
+    if not recipe.output.name:
+        recipe.output.name = Path(path).stem
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """A plain, TOML-serialisable dict of a recipe (tuples become lists)."""
+    return recipe.model_dump(mode="json")

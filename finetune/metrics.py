@@ -1,0 +1,104 @@
+"""Multi-label metrics as pure functions of arrays: mAP and per-class / macro / micro precision, recall, F1.
+
+Definitions (the README repeats them):
+- AP per class is scikit-learn's ``average_precision_score`` (step-wise area under the PR curve, ties grouped);
+  mAP is the mean over classes with at least one positive.
+- Per-class P = TP / (TP + FP) (0 when nothing is predicted), R = TP / (TP + FN), F1 = 2TP / (2TP + FP + FN).
+- Macro-F1 is the mean per-class F1 over classes with at least one positive; micro-F1 pools TP/FP/FN of all classes.
+Written with NumPy so one call scores every class at once; the tests check every number against scikit-learn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _check(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true)
+    scores = np.asarray(scores, dtype=np.float64)
+    if y_true.shape != scores.shape or y_true.ndim != 2:
+        raise ValueError(f"expected two [samples, classes] arrays of one shape, got {y_true.shape} and {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    return y_true.astype(bool), scores
+
+
+def average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-class average precision (NaN for a class with no positives), equal to scikit-learn's.
+
+    Args:
+        y_true: ``[n, c]`` multi-hot ground truth.
+        scores: ``[n, c]`` scores or probabilities.
+
+    Returns:
+        ``[c]`` AP values.
+    """
+    y_true, scores = _check(y_true, scores)
+    ap = np.full(y_true.shape[1], np.nan)
+    for c in range(y_true.shape[1]):
+        pos = y_true[:, c]
+        n_pos = pos.sum()
+        if n_pos == 0:
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        s, t = scores[order, c], pos[order]
+        tp = np.cumsum(t)
+        # Tied scores form one threshold: evaluate precision and recall only at the last sample of each tie group.
+        ends = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+        tp_at = tp[ends]
+        precision = tp_at / (ends + 1)
+        recall_step = np.diff(np.r_[0, tp_at]) / n_pos
+        ap[c] = float(np.sum(recall_step * precision))
+    return ap
+
+
+def counts_at(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.ndarray = 0.5) -> dict[str, np.ndarray]:
+    """Per-class TP, FP, FN and support when predicting ``score >= threshold`` (one value or one per class)."""
+    y_true, scores = _check(y_true, scores)
+    pred = scores >= np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (scores.shape[1],))
+    return {
+        "tp": (pred & y_true).sum(0),
+        "fp": (pred & ~y_true).sum(0),
+        "fn": (~pred & y_true).sum(0),
+        "support": y_true.sum(0),
+    }
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def prf(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.ndarray = 0.5) -> dict[str, Any]:
+    """Per-class and summary precision, recall and F1 at ``thresholds``.
+
+    Returns:
+        ``precision``, ``recall``, ``f1``, ``support`` (per class, arrays) and ``macro_precision``,
+        ``macro_recall``, ``macro_f1``, ``micro_precision``, ``micro_recall``, ``micro_f1`` (floats).
+    """
+    k = counts_at(y_true, scores, thresholds)
+    tp, fp, fn = k["tp"], k["fp"], k["fn"]
+    out: dict[str, Any] = {
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "support": k["support"],
+    }
+    has_pos = k["support"] > 0
+    for name in ("precision", "recall", "f1"):
+        out[f"macro_{name}"] = float(out[name][has_pos].mean()) if has_pos.any() else float("nan")
+    TP, FP, FN = tp.sum(), fp.sum(), fn.sum()
+    out["micro_precision"] = float(_ratio(TP, TP + FP))
+    out["micro_recall"] = float(_ratio(TP, TP + FN))
+    out["micro_f1"] = float(_ratio(2 * TP, 2 * TP + FP + FN))
+    return out
+
+
+def summarize(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.ndarray = 0.5) -> dict[str, float]:
+    """The headline numbers: mAP and macro/micro P/R/F1 at ``thresholds``."""
+    ap = average_precision(y_true, scores)
+    m = prf(y_true, scores, thresholds)
+    keys = [f"{a}_{b}" for a in ("macro", "micro") for b in ("precision", "recall", "f1")]
+    return {"map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), **{k: m[k] for k in keys}}
