@@ -1,0 +1,38 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv if missing and install
+# the project from pyproject.toml (torch/torchvision pinned to the versions this machine has on disk).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DATA := data/demo
+# pip on this machine warns once per local index that lacks a package; that is noise, not a problem.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install demo test lint clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import finetune, torch, timm, albumentations, pycocotools, sklearn"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_DATA)/annotations/instances_test.json: | $(STAMP)
+	$(VENV)/bin/finetune data demo $(DEMO_DATA)
+
+# Each demo run gets its own run directory: an earlier run is never overwritten.
+demo: $(STAMP) $(DEMO_DATA)/annotations/instances_test.json
+	$(VENV)/bin/finetune run recipes/quickstart.toml --set output.name=quickstart-$$(date +%Y%m%d-%H%M%S)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check finetune tests benchmarks
+	$(VENV)/bin/ruff format --check finetune tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+clean-demo:
+	rm -rf $(DEMO_DATA)

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny generated COCO-format dataset and recipe files pointing at it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.data.demo import write_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+COCO_TINY = SHARED / "data" / "coco-tiny"
+LITE0_WEIGHTS = SHARED / "weights" / "efficientnet_lite0.imagenet.safetensors"
+
+TINY_RECIPE = """
+[data]
+root = "{root}"
+test = "test"
+image_size = 32
+batch_size = 8
+num_workers = 0
+[data.augment]
+color_jitter = 0.1
+[model]
+name = "mobilenetv2_035"
+drop_rate = 0.0
+[optim]
+lr = 1e-3
+warmup_epochs = 0.5
+[train]
+epochs = 1
+precision = "fp32"
+[output]
+dir = "{runs}"
+name = "tiny"
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 48-image demo dataset (24 train / 12 val / 12 test, 48 px): generated in well under a second."""
+    root = tmp_path_factory.mktemp("tiny_coco")
+    write_demo(root, {"train": 24, "val": 12, "test": 12}, size=48, seed=1)
+    return root
+
+
+@pytest.fixture
+def tiny_recipe(tiny_coco: Path, tmp_path: Path) -> Path:
+    """A recipe file for one fast CPU epoch on ``tiny_coco``, writing runs under ``tmp_path``."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE.format(root=tiny_coco.as_posix(), runs=(tmp_path / "runs").as_posix()))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``finetune`` console script in a subprocess."""
+    exe = Path(sys.executable).parent / "finetune"
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=300
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, one line on stderr containing every needle, no traceback."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -1,0 +1,91 @@
+"""The real ``finetune`` command, end to end, in subprocesses."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .conftest import assert_user_error, run_cli
+
+
+def test_run_resume_eval_predict(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
+    proc = run_cli("run", str(tiny_recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    names = {p.name for p in run_dir.iterdir()}
+    assert names >= {"recipe.toml", "classes.json", "metrics.jsonl", "last.pt", "best.pt", "report.json"}
+    assert not any(n.endswith(".tmp") for n in names)
+    classes = json.loads((run_dir / "classes.json").read_text())
+    assert [c["id"] for c in classes][:4] == [1, 2, 3, 5] and classes[3]["name"] == "star"
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [1] and 0 <= lines[0]["val_map"] <= 1
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["splits"]) == {"val", "test"} and report["splits"]["test"]["images"] == 12
+    assert "mAP" in proc.stdout and "test" in proc.stdout
+
+    # Running the same recipe again must not touch the finished run.
+    before = (run_dir / "last.pt").read_bytes()
+    assert_user_error(run_cli("run", str(tiny_recipe)), "already holds a run", "--resume")
+    assert (run_dir / "last.pt").read_bytes() == before
+
+    # Resume with more epochs: continues at epoch 2, not from scratch.
+    proc = run_cli("run", "--resume", str(run_dir), "--set", "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "after epoch 1" in proc.stderr
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [1, 2] and lines[1]["step"] == 2 * lines[0]["step"]
+    state = torch.load(run_dir / "last.pt", weights_only=True)["train_state"]
+    assert state["epoch"] == 2
+    assert "epochs = 2" in (run_dir / "recipe.toml").read_text()
+
+    proc = run_cli("eval", str(run_dir), "--split", "test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "eval_test.json").read_text())["splits"]["test"]["images"] == 12
+
+    image = next((tiny_coco / "test").glob("*.jpg"))
+    proc = run_cli("predict", str(run_dir), str(image), "--json", "--threshold", "0.3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads(proc.stdout)
+    assert len(result["probabilities"]) == 10 and result["threshold"] == 0.3
+    assert all(result["probabilities"][name] >= 0.3 for name in result["labels"])
+    assert_user_error(run_cli("predict", str(run_dir), str(tmp_path / "no.jpg")), "no.jpg: image file not found")
+
+
+def test_validate_prints_a_plan(tiny_recipe: Path) -> None:
+    proc = run_cli("validate", str(tiny_recipe), "--check-images")
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("mobilenetv2_035", "10 classes", "24 images", "12 images", "steps"):
+        assert needle in proc.stdout
+
+
+def test_recipe_errors_are_one_line(tiny_recipe: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny_recipe.read_text().replace("[train]", "[train]\nepochz = 3"))
+    assert_user_error(run_cli("validate", str(bad)), "bad.toml", "train.epochz: unknown key")
+    assert_user_error(run_cli("run", str(tiny_recipe), "--set", "train.epochs=two"), "train.epochs", "integer")
+    assert_user_error(
+        run_cli("validate", str(tiny_recipe), "--set", f"data.root={tmp_path}"),
+        "instances_train.json: annotation file not found",
+    )
+    assert_user_error(run_cli("run", str(tmp_path / "nope.toml")), "nope.toml: recipe file not found")
+
+
+def test_missing_and_corrupt_images(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_coco, root)
+    victim = sorted((root / "val").glob("*.jpg"))[0]
+    victim.unlink()
+    assert_user_error(run_cli("validate", str(tiny_recipe), "--set", f"data.root={root}"), victim.name, "not found")
+
+    victim.write_bytes(b"\xff\xd8\xff\xe0 truncated nonsense")  # a corrupt JPEG
+    args = ("--set", f"data.root={root}")
+    assert_user_error(run_cli("validate", str(tiny_recipe), *args, "--check-images"), victim.name, "cannot decode")
+    proc = run_cli("run", str(tiny_recipe), *args, "--set", "data.on_bad_image=error")
+    assert_user_error(proc, victim.name, "cannot decode", 'data.on_bad_image = "skip"')
+
+    proc = run_cli("run", str(tiny_recipe), *args, "--set", "output.name=skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bad = json.loads((tmp_path / "runs" / "skip" / "bad_images.json").read_text())
+    assert len(bad) == 1 and victim.name in bad[0]
+    assert json.loads((tmp_path / "runs" / "skip" / "report.json").read_text())["splits"]["val"]["images"] == 11
