@@ -22,7 +22,7 @@ SetOption = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a recipe key: section.key=value (a TOML value).")
 ]
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @app.command()

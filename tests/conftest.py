@@ -65,10 +65,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit code 2, one line on stderr containing every needle, no traceback."""
+    """Exit code 2, no traceback, and one ``error:`` line, the last, containing every needle.
+
+    Progress printed before a train-time error (the run's plan line) may precede it.
+    """
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+        assert needle in errors[0], (needle, errors[0])
