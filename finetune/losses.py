@@ -34,6 +34,7 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
     def extra_repr(self) -> str:
+        """Settings shown in ``repr``."""
         return f"alpha={self.alpha}, gamma={self.gamma}"
 
 

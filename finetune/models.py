@@ -31,7 +31,9 @@ class LoadReport:
         if self.dropped:
             parts.append(f"dropped {len(self.dropped)} with another shape ({', '.join(self.dropped[:4])})")
         if self.missing:
-            parts.append(f"{len(self.missing)} missing ({', '.join(self.missing[:4])}{', ...' * (len(self.missing) > 4)})")
+            parts.append(
+                f"{len(self.missing)} missing ({', '.join(self.missing[:4])}{', ...' * (len(self.missing) > 4)})"
+            )
         if self.unexpected:
             parts.append(f"{len(self.unexpected)} unexpected ({', '.join(self.unexpected[:4])})")
         return "; ".join(parts)
@@ -52,7 +54,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file, not our bug
-        raise UserError(f"{path}: cannot read weights ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{path}: cannot read weights ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
     for key in _NESTED_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -21,7 +21,9 @@ def create_optimizer(
     return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
-def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, warmup_factor: float, min_factor: float) -> float:
+def warmup_cosine_factor(
+    step: int, total_steps: int, warmup_steps: int, warmup_factor: float, min_factor: float
+) -> float:
     """LR multiplier at optimizer step ``step``: linear from ``warmup_factor`` to 1, then cosine to ``min_factor``.
 
     This is the seed paper's schedule (linear warmup from 0.01 x max LR, then cosine decay).

@@ -117,11 +117,17 @@ def run(recipe: Recipe, resume: str | Path | None = None, console: Console | Non
         saved = ClassMap.from_json(json.loads((run_dir / "classes.json").read_text()))
         if saved != classes:
             raise UserError(f"{run_dir}: the data's classes differ from the run's classes.json")
-    datasets = {role: build.build_dataset(recipe.data, s, role == "train", recipe.train.seed) for role, s in splits.items()}
-    loaders = {role: build.build_loader(recipe.data, ds, role == "train", recipe.train.seed) for role, ds in datasets.items()}
+    datasets = {
+        role: build.build_dataset(recipe.data, s, role == "train", recipe.train.seed) for role, s in splits.items()
+    }
+    loaders = {
+        role: build.build_loader(recipe.data, ds, role == "train", recipe.train.seed) for role, ds in datasets.items()
+    }
 
     if resume:  # the weights come from last.pt: never touch the hub or the original checkpoint again
-        recipe_for_model = recipe.model_copy(update={"model": recipe.model.model_copy(update={"pretrained": False, "checkpoint": ""})})
+        recipe_for_model = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"pretrained": False, "checkpoint": ""})}
+        )
     else:
         recipe_for_model = recipe
     model, load_report = build.build_model(recipe_for_model, len(classes))
@@ -190,7 +196,9 @@ def load_run_model(run_dir: Path, recipe: Recipe, which: str = "best") -> tuple[
     return model.eval(), classes
 
 
-def evaluate(run_dir: str | Path, role: str = "test", threshold: float | None = None, console: Console | None = None) -> dict[str, Any]:
+def evaluate(
+    run_dir: str | Path, role: str = "test", threshold: float | None = None, console: Console | None = None
+) -> dict[str, Any]:
     """Score a run's best checkpoint on one split; writes ``eval_<role>.json`` in the run and prints the tables."""
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
@@ -205,7 +213,11 @@ def evaluate(run_dir: str | Path, role: str = "test", threshold: float | None = 
     model.to(device)
     out = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console)
     thr = recipe.train.threshold if threshold is None else threshold
-    report = {"run": str(run_dir), "threshold": thr, "splits": {role: split_report(out["targets"], out["probs"], classes, thr)}}
+    report = {
+        "run": str(run_dir),
+        "threshold": thr,
+        "splits": {role: split_report(out["targets"], out["probs"], classes, thr)},
+    }
     ckpt.atomic_write_json(run_dir / f"eval_{role}.json", report)
     return report
 

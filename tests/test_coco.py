@@ -119,7 +119,9 @@ def test_real_coco_tiny(split_name: str) -> None:
     assert split.classes.ids[0] == 1 and split.classes.ids[-1] == 90 and split.classes.names[0] == "person"
     doc = json.loads((COCO_TINY / "annotations" / f"instances_{split_name}.json").read_text())
     by_id = {c["id"]: c["name"] for c in doc["categories"]}
-    assert list(split.classes.ids) == sorted(by_id) and [by_id[i] for i in split.classes.ids] == list(split.classes.names)
+    assert list(split.classes.ids) == sorted(by_id) and [by_id[i] for i in split.classes.ids] == list(
+        split.classes.names
+    )
     assert_targets_match(split, COCO_TINY / "annotations" / f"instances_{split_name}.json")
     assert not check_images(split.image_paths)
     assert split.targets.sum(0).min() >= 0 and split.targets.sum() > 0

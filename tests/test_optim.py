@@ -16,7 +16,9 @@ def test_schedule_shape() -> None:
 
 
 def test_every_group_follows_the_schedule_proportionally() -> None:
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
     model(torch.randn(2, 3, 8, 8))
     opt = create_optimizer(model, "adamw", lr=0.1, weight_decay=0.05)
     decays = sorted(g["weight_decay"] for g in opt.param_groups)
