@@ -1,0 +1,210 @@
+"""Embedded demo data: a deterministic, synthetic COCO-format multi-label dataset.
+
+Scenes of 0-4 textured shapes (10 categories, deliberately imbalanced) on noisy backgrounds, written as JPEG files
+plus ``annotations/instances_{split}.json`` with real boxes and polygons, so the whole COCO path is exercised on a
+machine with no data. Category ids have gaps (like COCO's 1..90) so the id <-> index mapping is exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from finetune.checkpoint import atomic_write_text
+
+# (COCO id, name, share of objects): the last classes are rare on purpose.
+CATEGORIES: tuple[tuple[int, str, float], ...] = (
+    (1, "circle", 0.20),
+    (2, "square", 0.17),
+    (3, "triangle", 0.14),
+    (5, "star", 0.12),
+    (6, "cross", 0.10),
+    (8, "ring", 0.08),
+    (10, "diamond", 0.07),
+    (11, "hexagon", 0.055),
+    (13, "crescent", 0.035),
+    (15, "arrow", 0.02),
+)
+OBJECT_COUNT_P = (0.08, 0.30, 0.30, 0.20, 0.12)  # P(0..4 objects in an image)
+DEFAULT_SPLITS = {"train": 2200, "val": 400, "test": 400}
+
+
+def _regular(n: int, r: float = 1.0, phase: float = 0.0) -> np.ndarray:
+    a = phase + np.arange(n) * 2 * math.pi / n
+    return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+
+
+def _shape(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Outer polygon (and a hole, for ring and crescent) in unit coordinates, roughly inside [-1, 1]^2."""
+    if name == "circle":
+        return _regular(32), None
+    if name == "square":
+        return _regular(4, math.sqrt(2), math.pi / 4), None
+    if name == "triangle":
+        return _regular(3, 1.15, -math.pi / 2) + [0, 0.2], None
+    if name == "star":
+        outer, inner = _regular(5, 1.0, -math.pi / 2), _regular(5, 0.42, -math.pi / 2 + math.pi / 5)
+        return np.stack([outer, inner], 1).reshape(-1, 2), None
+    if name == "cross":
+        t = 0.33
+        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        return np.array(pts, float), None
+    if name == "ring":
+        return _regular(32), _regular(32, 0.55)
+    if name == "diamond":
+        return _regular(4, 1.0) * [0.65, 1.0], None
+    if name == "hexagon":
+        return _regular(6), None
+    if name == "crescent":
+        return _regular(32), _regular(32, 0.85) + [0.45, -0.1]
+    if name == "arrow":
+        pts = [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)]
+        return np.array(pts, float), None
+    raise ValueError(name)
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return 255 * np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+
+
+def _texture(rng: np.random.Generator, h: int, w: int, hue: float) -> np.ndarray:
+    """An HxWx3 float fill: solid, stripes, dots, checker or gradient, mostly in colours near the class's hue.
+
+    Real classes have colour priors (bananas are yellow); 10% of objects ignore theirs so colour alone never suffices.
+    """
+    if rng.random() < 0.1:
+        hue = rng.random()
+    c1 = _hsv_to_rgb((hue + rng.normal(0, 0.02)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    c2 = _hsv_to_rgb((hue + rng.normal(0, 0.02)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.25, 0.6))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    kind = rng.integers(5)
+    period = rng.uniform(4, 10)
+    if kind == 0:
+        m = np.zeros((h, w), np.float32)
+    elif kind == 1:
+        ang = rng.uniform(0, math.pi)
+        m = (np.sin((xx * math.cos(ang) + yy * math.sin(ang)) * 2 * math.pi / period) > 0).astype(np.float32)
+    elif kind == 2:
+        m = ((np.sin(xx * 2 * math.pi / period) * np.sin(yy * 2 * math.pi / period)) > 0.5).astype(np.float32)
+    elif kind == 3:
+        m = (((xx // period) + (yy // period)) % 2).astype(np.float32)
+    else:
+        m = xx / max(w - 1, 1)
+    return c1 * (1 - m[..., None]) + c2 * m[..., None]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    grey = rng.uniform(50, 200)
+    base = grey + rng.uniform(-25, 25, 3)  # muted backgrounds: colour belongs to the objects
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    grad = rng.uniform(-40, 40, 3)
+    img = base + grad * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
+    img = img + rng.normal(0, rng.uniform(6, 22), (size, size, 3))
+    return img
+
+
+def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Draw one scene; return the uint8 image and its objects (category index, bbox, polygon, area)."""
+    img = _background(rng, size)
+    shares = np.array([c[2] for c in CATEGORIES])
+    n = rng.choice(len(OBJECT_COUNT_P), p=OBJECT_COUNT_P)
+    objects = []
+    for _ in range(n):
+        cat = int(rng.choice(len(CATEGORIES), p=shares / shares.sum()))
+        outer, hole = _shape(CATEGORIES[cat][1])
+        radius = rng.uniform(0.12, 0.26) * size
+        ang = rng.uniform(0, 2 * math.pi)
+        rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
+        aspect = np.array([rng.uniform(0.8, 1.25), 1.0])
+        centre = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
+
+        def place(poly: np.ndarray, rot: np.ndarray = rot, radius: float = radius, centre: np.ndarray = centre):
+            return (poly * aspect) @ rot.T * radius + centre
+
+        mask_img = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(mask_img)
+        outer_px = place(outer)
+        draw.polygon([tuple(p) for p in outer_px], fill=255)
+        if hole is not None:
+            draw.polygon([tuple(p) for p in place(hole)], fill=0)
+        mask = np.asarray(mask_img) > 0
+        ys, xs = np.nonzero(mask)
+        if len(xs) < 12:
+            continue
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        tex = _texture(rng, y1 - y0, x1 - x0, hue=cat / len(CATEGORIES))
+        region = img[y0:y1, x0:x1]
+        m = mask[y0:y1, x0:x1]
+        region[m] = tex[m]
+        clipped = np.clip(outer_px, 0, size)
+        objects.append(
+            {
+                "category": cat,
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "segmentation": [[round(float(v), 1) for v in clipped.reshape(-1)]],
+                "area": float(mask.sum()),
+            }
+        )
+    img = img + rng.normal(0, 4, img.shape)  # sensor noise over objects too
+    return np.clip(img, 0, 255).astype(np.uint8), objects
+
+
+def write_demo(
+    out_dir: str | Path, splits: dict[str, int] | None = None, size: int = 128, seed: int = 0
+) -> dict[str, int]:
+    """Write the demo dataset (deterministic for a given seed); returns images per split.
+
+    Args:
+        out_dir: Dataset root; gets ``<split>/*.jpg`` and ``annotations/instances_<split>.json``.
+        splits: Images per split (default: 2,200 / 400 / 400).
+        size: Image side in pixels.
+        seed: Generator seed.
+
+    Returns:
+        Images written per split.
+    """
+    out = Path(out_dir)
+    splits = splits or DEFAULT_SPLITS
+    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in CATEGORIES]
+    for s_index, (split, count) in enumerate(splits.items()):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            rng = np.random.default_rng([seed, s_index, i])
+            pixels, objects = render_scene(rng, size)
+            image_id = s_index * 1_000_000 + i + 1
+            file_name = f"{image_id:012d}.jpg"
+            tmp = out / split / f".{file_name}.tmp"
+            Image.fromarray(pixels).save(tmp, format="JPEG", quality=92)
+            os.replace(tmp, out / split / file_name)
+            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            for obj in objects:
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1 + s_index * 10_000_000,
+                        "image_id": image_id,
+                        "category_id": CATEGORIES[obj["category"]][0],
+                        "bbox": obj["bbox"],
+                        "segmentation": obj["segmentation"],
+                        "area": obj["area"],
+                        "iscrowd": 0,
+                    }
+                )
+        doc = {
+            "info": {"description": "finetune demo shapes", "version": "1", "year": 2026},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
+        (out / "annotations").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "annotations" / f"instances_{split}.json", json.dumps(doc))
+    return dict(splits)

@@ -1,0 +1,52 @@
+"""Albumentations pipelines for training and evaluation."""
+
+from __future__ import annotations
+
+import albumentations as A
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(
+    size: int,
+    crop: str = "random_resized_crop",
+    scale: tuple[float, float] = (0.5, 1.0),
+    hflip: float = 0.5,
+    color_jitter: float = 0.0,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> A.Compose:
+    """Training pipeline: crop or resize to ``size``, flip, optional colour jitter, normalise, to CHW tensor.
+
+    Args:
+        size: Output side length.
+        crop: ``"random_resized_crop"`` or ``"resize"``.
+        scale: Area range for the random-resized crop. Multi-label crops can cut objects out, so keep it wide.
+        hflip: Horizontal flip probability.
+        color_jitter: Brightness/contrast/saturation strength (hue gets a quarter of it); 0 disables.
+        mean: Per-channel mean, 0..1 scale.
+        std: Per-channel std, 0..1 scale.
+
+    Returns:
+        The pipeline; call it as ``pipeline(image=hwc_uint8)["image"]``.
+    """
+    if crop == "random_resized_crop":
+        ops: list[A.BasicTransform] = [A.RandomResizedCrop(size=(size, size), scale=tuple(scale))]
+    else:
+        ops = [A.Resize(size, size)]
+    if hflip > 0:
+        ops.append(A.HorizontalFlip(p=hflip))
+    if color_jitter > 0:
+        j = color_jitter
+        ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4), p=0.8))
+    ops += [A.Normalize(mean=mean, std=std), ToTensorV2()]
+    return A.Compose(ops)
+
+
+def eval_transform(
+    size: int, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> A.Compose:
+    """Evaluation pipeline: resize the whole image to ``size`` x ``size`` (no centre crop: it can cut labels out)."""
+    return A.Compose([A.Resize(size, size), A.Normalize(mean=mean, std=std), ToTensorV2()])
