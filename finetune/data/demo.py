@@ -53,7 +53,8 @@ def _shape(name: str) -> tuple[np.ndarray, np.ndarray | None]:
         return np.stack([outer, inner], 1).reshape(-1, 2), None
     if name == "cross":
         t = 0.33
-        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t)]
+        pts += [(-1, -t), (-t, -t)]
         return np.array(pts, float), None
     if name == "ring":
         return _regular(32), _regular(32, 0.55)
@@ -126,7 +127,8 @@ def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray,
         aspect = np.array([rng.uniform(0.8, 1.25), 1.0])
         centre = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
 
-        def place(poly: np.ndarray, rot: np.ndarray = rot, radius: float = radius, centre: np.ndarray = centre):
+        def place(poly: np.ndarray, rot: np.ndarray = rot, radius: float = radius, centre: np.ndarray = centre,
+                  aspect: np.ndarray = aspect) -> np.ndarray:  # fmt: skip
             return (poly * aspect) @ rot.T * radius + centre
 
         mask_img = Image.new("L", (size, size), 0)
