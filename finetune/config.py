@@ -76,6 +76,9 @@ class ModelConfig(_Section):
     pretrained: bool = False
     checkpoint: str = ""
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    head: Literal["linear", "mlp"] = Field("linear", description="linear (dropout = drop_rate) or a 2-layer MLP")
+    head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
+    init: Literal["timm", "blog"] = "timm"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -112,6 +115,42 @@ class OptimConfig(_Section):
     warmup_epochs: float = Field(1.0, ge=0.0)
     warmup_factor: float = Field(0.01, gt=0.0, le=1.0)
     min_lr_factor: float = Field(0.0, ge=0.0, le=1.0)
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="LR x decay**k for the k-th group below the top")
+    lr_mult: dict[str, float] = Field({}, description="layer-group selector -> LR multiplier")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.layer_decay != 1.0 and self.lr_mult:
+            raise ValueError("set either layer_decay or lr_mult, not both")
+        if any(v < 0 for v in self.lr_mult.values()):
+            raise ValueError("lr_mult values must be >= 0")
+        return self
+
+
+class StageConfig(_Section):
+    """One stage of a freezing schedule."""
+
+    epochs: int | None = Field(None, ge=1, description="left out on the last stage: the rest of train.epochs")
+    train: list[str] = Field(min_length=1, description='groups that train: "classifier", "blocks.5:", "all"...')
+
+
+class FreezeConfig(_Section):
+    """Layer-group freezing: a schedule of stages (or ``until``), and what happens to BatchNorm statistics."""
+
+    bn: Literal["frozen", "all", "none"] = Field("frozen", description="whose BN running stats stay fixed")
+    train_bn: bool = Field(False, description="BN affine parameters in frozen groups still train (fastai)")
+    until: str = Field("", description="freeze every group up to and including this one for the whole run")
+    stages: list[StageConfig] = []
+    cache_features: bool = Field(False, description="head-only stages train on cached pooled features")
+    cache_augment: int = Field(0, ge=0, description="augmented feature passes to cache; 0 = one unaugmented pass")
+
+    @model_validator(mode="after")
+    def _check(self) -> FreezeConfig:
+        if self.until and self.stages:
+            raise ValueError("set either until or stages, not both")
+        if any(s.epochs is None for s in self.stages[:-1]):
+            raise ValueError("only the last stage may leave out epochs (it then runs to the end)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -143,6 +182,7 @@ class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
+    freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
 
@@ -182,31 +222,55 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _section_of(ann: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The section model an annotation holds, and whether it is a list of them (``[[freeze.stages]]``)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    args = getattr(ann, "__args__", ())
+    is_list = getattr(ann, "__origin__", None) is list and args
+    if is_list and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0], True
+    return None, False
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], type[BaseModel] | None]:
+    """Keep the recipe keys of a pydantic error location (dropping union-member tags like ``literal['x']``).
+
+    Returns:
+        The cleaned location and the section model that holds its last key (None past a plain value).
+    """
+    keep: list[Any] = []
+    model: type[BaseModel] | None = Recipe
+    holder: type[BaseModel] | None = Recipe
+    pending_list: type[BaseModel] | None = None
+    for part in loc:
+        if isinstance(part, int):
+            keep.append(part)
+            model, pending_list = pending_list, None
+            continue
+        fields = model.model_fields if model else {}
+        if part in fields:
+            keep.append(part)
+            holder = model
+            sub, is_list = _section_of(fields[part].annotation)
+            model, pending_list = (None, sub) if is_list else (sub, None)
+        elif model is not None:  # an unknown key in a section: keep it so the message can name it
+            keep.append(part)
+            holder, model = model, None
+        elif not keep:
+            keep.append(part)
+    return tuple(keep), holder
+
+
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys the schema accepts in the section that holds ``loc``."""
-    model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return sorted(model.model_fields)
+    _, holder = _walk(loc)
+    return sorted(holder.model_fields) if holder else []
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Drop pydantic's union-member tags (``literal['x']``, ``float``...) so only recipe keys remain."""
-    keep, model = [], Recipe
-    for part in loc:
-        fields = model.model_fields if model else {}
-        if isinstance(part, int) or part in fields or model is None and not keep:
-            keep.append(part)
-            ann = fields[part].annotation if part in fields else None
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        elif model is not None:  # an unknown key in a section: keep it so the message can name it
-            keep.append(part)
-            model = None
-    return tuple(keep)
+    return _walk(loc)[0]
 
 
 def _format_error(source: str, err: ValidationError) -> str:

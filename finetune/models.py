@@ -24,10 +24,15 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # present in both but with another shape (e.g. the old head)
+    remapped: str = ""  # the key layout translated from ("torchvision"), if any
+    head_note: str = ""  # set when the file's classifier was for another class count
 
     def summary(self) -> str:
         """One line for the console."""
-        parts = [f"loaded {self.loaded} tensors from {self.path}"]
+        layout = f" ({self.remapped} layout)" if self.remapped else ""
+        parts = [f"loaded {self.loaded} tensors from {self.path}{layout}"]
+        if self.head_note:
+            parts.append(self.head_note)
         if self.dropped:
             parts.append(f"dropped {len(self.dropped)} with another shape ({', '.join(self.dropped[:4])})")
         if self.missing:
@@ -46,6 +51,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     included) and DataParallel ``module.`` prefixes.
     """
     path = Path(path)
+    if path.is_dir() and (path / "best.pt").is_file():  # a finetune run directory: its best checkpoint
+        path = path / "best.pt"
     if not path.is_file():
         raise UserError(f"{path}: weights file not found; check model.checkpoint")
     try:
@@ -73,8 +80,10 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         UserError: When nothing in the file matches the model (most likely the wrong ``model.name``).
     """
     state = read_state_dict(path)
-    own = model.state_dict()
     report = LoadReport(str(path))
+    if "features.0.0.weight" in state and hasattr(model, "conv_stem"):
+        state, report.remapped = torchvision_to_timm(state, model), "torchvision"
+    own = model.state_dict()
     usable = {}
     for key, value in state.items():
         if key not in own:
@@ -87,13 +96,86 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         raise UserError(f"{path}: no tensor matches the model's parameters; is model.name the architecture it holds?")
     # BN's num_batches_tracked counters are bookkeeping, not weights: older files lack them and that is fine.
     report.missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    head = [k for k in report.dropped + report.unexpected + report.missing if k.startswith("classifier.")]
+    if head and hasattr(model, "classifier"):
+        theirs = [v.shape[0] for k, v in state.items() if k.startswith("classifier.") and k.endswith("weight")]
+        ours = [v.shape[0] for k, v in own.items() if k.startswith("classifier.") and k.endswith("weight")][-1]
+        shape = f"{theirs[-1]} outputs" if theirs else "no classifier"
+        report.head_note = f"head dropped (the file's classifier has {shape}, this model's {ours}): it starts fresh"
     model.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report
 
 
+def torchvision_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a torchvision ``mobilenet_v2`` state dict to timm's ``mobilenetv2_*`` layout.
+
+    torchvision numbers its layers ``features.0`` (stem conv + BN) ... ``features.18`` (1x1 head conv + BN) and
+    ``classifier.1``; timm nests the same layers as ``blocks.<stage>.<block>``. The k-th timm block (flattened, in
+    order) is ``features.<k>``; the first block has no expansion conv (timm's ``DepthwiseSeparableConv``).
+    """
+    names = {"features.0.0": "conv_stem", "features.0.1": "bn1", "classifier.1": "classifier"}
+    flat = [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
+    for k, block in enumerate(flat, start=1):
+        if hasattr(model.get_submodule(block), "conv_pwl"):  # inverted residual: expand, depthwise, project
+            parts = {"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2",
+                     "conv.2": "conv_pwl", "conv.3": "bn3"}  # fmt: skip
+        else:  # depthwise separable: depthwise, project
+            parts = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
+        names.update({f"features.{k}.{a}": f"{block}.{b}" for a, b in parts.items()})
+    names.update({f"features.{len(flat) + 1}.0": "conv_head", f"features.{len(flat) + 1}.1": "bn2"})
+    out = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        out[f"{names.get(module, module)}.{leaf}"] = value
+    return out
+
+
+def blog_init(model: nn.Module) -> None:
+    """The seed blog's initialisation: He (fan-out) for convolutions, normal for linear layers, BN weight 1 / bias 0.
+
+    The blog says std 1.0 for linear layers; on a 1280-wide feature that gives logits with std ~36 and a saturated
+    sigmoid at step 0, so this uses std 0.01 (torchvision's MobileNetV2 choice) and keeps the rest as written.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def replace_head(model: nn.Module, num_classes: int, head: str = "linear", hidden: int = 512) -> None:
+    """Swap the classifier for ``num_classes`` outputs: timm's linear one (dropout = drop_rate before it) or an MLP.
+
+    The MLP is Linear(features, hidden) -> ReLU -> Dropout(drop_rate) -> Linear(hidden, classes); timm's own dropout
+    before it stays.
+    """
+    if head == "linear":
+        return
+    in_features = model.get_classifier().in_features
+    model.classifier = nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(getattr(model, "drop_rate", 0.0)),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 def create_model(
-    name: str, num_classes: int, pretrained: bool = False, checkpoint: str = "", drop_rate: float = 0.0
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint: str = "",
+    drop_rate: float = 0.0,
+    head: str = "linear",
+    head_hidden: int = 512,
+    init: str = "timm",
 ) -> tuple[nn.Module, LoadReport | None]:
     """Create a timm model with a fresh ``num_classes`` head, from scratch, the hub, or a local file.
 
@@ -103,6 +185,9 @@ def create_model(
         pretrained: Use timm's own hub download (needs internet).
         checkpoint: A local weights file (safetensors, or a torch file loaded with ``weights_only=True``).
         drop_rate: Dropout before the classifier.
+        head: ``linear`` or ``mlp`` (see :func:`replace_head`).
+        head_hidden: Hidden width of the MLP head.
+        init: ``timm`` (timm's own) or ``blog`` (:func:`blog_init`), applied before any weights are loaded.
 
     Returns:
         The model, and what loading the checkpoint did (None without one).
@@ -121,5 +206,11 @@ def create_model(
             f"model.pretrained: could not fetch {name} weights from the hub ({first}); offline, download them "
             'elsewhere and set model.pretrained = false, model.checkpoint = "path/to/weights.safetensors"'
         ) from None
+    replace_head(model, num_classes, head, head_hidden)
+    if init == "blog":
+        if pretrained:  # the hub weights are already in: re-initialise only the new head
+            blog_init(model.get_classifier())
+        else:
+            blog_init(model)
     report = load_weights(model, checkpoint) if checkpoint else None
     return model, report

@@ -1,24 +1,92 @@
-"""Optimizer (timm's factory: no weight decay on norm and bias parameters) and the warmup + cosine schedule."""
+"""Parameter groups (discriminative LRs, no decay on norm and bias), the optimizer, and the warmup + cosine schedule.
+
+Every layer group is in the optimizer from the start, frozen or not: torch's optimizers skip a parameter whose
+``.grad`` is None, so a frozen group is untouched (no step, no weight decay) and unfreezing it later needs no new
+optimizer group. timm's ``param_groups_layer_decay`` is not used because it drops ``requires_grad=False`` parameters
+and decays per block rather than per layer group; the rule here is the same geometric one.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from timm.optim import create_optimizer_v2
 from torch import nn
+
+from finetune.groups import LayerGroup, resolve
+
+
+def group_multipliers(
+    groups: list[LayerGroup], layer_decay: float = 1.0, lr_mult: dict[str, float] | None = None
+) -> dict[str, float]:
+    """LR multiplier per group: ``layer_decay ** (distance from the classifier)``, or explicit ``lr_mult`` entries.
+
+    Args:
+        groups: Layer groups in forward order (the classifier last).
+        layer_decay: Geometric decay per group going down from the classifier (1.0 = off).
+        lr_mult: Selector -> multiplier (``{"stem": 0.01, "blocks.0:4": 0.1}``); later entries win; groups not
+            named get 1.0.
+
+    Returns:
+        Group name -> multiplier.
+    """
+    last = len(groups) - 1
+    mult = {g.name: layer_decay ** (last - g.index) for g in groups}
+    for sel, value in (lr_mult or {}).items():
+        for name in resolve([sel], groups, f"optim.lr_mult.{sel}"):
+            mult[name] = value
+    return mult
+
+
+def param_groups(
+    model: nn.Module, groups: list[LayerGroup], multipliers: dict[str, float], lr: float, weight_decay: float
+) -> list[dict]:
+    """Optimizer groups: per layer group, one with weight decay and one without (1-d tensors: norms and biases)."""
+    out = []
+    for g in groups:
+        decay, no_decay = [], []
+        for name in g.params:
+            p = model.get_parameter(name)
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if params:
+                out.append(
+                    {
+                        "params": params,
+                        "lr": lr * multipliers[g.name],
+                        "weight_decay": wd,
+                        "lr_scale": multipliers[g.name],
+                        "group_name": g.name + suffix,
+                    }
+                )
+    return out
+
+
+def whole_model_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """For a model without layer groups: decay / no-decay split only."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+    return [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "lr_scale": 1.0, "group_name": "all"},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "lr_scale": 1.0, "group_name": "all.no_decay"},
+    ]
 
 
 def create_optimizer(
-    model: nn.Module, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.05, momentum: float = 0.9
+    groups: list[dict], name: str = "adamw", lr: float = 1e-3, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD (classic momentum) through ``timm.optim.create_optimizer_v2``.
+    """AdamW, or SGD with classic (non-Nesterov) momentum, over prepared parameter groups."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
-    timm puts 1-d parameters (norm weights, biases) in a group without weight decay.
-    """
-    opt = "momentum" if name == "sgd" else name  # timm's "momentum" is SGD with classic momentum
-    kwargs = {"momentum": momentum} if name == "sgd" else {}
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current LR per layer group (the decayed half of each group; both halves share it)."""
+    out: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        out.setdefault(g.get("group_name", "all").removesuffix(".no_decay"), g["lr"])
+    return out
 
 
 def warmup_cosine_factor(
@@ -41,7 +109,7 @@ def create_scheduler(
     warmup_factor: float = 0.01,
     min_factor: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule that scales every parameter group's LR by the same factor."""
+    """Per-step schedule that scales every parameter group's LR by the same factor (so multipliers are kept)."""
 
     def factor(step: int) -> float:
         return warmup_cosine_factor(step, total_steps, warmup_steps, warmup_factor, min_factor)
