@@ -12,9 +12,11 @@ from finetune.config import DataConfig, Recipe, TrainConfig
 from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, collate, read_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from finetune.errors import UserError
+from finetune.freezing import FeatureCache, FreezePolicy, Stage, plan_stages
+from finetune.groups import LayerGroup, check_groupable, layer_groups, resolve
 from finetune.losses import create_loss
 from finetune.models import LoadReport, create_model
-from finetune.optim import create_optimizer, create_scheduler
+from finetune.optim import create_optimizer, create_scheduler, group_multipliers, param_groups, whole_model_groups
 from finetune.trainer import EpochSampler, FitSettings
 
 
@@ -124,11 +126,88 @@ def plan_steps(recipe: Recipe, n_train: int) -> StepPlan:
     return StepPlan(batches, steps, total, warmup)
 
 
+def needs_groups(recipe: Recipe) -> bool:
+    """Whether the recipe asks for layer groups (a freezing schedule or per-group learning rates)."""
+    f, o = recipe.freeze, recipe.optim
+    return bool(f.stages or f.until or f.bn == "all" or f.cache_features or o.layer_decay != 1.0 or o.lr_mult)
+
+
+def build_groups(recipe: Recipe, model: nn.Module) -> list[LayerGroup] | None:
+    """The model's layer groups; None for a model without them when the recipe does not need them."""
+    try:
+        check_groupable(model, recipe.model.name)
+    except UserError:
+        if needs_groups(recipe):
+            raise
+        return None
+    return layer_groups(model, recipe.model.name)
+
+
+def build_stages(recipe: Recipe, groups: list[LayerGroup]) -> list[Stage]:
+    """The freezing schedule from ``[freeze]``: its stages, ``until``, or one stage training everything."""
+    f, epochs = recipe.freeze, recipe.train.epochs
+    names = [g.name for g in groups]
+    if f.stages:
+        try:
+            ranges = plan_stages([(s.epochs, s.train) for s in f.stages], epochs)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        return [
+            Stage(a, b, tuple(resolve(s.train, groups, f"freeze.stages[{i}].train")))
+            for i, (s, (a, b)) in enumerate(zip(f.stages, ranges))
+        ]
+    if f.until:
+        last = max(names.index(n) for n in resolve([f.until], groups, "freeze.until"))
+        if last == len(names) - 1:
+            raise UserError(f"freeze.until: freezing up to {f.until!r} leaves nothing to train; name a lower group")
+        return [Stage(0, epochs, tuple(names[last + 1 :]))]
+    return [Stage(0, epochs, tuple(names))]
+
+
+def build_policy(recipe: Recipe, model: nn.Module, groups: list[LayerGroup] | None) -> FreezePolicy | None:
+    """The freeze policy (None for a model without layer groups)."""
+    if groups is None:
+        return None
+    return FreezePolicy(model, groups, build_stages(recipe, groups), recipe.freeze.bn, recipe.freeze.train_bn)
+
+
+def build_feature_cache(recipe: Recipe, policy: FreezePolicy | None, split: CocoSplit) -> FeatureCache | None:
+    """The feature cache for head-only stages when ``freeze.cache_features`` is on and some stage can use it."""
+    f = recipe.freeze
+    if not f.cache_features or policy is None:
+        return None
+    if not any(policy.cacheable(s.start) for s in policy.stages):
+        raise UserError(
+            'freeze.cache_features: no stage trains only ["classifier"] with BN statistics frozen '
+            '(freeze.bn = "frozen" or "all", train_bn = false); nothing can be cached'
+        )
+    augmented = f.cache_augment > 0
+    source = build_loader(
+        recipe.data,
+        build_dataset(recipe.data, split, augmented, recipe.train.seed),
+        train=False,
+        seed=recipe.train.seed,
+    )
+    bs = recipe.data.batch_size
+    return FeatureCache(
+        policy,
+        source,
+        f.cache_augment,
+        bs,
+        drop_last=True,
+        sampler_factory=lambda n: EpochSampler(n, recipe.train.seed),
+    )
+
+
 def build_optimizer(
-    recipe: Recipe, model: nn.Module, plan: StepPlan
+    recipe: Recipe, model: nn.Module, plan: StepPlan, groups: list[LayerGroup] | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Optimizer and per-step warmup + cosine schedule from ``[optim]``."""
+    """Optimizer over every layer group (frozen ones included) and the per-step warmup + cosine schedule."""
     o = recipe.optim
-    optimizer = create_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
+    if groups is None:
+        pgroups = whole_model_groups(model, o.lr, o.weight_decay)
+    else:
+        pgroups = param_groups(model, groups, group_multipliers(groups, o.layer_decay, o.lr_mult), o.lr, o.weight_decay)
+    optimizer = create_optimizer(pgroups, o.name, o.lr, o.momentum)
     scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, o.min_lr_factor)
     return optimizer, scheduler

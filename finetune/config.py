@@ -329,4 +329,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """A plain, TOML-serialisable dict of a recipe (tuples become lists)."""
-    return recipe.model_dump(mode="json")
+    return recipe.model_dump(mode="json", exclude_none=True)  # TOML has no null: a left-out key

@@ -14,7 +14,9 @@ snapshot after each epoch and stops the run if they moved.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +167,92 @@ class FreezePolicy:
     def remove(self) -> None:
         """Detach the forward pre-hook."""
         self._hook.remove()
+
+
+class _Features(torch.utils.data.Dataset):
+    def __init__(self, feats: torch.Tensor, targets: torch.Tensor) -> None:
+        self.feats, self.targets = feats, targets
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.feats[i], self.targets[i], i
+
+
+def _collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, Any]:
+    feats, targets, index = zip(*items)
+    return {"image": torch.stack(feats), "target": torch.stack(targets), "index": torch.tensor(index), "errors": []}
+
+
+class FeatureCache:
+    """Pooled features of the training split for head-only stages: computed once, or ``passes`` times augmented.
+
+    Args:
+        policy: The freeze policy whose frozen network computes the features.
+        source: A loader over the training split in a fixed order (no shuffling, no dropped images); its dataset's
+            ``set_epoch(k)`` selects augmentation pass ``k`` when ``passes > 0``.
+        passes: 0 = one pass with ``source`` as it is (normally the eval transform); K = K augmented passes, epoch
+            ``e`` training on pass ``e % K``.
+        batch_size: Training batch size (the same steps per epoch as the uncached loader, so the LR schedule holds).
+        drop_last: As for the uncached loader.
+        sampler_factory: Makes the per-epoch shuffling sampler (the trainer's seeded ``EpochSampler``).
+    """
+
+    def __init__(
+        self,
+        policy: FreezePolicy,
+        source: torch.utils.data.DataLoader,
+        passes: int,
+        batch_size: int,
+        drop_last: bool,
+        sampler_factory: Any,
+    ) -> None:
+        self.policy, self.source, self.passes = policy, source, passes
+        self.batch_size, self.drop_last, self.sampler_factory = batch_size, drop_last, sampler_factory
+        self._store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.extract_time_s = 0.0
+
+    @torch.no_grad()  # not inference_mode: the classifier's backward saves these tensors
+    def _extract(self, k: int, device: torch.device, precision: str, channels_last: bool) -> None:
+        model = self.policy.model
+        was_training = model.training
+        model.eval()
+        if self.passes and hasattr(self.source.dataset, "set_epoch"):
+            self.source.dataset.set_epoch(k)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        feats, targets = [], []
+        start = time.perf_counter()
+        for batch in self.source:
+            if "image" not in batch:
+                continue
+            images = batch["image"].to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                feats.append(self.policy.pooled_features(images).float())
+            targets.append(batch["target"].to(device))
+        self.extract_time_s += time.perf_counter() - start
+        model.train(was_training)
+        self._store[k] = (torch.cat(feats), torch.cat(targets))
+
+    def loader(self, epoch: int, settings: Any, console: Any = None) -> torch.utils.data.DataLoader:
+        """The loader of cached features for ``epoch`` (extracting its pass first if needed)."""
+        k = epoch % self.passes if self.passes else 0
+        if k not in self._store:
+            self._extract(k, settings.device, settings.precision, settings.channels_last)
+            if console is not None:
+                console.print(f"cached {len(self._store[k][0])} feature vectors (pass {k + 1}) for the head-only stage")
+        feats, targets = self._store[k]
+        sampler = self.sampler_factory(len(feats))
+        sampler.set_epoch(epoch)
+        return torch.utils.data.DataLoader(
+            _Features(feats, targets),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=_collate,
+            drop_last=self.drop_last and len(feats) > self.batch_size,
+        )
 
 
 def plan_stages(

@@ -138,7 +138,10 @@ def run(recipe: Recipe, resume: str | Path | None = None, console: Console | Non
         model.to(memory_format=torch.channels_last)
     loss_fn = build.build_loss(recipe, splits["train"]).to(device)
     plan = build.plan_steps(recipe, len(datasets["train"]))
-    optimizer, scheduler = build.build_optimizer(recipe, model, plan)
+    groups = build.build_groups(recipe, model)
+    policy = build.build_policy(recipe, model, groups)
+    cache = build.build_feature_cache(recipe, policy, splits["train"])
+    optimizer, scheduler = build.build_optimizer(recipe, model, plan, groups)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     settings = build.build_fit_settings(recipe, device, precision)
 
@@ -157,10 +160,12 @@ def run(recipe: Recipe, resume: str | Path | None = None, console: Console | Non
     )
     try:
         state = fit(model, loaders["train"], loaders["val"], loss_fn, optimizer, scheduler, scaler, settings, run_dir,
-                    state, console)  # fmt: skip
+                    state, console, policy, cache)  # fmt: skip
     except KeyboardInterrupt:
         raise UserError(f"interrupted; continue with `finetune run --resume {run_dir}`") from None
     finally:
+        if policy is not None:
+            policy.remove()
         if state.bad_images:
             ckpt.atomic_write_json(run_dir / "bad_images.json", state.bad_images)
 

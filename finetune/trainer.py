@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from torch import nn
 
 from finetune import checkpoint as ckpt
 from finetune.errors import UserError
+from finetune.freezing import FeatureCache, FreezePolicy
 from finetune.metrics import summarize
+from finetune.optim import group_lrs
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +95,7 @@ def _handle_bad(errors: list[str], policy: str, state: TrainState, console: Cons
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     images = batch["image"].to(device, non_blocking=True)
-    if channels_last:
+    if channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, batch["target"].to(device, non_blocking=True)
 
@@ -122,8 +124,14 @@ def train_one_epoch(
     settings: FitSettings,
     state: TrainState,
     console: Console,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, last LR and images per second."""
+    """One pass over ``loader``; returns mean loss, the top group's last LR and images per second.
+
+    ``forward`` replaces ``model(images)``: a freeze policy's forward (frozen prefix under no_grad), or the
+    classifier alone when ``loader`` yields cached features.
+    """
+    forward = forward or model
     model.train()
     device, accum = settings.device, settings.accum_steps
     total_loss, seen, n_batches = 0.0, 0, len(loader)
@@ -136,7 +144,7 @@ def train_one_epoch(
             if "image" in batch:
                 images, targets = _to_device(batch, device, settings.channels_last)
                 with autocast(device, settings.precision):
-                    logits = model(images)
+                    logits = forward(images)
                 # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16.
                 loss = loss_fn(logits.float(), targets.float())
                 if not torch.isfinite(loss):
@@ -154,12 +162,12 @@ def train_one_epoch(
                 scheduler.step()
                 state.step += 1
             rate = seen / max(time.perf_counter() - start, 1e-9)
-            info = f"loss {total_loss / max(seen, 1):.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.0f} img/s"
+            info = f"loss {total_loss / max(seen, 1):.4f}  lr {optimizer.param_groups[-1]['lr']:.2e}  {rate:.0f} img/s"
             bar.update(task, advance=1, info=info)
     elapsed = time.perf_counter() - start
     return {
         "train_loss": total_loss / max(seen, 1),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": optimizer.param_groups[-1]["lr"],
         "images_per_s": seen / max(elapsed, 1e-9),
         "train_time_s": elapsed,
     }
@@ -210,6 +218,20 @@ def predict(
     if loss_fn is not None:
         out["loss"] = total_loss / len(out["probs"])
     return out
+
+
+def _span(train: tuple[str, ...], names: list[str]) -> str:
+    """``stem, blocks.0-6, head, classifier`` rather than every block name."""
+    if list(train) == names:
+        return "all groups"
+    blocks = [n for n in train if n.startswith("blocks.")]
+    parts = [n for n in train if not n.startswith("blocks.")]
+    idx = [int(b.split(".")[1]) for b in blocks]
+    if len(blocks) > 2 and idx == list(range(idx[0], idx[-1] + 1)):
+        parts.insert(1 if "stem" in train else 0, f"{blocks[0]}-{blocks[-1].split('.')[1]}")
+    else:
+        parts[1 if "stem" in train else 0 : 0] = blocks
+    return ", ".join(parts)
 
 
 def _is_better(score: float, best: float | None, select: str) -> bool:
@@ -265,26 +287,50 @@ def fit(
     run_dir: Path,
     state: TrainState | None = None,
     console: Console | None = None,
+    policy: FreezePolicy | None = None,
+    cache: FeatureCache | None = None,
 ) -> TrainState:
     """Train from ``state.epoch`` to ``settings.epochs``, evaluating and checkpointing after every epoch.
 
+    With a freeze ``policy``, each epoch first applies its stage (trainable groups, BN modes) and ends with the check
+    that frozen BN statistics did not move; with a ``cache``, head-only stages train on cached features.
     Writes ``metrics.jsonl`` (one line per epoch), ``last.pt`` every epoch and ``best.pt`` when the selected
     validation metric improves; all writes are atomic.
     """
     state = state or TrainState()
     console = console or Console(stderr=True)
+    last_stage = -1
     for epoch in range(state.epoch, settings.epochs):
         for holder in (train_loader.sampler, train_loader.dataset):
             if hasattr(holder, "set_epoch"):
                 holder.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, scaler, settings, state, console)
+        loader, forward, extra = train_loader, None, {}
+        if policy is not None:
+            stage = policy.apply(epoch)
+            if policy.stage_index != last_stage:
+                last_stage = policy.stage_index
+                console.print(
+                    f"stage {last_stage + 1}/{len(policy.stages)} (epochs {stage.start + 1}-{stage.end}): training "
+                    f"{_span(stage.train, policy.group_names)}; BN stats {policy.bn}; "
+                    f"{policy.prefix} frozen leading group(s) run without gradients"
+                )
+            forward = policy.forward
+            extra = {"stage": last_stage + 1, "cached_features": False}
+            if cache is not None and policy.cacheable(epoch):
+                loader, forward = cache.loader(epoch, settings, console), policy.head_forward
+                extra["cached_features"] = True
+        stats = train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, settings, state, console, forward)
+        if policy is not None:
+            policy.check_bn(epoch)
+            extra["bn_frozen_checksum"] = policy.bn_checksum()
         out = predict(
             model, val_loader, settings.device, settings.precision, settings.channels_last, loss_fn,
             settings.on_bad_image, state, console,
         )  # fmt: skip
         metrics = summarize(out["targets"], out["probs"], settings.threshold)
         state.epoch = epoch + 1
-        record = {"epoch": state.epoch, "step": state.step, **stats, "val_loss": out["loss"]}
+        record = {"epoch": state.epoch, "step": state.step, **stats, **extra, "lr_groups": group_lrs(optimizer)}
+        record["val_loss"] = out["loss"]
         record.update({f"val_{k}": v for k, v in metrics.items()})
         score = out["loss"] if settings.select == "loss" else metrics[settings.select]
         improved = _is_better(score, state.best_score, settings.select)
