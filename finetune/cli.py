@@ -88,6 +88,45 @@ def validate(
     out.print(table)
 
 
+@app.command()
+def groups(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    overrides: SetOption = None,
+) -> None:
+    """Print the model's layer groups: parameters, trainable state per stage, and starting learning rate."""
+    from finetune import build
+    from finetune.config import load_recipe
+    from finetune.errors import UserError as _UserError
+    from finetune.optim import group_multipliers
+    from finetune.runs import read_splits
+
+    cfg = load_recipe(recipe, overrides)
+    classes = read_splits(cfg, ("train",), check=False)["train"].classes
+    bare = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "checkpoint": ""})})
+    model, _ = build.build_model(bare, len(classes))
+    layer_groups = build.build_groups(cfg, model)
+    if layer_groups is None:
+        raise _UserError(f"model.name: {cfg.model.name} has no layer groups; it trains as a whole")
+    stages = build.build_stages(cfg, layer_groups)
+    mult = group_multipliers(layer_groups, cfg.optim.layer_decay, cfg.optim.lr_mult)
+    table = Table(title=f"{cfg.model.name}: {len(layer_groups)} layer groups, {len(classes)} classes")
+    table.add_column("group")
+    table.add_column("parameters", justify="right")
+    for i, st in enumerate(stages):
+        table.add_column(f"stage {i + 1}\nepochs {st.start + 1}-{st.end}", justify="center")
+    table.add_column("lr", justify="right")
+    for g in layer_groups:
+        n = sum(model.get_parameter(p).numel() for p in g.params)
+        marks = ["train" if g.name in st.train else "[dim]frozen[/]" for st in stages]
+        table.add_row(g.name, f"{n:,}", *marks, f"{cfg.optim.lr * mult[g.name]:.3g}")
+    out.print(table)
+    bn = {"frozen": "fixed in frozen groups", "all": "fixed everywhere", "none": "updated everywhere"}[cfg.freeze.bn]
+    out.print(
+        f"BatchNorm running stats: {bn}; BN affine in frozen groups {'trains' if cfg.freeze.train_bn else 'frozen'}. "
+        f"lr = optim.lr x group multiplier at the schedule's peak (warmup starts at x{cfg.optim.warmup_factor:g})."
+    )
+
+
 @app.command(name="eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
@@ -143,7 +182,10 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        from rich.markup import escape
+
+        # escape: messages name keys like [freeze] or stages[0], which rich would otherwise eat as markup
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -44,15 +44,19 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def weights_path(path: str | Path) -> Path:
+    """The file to read: ``path`` itself, or ``best.pt`` inside a finetune run directory."""
+    path = Path(path)
+    return path / "best.pt" if path.is_dir() and (path / "best.pt").is_file() else path
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a torch file (``weights_only=True``), unwrapping common nestings.
 
     Accepts timm files, ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers (this toolkit's run checkpoints
     included) and DataParallel ``module.`` prefixes.
     """
-    path = Path(path)
-    if path.is_dir() and (path / "best.pt").is_file():  # a finetune run directory: its best checkpoint
-        path = path / "best.pt"
+    path = weights_path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found; check model.checkpoint")
     try:
@@ -80,7 +84,7 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
         UserError: When nothing in the file matches the model (most likely the wrong ``model.name``).
     """
     state = read_state_dict(path)
-    report = LoadReport(str(path))
+    report = LoadReport(str(weights_path(path)))
     if "features.0.0.weight" in state and hasattr(model, "conv_stem"):
         state, report.remapped = torchvision_to_timm(state, model), "torchvision"
     own = model.state_dict()

@@ -89,3 +89,19 @@ def test_missing_and_corrupt_images(tiny_recipe: Path, tiny_coco: Path, tmp_path
     bad = json.loads((tmp_path / "runs" / "skip" / "bad_images.json").read_text())
     assert len(bad) == 1 and victim.name in bad[0]
     assert json.loads((tmp_path / "runs" / "skip" / "report.json").read_text())["splits"]["val"]["images"] == 11
+
+
+def test_groups_prints_each_group_per_stage(tiny_recipe: Path) -> None:
+    stages = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["blocks.5:", "head", "classifier"]}]'
+    proc = run_cli(
+        "groups", str(tiny_recipe), "--set", "train.epochs=3", "--set", stages, "--set", "optim.lr_mult={stem=0.1}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in proc.stdout.splitlines()
+            if ln.startswith("│")}  # fmt: skip
+    assert list(rows)[:2] == ["stem", "blocks.0"] and list(rows)[-2:] == ["head", "classifier"]
+    assert rows["stem"][1:] == ["frozen", "frozen", "0.0001"]
+    assert rows["blocks.5"][1:] == ["frozen", "train", "0.001"]
+    assert rows["classifier"][1:] == ["train", "train", "0.001"]
+    assert int(rows["classifier"][0].replace(",", "")) == 1280 * 10 + 10  # mobilenetv2_035 head: 1280 features
+    assert_user_error(run_cli("groups", str(tiny_recipe), "--set", 'model.name="resnet18"'), "resnet18", "layer groups")

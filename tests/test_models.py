@@ -81,3 +81,52 @@ def test_real_imagenet_weights_efficientnet_lite0() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
                                    ref.forward_head(ref.forward_features(x), pre_logits=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [1.0, 0.5])
+def test_torchvision_mobilenet_v2_state_dict_gives_identical_outputs(width: float, tmp_path: Path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2(weights=None, width_mult=width)
+    for m in tv.modules():  # non-trivial BN statistics, so a mis-mapped BN layer cannot go unnoticed
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.normal_()
+    path = tmp_path / "tv.pth"
+    torch.save(tv.state_dict(), path)
+    name = {1.0: "mobilenetv2_100", 0.5: "mobilenetv2_050"}[width]
+    model, report = create_model(name, 1000, checkpoint=str(path))
+    assert report.remapped == "torchvision" and not report.missing and not report.unexpected and not report.dropped
+    x = torch.randn(2, 3, 96, 96)
+    assert torch.allclose(model.eval()(x), tv.eval()(x), atol=1e-5)
+
+
+def test_mlp_head_and_notice_for_another_class_count(tmp_path: Path) -> None:
+    source = timm.create_model("mobilenetv2_035", num_classes=10)
+    path = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(path))
+    model, report = create_model("mobilenetv2_035", 4, checkpoint=str(path), head="mlp", head_hidden=32)
+    assert isinstance(model.classifier, torch.nn.Sequential) and model.classifier[-1].out_features == 4
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    assert "head dropped (the file's classifier has 10 outputs, this model's 4)" in report.summary()
+    _, same = create_model("mobilenetv2_035", 10, checkpoint=str(path))
+    assert same.head_note == ""
+
+
+def test_blog_init() -> None:
+    torch.manual_seed(0)
+    model, _ = create_model("mobilenetv2_100", 80, init="blog")
+    w = model.classifier.weight
+    assert abs(w.std().item() - 0.01) < 1e-3 and model.classifier.bias.abs().sum() == 0
+    conv = model.blocks[3][0].conv_pw.weight  # He, fan-out: std = sqrt(2 / (k*k*out))
+    assert abs(conv.std().item() - (2 / conv.shape[0]) ** 0.5) / (2 / conv.shape[0]) ** 0.5 < 0.05
+    assert torch.equal(model.bn2.weight, torch.ones_like(model.bn2.weight))
+
+
+def test_a_run_directory_is_a_checkpoint_source(tmp_path: Path) -> None:
+    source = timm.create_model("mobilenetv2_035", num_classes=6)
+    torch.save({"model": source.state_dict(), "train_state": {"epoch": 1}}, tmp_path / "best.pt")
+    model, report = create_model("mobilenetv2_035", 6, checkpoint=str(tmp_path))
+    assert report.loaded == len(source.state_dict()) and report.path.endswith("best.pt")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items())
