@@ -20,12 +20,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DEMO_DATA)/annotations/instances_test.json: | $(STAMP)
+$(DEMO_DATA)/annotations/instances_source.json: | $(STAMP)
 	$(VENV)/bin/finetune data demo $(DEMO_DATA)
 
-# Each demo run gets its own run directory: an earlier run is never overwritten.
-demo: $(STAMP) $(DEMO_DATA)/annotations/instances_test.json
-	$(VENV)/bin/finetune run recipes/quickstart.toml --set output.name=quickstart-$$(date +%Y%m%d-%H%M%S)
+# The demo pretrains on the "source" split, then fine-tunes from that run with staged unfreezing. Each demo gets
+# its own run directories: an earlier run is never overwritten.
+demo: $(STAMP) $(DEMO_DATA)/annotations/instances_source.json
+	stamp=$$(date +%Y%m%d-%H%M%S); \
+	$(VENV)/bin/finetune run recipes/demo_pretrain.toml --set output.name=demo_pretrain-$$stamp; \
+	$(VENV)/bin/finetune run recipes/quickstart.toml --set output.name=quickstart-$$stamp \
+		--set model.checkpoint=\"runs/demo_pretrain-$$stamp\"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check finetune tests benchmarks

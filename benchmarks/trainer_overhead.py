@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from finetune.optim import create_optimizer, create_scheduler
+from finetune.optim import create_optimizer, create_scheduler, whole_model_groups
 from finetune.trainer import FitSettings, TrainState, train_one_epoch
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = nn.BCEWithLogitsLoss()
-    opt = create_optimizer(model, "adamw", 1e-3, 0.01)
+    opt = create_optimizer(whole_model_groups(model, 1e-3, 0.01), "adamw", 1e-3)
     sched = create_scheduler(opt, 10_000, 10)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     settings = FitSettings(epochs=1, device=torch.device("cpu"), channels_last=args.channels_last)

@@ -168,12 +168,14 @@ def data_demo(
     train: int = 2200,
     val: int = 400,
     test: int = 400,
+    source: Annotated[int, typer.Option(help="Images in the 'source' split that demo_pretrain trains on.")] = 2200,
 ) -> None:
     """Write the synthetic COCO-format demo dataset (deterministic)."""
     from finetune.data.demo import write_demo
 
     start = time.perf_counter()
-    counts = write_demo(out_dir, {"train": train, "val": val, "test": test}, size, seed)
+    sizes = {"train": train, "val": val, "test": test, "source": source}
+    counts = write_demo(out_dir, {k: v for k, v in sizes.items() if v > 0}, size, seed)
     err.print(f"wrote {sum(counts.values())} images {counts} to {out_dir} in {time.perf_counter() - start:.1f}s")
 
 

@@ -309,16 +309,19 @@ def fit(
             stage = policy.apply(epoch)
             if policy.stage_index != last_stage:
                 last_stage = policy.stage_index
-                console.print(
-                    f"stage {last_stage + 1}/{len(policy.stages)} (epochs {stage.start + 1}-{stage.end}): training "
-                    f"{_span(stage.train, policy.group_names)}; BN stats {policy.bn}; "
-                    f"{policy.prefix} frozen leading group(s) run without gradients"
-                )
+                if len(policy.stages) > 1 or policy.frozen_bn or list(stage.train) != policy.group_names:
+                    console.print(
+                        f"stage {last_stage + 1}/{len(policy.stages)} (epochs {stage.start + 1}-{stage.end}): "
+                        f"training {_span(stage.train, policy.group_names)}; running stats fixed in "
+                        f"{len(policy.frozen_bn)} BN layers; {policy.prefix} leading groups run without gradients"
+                    )
             forward = policy.forward
             extra = {"stage": last_stage + 1, "cached_features": False}
             if cache is not None and policy.cacheable(epoch):
+                before = cache.extract_time_s
                 loader, forward = cache.loader(epoch, settings, console), policy.head_forward
                 extra["cached_features"] = True
+                extra["cache_time_s"] = cache.extract_time_s - before
         stats = train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, settings, state, console, forward)
         if policy is not None:
             policy.check_bn(epoch)

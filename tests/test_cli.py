@@ -105,3 +105,28 @@ def test_groups_prints_each_group_per_stage(tiny_recipe: Path) -> None:
     assert rows["classifier"][1:] == ["train", "train", "0.001"]
     assert int(rows["classifier"][0].replace(",", "")) == 1280 * 10 + 10  # mobilenetv2_035 head: 1280 features
     assert_user_error(run_cli("groups", str(tiny_recipe), "--set", 'model.name="resnet18"'), "resnet18", "layer groups")
+
+
+def test_demo_recipes_chain_pretrain_into_staged_fine_tune(tiny_coco: Path, tmp_path: Path) -> None:
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    small = []
+    for item in (f'data.root="{tiny_coco.as_posix()}"', "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+                 f'output.dir="{(tmp_path / "runs").as_posix()}"'):  # fmt: skip
+        small += ["--set", item]
+    pre = run_cli("run", str(recipes / "demo_pretrain.toml"), *small, "--set", 'data.train="train"',
+                  "--set", "train.epochs=1")  # fmt: skip
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    pre_dir = (tmp_path / "runs" / "demo_pretrain").as_posix()
+    proc = run_cli("run", str(recipes / "quickstart.toml"), *small, "--set", f'model.checkpoint="{pre_dir}"',
+                   "--set", "train.epochs=4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "loaded 314 tensors from" in proc.stderr
+        and "missing" not in proc.stderr
+        and "demo_pretrain/best.pt" in proc.stderr
+    )
+    for needle in ("stage 1/3 (epochs 1-1): training classifier", "stage 2/3 (epochs 2-3): training blocks.4-6, head",
+                   "stage 3/3 (epochs 4-4): training all groups", "cached 24 feature vectors"):  # fmt: skip
+        assert needle in proc.stderr, needle
+    lines = [json.loads(ln) for ln in (tmp_path / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in lines] == [1, 2, 2, 3] and lines[0]["cached_features"]

@@ -32,7 +32,9 @@ CATEGORIES: tuple[tuple[int, str, float], ...] = (
     (15, "arrow", 0.02),
 )
 OBJECT_COUNT_P = (0.08, 0.30, 0.30, 0.20, 0.12)  # P(0..4 objects in an image)
-DEFAULT_SPLITS = {"train": 2200, "val": 400, "test": 400}
+# "source" is a disjoint set of scenes for recipes/demo_pretrain.toml (the stand-in for ImageNet pretraining);
+# it comes last so train/val/test are the same images with or without it.
+DEFAULT_SPLITS = {"train": 2200, "val": 400, "test": 400, "source": 2200}
 
 
 def _regular(n: int, r: float = 1.0, phase: float = 0.0) -> np.ndarray:
@@ -166,7 +168,7 @@ def write_demo(
 
     Args:
         out_dir: Dataset root; gets ``<split>/*.jpg`` and ``annotations/instances_<split>.json``.
-        splits: Images per split (default: 2,200 / 400 / 400).
+        splits: Images per split (default: train 2,200 / val 400 / test 400 / source 2,200).
         size: Image side in pixels.
         seed: Generator seed.
 
