@@ -5,6 +5,8 @@ Definitions (the README repeats them):
   mAP is the mean over classes with at least one positive.
 - Per-class P = TP / (TP + FP) (0 when nothing is predicted), R = TP / (TP + FN), F1 = 2TP / (2TP + FP + FN).
 - Macro-F1 is the mean per-class F1 over classes with at least one positive; micro-F1 pools TP/FP/FN of all classes.
+- ML-GCN's (Chen et al., CVPR 2019) CP / CR are the macro precision / recall, and CF1 = 2 CP CR / (CP + CR) (the
+  harmonic mean of the averages, not the average F1); OP / OR / OF1 are the micro precision / recall / F1.
 Written with NumPy so one call scores every class at once; the tests check every number against scikit-learn.
 """
 
@@ -55,9 +57,12 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def counts_at(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.ndarray = 0.5) -> dict[str, np.ndarray]:
-    """Per-class TP, FP, FN and support when predicting ``score >= threshold`` (one value or one per class)."""
+    """Per-class TP, FP, FN and support when predicting ``score >= threshold``.
+
+    ``thresholds`` is one value, one per class (``[c]``) or one per sample and class (``[n, c]``, cross-fitting).
+    """
     y_true, scores = _check(y_true, scores)
-    pred = scores >= np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (scores.shape[1],))
+    pred = scores >= np.broadcast_to(np.asarray(thresholds, dtype=np.float64), scores.shape)
     return {
         "tp": (pred & y_true).sum(0),
         "fp": (pred & ~y_true).sum(0),
@@ -93,6 +98,8 @@ def prf(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.ndarray =
     out["micro_precision"] = float(_ratio(TP, TP + FP))
     out["micro_recall"] = float(_ratio(TP, TP + FN))
     out["micro_f1"] = float(_ratio(2 * TP, 2 * TP + FP + FN))
+    cp, cr = out["macro_precision"], out["macro_recall"]
+    out["cf1"] = float(2 * cp * cr / (cp + cr)) if cp + cr > 0 else 0.0
     return out
 
 
@@ -101,4 +108,7 @@ def summarize(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.nda
     ap = average_precision(y_true, scores)
     m = prf(y_true, scores, thresholds)
     keys = [f"{a}_{b}" for a in ("macro", "micro") for b in ("precision", "recall", "f1")]
-    return {"map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), **{k: m[k] for k in keys}}
+    out = {"map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), **{k: m[k] for k in keys}}
+    out.update(cp=m["macro_precision"], cr=m["macro_recall"], cf1=m["cf1"])
+    out.update(op=m["micro_precision"], **{"or": m["micro_recall"]}, of1=m["micro_f1"])
+    return out

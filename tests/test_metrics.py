@@ -54,3 +54,25 @@ def test_bad_inputs() -> None:
         average_precision(y, np.where(s > 0.9, np.nan, s))
     with pytest.raises(ValueError, match="one shape"):
         prf(y, s[:, :3])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ml_gcn_cp_cr_cf1_op_or_of1(seed: int) -> None:
+    y, s = random_case(seed)
+    m = summarize(y, s, 0.4)
+    pred = s >= 0.4
+    has = y.any(0)
+    cp = precision_score(y[:, has], pred[:, has], average="macro", zero_division=0)
+    cr = recall_score(y[:, has], pred[:, has], average="macro", zero_division=0)
+    assert m["cp"] == pytest.approx(cp) and m["cr"] == pytest.approx(cr)
+    assert m["cf1"] == pytest.approx(2 * cp * cr / (cp + cr))
+    assert m["op"] == pytest.approx(precision_score(y, pred, average="micro", zero_division=0))
+    assert m["or"] == pytest.approx(recall_score(y, pred, average="micro", zero_division=0))
+    assert m["of1"] == pytest.approx(f1_score(y, pred, average="micro", zero_division=0))
+
+
+def test_per_sample_thresholds() -> None:
+    y, s = random_case(0)
+    t = np.random.default_rng(1).uniform(0.2, 0.8, s.shape)
+    m = prf(y, s, t)
+    assert m["micro_f1"] == pytest.approx(f1_score(y, s >= t, average="micro", zero_division=0))
