@@ -131,7 +131,9 @@ def groups(
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: the recipe's).")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="One decision threshold for every class (default: the run's thresholds.json).")
+    ] = None,
 ) -> None:
     """Score a run's best checkpoint on a split; prints the tables and writes eval_<split>.json."""
     from finetune.report import print_report
@@ -141,11 +143,27 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    split: Annotated[str, typer.Option(help="The split to fit thresholds on: val or train.")] = "val",
+) -> None:
+    """Re-fit a run's per-class thresholds; rewrites thresholds.json (the old one kept as thresholds.prev.json)."""
+    from finetune.report import print_report
+    from finetune.runs import calibrate_run
+
+    if split not in ("val", "train"):
+        raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
+    print_report(calibrate_run(run_dir, split, err), out)
+
+
+@app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: the recipe's).")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="One decision threshold for every class (default: the run's thresholds.json).")
+    ] = None,
     top: Annotated[int, typer.Option(help="Probabilities to show per image.")] = 5,
 ) -> None:
     """Predict labels for images with a run's best checkpoint."""

@@ -168,6 +168,18 @@ class TrainConfig(_Section):
     select: Literal["map", "macro_f1", "micro_f1", "loss"] = "map"
 
 
+class CalibrateConfig(_Section):
+    """Per-class decision thresholds fitted after training (see finetune/thresholds.py)."""
+
+    enabled: bool = True
+    split: Literal["val", "train"] = "val"
+    metric: Literal["f1", "fbeta"] = "f1"
+    beta: float = Field(1.0, gt=0.0)
+    min_positives: int = Field(5, ge=1, description="fewer positives: the class takes the global threshold")
+    shrink: float = Field(0.0, ge=0.0, description="pseudo-count pulling thresholds toward the global one")
+    folds: int = Field(5, ge=2, description="cross-fitting folds when there is no test split")
+
+
 class OutputConfig(_Section):
     """Where the run directory goes: ``<dir>/<name>``."""
 
@@ -184,6 +196,7 @@ class Recipe(_Section):
     optim: OptimConfig = OptimConfig()
     freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     output: OutputConfig = OutputConfig()
 
 

@@ -1,7 +1,8 @@
 """Runs: start or resume a training run in ``runs/<name>/``, evaluate a run on a split, predict images.
 
 A run directory holds ``recipe.toml`` (resolved), ``classes.json``, ``metrics.jsonl``, ``last.pt``, ``best.pt``,
-``report.json`` and, if any image could not be read, ``bad_images.json``.
+``thresholds.json`` (per-class calibrated thresholds), ``report.json`` / ``report.md``, ``pr_curves.png`` and
+``f1_per_class.png`` and, if any image could not be read, ``bad_images.json``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import tomli_w
 import torch
 from rich.console import Console
 
-from finetune import build
+from finetune import build, plots
 from finetune import checkpoint as ckpt
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.data.coco import ClassMap, check_images, read_rgb
 from finetune.errors import UserError
-from finetune.report import print_report, split_report
+from finetune.metrics import prf, summarize
+from finetune.report import markdown_report, print_report, split_report
+from finetune.thresholds import Calibration, cross_fit, fit_thresholds
 from finetune.trainer import TrainState, fit, predict, restore
 
 ROLES = ("train", "val", "test")
@@ -171,22 +174,138 @@ def run(recipe: Recipe, resume: str | Path | None = None, console: Console | Non
 
     best = ckpt.load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model"])
-    report: dict[str, Any] = {
-        "run": str(run_dir),
-        "best_epoch": state.best_epoch,
-        "select": recipe.train.select,
-        "threshold": recipe.train.threshold,
-        "bad_images": state.bad_images,
-        "splits": {},
+    eval_loaders = {role: loaders[role] for role in ("val", "test") if role in loaders}
+    if recipe.calibrate.enabled and recipe.calibrate.split == "train":  # unaugmented, in order, nothing dropped
+        eval_loaders["train"] = build.build_loader(
+            recipe.data, build.build_dataset(recipe.data, splits["train"], False), False
+        )
+    outs = {
+        role: predict(
+            model, loader, device, precision, recipe.train.channels_last, None, recipe.data.on_bad_image, state, console
+        )  # fmt: skip
+        for role, loader in eval_loaders.items()
     }
-    for role in ("val", "test"):
-        if role in loaders:
-            out = predict(model, loaders[role], device, precision, recipe.train.channels_last, None,
-                          recipe.data.on_bad_image, state, console)  # fmt: skip
-            report["splits"][role] = split_report(out["targets"], out["probs"], classes, recipe.train.threshold)
-    ckpt.atomic_write_json(run_dir / "report.json", report)
+    extra = {"best_epoch": state.best_epoch, "select": recipe.train.select, "bad_images": state.bad_images}
+    report = finish_report(run_dir, recipe, classes, outs, extra, console)
     print_report(report, Console())
     return run_dir
+
+
+def fit_calibration(recipe: Recipe, out: dict[str, Any], classes: ClassMap, role: str) -> Calibration:
+    """Per-class thresholds from ``[calibrate]`` on one split's predictions."""
+    c = recipe.calibrate
+    try:
+        cal = fit_thresholds(out["targets"], out["probs"], c.metric, c.beta, c.min_positives, c.shrink)
+    except ValueError as err:
+        raise UserError(f"calibrate: {err}") from None
+    cal.names, cal.split = list(classes.names), role
+    return cal
+
+
+def finish_report(
+    run_dir: Path,
+    recipe: Recipe,
+    classes: ClassMap,
+    outs: dict[str, dict[str, Any]],
+    extra: dict[str, Any],
+    console: Console,
+    calibration: Calibration | None = None,
+) -> dict[str, Any]:
+    """Calibrate (unless disabled or given), then write report.json, report.md, thresholds.json and the plots.
+
+    The calibration gain is quoted on data the thresholds were not fitted on: the test split when there is one,
+    otherwise k-fold cross-fitting on the calibration split.
+    """
+    c, fixed = recipe.calibrate, recipe.train.threshold
+    role = c.split
+    if calibration is None and c.enabled:
+        calibration = fit_calibration(recipe, outs[role], classes, role)
+    thr = calibration.thresholds if calibration is not None else None
+    report: dict[str, Any] = {"run": str(run_dir), **extra, "threshold": fixed, "calibration": None, "splits": {}}
+    for name, out in outs.items():
+        if name != "train":
+            report["splits"][name] = split_report(out["targets"], out["probs"], classes, fixed, thr)
+    if calibration is not None:
+        role = calibration.split
+        if "test" in report["splits"] and role != "test":
+            test = report["splits"]["test"]
+            honest = {"how": "test split", "fixed": test["summary"], "calibrated": test["calibrated"]["summary"]}
+            f1_fixed = [r["f1"] for r in test["per_class"]]
+            f1_cal = [r["f1_cal"] for r in test["per_class"]]
+        else:
+            out = outs[role]
+            options = {"metric": c.metric, "beta": c.beta, "min_positives": c.min_positives, "shrink": c.shrink}
+            per_row, _ = cross_fit(out["targets"], out["probs"], c.folds, recipe.train.seed, **options)
+            honest = {
+                "how": f"{min(c.folds, len(per_row))}-fold cross-fitting on {role}",
+                "fixed": summarize(out["targets"], out["probs"], fixed),
+                "calibrated": summarize(out["targets"], out["probs"], per_row),
+            }
+            f1_fixed = prf(out["targets"], out["probs"], fixed)["f1"]
+            f1_cal = prf(out["targets"], out["probs"], per_row)["f1"]
+        report["calibration"] = {
+            "fitted_on": role,
+            "metric": calibration.metric,
+            "beta": calibration.beta,
+            "min_positives": c.min_positives,
+            "shrink": c.shrink,
+            "global_threshold": calibration.global_threshold,
+            "honest": honest,
+        }
+        save_thresholds(run_dir, calibration)
+        out = outs[role]
+        plotted = plots.pr_curves(out["targets"], out["probs"], calibration.thresholds, classes.names,
+                                  run_dir / "pr_curves.png", role)  # fmt: skip
+        plots.f1_bars(np.asarray(f1_fixed), np.asarray(f1_cal), classes.names, run_dir / "f1_per_class.png",
+                      f"per-class F1, {honest['how']}: fixed {fixed:g} vs calibrated")  # fmt: skip
+        report["calibration"]["plots"] = {"pr_curves.png": plotted, "f1_per_class.png": honest["how"]}
+    ckpt.atomic_write_json(run_dir / "report.json", report)
+    ckpt.atomic_write_text(run_dir / "report.md", markdown_report(report))
+    return report
+
+
+def save_thresholds(run_dir: Path, calibration: Calibration) -> None:
+    """Write ``thresholds.json``; an existing one is kept as ``thresholds.prev.json`` (nothing is lost)."""
+    path = run_dir / "thresholds.json"
+    if path.exists():
+        ckpt.atomic_write_bytes(run_dir / "thresholds.prev.json", path.read_bytes())
+    ckpt.atomic_write_json(path, calibration.to_json())
+
+
+def load_thresholds(run_dir: Path, threshold: float | None, recipe: Recipe) -> tuple[np.ndarray | float, str]:
+    """The thresholds to apply: ``threshold`` if given, else the run's thresholds.json, else ``train.threshold``."""
+    if threshold is not None:
+        return threshold, f"fixed {threshold:g}"
+    path = run_dir / "thresholds.json"
+    if path.is_file():
+        cal = Calibration.from_json(json.loads(path.read_text()))
+        return cal.thresholds, f"calibrated on {cal.split or 'val'} (thresholds.json)"
+    return recipe.train.threshold, f"fixed {recipe.train.threshold:g}"
+
+
+def calibrate_run(run_dir: str | Path, role: str = "val", console: Console | None = None) -> dict[str, Any]:
+    """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the report."""
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir)
+    recipe.calibrate.split = role
+    recipe.calibrate.enabled = True
+    device, precision = build.build_device(recipe.train)
+    model, classes = load_run_model(run_dir, recipe)
+    model.to(device)
+    outs = {}
+    for r in dict.fromkeys([role, "val", "test"]):
+        if r == "test" and not recipe.data.test:
+            continue
+        split = build.build_split(recipe.data, split_name(recipe, r), classes)
+        missing = check_images(split.image_paths)
+        if missing:
+            raise UserError(f"{missing[0]}; check data.root and data.images")
+        loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
+        outs[r] = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console)
+    old = run_dir / "report.json"
+    extra = {k: v for k, v in json.loads(old.read_text()).items() if k in ("best_epoch", "select", "bad_images")} \
+        if old.is_file() else {}  # fmt: skip
+    return finish_report(run_dir, recipe, classes, outs, extra, console or Console(stderr=True))
 
 
 def load_run_model(run_dir: Path, recipe: Recipe, which: str = "best") -> tuple[torch.nn.Module, ClassMap]:
@@ -217,11 +336,13 @@ def evaluate(
     loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
     model.to(device)
     out = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console)
-    thr = recipe.train.threshold if threshold is None else threshold
+    thr, how = load_thresholds(run_dir, threshold, recipe)
+    fixed = thr if np.isscalar(thr) else recipe.train.threshold
     report = {
         "run": str(run_dir),
-        "threshold": thr,
-        "splits": {role: split_report(out["targets"], out["probs"], classes, thr)},
+        "threshold": fixed,
+        "thresholds": how,
+        "splits": {role: split_report(out["targets"], out["probs"], classes, fixed, None if np.isscalar(thr) else thr)},
     }
     ckpt.atomic_write_json(run_dir / f"eval_{role}.json", report)
     return report
@@ -236,7 +357,8 @@ def predict_images(run_dir: str | Path, images: list[str], threshold: float | No
     from finetune.data.transforms import eval_transform
 
     tf = eval_transform(recipe.data.image_size, mean, std)
-    thr = recipe.train.threshold if threshold is None else threshold
+    thr, how = load_thresholds(run_dir, threshold, recipe)
+    per_class = np.broadcast_to(np.asarray(thr, dtype=np.float64), (len(classes),))
     results = []
     for path in images:
         try:
@@ -251,9 +373,9 @@ def predict_images(run_dir: str | Path, images: list[str], threshold: float | No
         results.append(
             {
                 "image": str(path),
-                "labels": [classes.names[i] for i in order if probs[i] >= thr],
+                "labels": [classes.names[i] for i in order if probs[i] >= per_class[i]],
                 "probabilities": {classes.names[i]: round(float(probs[i]), 5) for i in order},
-                "threshold": thr,
+                "thresholds": how,
             }
         )
     return results

@@ -14,7 +14,8 @@ def test_run_resume_eval_predict(tiny_recipe: Path, tiny_coco: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     names = {p.name for p in run_dir.iterdir()}
-    assert names >= {"recipe.toml", "classes.json", "metrics.jsonl", "last.pt", "best.pt", "report.json"}
+    assert names >= {"recipe.toml", "classes.json", "metrics.jsonl", "last.pt", "best.pt", "report.json", "report.md",
+                     "thresholds.json", "pr_curves.png", "f1_per_class.png"}  # fmt: skip
     assert not any(n.endswith(".tmp") for n in names)
     classes = json.loads((run_dir / "classes.json").read_text())
     assert [c["id"] for c in classes][:4] == [1, 2, 3, 5] and classes[3]["name"] == "star"
@@ -41,13 +42,23 @@ def test_run_resume_eval_predict(tiny_recipe: Path, tiny_coco: Path, tmp_path: P
 
     proc = run_cli("eval", str(run_dir), "--split", "test")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "eval_test.json").read_text())["splits"]["test"]["images"] == 12
+    ev = json.loads((run_dir / "eval_test.json").read_text())
+    assert ev["splits"]["test"]["images"] == 12 and ev["thresholds"].startswith("calibrated on val")
+    saved = json.loads((run_dir / "thresholds.json").read_text())
+    assert [r["threshold"] for r in saved["classes"]] == [r["threshold_cal"] for r in ev["splits"]["test"]["per_class"]]
+
+    proc = run_cli("calibrate", str(run_dir), "--split", "train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "thresholds.prev.json").read_text()) == saved  # the old thresholds are kept
+    assert json.loads((run_dir / "thresholds.json").read_text())["split"] == "train"
+    assert "fitted on train" in proc.stdout
+    assert_user_error(run_cli("calibrate", str(run_dir), "--split", "test"), "--split 'test'")
 
     image = next((tiny_coco / "test").glob("*.jpg"))
     proc = run_cli("predict", str(run_dir), str(image), "--json", "--threshold", "0.3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads(proc.stdout)
-    assert len(result["probabilities"]) == 10 and result["threshold"] == 0.3
+    assert len(result["probabilities"]) == 10 and result["thresholds"] == "fixed 0.3"
     assert all(result["probabilities"][name] >= 0.3 for name in result["labels"])
     assert_user_error(run_cli("predict", str(run_dir), str(tmp_path / "no.jpg")), "no.jpg: image file not found")
 

@@ -44,7 +44,10 @@ def test_overrides_validate_like_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"trian": {}}, "trian: unknown key; expected one of: data, freeze, loss, model, optim, output, train"),
+        (
+            {"trian": {}},
+            "trian: unknown key; expected one of: calibrate, data, freeze, loss, model, optim, output, train",
+        ),
         ({"data": {"augment": {"flip": 0.5}}}, "data.augment.flip: unknown key"),
         ({"train": {"epochs": "10"}}, "train.epochs: Input should be a valid integer"),  # strict: no "10" -> 10
         ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),

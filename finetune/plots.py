@@ -1,0 +1,67 @@
+"""PNG plots for a run's calibration report: precision-recall curves with the chosen point, F1 before/after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve  # noqa: E402
+
+from finetune.checkpoint import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def pr_curves(
+    targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, names: list[str], path: Path, split: str, k: int = 3
+) -> list[str]:
+    """PR curves of the ``k`` most and ``k`` least frequent classes (with positives), chosen threshold marked.
+
+    Returns:
+        The names of the classes plotted.
+    """
+    support = targets.sum(0)
+    order = [c for c in np.argsort(-support, kind="stable") if support[c] > 0]
+    picked = order[:k] + [c for c in order[-k:] if c not in order[:k]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, group, title in ((axes[0], order[:k], "most frequent"), (axes[1], picked[len(order[:k]) :], "least")):
+        for c in group:
+            prec, rec, _ = precision_recall_curve(targets[:, c], probs[:, c])
+            (line,) = ax.step(rec, prec, where="post", label=f"{names[c]} (n={support[c]})")
+            pred = probs[:, c] >= thresholds[c]
+            tp = (pred & (targets[:, c] > 0)).sum()
+            p_at = tp / max(pred.sum(), 1)
+            r_at = tp / support[c]
+            ax.plot([r_at], [p_at], "o", color=line.get_color(), markersize=8, markeredgecolor="black")
+            ax.annotate(f"t={thresholds[c]:.2f}", (r_at, p_at), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set(title=f"{title} classes ({split})", xlabel="recall", xlim=(0, 1.02), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    axes[0].set_ylabel("precision")
+    _save(fig, path)
+    return [names[c] for c in picked]
+
+
+def f1_bars(f1_fixed: np.ndarray, f1_cal: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    """Per-class F1 at the fixed threshold and at the calibrated thresholds, side by side."""
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.2))
+    ax.bar(x - 0.2, f1_fixed, 0.4, label="fixed threshold")
+    ax.bar(x + 0.2, f1_cal, 0.4, label="calibrated")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="F1", ylim=(0, 1), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    _save(fig, path)
