@@ -85,7 +85,7 @@ def main() -> None:
     for name, val, best, train_s, total in rows:
         table.add_row(name, f"{100 * val['map']:.1f}", f"{100 * val['macro_f1']:.1f}", f"{100 * val['micro_f1']:.1f}",
                       str(best), f"{train_s:.1f}", f"{total:.1f}")  # fmt: skip
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":

@@ -90,18 +90,21 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     """Multi-label loss."""
 
-    name: Literal["bce", "focal"] = "bce"
+    name: Literal["bce", "focal", "asl"] = "bce"
     pos_weight: Literal["none", "auto"] | float | list[float] = "none"
     pos_weight_max: float = Field(100.0, gt=0.0)
     alpha: float = Field(0.25, description="focal alpha; < 0 disables the class-balance term")
     gamma: float = Field(2.0, ge=0.0)
+    gamma_neg: float = Field(4.0, ge=0.0, description="asl: focusing for negatives")
+    gamma_pos: float = Field(1.0, ge=0.0, description="asl: focusing for positives")
+    clip: float = Field(0.05, ge=0.0, lt=1.0, description="asl: probability margin for negatives")
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
         if self.alpha > 1.0:
             raise ValueError("alpha must be <= 1 (or negative to disable)")
-        if self.name == "focal" and self.pos_weight != "none":
-            raise ValueError('pos_weight applies to name = "bce"; focal loss uses alpha')
+        if self.name != "bce" and self.pos_weight != "none":
+            raise ValueError(f'pos_weight applies to name = "bce", not {self.name!r}')
         return self
 
 

@@ -1,4 +1,4 @@
-"""Multi-label losses: BCE with logits (optional ``pos_weight``) and sigmoid focal loss.
+"""Multi-label losses: BCE with logits (optional ``pos_weight``), sigmoid focal loss and asymmetric loss (ASL).
 
 The trainer calls these on fp32 logits outside autocast: ``log(sigmoid(x))`` in fp16 underflows to NaN.
 """
@@ -50,6 +50,37 @@ def auto_pos_weight(targets: np.ndarray, max_weight: float = 100.0) -> torch.Ten
     return torch.tensor(np.clip(ratio, 1.0, max_weight), dtype=torch.float32)
 
 
+class AsymmetricLoss(nn.Module):
+    """Asymmetric loss for multi-label classification (Ridnik et al., ICCV 2021), averaged over all elements.
+
+    ``L = -[y (1-p)^gamma_pos log(p) + (1-y) p_m^gamma_neg log(1-p_m)]`` with the shifted negative probability
+    ``p_m = max(p - clip, 0)``: easy negatives are down-weighted and the easiest are discarded. The formula is timm's
+    ``AsymmetricLossMultiLabel`` (which the test compares against); timm defaults to sum / batch size, this is the
+    mean over all elements, so its scale matches BCE's and does not grow with the class count.
+    """
+
+    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean ASL of ``logits`` against multi-hot ``targets`` (same shape)."""
+        p = torch.sigmoid(logits)
+        p_neg = 1 - p
+        if self.clip > 0:
+            p_neg = (p_neg + self.clip).clamp(max=1)  # = 1 - max(p - clip, 0)
+        loss = targets * torch.log(p.clamp(min=self.eps)) + (1 - targets) * torch.log(p_neg.clamp(min=self.eps))
+        if self.gamma_neg > 0 or self.gamma_pos > 0:
+            p_t = p * targets + p_neg * (1 - targets)
+            gamma = self.gamma_pos * targets + self.gamma_neg * (1 - targets)
+            loss = loss * torch.pow(1 - p_t, gamma)
+        return -loss.mean()
+
+    def extra_repr(self) -> str:
+        """Settings shown in ``repr``."""
+        return f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}"
+
+
 def create_loss(
     name: str,
     num_classes: int,
@@ -58,17 +89,23 @@ def create_loss(
     pos_weight_max: float = 100.0,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 1.0,
+    clip: float = 0.05,
 ) -> nn.Module:
     """The loss module for a recipe's ``[loss]`` settings.
 
     Args:
-        name: ``"bce"`` or ``"focal"``.
+        name: ``"bce"``, ``"focal"`` or ``"asl"``.
         num_classes: Number of outputs (checks a per-class ``pos_weight`` list).
         pos_weight: ``"none"``, ``"auto"`` (from ``train_targets``), one number, or one per class.
         train_targets: Training multi-hot targets, needed for ``"auto"``.
         pos_weight_max: Upper clip for ``"auto"``.
         alpha: Focal alpha.
         gamma: Focal gamma.
+        gamma_neg: ASL focusing for negatives.
+        gamma_pos: ASL focusing for positives.
+        clip: ASL probability margin for negatives.
 
     Returns:
         A module called as ``loss(logits, targets)``.
@@ -77,6 +114,8 @@ def create_loss(
 
     if name == "focal":
         return FocalLoss(alpha, gamma)
+    if name == "asl":
+        return AsymmetricLoss(gamma_neg, gamma_pos, clip)
     if pos_weight == "none":
         return nn.BCEWithLogitsLoss()
     if pos_weight == "auto":

@@ -53,3 +53,18 @@ def test_losses_stay_finite_on_fp16_logits_cast_to_fp32() -> None:
     targets = torch.tensor([[1.0, 0.0, 1.0]])
     for loss in (FocalLoss(), create_loss("bce", 3)):
         assert torch.isfinite(loss(logits.float(), targets))
+
+
+@pytest.mark.parametrize(("gamma_neg", "gamma_pos", "clip"), [(4.0, 1.0, 0.05), (2.0, 0.0, 0.0), (0.0, 0.0, 0.1)])
+def test_asl_matches_timm(gamma_neg: float, gamma_pos: float, clip: float) -> None:
+    from timm.loss import AsymmetricLossMultiLabel
+
+    torch.manual_seed(0)
+    logits = torch.randn(16, 7) * 3
+    targets = (torch.rand(16, 7) < 0.3).float()
+    ours = create_loss("asl", 7, gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)(logits, targets)
+    ref = AsymmetricLossMultiLabel(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, reduction="sum")
+    assert ours.item() == pytest.approx(ref(logits, targets).item() / logits.numel(), rel=1e-5)
+    if gamma_neg == gamma_pos == clip == 0:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        assert ours.item() == pytest.approx(bce.item(), rel=1e-4)
