@@ -103,9 +103,8 @@ def build_loss(recipe: Recipe, train_split: CocoSplit) -> nn.Module:
     """The loss from ``[loss]``; ``pos_weight = "auto"`` reads the training label frequencies."""
     c = recipe.loss
     n = len(train_split.classes)
-    return create_loss(
-        c.name, n, c.pos_weight, train_split.targets, c.pos_weight_max, c.alpha, c.gamma, c.gamma_neg, c.gamma_pos, c.clip
-    )
+    asl = {"gamma_neg": c.gamma_neg, "gamma_pos": c.gamma_pos, "clip": c.clip}
+    return create_loss(c.name, n, c.pos_weight, train_split.targets, c.pos_weight_max, c.alpha, c.gamma, **asl)
 
 
 @dataclass

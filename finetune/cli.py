@@ -146,6 +146,7 @@ def evaluate(
 def calibrate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     split: Annotated[str, typer.Option(help="The split to fit thresholds on: val or train.")] = "val",
+    overrides: SetOption = None,
 ) -> None:
     """Re-fit a run's per-class thresholds; rewrites thresholds.json (the old one kept as thresholds.prev.json)."""
     from finetune.report import print_report
@@ -153,7 +154,7 @@ def calibrate(
 
     if split not in ("val", "train"):
         raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
-    print_report(calibrate_run(run_dir, split, err), out)
+    print_report(calibrate_run(run_dir, split, err, overrides), out)
 
 
 @app.command()

@@ -283,25 +283,43 @@ def load_thresholds(run_dir: Path, threshold: float | None, recipe: Recipe) -> t
     return recipe.train.threshold, f"fixed {recipe.train.threshold:g}"
 
 
-def calibrate_run(run_dir: str | Path, role: str = "val", console: Console | None = None) -> dict[str, Any]:
-    """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the report."""
+def predict_splits(
+    run_dir: str | Path, roles: list[str], recipe: Recipe | None = None, console: Console | None = None
+) -> tuple[dict[str, dict[str, Any]], ClassMap]:
+    """Probabilities and targets of a run's best checkpoint on each of ``roles`` (train/val/test), unaugmented.
+
+    Returns:
+        Role -> ``{"targets", "probs", "index"}`` arrays, and the run's classes.
+    """
     run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
-    recipe.calibrate.split = role
-    recipe.calibrate.enabled = True
+    recipe = recipe or load_run_recipe(run_dir)
     device, precision = build.build_device(recipe.train)
     model, classes = load_run_model(run_dir, recipe)
     model.to(device)
     outs = {}
-    for r in dict.fromkeys([role, "val", "test"]):
-        if r == "test" and not recipe.data.test:
-            continue
-        split = build.build_split(recipe.data, split_name(recipe, r), classes)
+    for role in roles:
+        split = build.build_split(recipe.data, split_name(recipe, role), classes)
         missing = check_images(split.image_paths)
         if missing:
             raise UserError(f"{missing[0]}; check data.root and data.images")
         loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
-        outs[r] = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console)
+        outs[role] = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console)
+    return outs, classes
+
+
+def calibrate_run(
+    run_dir: str | Path, role: str = "val", console: Console | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the report.
+
+    ``overrides`` (``calibrate.shrink=20``...) apply to this calibration only; the run's recipe.toml is unchanged.
+    """
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir, overrides)
+    recipe.calibrate.split = role
+    recipe.calibrate.enabled = True
+    roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.test]
+    outs, classes = predict_splits(run_dir, roles, recipe, console)
     old = run_dir / "report.json"
     extra = {k: v for k, v in json.loads(old.read_text()).items() if k in ("best_epoch", "select", "bad_images")} \
         if old.is_file() else {}  # fmt: skip
