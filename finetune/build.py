@@ -96,7 +96,8 @@ def build_loader(cfg: DataConfig, dataset: CocoMultiLabel, train: bool, seed: in
 def build_model(recipe: Recipe, num_classes: int) -> tuple[nn.Module, LoadReport | None]:
     """The timm backbone with a ``num_classes`` head, from ``[model]``."""
     m = recipe.model
-    return create_model(m.name, num_classes, m.pretrained, m.checkpoint, m.drop_rate, m.head, m.head_hidden, m.init)
+    head = {"head": m.head, "head_hidden": m.head_hidden, "init": m.init, "arch": m.arch.model_dump()}
+    return create_model(m.name, num_classes, m.pretrained, m.checkpoint, m.drop_rate, **head)
 
 
 def build_loss(recipe: Recipe, train_split: CocoSplit) -> nn.Module:

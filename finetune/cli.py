@@ -127,6 +127,74 @@ def groups(
     )
 
 
+def _parse_size(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"--input-size {text!r}: expected CxHxW, e.g. 3x224x224")
+    c, h, w = (int(p) for p in parts)
+    return c, h, w
+
+
+@app.command()
+def summary(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe TOML file (or use --model).")] = None,
+    model_name: Annotated[str | None, typer.Option("--model", help="A model name instead of a recipe.")] = None,
+    input_size: Annotated[str | None, typer.Option(help="CxHxW (default: the recipe's, or 3x224x224).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size for memory (default: the recipe's, or 1).")] = None,
+    num_classes: Annotated[int, typer.Option(help="Classifier outputs with --model.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Per-layer table (output shape, parameters, MACs, activation memory) and totals for a recipe's model."""
+    from finetune import build
+    from finetune.config import Recipe, load_recipe
+    from finetune.runs import read_splits
+    from finetune.summary import summarize_model
+
+    if (recipe is None) == (model_name is None):
+        raise UserError("give either RECIPE or --model NAME, e.g. finetune summary --model mobilenetv2_100")
+    if recipe is not None:
+        cfg = load_recipe(recipe, overrides)
+        n_classes = len(read_splits(cfg, ("train",), check=False)["train"].classes)
+        default_size, default_batch = (3, cfg.data.image_size, cfg.data.image_size), cfg.data.batch_size
+    else:
+        cfg = Recipe.model_validate({"model": {"name": model_name, "drop_rate": 0.0}})
+        n_classes, default_batch = num_classes, 1
+        default_size = (3, 32, 32) if model_name == "mobilenetv2_reduced" else (3, 224, 224)
+    bare = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "checkpoint": ""})})
+    model, _ = build.build_model(bare, n_classes)
+    stage_note = "all parameters trainable"
+    if recipe is not None:
+        policy = build.build_policy(cfg, model, build.build_groups(cfg, model))
+        if policy is not None:
+            stage = policy.apply(0)
+            policy.remove()
+            stage_note = f"trainable/frozen as in stage 1 (training {len(stage.train)} of {len(policy.groups)} groups)"
+    size = _parse_size(input_size) if input_size else default_size
+    report = summarize_model(model, size, batch or default_batch, cfg.optim.name)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    mib = 1024**2
+    table = Table(title=f"{cfg.model.name}, input {'x'.join(map(str, report['totals']['input']))}")
+    for col in ("layer", "type", "output", "params", "MACs", "act. memory"):
+        table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right")
+    for r in report["layers"]:
+        table.add_row(r["name"], r["kind"], "x".join(map(str, r["output_shape"])), f"{r['params']:,}",
+                      f"{r['macs']:,}", f"{r['activation_bytes'] / mib:.2f} MiB")  # fmt: skip
+    out.print(table)
+    t, m = report["totals"], report["totals"]["memory"]
+    out.print(f"parameters: {t['parameters']:,} ({t['trainable']:,} trainable, {t['frozen']:,} frozen; {stage_note})")
+    out.print(f"MACs per image: {t['macs_per_image']:,} ({t['macs_per_image'] / 1e6:.1f} M)")
+    out.print(
+        f"memory at batch {t['input'][0]} (fp32): activations forward {m['activations_forward'] / mib:.1f} MiB, "
+        f"forward+backward ~{m['activations_forward_backward'] / mib:.1f} MiB, inference peak "
+        f"{m['activations_inference_peak'] / mib:.1f} MiB; parameters {m['parameters'] / mib:.1f} MiB, gradients "
+        f"{m['gradients'] / mib:.1f} MiB, {cfg.optim.name} state {m['optimizer_state'] / mib:.1f} MiB; "
+        f"training total ~{m['training_total'] / mib:.1f} MiB"
+    )
+
+
 @app.command(name="eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],

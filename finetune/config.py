@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import UserError
 
@@ -69,6 +69,38 @@ class DataConfig(_Section):
         return self
 
 
+class ArchConfig(_Section):
+    """Architecture of ``model.name = "mobilenetv2_standard" | "mobilenetv2_reduced"`` (see finetune/mobilenet.py)."""
+
+    width: float = Field(1.0, gt=0.0, description="channel multiplier")
+    blocks: list[list[float]] = Field([], description="[t, c, n, s] rows replacing the preset's block table")
+    expansion: float | list[float] | None = Field(None, description="t for every row, or one per row")
+    stem: int = Field(0, ge=0, description="stem channels (0 = the preset's)")
+    head: int = Field(0, ge=0, description="final 1x1 conv channels (0 = the preset's)")
+    output_stride: Literal[8, 16, 32] = 32
+    bn_momentum: float = Field(0.1, gt=0.0, lt=1.0, description="PyTorch convention: Keras 0.99 is 0.01")
+    bn_eps: float = Field(1e-5, gt=0.0)
+    act: str = "relu6"
+
+    @field_validator("bn_momentum")
+    @classmethod
+    def _momentum(cls, v: float) -> float:
+        if v > 0.5:
+            raise ValueError(
+                f"{v} is a Keras-style value; PyTorch's momentum is the weight of the new batch, so Keras {v} is "
+                f"{1 - v:.3g} here"
+            )
+        return v
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, rows: list[list[float]]) -> list[list[float]]:
+        for row in rows:
+            if len(row) != 4 or any(v <= 0 for v in row) or any(float(v) != int(v) for v in row[1:]):
+                raise ValueError(f"each row is [t, c, n, s] with t > 0 and whole c, n, s >= 1; got {row}")
+        return rows
+
+
 class ModelConfig(_Section):
     """Backbone and head."""
 
@@ -79,6 +111,7 @@ class ModelConfig(_Section):
     head: Literal["linear", "mlp"] = Field("linear", description="linear (dropout = drop_rate) or a 2-layer MLP")
     head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
     init: Literal["timm", "blog"] = "timm"
+    arch: ArchConfig = ArchConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from finetune.errors import UserError
+from finetune.mobilenet import MODEL_NAMES, mobilenetv2
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -180,6 +181,7 @@ def create_model(
     head: str = "linear",
     head_hidden: int = 512,
     init: str = "timm",
+    arch: dict | None = None,
 ) -> tuple[nn.Module, LoadReport | None]:
     """Create a timm model with a fresh ``num_classes`` head, from scratch, the hub, or a local file.
 
@@ -192,10 +194,16 @@ def create_model(
         head: ``linear`` or ``mlp`` (see :func:`replace_head`).
         head_hidden: Hidden width of the MLP head.
         init: ``timm`` (timm's own) or ``blog`` (:func:`blog_init`), applied before any weights are loaded.
+        arch: Settings for ``mobilenetv2_standard`` / ``mobilenetv2_reduced`` (:func:`finetune.mobilenet.mobilenetv2`).
 
     Returns:
         The model, and what loading the checkpoint did (None without one).
     """
+    if name in MODEL_NAMES:
+        if pretrained:
+            raise UserError(f"model.pretrained: {name} is built from its block table; there are no hub weights")
+        model = build_mobilenetv2(name, num_classes, drop_rate, arch or {})
+        return _finish(model, num_classes, head, head_hidden, init, False, checkpoint)
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f"; similar: {', '.join(close)}" if close else ""
@@ -210,6 +218,23 @@ def create_model(
             f"model.pretrained: could not fetch {name} weights from the hub ({first}); offline, download them "
             'elsewhere and set model.pretrained = false, model.checkpoint = "path/to/weights.safetensors"'
         ) from None
+    return _finish(model, num_classes, head, head_hidden, init, pretrained, checkpoint)
+
+
+def build_mobilenetv2(name: str, num_classes: int, drop_rate: float, arch: dict) -> nn.Module:
+    """A ``mobilenetv2_standard`` / ``_reduced`` model from ``[model.arch]`` settings (0 / empty = the preset's)."""
+    kwargs = {k: v for k, v in arch.items() if v not in (0, [], None)}
+    if "blocks" in kwargs:
+        kwargs["blocks"] = [(t, int(c), int(n), int(s)) for t, c, n, s in kwargs["blocks"]]
+    try:
+        return mobilenetv2(num_classes, MODEL_NAMES[name], drop_rate=drop_rate, **kwargs)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"model.arch: {err}") from None
+
+
+def _finish(
+    model: nn.Module, num_classes: int, head: str, head_hidden: int, init: str, pretrained: bool, checkpoint: str
+) -> tuple[nn.Module, LoadReport | None]:
     replace_head(model, num_classes, head, head_hidden)
     if init == "blog":
         if pretrained:  # the hub weights are already in: re-initialise only the new head
