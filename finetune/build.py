@@ -10,6 +10,7 @@ from torch import nn
 
 from finetune.config import DataConfig, Recipe, TrainConfig
 from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, collate, read_split
+from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from finetune.errors import UserError
 from finetune.freezing import FeatureCache, FreezePolicy, Stage, plan_stages
@@ -51,8 +52,9 @@ def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> 
         grad_clip=t.grad_clip,
         channels_last=t.channels_last,
         threshold=t.threshold,
-        select=t.select,
+        select=t.select if t.select != "auto" else ("top1" if recipe.data.single_label else "map"),
         on_bad_image=recipe.data.on_bad_image,
+        single_label=recipe.data.single_label,
     )
 
 
@@ -61,11 +63,17 @@ def norm_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     norm = cfg.augment.normalize
     if norm == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
+    if norm == "dataset":  # runs resolve this to numbers before building datasets (see runs.run)
+        raise UserError('data.augment.normalize = "dataset" must be resolved first; run `finetune data stats RECIPE`')
     return tuple(norm["mean"]), tuple(norm["std"])
 
 
 def build_split(cfg: DataConfig, split: str, classes: ClassMap | None = None) -> CocoSplit:
-    """Read one split's annotations (no image is opened)."""
+    """Read one split's annotations or folder listing (no image is opened; CIFAR-10 batches are loaded)."""
+    if cfg.format == "folder":
+        return read_folder_split(cfg.root, split, classes)
+    if cfg.format == "cifar10":
+        return read_cifar10_split(cfg.root, split, classes)
     return read_split(cfg.root, split, cfg.annotations, cfg.images, cfg.include_crowd, cfg.min_box_area, classes)
 
 
@@ -104,6 +112,8 @@ def build_loss(recipe: Recipe, train_split: CocoSplit) -> nn.Module:
     """The loss from ``[loss]``; ``pos_weight = "auto"`` reads the training label frequencies."""
     c = recipe.loss
     n = len(train_split.classes)
+    if c.name == "ce":  # one-hot float targets: torch's CE takes class probabilities, with label smoothing
+        return nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
     asl = {"gamma_neg": c.gamma_neg, "gamma_pos": c.gamma_pos, "clip": c.clip}
     return create_loss(c.name, n, c.pos_weight, train_split.targets, c.pos_weight_max, c.alpha, c.gamma, **asl)
 

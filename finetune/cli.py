@@ -266,6 +266,42 @@ def data_demo(
     err.print(f"wrote {sum(counts.values())} images {counts} to {out_dir} in {time.perf_counter() - start:.1f}s")
 
 
+@data_app.command("stats")
+def data_stats(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    overrides: SetOption = None,
+    refresh: Annotated[bool, typer.Option(help="Recompute even when cached.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Per-channel mean/std of the train split (cached for normalize = "dataset"), label counts, co-occurrence."""
+    from finetune.config import load_recipe
+    from finetune.data.stats import cache_path, load_or_compute
+    from finetune.runs import read_splits
+
+    cfg = load_recipe(recipe, overrides)
+    split = read_splits(cfg, ("train",))["train"]
+    stats, cached = load_or_compute(split, cfg.data.format, cfg.data.image_size, refresh)
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return
+    where = cache_path(split, cfg.data.format, cfg.data.image_size)
+    out.print(f"{cfg.data.root} / {stats['split']}: {stats['images']} images at {stats['image_size']}px "
+              f"({'from cache' if cached else 'computed; cached'} in {where})")  # fmt: skip
+    out.print(f'mean {stats["mean"]}  std {stats["std"]}  (0..1 scale; use normalize = "dataset")')
+    table = Table(title="labels")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    for name, count in stats["label_counts"].items():
+        table.add_row(name, str(count))
+    out.print(table)
+    if "cooccurrence" in stats:
+        names = list(stats["label_counts"])
+        co = stats["cooccurrence"]
+        pairs = sorted(((co[i][j], names[i], names[j]) for i in range(len(names)) for j in range(i)), reverse=True)
+        out.print(f"labels per image {stats['labels_per_image']:.2f}; most frequent pairs: "
+                  + ", ".join(f"{a}+{b} {n}" for n, a, b in pairs[:5]))  # fmt: skip
+
+
 def main() -> None:
     """Console entry point: a UserError is one line on stderr and exit code 2."""
     try:

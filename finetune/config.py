@@ -27,7 +27,9 @@ class AugmentConfig(_Section):
     scale: list[float] = Field([0.5, 1.0], min_length=2, max_length=2)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
-    normalize: Literal["imagenet"] | dict[str, list[float]] = "imagenet"
+    normalize: Literal["imagenet", "dataset"] | dict[str, list[float]] = Field(
+        "imagenet", description='"dataset" = the train split\'s own mean/std (finetune data stats, cached)'
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
@@ -36,16 +38,16 @@ class AugmentConfig(_Section):
             raise ValueError("scale must be [low, high] with 0 < low <= high <= 1")
         if isinstance(self.normalize, dict):
             if set(self.normalize) != {"mean", "std"} or any(len(v) != 3 for v in self.normalize.values()):
-                raise ValueError('normalize must be "imagenet" or {mean = [r, g, b], std = [r, g, b]}')
+                raise ValueError('normalize must be "imagenet", "dataset" or {mean = [r, g, b], std = [r, g, b]}')
             if any(s <= 0 for s in self.normalize["std"]):
                 raise ValueError("normalize.std values must be > 0")
         return self
 
 
 class DataConfig(_Section):
-    """Where the COCO-format data is and how it is read."""
+    """Where the data is and how it is read: COCO (multi-label), an image folder or CIFAR-10 batches (single-label)."""
 
-    format: Literal["coco"] = "coco"
+    format: Literal["coco", "folder", "cifar10"] = "coco"
     root: str = "data/demo"
     train: str = "train"
     val: str = "val"
@@ -67,6 +69,11 @@ class DataConfig(_Section):
         if not self.train or not self.val:
             raise ValueError("train and val split names must not be empty")
         return self
+
+    @property
+    def single_label(self) -> bool:
+        """Folder and CIFAR-10 data have one label per image."""
+        return self.format != "coco"
 
 
 class ArchConfig(_Section):
@@ -123,7 +130,7 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     """Multi-label loss."""
 
-    name: Literal["bce", "focal", "asl"] = "bce"
+    name: Literal["bce", "focal", "asl", "ce"] = "bce"
     pos_weight: Literal["none", "auto"] | float | list[float] = "none"
     pos_weight_max: float = Field(100.0, gt=0.0)
     alpha: float = Field(0.25, description="focal alpha; < 0 disables the class-balance term")
@@ -131,6 +138,7 @@ class LossConfig(_Section):
     gamma_neg: float = Field(4.0, ge=0.0, description="asl: focusing for negatives")
     gamma_pos: float = Field(1.0, ge=0.0, description="asl: focusing for positives")
     clip: float = Field(0.05, ge=0.0, lt=1.0, description="asl: probability margin for negatives")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="ce: label smoothing")
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
@@ -201,7 +209,9 @@ class TrainConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    select: Literal["map", "macro_f1", "micro_f1", "loss"] = "map"
+    select: Literal["auto", "map", "macro_f1", "micro_f1", "top1", "loss"] = Field(
+        "auto", description="auto = map for multi-label, top1 for single-label"
+    )
 
 
 class CalibrateConfig(_Section):
@@ -234,6 +244,20 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     output: OutputConfig = OutputConfig()
+
+
+def _check_task(recipe: Recipe, source: str) -> None:
+    """Cross-section rules: single-label data needs cross-entropy and accuracy; multi-label the sigmoid losses."""
+    single = recipe.data.single_label
+    if single and recipe.loss.name != "ce":
+        raise UserError(f'{source}: loss.name: data.format = "{recipe.data.format}" is single-label; use "ce"')
+    if not single and recipe.loss.name == "ce":
+        raise UserError(f'{source}: loss.name: "ce" is for single-label data; COCO is multi-label: use "bce", '
+                        '"focal" or "asl"')  # fmt: skip
+    if single and recipe.train.select in ("macro_f1", "micro_f1"):
+        raise UserError(f'{source}: train.select: single-label runs select by "top1", "map" or "loss"')
+    if not single and recipe.train.select == "top1":
+        raise UserError(f'{source}: train.select: "top1" is for single-label data')
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -342,9 +366,11 @@ def _format_error(source: str, err: ValidationError) -> str:
 def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
     """Validate a raw dict into a :class:`Recipe`, turning pydantic errors into one-line user errors."""
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
+    _check_task(recipe, source)
+    return recipe
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

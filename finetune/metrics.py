@@ -112,3 +112,41 @@ def summarize(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.nda
     out.update(cp=m["macro_precision"], cr=m["macro_recall"], cf1=m["cf1"])
     out.update(op=m["micro_precision"], **{"or": m["micro_recall"]}, of1=m["micro_f1"])
     return out
+
+
+def labels_of(targets: np.ndarray) -> np.ndarray:
+    """Class indices from one-hot (or probability) targets."""
+    return np.asarray(targets).argmax(axis=1)
+
+
+def topk_accuracy(labels: np.ndarray, probs: np.ndarray, k: int = 1) -> float:
+    """Fraction of samples whose label is among the ``k`` highest scores (ties broken by the lower class index)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float((top == np.asarray(labels)[:, None]).any(axis=1).mean())
+
+
+def confusion(labels: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    """``[n, n]`` counts: row = true class, column = predicted class."""
+    out = np.zeros((n, n), dtype=np.int64)
+    np.add.at(out, (np.asarray(labels), np.asarray(pred)), 1)
+    return out
+
+
+def summarize_single(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Single-label headline numbers: top-1 / top-5 accuracy, mean per-class recall (balanced accuracy), mAP.
+
+    Mean recall and mAP are over classes present in the split.
+    """
+    y = labels_of(targets)
+    cm = confusion(y, np.asarray(probs).argmax(axis=1), probs.shape[1])
+    support = cm.sum(1)
+    recall = np.divide(np.diag(cm), support, out=np.zeros(len(cm)), where=support > 0)
+    ap = average_precision(np.asarray(targets) > 0.5, probs)
+    return {
+        "top1": topk_accuracy(y, probs, 1),
+        "top5": topk_accuracy(y, probs, 5),
+        "mean_recall": float(recall[support > 0].mean()),
+        "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+    }

@@ -65,3 +65,22 @@ def f1_bars(f1_fixed: np.ndarray, f1_cal: np.ndarray, names: list[str], path: Pa
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     _save(fig, path)
+
+
+def confusion_png(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    """The confusion matrix (rows: true class, columns: predicted), row-normalised colours, counts written."""
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    side = max(4.0, 0.45 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(names))
+    ax.set_xticks(ticks, names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(ticks, names, fontsize=8)
+    if len(names) <= 30:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                color = "white" if norm[i, j] > 0.5 else "black"
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    _save(fig, path)

@@ -135,3 +135,47 @@ def markdown_report(report: dict[str, Any]) -> str:
                 cells += [f"{r['threshold_cal']:.3f}", *(_pct(r[f"{k}_cal"]) for k in ("precision", "recall", "f1"))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def single_label_report(targets: np.ndarray, probs: np.ndarray, classes: ClassMap) -> dict[str, Any]:
+    """Top-1/top-5, mean per-class recall, per-class precision/recall and the confusion matrix of one split."""
+    from finetune.metrics import confusion, labels_of, summarize_single
+
+    y = labels_of(targets)
+    pred = np.asarray(probs).argmax(1)
+    cm = confusion(y, pred, len(classes))
+    support, predicted, hits = cm.sum(1), cm.sum(0), np.diag(cm)
+    rows = [
+        {
+            "index": i,
+            "name": classes.names[i],
+            "support": int(support[i]),
+            "recall": float(hits[i] / support[i]) if support[i] else None,
+            "precision": float(hits[i] / predicted[i]) if predicted[i] else None,
+        }
+        for i in range(len(classes))
+    ]
+    return {
+        "images": int(len(y)),
+        "summary": summarize_single(targets, probs),
+        "per_class": rows,
+        "confusion": cm.tolist(),
+    }
+
+
+def print_single_report(report: dict[str, Any], console: Console) -> None:
+    """Summary (top-1, top-5, mean recall, mAP) per split and per-class recall/precision."""
+    table = Table(title=f"{report.get('run', 'evaluation')}")
+    for col in ("split", "images", "top-1", "top-5", "mean recall", "mAP"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, split in report["splits"].items():
+        s = split["summary"]
+        table.add_row(name, str(split["images"]), *(_pct(s[k]) for k in ("top1", "top5", "mean_recall", "map")))
+    console.print(table)
+    for name, split in report["splits"].items():
+        t = Table(title=f"{name}: per class")
+        for col in ("class", "support", "recall", "precision"):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for r in split["per_class"]:
+            t.add_row(r["name"], str(r["support"]), _pct(r["recall"]), _pct(r["precision"]))
+        console.print(t)

@@ -21,9 +21,16 @@ from finetune import build, plots
 from finetune import checkpoint as ckpt
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.data.coco import ClassMap, check_images, read_rgb
+from finetune.data.stats import load_or_compute
 from finetune.errors import UserError
 from finetune.metrics import prf, summarize
-from finetune.report import markdown_report, print_report, split_report
+from finetune.report import (
+    markdown_report,
+    print_report,
+    print_single_report,
+    single_label_report,
+    split_report,
+)
 from finetune.thresholds import Calibration, cross_fit, fit_thresholds
 from finetune.trainer import TrainState, fit, predict, restore
 
@@ -116,6 +123,12 @@ def run(recipe: Recipe, resume: str | Path | None = None, console: Console | Non
     device, precision = build.build_device(recipe.train)
     splits = read_splits(recipe)
     classes = splits["train"].classes
+    if recipe.data.augment.normalize == "dataset":  # resolve once; recipe.toml then records the numbers used
+        stats, cached = load_or_compute(splits["train"], recipe.data.format, recipe.data.image_size)
+        recipe.data.augment.normalize = {"mean": stats["mean"], "std": stats["std"]}
+        console.print(
+            f"normalize: train-split mean {stats['mean']} std {stats['std']} ({'cached' if cached else 'computed'})"
+        )
     if resume:
         saved = ClassMap.from_json(json.loads((run_dir / "classes.json").read_text()))
         if saved != classes:
@@ -179,16 +192,45 @@ def run(recipe: Recipe, resume: str | Path | None = None, console: Console | Non
         eval_loaders["train"] = build.build_loader(
             recipe.data, build.build_dataset(recipe.data, splits["train"], False), False
         )
+    single = recipe.data.single_label
     outs = {
         role: predict(
-            model, loader, device, precision, recipe.train.channels_last, None, recipe.data.on_bad_image, state, console
+            model,
+            loader,
+            device,
+            precision,
+            recipe.train.channels_last,
+            None,
+            recipe.data.on_bad_image,
+            state,
+            console,
+            single,
         )  # fmt: skip
         for role, loader in eval_loaders.items()
+        if role != "train" or not single
     }
-    extra = {"best_epoch": state.best_epoch, "select": recipe.train.select, "bad_images": state.bad_images}
-    report = finish_report(run_dir, recipe, classes, outs, extra, console)
-    print_report(report, Console())
+    extra = {"best_epoch": state.best_epoch, "select": settings.select, "bad_images": state.bad_images}
+    if single:
+        report = finish_single_report(run_dir, classes, outs, extra)
+        print_single_report(report, Console())
+    else:
+        report = finish_report(run_dir, recipe, classes, outs, extra, console)
+        print_report(report, Console())
     return run_dir
+
+
+def finish_single_report(
+    run_dir: Path, classes: ClassMap, outs: dict[str, dict[str, Any]], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Single-label report.json and confusion_matrix.png (of the test split if there is one, else val)."""
+    report: dict[str, Any] = {"run": str(run_dir), "task": "single_label", **extra, "splits": {}}
+    for role, out in outs.items():
+        report["splits"][role] = single_label_report(out["targets"], out["probs"], classes)
+    shown = "test" if "test" in report["splits"] else "val"
+    plots.confusion_png(np.array(report["splits"][shown]["confusion"]), list(classes.names),
+                        run_dir / "confusion_matrix.png", f"{shown}: confusion matrix")  # fmt: skip
+    ckpt.atomic_write_json(run_dir / "report.json", report)
+    return report
 
 
 def fit_calibration(recipe: Recipe, out: dict[str, Any], classes: ClassMap, role: str) -> Calibration:
@@ -218,7 +260,7 @@ def finish_report(
     """
     c, fixed = recipe.calibrate, recipe.train.threshold
     role = c.split
-    if calibration is None and c.enabled:
+    if calibration is None and c.enabled and not recipe.data.single_label:
         calibration = fit_calibration(recipe, outs[role], classes, role)
     thr = calibration.thresholds if calibration is not None else None
     report: dict[str, Any] = {"run": str(run_dir), **extra, "threshold": fixed, "calibration": None, "splits": {}}
@@ -303,7 +345,8 @@ def predict_splits(
         if missing:
             raise UserError(f"{missing[0]}; check data.root and data.images")
         loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
-        outs[role] = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console)
+        outs[role] = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console,
+                             recipe.data.single_label)  # fmt: skip
     return outs, classes
 
 
@@ -316,6 +359,8 @@ def calibrate_run(
     """
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir, overrides)
+    if recipe.data.single_label:
+        raise UserError(f"{run_dir}: a single-label run predicts the highest-scoring class; it has no thresholds")
     recipe.calibrate.split = role
     recipe.calibrate.enabled = True
     roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.test]
@@ -353,7 +398,13 @@ def evaluate(
         raise UserError(f"{missing[0]}; check data.root and data.images")
     loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
     model.to(device)
-    out = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console)
+    single = recipe.data.single_label
+    out = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console, single)
+    if single:
+        report = {"run": str(run_dir), "task": "single_label",
+                  "splits": {role: single_label_report(out["targets"], out["probs"], classes)}}  # fmt: skip
+        ckpt.atomic_write_json(run_dir / f"eval_{role}.json", report)
+        return report
     thr, how = load_thresholds(run_dir, threshold, recipe)
     fixed = thr if np.isscalar(thr) else recipe.train.threshold
     report = {
@@ -375,7 +426,9 @@ def predict_images(run_dir: str | Path, images: list[str], threshold: float | No
     from finetune.data.transforms import eval_transform
 
     tf = eval_transform(recipe.data.image_size, mean, std)
+    single = recipe.data.single_label
     thr, how = load_thresholds(run_dir, threshold, recipe)
+    how = "the highest-scoring class (single-label)" if single else how
     per_class = np.broadcast_to(np.asarray(thr, dtype=np.float64), (len(classes),))
     results = []
     for path in images:
@@ -386,12 +439,14 @@ def predict_images(run_dir: str | Path, images: list[str], threshold: float | No
         except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
             raise UserError(f"{path}: cannot decode image ({err})") from None
         with torch.inference_mode():
-            probs = torch.sigmoid(model(tf(image=pixels)["image"][None]).float())[0].numpy()
+            logits = model(tf(image=pixels)["image"][None]).float()
+            probs = (torch.softmax(logits, 1) if single else torch.sigmoid(logits))[0].numpy()
         order = np.argsort(-probs)
+        labels = [classes.names[order[0]]] if single else [classes.names[i] for i in order if probs[i] >= per_class[i]]
         results.append(
             {
                 "image": str(path),
-                "labels": [classes.names[i] for i in order if probs[i] >= per_class[i]],
+                "labels": labels,
                 "probabilities": {classes.names[i]: round(float(probs[i]), 5) for i in order},
                 "thresholds": how,
             }

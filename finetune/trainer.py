@@ -23,7 +23,7 @@ from torch import nn
 from finetune import checkpoint as ckpt
 from finetune.errors import UserError
 from finetune.freezing import FeatureCache, FreezePolicy
-from finetune.metrics import summarize
+from finetune.metrics import summarize, summarize_single
 from finetune.optim import group_lrs
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,8 +40,9 @@ class FitSettings:
     grad_clip: float = 0.0
     channels_last: bool = False
     threshold: float = 0.5
-    select: str = "map"  # map | macro_f1 | micro_f1 | loss
+    select: str = "map"  # map | macro_f1 | micro_f1 | top1 | loss
     on_bad_image: str = "skip"  # skip | error
+    single_label: bool = False  # softmax + top-k accuracy instead of sigmoid + mAP/F1
 
 
 @dataclass
@@ -184,8 +185,9 @@ def predict(
     on_bad_image: str = "skip",
     state: TrainState | None = None,
     console: Console | None = None,
+    single_label: bool = False,
 ) -> dict[str, Any]:
-    """Probabilities for every readable image of ``loader``.
+    """Probabilities (sigmoid, or softmax with ``single_label``) for every readable image of ``loader``.
 
     Returns:
         ``targets`` and ``probs`` (``[n, classes]`` arrays, rows in loader order), ``index`` (dataset indices) and,
@@ -205,7 +207,7 @@ def predict(
         logits = logits.float()
         if loss_fn is not None:
             total_loss += loss_fn(logits, target.float()).item() * len(images)
-        probs.append(torch.sigmoid(logits).cpu().numpy())
+        probs.append((torch.softmax(logits, 1) if single_label else torch.sigmoid(logits)).cpu().numpy())
         targets.append(target.cpu().numpy())
         indices.append(batch["index"].numpy())
     if not probs:
@@ -218,6 +220,9 @@ def predict(
     if loss_fn is not None:
         out["loss"] = total_loss / len(out["probs"])
     return out
+
+
+_SHOWN = {"map": "mAP", "macro_f1": "macro-F1", "micro_f1": "micro-F1", "top1": "top-1", "top5": "top-5"}
 
 
 def _span(train: tuple[str, ...], names: list[str]) -> str:
@@ -328,9 +333,12 @@ def fit(
             extra["bn_frozen_checksum"] = policy.bn_checksum()
         out = predict(
             model, val_loader, settings.device, settings.precision, settings.channels_last, loss_fn,
-            settings.on_bad_image, state, console,
+            settings.on_bad_image, state, console, settings.single_label,
         )  # fmt: skip
-        metrics = summarize(out["targets"], out["probs"], settings.threshold)
+        if settings.single_label:
+            metrics = summarize_single(out["targets"], out["probs"])
+        else:
+            metrics = summarize(out["targets"], out["probs"], settings.threshold)
         state.epoch = epoch + 1
         record = {"epoch": state.epoch, "step": state.step, **stats, **extra, "lr_groups": group_lrs(optimizer)}
         record["val_loss"] = out["loss"]
@@ -346,7 +354,8 @@ def fit(
         ckpt.append_jsonl(run_dir / "metrics.jsonl", record)
         console.print(
             f"epoch {state.epoch}/{settings.epochs}  loss {stats['train_loss']:.4f}  val_loss {out['loss']:.4f}  "
-            f"mAP {metrics['map']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  micro-F1 {metrics['micro_f1']:.3f}  "
-            f"{stats['images_per_s']:.0f} img/s" + ("  *best" if improved else "")
+            + "".join(f"{label} {metrics[k]:.3f}  " for k, label in _SHOWN.items() if k in metrics)
+            + f"{stats['images_per_s']:.0f} img/s"
+            + ("  *best" if improved else "")
         )
     return state

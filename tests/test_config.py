@@ -51,7 +51,7 @@ def test_overrides_validate_like_the_file(tmp_path: Path) -> None:
         ({"data": {"augment": {"flip": 0.5}}}, "data.augment.flip: unknown key"),
         ({"train": {"epochs": "10"}}, "train.epochs: Input should be a valid integer"),  # strict: no "10" -> 10
         ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
-        ({"loss": {"name": "mse"}}, "loss.name: Input should be 'bce', 'focal' or 'asl' (got 'mse')"),
+        ({"loss": {"name": "mse"}}, "loss.name: Input should be 'bce', 'focal', 'asl' or 'ce' (got 'mse')"),
         ({"train": {"precision": "fp8"}}, "train.precision: Input should be"),
         ({"loss": {"pos_weight": "often"}}, "loss.pos_weight: Input should be 'none' or 'auto'"),
         ({"data": {"augment": {"scale": [0.9, 0.2]}}}, "scale must be [low, high]"),

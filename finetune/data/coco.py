@@ -142,9 +142,13 @@ class CocoMultiLabel(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample: dict[str, Any] = {"target": torch.from_numpy(self.targets[index]), "index": index}
-        path = self.image_paths[index]
+        if isinstance(self.image_paths, np.ndarray):  # in-memory images (CIFAR-10 batches): [n, h, w, 3] uint8
+            image = self.image_paths[index]
+            path = None
+        else:
+            path = self.image_paths[index]
         try:
-            image = read_rgb(path)
+            image = read_rgb(path) if path is not None else image
         except FileNotFoundError:
             sample["error"] = f"{path}: image file not found"
             return sample
@@ -226,7 +230,9 @@ def read_split(
 
 def check_images(paths: list[Path], decode: bool = False) -> list[str]:
     """Problems with image files: missing ones (a cheap stat), and with ``decode`` undecodable ones."""
-    problems = []
+    problems: list[str] = []
+    if isinstance(paths, np.ndarray):  # in-memory images: nothing on disk to check
+        return problems
     for path in paths:
         if not path.is_file():
             problems.append(f"{path}: image file not found")

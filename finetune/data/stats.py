@@ -1,0 +1,72 @@
+"""Dataset statistics: per-channel mean/std of the train split (for ``normalize = "dataset"``) and label counts.
+
+Mean and std are over every pixel of every train image after resizing to ``image_size`` (the eval pipeline without
+normalisation), on the 0..1 scale, computed in float64 from per-image sums so the order of images does not matter.
+They are cached as JSON under ``$FINETUNE_CACHE_DIR`` (default ``~/.cache/finetune``), keyed by the split's path,
+format, image size and image count, so a run with ``normalize = "dataset"`` reads them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+
+from finetune.checkpoint import atomic_write_json
+from finetune.data.coco import CocoSplit, read_rgb
+
+
+def cache_path(split: CocoSplit, fmt: str, image_size: int) -> Path:
+    """Where the statistics of ``split`` at ``image_size`` are cached."""
+    key = json.dumps([str(Path(split.image_dir).resolve()), split.name, fmt, image_size, len(split.targets)])
+    base = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))
+    return base / "stats" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+
+
+def compute_stats(split: CocoSplit, image_size: int, multi_label: bool = True) -> dict[str, Any]:
+    """Per-channel mean/std (0..1), label counts and, for multi-label data, label co-occurrence counts."""
+    resize = A.Resize(image_size, image_size)
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    pixels = 0
+    in_memory = isinstance(split.image_paths, np.ndarray)
+    for i in range(len(split.targets)):
+        image = split.image_paths[i] if in_memory else read_rgb(split.image_paths[i])
+        x = resize(image=image)["image"].reshape(-1, 3).astype(np.float64) / 255.0
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        pixels += len(x)
+    mean = total / pixels
+    std = np.sqrt(np.maximum(total_sq / pixels - mean**2, 0.0))
+    y = (np.asarray(split.targets) > 0.5).astype(np.int64)
+    out: dict[str, Any] = {
+        "split": split.name,
+        "images": int(len(y)),
+        "image_size": image_size,
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+        "label_counts": {name: int(c) for name, c in zip(split.classes.names, y.sum(0))},
+    }
+    if multi_label:
+        out["labels_per_image"] = float(y.sum(1).mean())
+        out["cooccurrence"] = (y.T @ y).tolist()
+    return out
+
+
+def load_or_compute(split: CocoSplit, fmt: str, image_size: int, refresh: bool = False) -> tuple[dict[str, Any], bool]:
+    """Cached statistics, computing and caching them when absent (or with ``refresh``).
+
+    Returns:
+        The statistics and whether they came from the cache.
+    """
+    path = cache_path(split, fmt, image_size)
+    if path.is_file() and not refresh:
+        return json.loads(path.read_text()), True
+    stats = compute_stats(split, image_size, multi_label=fmt == "coco")
+    atomic_write_json(path, stats)
+    return stats, False

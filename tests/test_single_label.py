@@ -1,0 +1,131 @@
+"""Single-label data: image folders and CIFAR-10 batches, cross-entropy, top-k accuracy, dataset statistics."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
+
+from finetune.data.folder import read_cifar10_split, read_folder_split, write_fake_cifar10
+from finetune.data.stats import compute_stats
+from finetune.errors import UserError
+from finetune.metrics import confusion, summarize_single, topk_accuracy
+
+from .conftest import assert_user_error, run_cli
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        for name, rgb in COLORS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(rgb, 30, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_folder_split(folder_data: Path) -> None:
+    train = read_folder_split(folder_data, "train")
+    assert train.classes.names == ("blue", "green", "red") and len(train.image_paths) == 36
+    assert train.targets.sum(1).tolist() == [1.0] * 36 and train.targets[0].argmax() == 0
+    val = read_folder_split(folder_data, "val", train.classes)
+    assert len(val.image_paths) == 12
+    with pytest.raises(UserError, match="split folder not found"):
+        read_folder_split(folder_data, "nope")
+
+
+def test_cifar10_reads_the_real_batch_format(tmp_path: Path) -> None:
+    root = write_fake_cifar10(tmp_path / "cifar-10-batches-py", n_per_batch=7)
+    train = read_cifar10_split(root, "train")
+    test = read_cifar10_split(root, "test", train.classes)
+    assert train.image_paths.shape == (35, 32, 32, 3) and test.image_paths.shape == (7, 32, 32, 3)
+    with (root / "data_batch_1").open("rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    first = raw[b"data"][0]  # channel-major: 1024 red, 1024 green, 1024 blue values, row by row
+    assert np.array_equal(train.image_paths[0][..., 0].ravel(), first[:1024])
+    assert np.array_equal(train.image_paths[0][..., 2].ravel(), first[2048:])
+    assert train.targets[0].argmax() == raw[b"labels"][0] and train.classes.names[1] == "automobile"
+
+
+def test_cifar10_refuses_a_pickle_that_runs_code(tmp_path: Path) -> None:
+    root = write_fake_cifar10(tmp_path / "c", n_per_batch=2)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (root / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(UserError, match="not a CIFAR-10 python batch .*refusing builtins.print"):
+        read_cifar10_split(root, "test")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_single_label_metrics_match_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(7), 200)
+    y = rng.integers(0, 7, 200)
+    targets = np.eye(7)[y]
+    m = summarize_single(targets, probs)
+    assert m["top1"] == pytest.approx(top_k_accuracy_score(y, probs, k=1, labels=range(7)))
+    assert m["top5"] == pytest.approx(top_k_accuracy_score(y, probs, k=5, labels=range(7)))
+    assert m["mean_recall"] == pytest.approx(balanced_accuracy_score(y, probs.argmax(1)))
+    assert np.array_equal(confusion(y, probs.argmax(1), 7), confusion_matrix(y, probs.argmax(1), labels=range(7)))
+    assert topk_accuracy(y, probs, 7) == 1.0
+
+
+def test_dataset_stats_equal_numpy(folder_data: Path) -> None:
+    split = read_folder_split(folder_data, "train")
+    stats = compute_stats(split, 24, multi_label=False)
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in split.image_paths]) / 255.0
+    assert np.allclose(stats["mean"], pixels.reshape(-1, 3).mean(0), atol=1e-6)
+    assert np.allclose(stats["std"], pixels.reshape(-1, 3).std(0), atol=1e-6)
+    assert stats["label_counts"] == {"blue": 12, "green": 12, "red": 12}
+
+
+def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path) -> None:
+    env = {"FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
+    sets = [f'data.root="{folder_data.as_posix()}"', 'data.test="test"', "data.image_size=32", "data.batch_size=8",
+            "data.num_workers=0", "train.epochs=1", "optim.warmup_epochs=0", 'model.name="mobilenetv2_reduced"',
+            f'output.dir="{(tmp_path / "runs").as_posix()}"', 'train.precision="fp32"']  # fmt: skip
+    args = [a for s in sets for a in ("--set", s)]
+    proc = run_cli("data", "stats", str(RECIPES / "imagenette_standard.toml"), *args, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["label_counts"] == {"blue": 12, "green": 12, "red": 12}
+    proc = run_cli("run", str(RECIPES / "imagenette_standard.toml"), *args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(cached)" in proc.stderr and "top-1" in proc.stderr  # the stats come from `data stats`' cache
+    run_dir = tmp_path / "runs" / "imagenette_standard"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task"] == "single_label" and report["select"] == "top1"
+    assert 0 <= report["splits"]["test"]["summary"]["top1"] <= 1 and report["splits"]["test"]["images"] == 12
+    assert np.array(report["splits"]["test"]["confusion"]).sum() == 12 and (run_dir / "confusion_matrix.png").is_file()
+    assert '"dataset"' not in (run_dir / "recipe.toml").read_text()  # the numbers used are recorded
+    image = next((folder_data / "test" / "red").glob("*.png"))
+    proc = run_cli("predict", str(run_dir), str(image), "--json", env=env)
+    (result,) = json.loads(proc.stdout)
+    assert len(result["labels"]) == 1 and abs(sum(result["probabilities"].values()) - 1) < 1e-3
+    assert_user_error(run_cli("calibrate", str(run_dir), env=env), "single-label run")
+
+
+def test_recipes_validate_on_tiny_generated_data(folder_data: Path, tmp_path: Path) -> None:
+    cifar = write_fake_cifar10(tmp_path / "cifar-10-batches-py", n_per_batch=4)
+    for recipe, root in (("cifar10_reduced.toml", cifar), ("imagenette_standard.toml", folder_data)):
+        proc = run_cli("validate", str(RECIPES / recipe), "--set", f'data.root="{root.as_posix()}"')
+        assert proc.returncode == 0, (recipe, proc.stderr)
+        assert "valid" in proc.stdout and ("10 classes" in proc.stdout or "3 classes" in proc.stdout)
+
+
+def test_task_rules_are_one_line_errors(folder_data: Path) -> None:
+    proc = run_cli("validate", str(RECIPES / "imagenette_standard.toml"), "--set", 'loss.name="bce"')
+    assert_user_error(proc, 'loss.name: data.format = "folder" is single-label; use "ce"')
+    proc = run_cli("validate", str(RECIPES / "coco_multilabel_focal.toml"), "--set", 'loss.name="ce"')
+    assert_user_error(proc, '"ce" is for single-label data')
