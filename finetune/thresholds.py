@@ -53,7 +53,9 @@ def best_thresholds(targets: np.ndarray, probs: np.ndarray, beta: float = 1.0) -
     """
     y, p = _check(targets, probs)
     n, c = p.shape
-    order = np.argsort(-p, axis=0, kind="stable")
+    # Any sort order works: within a tie group only the group's last row is scored, and its counts do not depend on
+    # the order inside the group; numpy's default introsort is ~4x faster here than a stable sort.
+    order = np.argsort(-p, axis=0)
     s = np.take_along_axis(p, order, axis=0)
     t = np.take_along_axis(y, order, axis=0)
     tp = np.cumsum(t, axis=0, dtype=np.float64)

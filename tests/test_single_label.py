@@ -129,3 +129,14 @@ def test_task_rules_are_one_line_errors(folder_data: Path) -> None:
     assert_user_error(proc, 'loss.name: data.format = "folder" is single-label; use "ce"')
     proc = run_cli("validate", str(RECIPES / "coco_multilabel_focal.toml"), "--set", 'loss.name="ce"')
     assert_user_error(proc, '"ce" is for single-label data')
+
+
+def test_multi_label_stats_count_labels_and_pairs(tiny_coco: Path) -> None:
+    from finetune.data.coco import read_split
+
+    split = read_split(tiny_coco, "train", "annotations/instances_{split}.json", "{split}", True, 0.0)
+    stats = compute_stats(split, 16)
+    y = split.targets.astype(int)
+    assert np.array_equal(np.array(stats["cooccurrence"]), y.T @ y)
+    assert list(stats["label_counts"].values()) == y.sum(0).tolist()
+    assert stats["labels_per_image"] == pytest.approx(y.sum(1).mean())
