@@ -141,3 +141,15 @@ def test_demo_recipes_chain_pretrain_into_staged_fine_tune(tiny_coco: Path, tmp_
         assert needle in proc.stderr, needle
     lines = [json.loads(ln) for ln in (tmp_path / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()]
     assert [m["stage"] for m in lines] == [1, 2, 2, 3] and lines[0]["cached_features"]
+
+
+def test_every_recipe_validates_on_tiny_generated_data(tiny_coco: Path) -> None:
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    coco = [p for p in sorted(recipes.glob("*.toml")) if 'format = "' not in p.read_text()]
+    assert {p.name for p in coco} >= {"quickstart.toml", "demo_pretrain.toml", "coco_multilabel_focal.toml"}
+    for path in coco:
+        sets = [f'data.root="{tiny_coco.as_posix()}"', 'data.train="train"', 'data.val="val"', 'model.checkpoint=""',
+                "model.pretrained=false"]  # fmt: skip
+        proc = run_cli("validate", str(path), *[a for s in sets for a in ("--set", s)])
+        assert proc.returncode == 0, (path.name, proc.stderr)
+        assert "valid" in proc.stdout and "10 classes" in proc.stdout, path.name
