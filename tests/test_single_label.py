@@ -124,11 +124,15 @@ def test_recipes_validate_on_tiny_generated_data(folder_data: Path, tmp_path: Pa
         assert "valid" in proc.stdout and ("10 classes" in proc.stdout or "3 classes" in proc.stdout)
 
 
-def test_task_rules_are_one_line_errors(folder_data: Path) -> None:
-    proc = run_cli("validate", str(RECIPES / "imagenette_standard.toml"), "--set", 'loss.name="bce"')
-    assert_user_error(proc, 'loss.name: data.format = "folder" is single-label; use "ce"')
-    proc = run_cli("validate", str(RECIPES / "coco_multilabel_focal.toml"), "--set", 'loss.name="ce"')
-    assert_user_error(proc, '"ce" is for single-label data')
+def test_task_rules_are_one_line_errors() -> None:
+    from finetune.config import load_recipe
+
+    with pytest.raises(UserError, match='loss.name: data.format = "folder" is single-label; use "ce"'):
+        load_recipe(RECIPES / "imagenette_standard.toml", ['loss.name="bce"'])
+    with pytest.raises(UserError, match='loss.name: "ce" is for single-label data'):
+        load_recipe(RECIPES / "coco_multilabel_focal.toml", ['loss.name="ce"'])
+    with pytest.raises(UserError, match='train.select: "top1" is for single-label data'):
+        load_recipe(RECIPES / "coco_multilabel_focal.toml", ['train.select="top1"'])
 
 
 def test_multi_label_stats_count_labels_and_pairs(tiny_coco: Path) -> None:
