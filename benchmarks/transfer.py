@@ -53,6 +53,8 @@ def main() -> None:
     if not COCO_TINY.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {COCO_TINY} and {WEIGHTS}")
     e = args.epochs
+    if e < 3:
+        raise SystemExit("--epochs must be at least 3 (staged unfreezing has three stages)")
     pre = {"checkpoint": str(WEIGHTS)}
     head = {"stages": [{"train": ["classifier"]}]}
     staged = {"stages": [{"epochs": max(1, e // 4), "train": ["classifier"]},
