@@ -220,7 +220,8 @@ class FeatureCache:
         model.eval()
         if self.passes and hasattr(self.source.dataset, "set_epoch"):
             self.source.dataset.set_epoch(k)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        from finetune.trainer import autocast  # here, not at the top: the trainer imports this module
+
         feats, targets = [], []
         start = time.perf_counter()
         for batch in self.source:
@@ -229,7 +230,7 @@ class FeatureCache:
             images = batch["image"].to(device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device, precision):
                 feats.append(self.policy.pooled_features(images).float())
             targets.append(batch["target"].to(device))
         self.extract_time_s += time.perf_counter() - start

@@ -205,7 +205,7 @@ def run(recipe: Recipe, resume: str | Path | None = None, console: Console | Non
             state,
             console,
             single,
-        )  # fmt: skip
+        )
         for role, loader in eval_loaders.items()
         if role != "train" or not single
     }
@@ -389,18 +389,9 @@ def evaluate(
     """Score a run's best checkpoint on one split; writes ``eval_<role>.json`` in the run and prints the tables."""
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    split_name(recipe, role)
-    device, precision = build.build_device(recipe.train)
-    model, classes = load_run_model(run_dir, recipe)
-    split = build.build_split(recipe.data, getattr(recipe.data, role), classes)
-    missing = check_images(split.image_paths)
-    if missing:
-        raise UserError(f"{missing[0]}; check data.root and data.images")
-    loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
-    model.to(device)
-    single = recipe.data.single_label
-    out = predict(model, loader, device, precision, False, None, recipe.data.on_bad_image, None, console, single)
-    if single:
+    outs, classes = predict_splits(run_dir, [role], recipe, console)
+    out = outs[role]
+    if recipe.data.single_label:
         report = {"run": str(run_dir), "task": "single_label",
                   "splits": {role: single_label_report(out["targets"], out["probs"], classes)}}  # fmt: skip
         ckpt.atomic_write_json(run_dir / f"eval_{role}.json", report)
