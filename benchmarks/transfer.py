@@ -30,14 +30,21 @@ WEIGHTS = SHARED / "weights" / "efficientnet_lite0.imagenet.safetensors"
 
 def recipe(name: str, out: Path, epochs: int, size: int, extra: dict) -> dict:
     base = {
-        "data": {"root": str(COCO_TINY), "train": "train2017", "val": "val2017", "image_size": size,
-                 "batch_size": 16, "num_workers": 2, "augment": {"scale": [0.35, 1.0]}},
+        "data": {
+            "root": str(COCO_TINY),
+            "train": "train2017",
+            "val": "val2017",
+            "image_size": size,
+            "batch_size": 16,
+            "num_workers": 2,
+            "augment": {"scale": [0.35, 1.0]},
+        },
         "model": {"name": "efficientnet_lite0", "drop_rate": 0.2},
         "loss": {"name": "bce"},
         "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01, "warmup_epochs": 1},
         "train": {"epochs": epochs, "precision": "fp32", "seed": 0, "channels_last": True},
         "output": {"dir": str(out), "name": name},
-    }  # fmt: skip
+    }
     for section, values in extra.items():
         base.setdefault(section, {}).update(values)
     return base
@@ -57,9 +64,14 @@ def main() -> None:
         raise SystemExit("--epochs must be at least 3 (staged unfreezing has three stages)")
     pre = {"checkpoint": str(WEIGHTS)}
     head = {"stages": [{"train": ["classifier"]}]}
-    staged = {"stages": [{"epochs": max(1, e // 4), "train": ["classifier"]},
-                         {"epochs": max(1, e // 4), "train": ["blocks.4:", "head", "classifier"]},
-                         {"train": ["all"]}], "cache_features": True}  # fmt: skip
+    staged = {
+        "stages": [
+            {"epochs": max(1, e // 4), "train": ["classifier"]},
+            {"epochs": max(1, e // 4), "train": ["blocks.4:", "head", "classifier"]},
+            {"train": ["all"]},
+        ],
+        "cache_features": True,
+    }
     configs = {
         "scratch": {},
         "head-only (cached features)": {"model": pre, "freeze": {**head, "cache_features": True}},
@@ -85,8 +97,15 @@ def main() -> None:
     for col in ("configuration", "val mAP", "macro-F1", "micro-F1", "best epoch", "train s", "total s"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for name, val, best, train_s, total in rows:
-        table.add_row(name, f"{100 * val['map']:.1f}", f"{100 * val['macro_f1']:.1f}", f"{100 * val['micro_f1']:.1f}",
-                      str(best), f"{train_s:.1f}", f"{total:.1f}")  # fmt: skip
+        table.add_row(
+            name,
+            f"{100 * val['map']:.1f}",
+            f"{100 * val['macro_f1']:.1f}",
+            f"{100 * val['micro_f1']:.1f}",
+            str(best),
+            f"{train_s:.1f}",
+            f"{total:.1f}",
+        )
     Console(width=140).print(table)
 
 

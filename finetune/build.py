@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from finetune.config import DataConfig, Recipe, TrainConfig
-from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, collate, read_split
+from finetune.config import DataConfig, Recipe, TrainConfig, recipe_to_dict
+from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, check_images, collate, read_split
 from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from finetune.errors import UserError
-from finetune.freezing import FeatureCache, FreezePolicy, Stage, plan_stages
+from finetune.freezing import FeatureCache, FreezeHook, FreezePolicy, Stage, plan_stages
 from finetune.groups import LayerGroup, check_groupable, layer_groups, resolve
+from finetune.loggers import make_loggers
+from finetune.loop import EarlyStopping, EvalSettings, FitSettings, Hook
 from finetune.losses import create_loss
 from finetune.models import LoadReport, create_model
 from finetune.optim import create_optimizer, create_scheduler, group_multipliers, param_groups, whole_model_groups
-from finetune.trainer import EpochSampler, FitSettings
+from finetune.tasks import Task, task_for
+from finetune.thresholds import CalibrationSettings
+from finetune.trainer import EpochSampler
+
+ROLES = ("train", "val", "test")
 
 
 def build_device(cfg: TrainConfig) -> tuple[torch.device, str]:
@@ -41,21 +49,78 @@ def build_device(cfg: TrainConfig) -> tuple[torch.device, str]:
     return device, precision
 
 
-def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> FitSettings:
-    """The trainer's plain settings from ``[train]`` and ``[data]``."""
+def build_task(recipe: Recipe) -> Task:
+    """The run's task, from ``data.format``."""
+    return task_for(recipe.data.format)
+
+
+def build_eval_settings(recipe: Recipe, device: torch.device, precision: str) -> EvalSettings:
+    """How batches run through the model, from ``[train]`` and ``[data]``."""
     t = recipe.train
-    return FitSettings(
-        epochs=t.epochs,
+    return EvalSettings(
         device=device,
         precision=precision,
+        channels_last=t.channels_last,
+        on_bad_image=recipe.data.on_bad_image,
+        task=build_task(recipe),
+    )
+
+
+def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> FitSettings:
+    """The trainer's plain settings from ``[train]`` and ``[data]``."""
+    t, task = recipe.train, build_task(recipe)
+    return FitSettings(
+        **vars(build_eval_settings(recipe, device, precision)),
+        epochs=t.epochs,
         accum_steps=t.accum_steps,
         grad_clip=t.grad_clip,
-        channels_last=t.channels_last,
         threshold=t.threshold,
-        select=t.select if t.select != "auto" else ("top1" if recipe.data.single_label else "map"),
-        on_bad_image=recipe.data.on_bad_image,
-        single_label=recipe.data.single_label,
+        select=task.select(t.select),
     )
+
+
+def build_hooks(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    policy: FreezePolicy | None = None,
+    cache: FeatureCache | None = None,
+    extra: Sequence[Hook] = (),
+) -> list[Hook]:
+    """The loop's hooks in order: freezing, early stopping, ``extra`` (a caller's own), then the loggers."""
+    hooks: list[Hook] = [FreezeHook(policy, cache)] if policy is not None else []
+    if recipe.train.patience:
+        hooks.append(EarlyStopping(recipe.train.patience))
+    name = recipe.output.name or run_dir.name
+    return [*hooks, *extra, *make_loggers(recipe.log.to, run_dir, name, recipe_to_dict(recipe))]
+
+
+def split_name(recipe: Recipe, role: str) -> str:
+    """The split name the recipe gives to ``role`` (train/val/test)."""
+    if role not in ROLES:
+        raise UserError(f"--split {role!r}: expected one of {', '.join(ROLES)}")
+    name = getattr(recipe.data, role)
+    if not name:
+        raise UserError(f"data.{role} is empty in this recipe: it has no {role} split")
+    return name
+
+
+def build_splits(
+    recipe: Recipe, roles: tuple[str, ...] = ROLES, check: bool = True, classes: ClassMap | None = None
+) -> dict[str, CocoSplit]:
+    """Read the annotation files of ``roles`` (skipping an empty test split) and check that every image exists."""
+    splits: dict[str, CocoSplit] = {}
+    for role in roles:
+        if role == "test" and not recipe.data.test:
+            continue
+        splits[role] = build_split(recipe.data, split_name(recipe, role), classes)
+        classes = splits[role].classes
+        if check:
+            missing = check_images(splits[role].image_paths)
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UserError(f"{missing[0]}{more}; check data.root and data.images")
+    return splits
 
 
 def norm_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -63,7 +128,7 @@ def norm_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     norm = cfg.augment.normalize
     if norm == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
-    if norm == "dataset":  # runs resolve this to numbers before building datasets (see runs.run)
+    if norm == "dataset":  # a run resolves this to numbers before building datasets (build_resolved_recipe)
         raise UserError('data.augment.normalize = "dataset" must be resolved first; run `finetune data stats RECIPE`')
     return tuple(norm["mean"]), tuple(norm["std"])
 
@@ -122,7 +187,6 @@ def build_loss(recipe: Recipe, train_split: CocoSplit) -> nn.Module:
 class StepPlan:
     """How many optimizer steps a run takes."""
 
-    batches_per_epoch: int
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -135,7 +199,7 @@ def plan_steps(recipe: Recipe, n_train: int) -> StepPlan:
     steps = math.ceil(batches / recipe.train.accum_steps)
     total = steps * recipe.train.epochs
     warmup = min(total, round(recipe.optim.warmup_epochs * steps))
-    return StepPlan(batches, steps, total, warmup)
+    return StepPlan(steps, total, warmup)
 
 
 def needs_groups(recipe: Recipe) -> bool:
@@ -223,3 +287,43 @@ def build_optimizer(
     optimizer = create_optimizer(pgroups, o.name, o.lr, o.momentum)
     scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, o.min_lr_factor)
     return optimizer, scheduler
+
+
+def build_bare_model(recipe: Recipe, num_classes: int) -> nn.Module:
+    """The recipe's architecture without loading any weights (they come from a run's checkpoint)."""
+    m = recipe.model.model_copy(update={"pretrained": False, "checkpoint": ""})
+    model, _ = build_model(recipe.model_copy(update={"model": m}), num_classes)
+    return model
+
+
+def build_resolved_recipe(recipe: Recipe, train_split: CocoSplit) -> tuple[Recipe, str]:
+    """The recipe with ``normalize = "dataset"`` replaced by the train split's numbers (recipe.toml records them).
+
+    Returns:
+        The resolved copy (the same recipe when nothing needs resolving) and a line saying what was done ("" if none).
+    """
+    if recipe.data.augment.normalize != "dataset":
+        return recipe, ""
+    from finetune.data.stats import load_or_compute
+
+    stats, cached = load_or_compute(train_split, recipe.data.format, recipe.data.image_size)
+    augment = recipe.data.augment.model_copy(update={"normalize": {"mean": stats["mean"], "std": stats["std"]}})
+    data = recipe.data.model_copy(update={"augment": augment})
+    note = f"normalize: train-split mean {stats['mean']} std {stats['std']} ({'cached' if cached else 'computed'})"
+    return recipe.model_copy(update={"data": data}), note
+
+
+def build_calibration(recipe: Recipe, split: str | None = None) -> CalibrationSettings:
+    """Build :class:`CalibrationSettings` from a recipe; ``split`` (a re-calibration) forces it on for that split."""
+    c = recipe.calibrate
+    return CalibrationSettings(
+        enabled=c.enabled or split is not None,
+        split=split or c.split,
+        metric=c.metric,
+        beta=c.beta,
+        min_positives=c.min_positives,
+        shrink=c.shrink,
+        folds=c.folds,
+        seed=recipe.train.seed,
+        fixed=recipe.train.threshold,
+    )

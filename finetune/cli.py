@@ -33,13 +33,13 @@ def run(
 ) -> None:
     """Train a recipe end to end: data, model, training, evaluation, report."""
     from finetune.config import load_recipe
-    from finetune.runs import load_run_recipe
-    from finetune.runs import run as run_recipe
+    from finetune.rundir import RunDir
+    from finetune.training import run as run_recipe
 
     if resume is not None:
         if recipe is not None:
             raise UserError("give either RECIPE or --resume RUN_DIR (a resumed run uses its own recipe.toml)")
-        cfg = load_run_recipe(resume, overrides)
+        cfg = RunDir.open(resume).recipe(overrides)
     elif recipe is None:
         raise UserError("missing RECIPE; e.g. finetune run recipes/quickstart.toml")
     else:
@@ -57,11 +57,10 @@ def validate(
     from finetune import build
     from finetune.config import load_recipe
     from finetune.data.coco import check_images as check
-    from finetune.runs import read_splits
 
     cfg = load_recipe(recipe, overrides)
     device, precision = build.build_device(cfg.train)
-    splits = read_splits(cfg)
+    splits = build.build_splits(cfg)
     if check_images:
         for s in splits.values():
             problems = check(s.image_paths, decode=True)
@@ -81,8 +80,11 @@ def validate(
     table.add_row("classes", f"{len(classes)}: {names}")
     for role, s in splits.items():
         table.add_row(role, f"{len(s.image_paths)} images, {int(s.targets.sum())} labels, {s.annotation_file}")
-    table.add_row("steps", f"{steps.steps_per_epoch}/epoch x {cfg.train.epochs} epochs = {steps.total_steps} "
-                  f"(warmup {steps.warmup_steps})")  # fmt: skip
+    table.add_row(
+        "steps",
+        f"{steps.steps_per_epoch}/epoch x {cfg.train.epochs} epochs = {steps.total_steps} "
+        f"(warmup {steps.warmup_steps})",
+    )
     table.add_row("device", f"{device.type}, {precision}")
     table.add_row("run dir", str(Path(cfg.output.dir) / cfg.output.name))
     out.print(table)
@@ -98,12 +100,10 @@ def groups(
     from finetune.config import load_recipe
     from finetune.errors import UserError as _UserError
     from finetune.optim import group_multipliers
-    from finetune.runs import read_splits
 
     cfg = load_recipe(recipe, overrides)
-    classes = read_splits(cfg, ("train",), check=False)["train"].classes
-    bare = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "checkpoint": ""})})
-    model, _ = build.build_model(bare, len(classes))
+    classes = build.build_splits(cfg, ("train",), check=False)["train"].classes
+    model = build.build_bare_model(cfg, len(classes))
     layer_groups = build.build_groups(cfg, model)
     if layer_groups is None:
         raise _UserError(f"model.name: {cfg.model.name} has no layer groups; it trains as a whole")
@@ -148,21 +148,19 @@ def summary(
     """Per-layer table (output shape, parameters, MACs, activation memory) and totals for a recipe's model."""
     from finetune import build
     from finetune.config import Recipe, load_recipe
-    from finetune.runs import read_splits
     from finetune.summary import summarize_model
 
     if (recipe is None) == (model_name is None):
         raise UserError("give either RECIPE or --model NAME, e.g. finetune summary --model mobilenetv2_100")
     if recipe is not None:
         cfg = load_recipe(recipe, overrides)
-        n_classes = len(read_splits(cfg, ("train",), check=False)["train"].classes)
+        n_classes = len(build.build_splits(cfg, ("train",), check=False)["train"].classes)
         default_size, default_batch = (3, cfg.data.image_size, cfg.data.image_size), cfg.data.batch_size
     else:
         cfg = Recipe.model_validate({"model": {"name": model_name, "drop_rate": 0.0}})
         n_classes, default_batch = num_classes, 1
         default_size = (3, 32, 32) if model_name == "mobilenetv2_reduced" else (3, 224, 224)
-    bare = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "checkpoint": ""})})
-    model, _ = build.build_model(bare, n_classes)
+    model = build.build_bare_model(cfg, n_classes)
     stage_note = "all parameters trainable"
     if recipe is not None:
         policy = build.build_policy(cfg, model, build.build_groups(cfg, model))
@@ -180,8 +178,14 @@ def summary(
     for col in ("layer", "type", "output", "params", "MACs", "act. memory"):
         table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right")
     for r in report["layers"]:
-        table.add_row(r["name"], r["kind"], "x".join(map(str, r["output_shape"])), f"{r['params']:,}",
-                      f"{r['macs']:,}", f"{r['activation_bytes'] / mib:.2f} MiB")  # fmt: skip
+        table.add_row(
+            r["name"],
+            r["kind"],
+            "x".join(map(str, r["output_shape"])),
+            f"{r['params']:,}",
+            f"{r['macs']:,}",
+            f"{r['activation_bytes'] / mib:.2f} MiB",
+        )
     out.print(table)
     t, m = report["totals"], report["totals"]["memory"]
     out.print(f"parameters: {t['parameters']:,} ({t['trainable']:,} trainable, {t['frozen']:,} frozen; {stage_note})")
@@ -204,10 +208,11 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a run's best checkpoint on a split; prints the tables and writes eval_<split>.json."""
-    from finetune.report import print_report
-    from finetune.runs import evaluate as evaluate_run
+    from finetune.evaluation import evaluate as evaluate_run
+    from finetune.tasks import TASKS
 
-    print_report(evaluate_run(run_dir, split, threshold, err), out)
+    report = evaluate_run(run_dir, split, threshold, err)
+    TASKS[report["task"]].print_report(report, out)
 
 
 @app.command()
@@ -217,12 +222,13 @@ def calibrate(
     overrides: SetOption = None,
 ) -> None:
     """Re-fit a run's per-class thresholds; rewrites thresholds.json (the old one kept as thresholds.prev.json)."""
-    from finetune.report import print_report
-    from finetune.runs import calibrate_run
+    from finetune.evaluation import calibrate_run
+    from finetune.tasks import TASKS
 
     if split not in ("val", "train"):
         raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
-    print_report(calibrate_run(run_dir, split, err, overrides), out)
+    report = calibrate_run(run_dir, split, err, overrides)
+    TASKS[report["task"]].print_report(report, out)
 
 
 @app.command()
@@ -236,7 +242,7 @@ def predict(
     top: Annotated[int, typer.Option(help="Probabilities to show per image.")] = 5,
 ) -> None:
     """Predict labels for images with a run's best checkpoint."""
-    from finetune.runs import predict_images
+    from finetune.predicting import predict_images
 
     results = predict_images(run_dir, [str(p) for p in images], threshold)
     if as_json:
@@ -274,19 +280,21 @@ def data_stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per-channel mean/std of the train split (cached for normalize = "dataset"), label counts, co-occurrence."""
+    from finetune.build import build_splits
     from finetune.config import load_recipe
     from finetune.data.stats import cache_path, load_or_compute
-    from finetune.runs import read_splits
 
     cfg = load_recipe(recipe, overrides)
-    split = read_splits(cfg, ("train",))["train"]
+    split = build_splits(cfg, ("train",))["train"]
     stats, cached = load_or_compute(split, cfg.data.format, cfg.data.image_size, refresh)
     if as_json:
         print(json.dumps(stats, indent=2))
         return
     where = cache_path(split, cfg.data.format, cfg.data.image_size)
-    out.print(f"{cfg.data.root} / {stats['split']}: {stats['images']} images at {stats['image_size']}px "
-              f"({'from cache' if cached else 'computed; cached'} in {where})")  # fmt: skip
+    out.print(
+        f"{cfg.data.root} / {stats['split']}: {stats['images']} images at {stats['image_size']}px "
+        f"({'from cache' if cached else 'computed; cached'} in {where})"
+    )
     out.print(f'mean {stats["mean"]}  std {stats["std"]}  (0..1 scale; use normalize = "dataset")')
     table = Table(title="labels")
     table.add_column("class")
@@ -298,8 +306,10 @@ def data_stats(
         names = list(stats["label_counts"])
         co = stats["cooccurrence"]
         pairs = sorted(((co[i][j], names[i], names[j]) for i in range(len(names)) for j in range(i)), reverse=True)
-        out.print(f"labels per image {stats['labels_per_image']:.2f}; most frequent pairs: "
-                  + ", ".join(f"{a}+{b} {n}" for n, a, b in pairs[:5]))  # fmt: skip
+        out.print(
+            f"labels per image {stats['labels_per_image']:.2f}; most frequent pairs: "
+            + ", ".join(f"{a}+{b} {n}" for n, a, b in pairs[:5])
+        )
 
 
 def main() -> None:

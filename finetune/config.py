@@ -13,6 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import UserError
+from finetune.overrides import apply_overrides, parse_override
+
+__all__ = ["Recipe", "apply_overrides", "load_recipe", "parse_override", "recipe_to_dict", "validate_recipe"]
 
 
 class _Section(BaseModel):
@@ -69,11 +72,6 @@ class DataConfig(_Section):
         if not self.train or not self.val:
             raise ValueError("train and val split names must not be empty")
         return self
-
-    @property
-    def single_label(self) -> bool:
-        """Folder and CIFAR-10 data have one label per image."""
-        return self.format != "coco"
 
 
 class ArchConfig(_Section):
@@ -212,6 +210,7 @@ class TrainConfig(_Section):
     select: Literal["auto", "map", "macro_f1", "micro_f1", "top1", "loss"] = Field(
         "auto", description="auto = map for multi-label, top1 for single-label"
     )
+    patience: int = Field(0, ge=0, description="early stopping: epochs without a better val select metric; 0 = off")
 
 
 class CalibrateConfig(_Section):
@@ -224,6 +223,12 @@ class CalibrateConfig(_Section):
     min_positives: int = Field(5, ge=1, description="fewer positives: the class takes the global threshold")
     shrink: float = Field(0.0, ge=0.0, description="pseudo-count pulling thresholds toward the global one")
     folds: int = Field(5, ge=2, description="cross-fitting folds when there is no test split")
+
+
+class LogConfig(_Section):
+    """Where each epoch's metrics go besides ``metrics.jsonl`` (always written)."""
+
+    to: list[Literal["jsonl", "csv", "tensorboard", "mlflow"]] = ["jsonl"]
 
 
 class OutputConfig(_Section):
@@ -243,56 +248,8 @@ class Recipe(_Section):
     freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    log: LogConfig = LogConfig()
     output: OutputConfig = OutputConfig()
-
-
-def _check_task(recipe: Recipe, source: str) -> None:
-    """Cross-section rules: single-label data needs cross-entropy and accuracy; multi-label the sigmoid losses."""
-    single = recipe.data.single_label
-    if single and recipe.loss.name != "ce":
-        raise UserError(f'{source}: loss.name: data.format = "{recipe.data.format}" is single-label; use "ce"')
-    if not single and recipe.loss.name == "ce":
-        raise UserError(f'{source}: loss.name: "ce" is for single-label data; COCO is multi-label: use "bce", '
-                        '"focal" or "asl"')  # fmt: skip
-    if single and recipe.train.select in ("macro_f1", "micro_f1"):
-        raise UserError(f'{source}: train.select: single-label runs select by "top1", "map" or "loss"')
-    if not single and recipe.train.select == "top1":
-        raise UserError(f'{source}: train.select: "top1" is for single-label data')
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``a.b=value`` into a key path and a TOML value (a bare word is read as a string).
-
-    Args:
-        item: The text given to ``--set``.
-
-    Returns:
-        The key path and the parsed value.
-    """
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=2")
-    raw = raw.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw recipe dict, creating sections as needed (validation comes after)."""
-    for item in overrides:
-        path, value = parse_override(item)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise UserError(f"--set {item!r}: {'.'.join(path[: i + 1])} is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return raw
 
 
 def _section_of(ann: Any) -> tuple[type[BaseModel] | None, bool]:
@@ -369,7 +326,9 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
-    _check_task(recipe, source)
+    from finetune.tasks import task_for  # here: tasks imports torch, which a recipe error should not wait for
+
+    task_for(recipe.data.format).check_recipe(recipe.loss.name, recipe.train.select, recipe.data.format, source)
     return recipe
 
 

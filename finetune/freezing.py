@@ -10,6 +10,10 @@ BatchNorm: ``bn = "frozen"`` keeps the running statistics of BN layers inside fr
 silently undo this (the bug Lightning, fastai and mmpretrain all shipped), so the policy is re-applied by a forward
 pre-hook before every training-mode forward, and :meth:`FreezePolicy.check_bn` compares the frozen statistics with a
 snapshot after each epoch and stops the run if they moved.
+
+:class:`FreezeHook` plugs all of this into the training loop: it applies each epoch's stage, swaps in the frozen-prefix
+forward (or the cached-feature loader and the classifier alone for head-only stages) and checks and logs the BN
+statistics at the end of every epoch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.groups import LayerGroup, forward_fns, group_modules, group_of_param
+from finetune.loop import Hook, Loop
+from finetune.precision import autocast
 
 BN_POLICIES = ("frozen", "all", "none")
 
@@ -182,7 +188,7 @@ class _Features(torch.utils.data.Dataset):
 
 def _collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, Any]:
     feats, targets, index = zip(*items)
-    return {"image": torch.stack(feats), "target": torch.stack(targets), "index": torch.tensor(index), "errors": []}
+    return {"features": torch.stack(feats), "target": torch.stack(targets), "index": torch.tensor(index), "errors": []}
 
 
 class FeatureCache:
@@ -220,8 +226,6 @@ class FeatureCache:
         model.eval()
         if self.passes and hasattr(self.source.dataset, "set_epoch"):
             self.source.dataset.set_epoch(k)
-        from finetune.trainer import autocast  # here, not at the top: the trainer imports this module
-
         feats, targets = [], []
         start = time.perf_counter()
         for batch in self.source:
@@ -237,11 +241,19 @@ class FeatureCache:
         model.train(was_training)
         self._store[k] = (torch.cat(feats), torch.cat(targets))
 
-    def loader(self, epoch: int, settings: Any, console: Any = None) -> torch.utils.data.DataLoader:
+    def loader(
+        self,
+        epoch: int,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        console: Any = None,
+    ) -> torch.utils.data.DataLoader:
         """The loader of cached features for ``epoch`` (extracting its pass first if needed)."""
         k = epoch % self.passes if self.passes else 0
         if k not in self._store:
-            self._extract(k, settings.device, settings.precision, settings.channels_last)
+            self._extract(k, device, precision, channels_last)
             if console is not None:
                 console.print(f"cached {len(self._store[k][0])} feature vectors (pass {k + 1}) for the head-only stage")
         feats, targets = self._store[k]
@@ -254,6 +266,57 @@ class FeatureCache:
             collate_fn=_collate,
             drop_last=self.drop_last and len(feats) > self.batch_size,
         )
+
+
+def span(train: tuple[str, ...], names: list[str]) -> str:
+    """``stem, blocks.0-6, head, classifier`` rather than every block name."""
+    if list(train) == names:
+        return "all groups"
+    blocks = [n for n in train if n.startswith("blocks.")]
+    parts = [n for n in train if not n.startswith("blocks.")]
+    idx = [int(b.split(".")[1]) for b in blocks]
+    if len(blocks) > 2 and idx == list(range(idx[0], idx[-1] + 1)):
+        parts.insert(1 if "stem" in train else 0, f"{blocks[0]}-{blocks[-1].split('.')[1]}")
+    else:
+        parts[1 if "stem" in train else 0 : 0] = blocks
+    return ", ".join(parts)
+
+
+class FreezeHook(Hook):
+    """The freezing policy in the loop: stages, frozen-prefix forward, feature cache, BN check and checksum."""
+
+    def __init__(self, policy: FreezePolicy, cache: FeatureCache | None = None) -> None:
+        self.policy, self.cache = policy, cache
+        self._shown = -1
+        self._extra: dict[str, Any] = {}
+
+    def on_epoch_start(self, loop: Loop) -> None:  # noqa: D102
+        p, epoch = self.policy, loop.epoch
+        stage = p.apply(epoch)
+        if p.stage_index != self._shown:
+            self._shown = p.stage_index
+            if len(p.stages) > 1 or p.frozen_bn or list(stage.train) != p.group_names:
+                loop.console.print(
+                    f"stage {p.stage_index + 1}/{len(p.stages)} (epochs {stage.start + 1}-{stage.end}): "
+                    f"training {span(stage.train, p.group_names)}; running stats fixed in "
+                    f"{len(p.frozen_bn)} BN layers; {p.prefix} leading groups run without gradients"
+                )
+        loop.forward = p.forward
+        self._extra = {"stage": p.stage_index + 1, "cached_features": False}
+        if self.cache is not None and p.cacheable(epoch):
+            s, before = loop.settings, self.cache.extract_time_s
+            loop.loader = self.cache.loader(
+                epoch, device=s.device, precision=s.precision, channels_last=s.channels_last, console=loop.console
+            )
+            loop.forward = p.head_forward
+            self._extra.update(cached_features=True, cache_time_s=self.cache.extract_time_s - before)
+
+    def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:  # noqa: D102
+        self.policy.check_bn(loop.epoch)
+        record.update(self._extra, bn_frozen_checksum=self.policy.bn_checksum())
+
+    def on_fit_end(self, loop: Loop) -> None:  # noqa: D102
+        self.policy.remove()
 
 
 def plan_stages(

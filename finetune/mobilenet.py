@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             (6, 96, 3, 1),
             (6, 160, 3, 2),
             (6, 320, 1, 1),
-        ],  # fmt: skip
+        ],
         "stem": 32,
         "head": 1280,
         "input_size": 224,
@@ -53,7 +53,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "input_size": 32,
     },
 }
-PAPER = {"bn_momentum": 0.01, "bn_eps": 1e-3}  # Keras' 0.99 / 1e-3 in PyTorch's convention
 MODEL_NAMES = {"mobilenetv2_standard": "standard", "mobilenetv2_reduced": "reduced"}
 
 

@@ -123,8 +123,14 @@ def torchvision_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dic
     flat = [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
     for k, block in enumerate(flat, start=1):
         if hasattr(model.get_submodule(block), "conv_pwl"):  # inverted residual: expand, depthwise, project
-            parts = {"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2",
-                     "conv.2": "conv_pwl", "conv.3": "bn3"}  # fmt: skip
+            parts = {
+                "conv.0.0": "conv_pw",
+                "conv.0.1": "bn1",
+                "conv.1.0": "conv_dw",
+                "conv.1.1": "bn2",
+                "conv.2": "conv_pwl",
+                "conv.3": "bn3",
+            }
         else:  # depthwise separable: depthwise, project
             parts = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
         names.update({f"features.{k}.{a}": f"{block}.{b}" for a, b in parts.items()})

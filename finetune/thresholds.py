@@ -133,6 +133,26 @@ class Calibration:
         )
 
 
+@dataclass(kw_only=True)
+class CalibrationSettings:
+    """``[calibrate]`` as plain values, with the fixed threshold it is compared against."""
+
+    enabled: bool = True
+    split: str = "val"
+    metric: str = "f1"
+    beta: float = 1.0
+    min_positives: int = 5
+    shrink: float = 0.0
+    folds: int = 5
+    seed: int = 0
+    fixed: float = 0.5
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~finetune.thresholds.fit_thresholds`."""
+        return {"metric": self.metric, "beta": self.beta, "min_positives": self.min_positives, "shrink": self.shrink}
+
+
 def fit_thresholds(
     targets: np.ndarray,
     probs: np.ndarray,

@@ -14,8 +14,18 @@ def test_run_resume_eval_predict(tiny_recipe: Path, tiny_coco: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     names = {p.name for p in run_dir.iterdir()}
-    assert names >= {"recipe.toml", "classes.json", "metrics.jsonl", "last.pt", "best.pt", "report.json", "report.md",
-                     "thresholds.json", "pr_curves.png", "f1_per_class.png"}  # fmt: skip
+    assert names >= {
+        "recipe.toml",
+        "classes.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "report.json",
+        "report.md",
+        "thresholds.json",
+        "pr_curves.png",
+        "f1_per_class.png",
+    }
     assert not any(n.endswith(".tmp") for n in names)
     classes = json.loads((run_dir / "classes.json").read_text())
     assert [c["id"] for c in classes][:4] == [1, 2, 3, 5] and classes[3]["name"] == "star"
@@ -108,8 +118,11 @@ def test_groups_prints_each_group_per_stage(tiny_recipe: Path) -> None:
         "groups", str(tiny_recipe), "--set", "train.epochs=3", "--set", stages, "--set", "optim.lr_mult={stem=0.1}"
     )
     assert proc.returncode == 0, proc.stderr
-    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in proc.stdout.splitlines()
-            if ln.startswith("│")}  # fmt: skip
+    rows = {
+        ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]]
+        for ln in proc.stdout.splitlines()
+        if ln.startswith("│")
+    }
     assert list(rows)[:2] == ["stem", "blocks.0"] and list(rows)[-2:] == ["head", "classifier"]
     assert rows["stem"][1:] == ["frozen", "frozen", "0.0001"]
     assert rows["blocks.5"][1:] == ["frozen", "train", "0.001"]
@@ -121,23 +134,40 @@ def test_groups_prints_each_group_per_stage(tiny_recipe: Path) -> None:
 def test_demo_recipes_chain_pretrain_into_staged_fine_tune(tiny_coco: Path, tmp_path: Path) -> None:
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     small = []
-    for item in (f'data.root="{tiny_coco.as_posix()}"', "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
-                 f'output.dir="{(tmp_path / "runs").as_posix()}"'):  # fmt: skip
+    for item in (
+        f'data.root="{tiny_coco.as_posix()}"',
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f'output.dir="{(tmp_path / "runs").as_posix()}"',
+    ):
         small += ["--set", item]
-    pre = run_cli("run", str(recipes / "demo_pretrain.toml"), *small, "--set", 'data.train="train"',
-                  "--set", "train.epochs=1")  # fmt: skip
+    pre = run_cli(
+        "run", str(recipes / "demo_pretrain.toml"), *small, "--set", 'data.train="train"', "--set", "train.epochs=1"
+    )
     assert pre.returncode == 0, pre.stderr[-3000:]
     pre_dir = (tmp_path / "runs" / "demo_pretrain").as_posix()
-    proc = run_cli("run", str(recipes / "quickstart.toml"), *small, "--set", f'model.checkpoint="{pre_dir}"',
-                   "--set", "train.epochs=4")  # fmt: skip
+    proc = run_cli(
+        "run",
+        str(recipes / "quickstart.toml"),
+        *small,
+        "--set",
+        f'model.checkpoint="{pre_dir}"',
+        "--set",
+        "train.epochs=4",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "loaded 314 tensors from" in proc.stderr
         and "missing" not in proc.stderr
         and "demo_pretrain/best.pt" in proc.stderr
     )
-    for needle in ("stage 1/3 (epochs 1-1): training classifier", "stage 2/3 (epochs 2-3): training blocks.4-6, head",
-                   "stage 3/3 (epochs 4-4): training all groups", "cached 24 feature vectors"):  # fmt: skip
+    for needle in (
+        "stage 1/3 (epochs 1-1): training classifier",
+        "stage 2/3 (epochs 2-3): training blocks.4-6, head",
+        "stage 3/3 (epochs 4-4): training all groups",
+        "cached 24 feature vectors",
+    ):
         assert needle in proc.stderr, needle
     lines = [json.loads(ln) for ln in (tmp_path / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()]
     assert [m["stage"] for m in lines] == [1, 2, 2, 3] and lines[0]["cached_features"]
@@ -148,8 +178,13 @@ def test_every_recipe_validates_on_tiny_generated_data(tiny_coco: Path) -> None:
     coco = [p for p in sorted(recipes.glob("*.toml")) if 'format = "' not in p.read_text()]
     assert {p.name for p in coco} >= {"quickstart.toml", "demo_pretrain.toml", "coco_multilabel_focal.toml"}
     for path in coco:
-        sets = [f'data.root="{tiny_coco.as_posix()}"', 'data.train="train"', 'data.val="val"', 'model.checkpoint=""',
-                "model.pretrained=false"]  # fmt: skip
+        sets = [
+            f'data.root="{tiny_coco.as_posix()}"',
+            'data.train="train"',
+            'data.val="val"',
+            'model.checkpoint=""',
+            "model.pretrained=false",
+        ]
         proc = run_cli("validate", str(path), *[a for s in sets for a in ("--set", s)])
         assert proc.returncode == 0, (path.name, proc.stderr)
         assert "valid" in proc.stdout and "10 classes" in proc.stdout, path.name

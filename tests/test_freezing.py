@@ -7,12 +7,13 @@ import pytest
 import timm
 import torch
 
-from finetune import runs, trainer
+from finetune import trainer, training
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.freezing import BNStatsDrift, FreezePolicy, Stage, plan_stages
 from finetune.groups import layer_groups
 from finetune.optim import create_optimizer, group_multipliers, param_groups, warmup_cosine_factor
+from finetune.rundir import RunDir
 
 TOP = ("blocks.5", "blocks.6", "head", "classifier")
 
@@ -170,7 +171,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_run_logs_each_groups_lr_as_base_times_multiplier_times_schedule(tiny_recipe: Path) -> None:
     recipe = load_recipe(tiny_recipe, ["train.epochs=4", STAGES, "optim.layer_decay=0.5", "output.name=lrs"])
-    lines = _metrics(runs.run(recipe))
+    lines = _metrics(training.run(recipe))
     assert [m["stage"] for m in lines] == [1, 2, 2, 3]
     names = list(lines[0]["lr_groups"])
     total, warmup = lines[-1]["step"], round(0.5 * lines[0]["step"])
@@ -183,20 +184,20 @@ def test_run_logs_each_groups_lr_as_base_times_multiplier_times_schedule(tiny_re
 
 def test_resume_inside_stage_2_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sets = ["train.epochs=4", STAGES, "optim.lr_mult={stem = 0.1, head = 2.0}"]
-    straight = runs.run(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
+    straight = training.run(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
     real = trainer.train_one_epoch
 
     def interrupt(*args, **kwargs):
-        if args[7].epoch == 2:  # the second epoch of stage 2
+        if args[0].state.epoch == 2:  # the second epoch of stage 2
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
     with pytest.raises(UserError, match="interrupted"):
-        runs.run(load_recipe(tiny_recipe, [*sets, "output.name=cut"]))
+        training.run(load_recipe(tiny_recipe, [*sets, "output.name=cut"]))
     monkeypatch.setattr(trainer, "train_one_epoch", real)
     cut = tmp_path / "runs" / "cut"
-    runs.run(runs.load_run_recipe(cut), resume=cut)
+    training.run(RunDir.open(cut).recipe(), resume=cut)
     a, b = _metrics(straight), _metrics(cut)
     for key in ("stage", "lr_groups", "train_loss", "val_map", "bn_frozen_checksum", "step"):
         assert [m[key] for m in a] == [m[key] for m in b], key
@@ -213,8 +214,8 @@ def test_cached_features_train_the_head_like_the_full_network(tiny_recipe: Path)
         "data.augment.hflip=0.0",
         "data.augment.color_jitter=0.0",
     ]
-    plain = runs.run(load_recipe(tiny_recipe, [*sets, "output.name=plain"]))
-    cached = runs.run(load_recipe(tiny_recipe, [*sets, "freeze.cache_features=true", "output.name=cached"]))
+    plain = training.run(load_recipe(tiny_recipe, [*sets, "output.name=plain"]))
+    cached = training.run(load_recipe(tiny_recipe, [*sets, "freeze.cache_features=true", "output.name=cached"]))
     a, b = _metrics(plain), _metrics(cached)
     assert [m["cached_features"] for m in b] == [True, True] and not a[0]["cached_features"]
     for ma, mb in zip(a, b):
@@ -228,10 +229,10 @@ def test_cached_features_train_the_head_like_the_full_network(tiny_recipe: Path)
 
 def test_freeze_config_errors(tiny_recipe: Path) -> None:
     with pytest.raises(UserError, match="add up to 3 epochs but train.epochs = 1"):
-        runs.run(load_recipe(tiny_recipe, ['freeze.stages=[{epochs = 3, train = ["all"]}]']))
+        training.run(load_recipe(tiny_recipe, ['freeze.stages=[{epochs = 3, train = ["all"]}]']))
     with pytest.raises(UserError, match=r"freeze.stages\[0\].train: unknown layer group 'heads'"):
-        runs.run(load_recipe(tiny_recipe, ['freeze.stages=[{train = ["heads"]}]']))
+        training.run(load_recipe(tiny_recipe, ['freeze.stages=[{train = ["heads"]}]']))
     with pytest.raises(UserError, match="freeze.cache_features: no stage trains only"):
-        runs.run(load_recipe(tiny_recipe, ["freeze.cache_features=true"]))
+        training.run(load_recipe(tiny_recipe, ["freeze.cache_features=true"]))
     with pytest.raises(UserError, match="resnet18 has no stem/blocks/head/classifier"):
-        runs.run(load_recipe(tiny_recipe, ['model.name="resnet18"', 'freeze.until="blocks.3"']))
+        training.run(load_recipe(tiny_recipe, ['model.name="resnet18"', 'freeze.until="blocks.3"']))

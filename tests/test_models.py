@@ -79,8 +79,10 @@ def test_real_imagenet_weights_efficientnet_lite0() -> None:
     x = torch.randn(2, 3, 96, 96)
     model.eval(), ref.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
-                                   ref.forward_head(ref.forward_features(x), pre_logits=True))  # fmt: skip
+        torch.testing.assert_close(
+            model.forward_head(model.forward_features(x), pre_logits=True),
+            ref.forward_head(ref.forward_features(x), pre_logits=True),
+        )
 
 
 @pytest.mark.parametrize("width", [1.0, 0.5])

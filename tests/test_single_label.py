@@ -9,12 +9,13 @@ import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
 
-from finetune.data.folder import read_cifar10_split, read_folder_split, write_fake_cifar10
+from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.stats import compute_stats
 from finetune.errors import UserError
 from finetune.metrics import confusion, summarize_single, topk_accuracy
 
 from .conftest import assert_user_error, run_cli
+from .helpers import write_fake_cifar10
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
@@ -93,9 +94,18 @@ def test_dataset_stats_equal_numpy(folder_data: Path) -> None:
 
 def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path) -> None:
     env = {"FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
-    sets = [f'data.root="{folder_data.as_posix()}"', 'data.test="test"', "data.image_size=32", "data.batch_size=8",
-            "data.num_workers=0", "train.epochs=1", "optim.warmup_epochs=0", 'model.name="mobilenetv2_reduced"',
-            f'output.dir="{(tmp_path / "runs").as_posix()}"', 'train.precision="fp32"']  # fmt: skip
+    sets = [
+        f'data.root="{folder_data.as_posix()}"',
+        'data.test="test"',
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "train.epochs=1",
+        "optim.warmup_epochs=0",
+        'model.name="mobilenetv2_reduced"',
+        f'output.dir="{(tmp_path / "runs").as_posix()}"',
+        'train.precision="fp32"',
+    ]
     args = [a for s in sets for a in ("--set", s)]
     proc = run_cli("data", "stats", str(RECIPES / "imagenette_standard.toml"), *args, "--json", env=env)
     assert proc.returncode == 0, proc.stderr

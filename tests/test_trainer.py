@@ -7,27 +7,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import runs, trainer
+from finetune import trainer, training
 from finetune.config import load_recipe
 from finetune.errors import UserError
+from finetune.rundir import RunDir
 
 
 def test_resume_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = runs.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=straight"]))
+    straight = training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=straight"]))
 
     real = trainer.train_one_epoch
 
     def interrupt_in_epoch_2(*args, **kwargs):
-        if args[7].epoch == 1:  # state.epoch == epochs completed
+        if args[0].state.epoch == 1:  # state.epoch == epochs completed
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt_in_epoch_2)
     with pytest.raises(UserError, match="interrupted; continue with `finetune run --resume"):
-        runs.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=cut"]))
+        training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=cut"]))
     monkeypatch.setattr(trainer, "train_one_epoch", real)
     cut = tmp_path / "runs" / "cut"
-    runs.run(runs.load_run_recipe(cut), resume=cut)
+    training.run(RunDir.open(cut).recipe(), resume=cut)
 
     def metrics(d: Path) -> list[dict]:
         return [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
@@ -42,13 +43,13 @@ def test_resume_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.
 
 
 def test_grad_accumulation_and_clipping_run(tiny_recipe: Path) -> None:
-    run_dir = runs.run(load_recipe(tiny_recipe, ["train.accum_steps=2", "train.grad_clip=1.0", "output.name=acc"]))
+    run_dir = training.run(load_recipe(tiny_recipe, ["train.accum_steps=2", "train.grad_clip=1.0", "output.name=acc"]))
     (line,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert line["step"] == 2  # 3 batches of 8 -> ceil(3 / 2) optimizer steps
 
 
 def test_bf16_autocast_on_cpu(tiny_recipe: Path) -> None:
-    run_dir = runs.run(load_recipe(tiny_recipe, ["train.precision=bf16", "output.name=bf16"]))
+    run_dir = training.run(load_recipe(tiny_recipe, ["train.precision=bf16", "output.name=bf16"]))
     (line,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(line["train_loss"]) and math.isfinite(line["val_loss"])
 
@@ -57,4 +58,4 @@ def test_fp16_on_cpu_is_a_user_error(tiny_recipe: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     with pytest.raises(UserError, match='train.precision: "fp16" needs a CUDA GPU'):
-        runs.run(load_recipe(tiny_recipe, ["train.precision=fp16"]))
+        training.run(load_recipe(tiny_recipe, ["train.precision=fp16"]))

@@ -129,8 +129,13 @@ def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray,
         aspect = np.array([rng.uniform(0.8, 1.25), 1.0])
         centre = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
 
-        def place(poly: np.ndarray, rot: np.ndarray = rot, radius: float = radius, centre: np.ndarray = centre,
-                  aspect: np.ndarray = aspect) -> np.ndarray:  # fmt: skip
+        def place(
+            poly: np.ndarray,
+            rot: np.ndarray = rot,
+            radius: float = radius,
+            centre: np.ndarray = centre,
+            aspect: np.ndarray = aspect,
+        ) -> np.ndarray:
             return (poly * aspect) @ rot.T * radius + centre
 
         mask_img = Image.new("L", (size, size), 0)

@@ -62,8 +62,11 @@ def read_folder_split(root: str | Path, split: str, classes: ClassMap | None = N
         raise UserError(f"{folder / unknown[0]}: class folder not in the training split's classes")
     paths, labels = [], []
     for index, name in enumerate(classes.names):
-        files = sorted(f for f in (folder / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) \
-            if (folder / name).is_dir() else []  # fmt: skip
+        files = (
+            sorted(f for f in (folder / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if (folder / name).is_dir()
+            else []
+        )
         paths += files
         labels += [index] * len(files)
     if not paths:
@@ -110,21 +113,3 @@ def read_cifar10_split(root: str | Path, split: str, classes: ClassMap | None = 
         raise UserError(f"{root}: labels outside 0..{len(classes) - 1}")
     targets = _one_hot(label_array, len(classes))
     return CocoSplit(split, root / files[0], root, list(range(len(label_array))), image_array, targets, classes)
-
-
-def write_fake_cifar10(root: str | Path, n_per_batch: int = 20, seed: int = 0) -> Path:
-    """Write tiny batch files in the real CIFAR-10 python format (for tests and demos)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    with (root / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": n_per_batch, b"num_vis": 3072}, f)
-    for name in [*CIFAR_SPLITS["train"], *CIFAR_SPLITS["test"]]:
-        labels = rng.integers(0, 10, n_per_batch)
-        data = (rng.integers(0, 60, (n_per_batch, 3072)) + labels[:, None] * 19).astype(np.uint8)
-        doc = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": data,
-               b"filenames": [f"{i}.png".encode() for i in range(n_per_batch)]}  # fmt: skip
-        with (root / name).open("wb") as f:
-            pickle.dump(doc, f)
-    return root

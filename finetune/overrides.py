@@ -1,0 +1,43 @@
+"""``--set a.b=value`` overrides: parsed as TOML values and applied to a raw recipe dict before validation."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+from finetune.errors import UserError
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into a key path and a TOML value (a bare word is read as a string).
+
+    Args:
+        item: The text given to ``--set``.
+
+    Returns:
+        The key path and the parsed value.
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=2")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw recipe dict, creating sections as needed (validation comes after)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw

@@ -1,0 +1,148 @@
+"""Training a run: build everything from the recipe, open or resume the run directory, fit, then report.
+
+``run(recipe)`` is what ``finetune run`` calls; extra :class:`~finetune.loop.Hook` objects may be passed from Python.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from finetune import build
+from finetune.config import Recipe
+from finetune.errors import UserError
+from finetune.evaluation import write_report
+from finetune.loop import Hook, Loop
+from finetune.rundir import RunDir
+from finetune.trainer import fit, predict, restore
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _build_loop(
+    recipe: Recipe, splits: dict[str, Any], run: RunDir, resume: bool, console: Console
+) -> tuple[Loop, dict[str, Any]]:
+    """Data loaders, model, loss, optimizer and schedule, from the recipe (weights from last.pt when resuming).
+
+    Returns:
+        The loop and the loaders of every split.
+    """
+    device, precision = build.build_device(recipe.train)
+    datasets = {
+        role: build.build_dataset(recipe.data, s, role == "train", recipe.train.seed) for role, s in splits.items()
+    }
+    loaders = {
+        role: build.build_loader(recipe.data, ds, role == "train", recipe.train.seed) for role, ds in datasets.items()
+    }
+    n_classes = len(splits["train"].classes)
+    if resume:  # the weights come from last.pt: never touch the hub or the original checkpoint again
+        model = build.build_bare_model(recipe, n_classes)
+    else:
+        model, load_report = build.build_model(recipe, n_classes)
+        if load_report:
+            console.print(load_report.summary())
+    model.to(device)
+    if recipe.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    plan = build.plan_steps(recipe, len(datasets["train"]))
+    optimizer, scheduler = build.build_optimizer(recipe, model, plan, build.build_groups(recipe, model))
+    loop = Loop(
+        model=model,
+        loss_fn=build.build_loss(recipe, splits["train"]).to(device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        train_loader=loaders["train"],
+        val_loader=loaders["val"],
+        settings=build.build_fit_settings(recipe, device, precision),
+        run_dir=run.path,
+        console=console,
+    )
+    console.print(
+        f"{run}: {recipe.model.name}, {n_classes} classes, {len(datasets['train'])} train / {len(datasets['val'])} "
+        f"val images, {plan.total_steps} steps, {device.type} {precision}"
+    )
+    return loop, loaders
+
+
+def _report(recipe: Recipe, splits: dict[str, Any], loop: Loop, run: RunDir, loaders: dict) -> dict[str, Any]:
+    """Predict val/test (and train, to calibrate on it) with the best checkpoint; write and print the report."""
+    loop.model.load_state_dict(run.checkpoint("best")["model"])
+    task, cs = loop.settings.task, build.build_calibration(recipe)
+    loaders = {role: loaders[role] for role in ("val", "test") if role in loaders}
+    if task.calibrates and cs.enabled and cs.split == "train":  # unaugmented, in order, nothing dropped
+        loaders["train"] = build.build_loader(
+            recipe.data, build.build_dataset(recipe.data, splits["train"], False), False
+        )
+    outs = {
+        role: predict(loop.model, loader, loop.settings, state=loop.state, console=loop.console)
+        for role, loader in loaders.items()
+    }
+    s = loop.state
+    extra = {"best_epoch": s.best_epoch, "select": loop.settings.select, "bad_images": s.bad_images}
+    if s.stop_reason:
+        extra["stop_reason"] = s.stop_reason
+    report = write_report(run, task, splits["train"].classes, outs, cs=cs, extra=extra)
+    task.print_report(report, Console())
+    return report
+
+
+def run(
+    recipe: Recipe, resume: str | Path | None = None, console: Console | None = None, hooks: Sequence[Hook] = ()
+) -> Path:
+    """Train a recipe end to end (or continue a run), then write and print the final report.
+
+    Args:
+        recipe: The validated recipe (for a resume: the run's own, with any overrides).
+        resume: A run directory to continue from its ``last.pt``.
+        console: Where progress goes.
+        hooks: Extra hooks, called after the recipe's own (freezing, early stopping) and before the loggers.
+
+    Returns:
+        The run directory.
+    """
+    console = console or Console(stderr=True)
+    run_dir = RunDir.for_resume(resume) if resume else None
+    seed_everything(recipe.train.seed, recipe.train.deterministic)
+    splits = build.build_splits(recipe)
+    recipe, note = build.build_resolved_recipe(recipe, splits["train"])
+    if note:
+        console.print(note)
+    if run_dir is not None and run_dir.classes() != splits["train"].classes:
+        raise UserError(f"{run_dir}: the data's classes differ from the run's classes.json")
+    run_dir = run_dir or RunDir(Path(recipe.output.dir) / recipe.output.name)
+    loop, loaders = _build_loop(recipe, splits, run_dir, resume is not None, console)
+    groups = build.build_groups(recipe, loop.model)
+    policy = build.build_policy(recipe, loop.model, groups)
+    cache = build.build_feature_cache(recipe, policy, splits["train"])
+    all_hooks = build.build_hooks(recipe, run_dir.path, policy=policy, cache=cache, extra=hooks)
+    if resume:
+        state = restore(run_dir / "last.pt", loop, all_hooks)
+        run_dir.trim_metrics(state.epoch)
+        console.print(f"resuming {run_dir} after epoch {state.epoch} (step {state.step})")
+    else:
+        RunDir.create(run_dir.path).save_classes(splits["train"].classes)
+    run_dir.save_recipe(recipe)
+    try:
+        fit(loop, all_hooks)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; continue with `finetune run --resume {run_dir}`") from None
+    finally:
+        if loop.state.bad_images:
+            run_dir.write_json("bad_images.json", loop.state.bad_images)
+    _report(recipe, splits, loop, run_dir, loaders)
+    return run_dir.path
