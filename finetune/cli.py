@@ -135,6 +135,34 @@ def _parse_size(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _print_summary(report: dict, model_name: str, optim_name: str, stage_note: str) -> None:
+    """The per-layer table and totals of ``finetune summary``."""
+    mib = 1024**2
+    table = Table(title=f"{model_name}, input {'x'.join(map(str, report['totals']['input']))}")
+    for col in ("layer", "type", "output", "params", "MACs", "act. memory"):
+        table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right")
+    for r in report["layers"]:
+        table.add_row(
+            r["name"],
+            r["kind"],
+            "x".join(map(str, r["output_shape"])),
+            f"{r['params']:,}",
+            f"{r['macs']:,}",
+            f"{r['activation_bytes'] / mib:.2f} MiB",
+        )
+    out.print(table)
+    t, m = report["totals"], report["totals"]["memory"]
+    out.print(f"parameters: {t['parameters']:,} ({t['trainable']:,} trainable, {t['frozen']:,} frozen; {stage_note})")
+    out.print(f"MACs per image: {t['macs_per_image']:,} ({t['macs_per_image'] / 1e6:.1f} M)")
+    out.print(
+        f"memory at batch {t['input'][0]} (fp32): activations forward {m['activations_forward'] / mib:.1f} MiB, "
+        f"forward+backward ~{m['activations_forward_backward'] / mib:.1f} MiB, inference peak "
+        f"{m['activations_inference_peak'] / mib:.1f} MiB; parameters {m['parameters'] / mib:.1f} MiB, gradients "
+        f"{m['gradients'] / mib:.1f} MiB, {optim_name} state {m['optimizer_state'] / mib:.1f} MiB; "
+        f"training total ~{m['training_total'] / mib:.1f} MiB"
+    )
+
+
 @app.command()
 def summary(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe TOML file (or use --model).")] = None,
@@ -173,30 +201,7 @@ def summary(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    mib = 1024**2
-    table = Table(title=f"{cfg.model.name}, input {'x'.join(map(str, report['totals']['input']))}")
-    for col in ("layer", "type", "output", "params", "MACs", "act. memory"):
-        table.add_column(col, justify="left" if col in ("layer", "type", "output") else "right")
-    for r in report["layers"]:
-        table.add_row(
-            r["name"],
-            r["kind"],
-            "x".join(map(str, r["output_shape"])),
-            f"{r['params']:,}",
-            f"{r['macs']:,}",
-            f"{r['activation_bytes'] / mib:.2f} MiB",
-        )
-    out.print(table)
-    t, m = report["totals"], report["totals"]["memory"]
-    out.print(f"parameters: {t['parameters']:,} ({t['trainable']:,} trainable, {t['frozen']:,} frozen; {stage_note})")
-    out.print(f"MACs per image: {t['macs_per_image']:,} ({t['macs_per_image'] / 1e6:.1f} M)")
-    out.print(
-        f"memory at batch {t['input'][0]} (fp32): activations forward {m['activations_forward'] / mib:.1f} MiB, "
-        f"forward+backward ~{m['activations_forward_backward'] / mib:.1f} MiB, inference peak "
-        f"{m['activations_inference_peak'] / mib:.1f} MiB; parameters {m['parameters'] / mib:.1f} MiB, gradients "
-        f"{m['gradients'] / mib:.1f} MiB, {cfg.optim.name} state {m['optimizer_state'] / mib:.1f} MiB; "
-        f"training total ~{m['training_total'] / mib:.1f} MiB"
-    )
+    _print_summary(report, cfg.model.name, cfg.optim.name, stage_note)
 
 
 @app.command(name="eval")

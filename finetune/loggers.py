@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,9 @@ class MlflowLogger(Hook):
         self._run_id = ""
 
     def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
+        # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked; it is what a run directory
+        # can hold without a database server (mlflow-skinny has no SQLAlchemy for sqlite).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.store.resolve().as_uri())

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from finetune.data.demo import write_demo
 
@@ -54,6 +56,23 @@ def tiny_recipe(tiny_coco: Path, tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_RECIPE.format(root=tiny_coco.as_posix(), runs=(tmp_path / "runs").as_posix()))
     return path
+
+
+COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+@pytest.fixture(scope="session")
+def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class image folder of noisy solid colours (12 train / 4 val / 4 test per class, 24 px)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        for name, rgb in COLORS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(rgb, 30, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

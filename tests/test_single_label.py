@@ -18,20 +18,6 @@ from .conftest import assert_user_error, run_cli
 from .helpers import write_fake_cifar10
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-
-
-@pytest.fixture(scope="module")
-def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 4), ("test", 4)):
-        for name, rgb in COLORS.items():
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(rng.normal(rgb, 30, (24, 24, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
 
 
 def test_folder_split(folder_data: Path) -> None:
