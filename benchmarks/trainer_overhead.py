@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import timm
 import torch
 from rich.console import Console
 from torch import nn
 
+from finetune.loop import FitSettings, Loop
 from finetune.optim import create_optimizer, create_scheduler, whole_model_groups
-from finetune.trainer import FitSettings, TrainState, train_one_epoch
+from finetune.trainer import train_one_epoch
 
 
 def main() -> None:
@@ -59,11 +61,21 @@ def main() -> None:
             opt.step()
         return len(batches) * args.batch / (time.perf_counter() - start)
 
+    loop = Loop(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        train_loader=batches,
+        val_loader=batches,
+        settings=settings,
+        run_dir=Path("."),
+        console=Console(quiet=True),
+    )
+
     def ours() -> float:
-        stats = train_one_epoch(
-            model, batches, loss_fn, opt, sched, scaler, settings, TrainState(), Console(quiet=True)
-        )
-        return stats["images_per_s"]
+        return train_one_epoch(loop)["images_per_s"]
 
     bare(), ours()  # warm up both paths
     rows = []

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.config import validate_recipe
-from finetune.runs import run
+from finetune.training import run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 COCO_TINY = SHARED / "data" / "coco-tiny"
