@@ -14,14 +14,25 @@ from finetune.config import DataConfig, Recipe, TrainConfig, recipe_to_dict
 from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, check_images, collate, read_split
 from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from finetune.ema import EmaHook
 from finetune.errors import UserError
 from finetune.freezing import FeatureCache, FreezeHook, FreezePolicy, Stage, plan_stages
 from finetune.groups import LayerGroup, check_groupable, layer_groups, resolve
+from finetune.l2sp import L2SPHook
 from finetune.loggers import make_loggers
 from finetune.loop import EarlyStopping, EvalSettings, FitSettings, Hook
 from finetune.losses import create_loss
 from finetune.models import LoadReport, create_model
-from finetune.optim import create_optimizer, create_scheduler, group_multipliers, param_groups, whole_model_groups
+from finetune.optim import (
+    StagePlan,
+    create_optimizer,
+    create_scheduler,
+    create_staged_scheduler,
+    group_multipliers,
+    param_groups,
+    whole_model_groups,
+)
+from finetune.solver import SolverHook
 from finetune.tasks import Task, task_for
 from finetune.thresholds import CalibrationSettings
 from finetune.trainer import EpochSampler
@@ -85,12 +96,29 @@ def build_hooks(
     *,
     policy: FreezePolicy | None = None,
     cache: FeatureCache | None = None,
+    splits: dict[str, CocoSplit] | None = None,
     extra: Sequence[Hook] = (),
 ) -> list[Hook]:
-    """The loop's hooks in order: freezing, early stopping, ``extra`` (a caller's own), then the loggers."""
+    """The loop's hooks in order: freezing, the solver stage, L2-SP, EMA, early stopping, ``extra``, the loggers."""
+    f, t = recipe.freeze, recipe.train
     hooks: list[Hook] = [FreezeHook(policy, cache)] if policy is not None else []
-    if recipe.train.patience:
-        hooks.append(EarlyStopping(recipe.train.patience))
+    if any(s.solver for s in f.stages):
+        if policy is None or splits is None:
+            raise UserError(f"freeze.stages[0].solver: {recipe.model.name} has no layer groups to freeze for a probe")
+        if recipe.model.head != "linear":
+            raise UserError('freeze.stages[0].solver: the solver fits a linear classifier; set model.head = "linear"')
+        loaders = {
+            role: build_loader(recipe.data, build_dataset(recipe.data, splits[role], False), False)
+            for role in ("train", "val")
+        }
+        opts = {"cs": f.solver_c, "select": f.solver_select, "seed": t.seed}
+        hooks.append(SolverHook(policy, loaders["train"], loaders["val"], **opts))
+    if recipe.optim.l2sp:
+        hooks.append(L2SPHook(recipe.optim.l2sp))
+    if t.ema:
+        hooks.append(EmaHook(t.ema, t.ema_warmup))
+    if t.patience:
+        hooks.append(EarlyStopping(t.patience))
     name = recipe.output.name or run_dir.name
     return [*hooks, *extra, *make_loggers(recipe.log.to, run_dir, name, recipe_to_dict(recipe))]
 
@@ -223,14 +251,15 @@ def build_stages(recipe: Recipe, groups: list[LayerGroup]) -> list[Stage]:
     """The freezing schedule from ``[freeze]``: its stages, ``until``, or one stage training everything."""
     f, epochs = recipe.freeze, recipe.train.epochs
     names = [g.name for g in groups]
-    if f.stages:
+    trained = [(i, s) for i, s in enumerate(f.stages) if not s.solver]  # a solver stage takes no epochs
+    if trained:
         try:
-            ranges = plan_stages([(s.epochs, s.train) for s in f.stages], epochs)
+            ranges = plan_stages([(s.epochs, s.train) for _, s in trained], epochs)
         except ValueError as err:
             raise UserError(str(err)) from None
         return [
             Stage(a, b, tuple(resolve(s.train, groups, f"freeze.stages[{i}].train")))
-            for i, (s, (a, b)) in enumerate(zip(f.stages, ranges))
+            for (i, s), (a, b) in zip(trained, ranges)
         ]
     if f.until:
         last = max(names.index(n) for n in resolve([f.until], groups, "freeze.until"))
@@ -285,7 +314,30 @@ def build_optimizer(
     else:
         pgroups = param_groups(model, groups, group_multipliers(groups, o.layer_decay, o.lr_mult), o.lr, o.weight_decay)
     optimizer = create_optimizer(pgroups, o.name, o.lr, o.momentum)
-    scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, o.min_lr_factor)
+    trained = [s for s in recipe.freeze.stages if not s.solver]
+    if groups is not None and any(s.own_optim for s in trained):
+        plans = [
+            StagePlan(
+                start=st.start * plan.steps_per_epoch,
+                steps=(st.end - st.start) * plan.steps_per_epoch,
+                lr=cfg.lr or o.lr,
+                warmup_steps=round(
+                    (o.warmup_epochs if cfg.warmup_epochs is None else cfg.warmup_epochs) * plan.steps_per_epoch
+                ),
+                schedule=cfg.schedule or o.schedule,
+                multipliers=group_multipliers(
+                    groups,
+                    o.layer_decay if cfg.layer_decay is None and cfg.lr_mult is None else (cfg.layer_decay or 1.0),
+                    o.lr_mult if cfg.lr_mult is None and cfg.layer_decay is None else cfg.lr_mult,
+                ),
+            )
+            for cfg, st in zip(trained, build_stages(recipe, groups))
+        ]
+        return optimizer, create_staged_scheduler(optimizer, plans, o.warmup_factor, o.min_lr_factor)
+    if o.schedule == "constant":
+        scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, 1.0)
+    else:
+        scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, o.min_lr_factor)
     return optimizer, scheduler
 
 

@@ -6,14 +6,13 @@ file, the key path and what is expected. Only ``build_*()`` functions elsewhere 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import UserError
-from finetune.overrides import apply_overrides, parse_override
+from finetune.overrides import apply_overrides, parse_override, read_toml
 
 __all__ = ["Recipe", "apply_overrides", "load_recipe", "parse_override", "recipe_to_dict", "validate_recipe"]
 
@@ -157,7 +156,9 @@ class OptimConfig(_Section):
     warmup_epochs: float = Field(1.0, ge=0.0)
     warmup_factor: float = Field(0.01, gt=0.0, le=1.0)
     min_lr_factor: float = Field(0.0, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: cosine decay or constant")
     layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="LR x decay**k for the k-th group below the top")
+    l2sp: float = Field(0.0, ge=0.0, description="L2-SP: decay the backbone toward its starting weights (0 = off)")
     lr_mult: dict[str, float] = Field({}, description="layer-group selector -> LR multiplier")
 
     @model_validator(mode="after")
@@ -170,10 +171,33 @@ class OptimConfig(_Section):
 
 
 class StageConfig(_Section):
-    """One stage of a freezing schedule."""
+    """One stage of a freezing schedule, optionally with its own optimization (LR, warmup, schedule, multipliers)."""
 
     epochs: int | None = Field(None, ge=1, description="left out on the last stage: the rest of train.epochs")
     train: list[str] = Field(min_length=1, description='groups that train: "classifier", "blocks.5:", "all"...')
+    solver: Literal["", "lbfgs"] = Field("", description='"lbfgs": fit the classifier to its optimum, no epochs')
+    lr: float | None = Field(None, gt=0.0, description="this stage's peak LR (default optim.lr)")
+    warmup_epochs: float | None = Field(None, ge=0.0, description="default optim.warmup_epochs")
+    schedule: Literal["cosine", "constant"] | None = Field(None, description="default optim.schedule")
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="default optim.layer_decay")
+    lr_mult: dict[str, float] | None = Field(None, description="default optim.lr_mult")
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        if self.solver:
+            if self.train != ["classifier"]:
+                raise ValueError('a solver stage fits the linear classifier: train = ["classifier"]')
+            if self.epochs is not None or self.own_optim:
+                raise ValueError("a solver stage takes no epochs and no optimizer settings (it is solved, not trained)")
+        if self.layer_decay is not None and self.lr_mult:
+            raise ValueError("set either layer_decay or lr_mult, not both")
+        return self
+
+    @property
+    def own_optim(self) -> bool:
+        """Whether this stage sets any optimization of its own."""
+        keys = (self.lr, self.warmup_epochs, self.schedule, self.layer_decay, self.lr_mult)
+        return any(v is not None for v in keys)
 
 
 class FreezeConfig(_Section):
@@ -185,13 +209,21 @@ class FreezeConfig(_Section):
     stages: list[StageConfig] = []
     cache_features: bool = Field(False, description="head-only stages train on cached pooled features")
     cache_augment: int = Field(0, ge=0, description="augmented feature passes to cache; 0 = one unaugmented pass")
+    solver_c: list[float] = Field(
+        [0.01, 0.03, 0.1, 0.3, 1.0], min_length=1, description="inverse L2 strengths (sklearn's C) the solver tries"
+    )
+    solver_select: Literal["val", "kfold"] = Field("kfold", description="pick C on val mAP or by 5-fold on train")
 
     @model_validator(mode="after")
     def _check(self) -> FreezeConfig:
         if self.until and self.stages:
             raise ValueError("set either until or stages, not both")
-        if any(s.epochs is None for s in self.stages[:-1]):
+        if any(s.solver for s in self.stages[1:]):
+            raise ValueError("only the first stage may be a solver stage")
+        if any(s.epochs is None and not s.solver for s in self.stages[:-1]):
             raise ValueError("only the last stage may leave out epochs (it then runs to the end)")
+        if self.stages and self.stages[-1].solver:
+            raise ValueError("a solver stage needs a trained stage after it")
         return self
 
 
@@ -211,10 +243,12 @@ class TrainConfig(_Section):
         "auto", description="auto = map for multi-label, top1 for single-label"
     )
     patience: int = Field(0, ge=0, description="early stopping: epochs without a better val select metric; 0 = off")
+    ema: float = Field(0.0, ge=0.0, lt=1.0, description="EMA decay of the weights (0 = off); evaluated and selected")
+    ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
 
 
 class CalibrateConfig(_Section):
-    """Per-class decision thresholds fitted after training (see finetune/thresholds.py)."""
+    """Per-class decision thresholds fitted after training (finetune/thresholds.py)."""
 
     enabled: bool = True
     split: Literal["val", "train"] = "val"
@@ -330,18 +364,6 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
 
     task_for(recipe.data.format).check_recipe(recipe.loss.name, recipe.train.select, recipe.data.format, source)
     return recipe
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file, with one-line errors for a missing or malformed file."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path}: not valid TOML: {err}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

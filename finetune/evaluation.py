@@ -20,7 +20,7 @@ from finetune.metrics import prf, summarize
 from finetune.rundir import RunDir
 from finetune.tasks import Task
 from finetune.thresholds import Calibration, CalibrationSettings, cross_fit, fit_thresholds
-from finetune.trainer import predict
+from finetune.trainer import predict, selected_weights
 
 
 def fit_calibration(cs: CalibrationSettings, out: dict[str, Any], classes: ClassMap, role: str) -> Calibration:
@@ -119,7 +119,7 @@ def load_run_model(run: RunDir, recipe: Any) -> tuple[Any, ClassMap]:
     """The trained model of a run (its best checkpoint), on CPU, in eval mode, and its classes."""
     classes = run.classes()
     model = build.build_bare_model(recipe, len(classes))
-    model.load_state_dict(run.checkpoint("best")["model"])
+    model.load_state_dict(selected_weights(run.checkpoint("best")))
     return model.eval(), classes
 
 

@@ -175,6 +175,33 @@ class FreezePolicy:
         self._hook.remove()
 
 
+@torch.no_grad()  # not inference_mode: the classifier's backward saves these tensors
+def extract_features(
+    policy: FreezePolicy,
+    loader: torch.utils.data.DataLoader,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-classifier features (eval mode) and targets of every readable image of ``loader``."""
+    model = policy.model
+    was_training = model.training
+    model.eval()
+    feats, targets = [], []
+    for batch in loader:
+        if "image" not in batch:
+            continue
+        images = batch["image"].to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            feats.append(policy.pooled_features(images).float())
+        targets.append(batch["target"].to(device))
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(targets)
+
+
 class _Features(torch.utils.data.Dataset):
     def __init__(self, feats: torch.Tensor, targets: torch.Tensor) -> None:
         self.feats, self.targets = feats, targets
@@ -219,27 +246,14 @@ class FeatureCache:
         self._store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.extract_time_s = 0.0
 
-    @torch.no_grad()  # not inference_mode: the classifier's backward saves these tensors
     def _extract(self, k: int, device: torch.device, precision: str, channels_last: bool) -> None:
-        model = self.policy.model
-        was_training = model.training
-        model.eval()
         if self.passes and hasattr(self.source.dataset, "set_epoch"):
             self.source.dataset.set_epoch(k)
-        feats, targets = [], []
         start = time.perf_counter()
-        for batch in self.source:
-            if "image" not in batch:
-                continue
-            images = batch["image"].to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                feats.append(self.policy.pooled_features(images).float())
-            targets.append(batch["target"].to(device))
+        self._store[k] = extract_features(
+            self.policy, self.source, device=device, precision=precision, channels_last=channels_last
+        )
         self.extract_time_s += time.perf_counter() - start
-        model.train(was_training)
-        self._store[k] = (torch.cat(feats), torch.cat(targets))
 
     def loader(
         self,

@@ -80,6 +80,7 @@ class Loop:
     epoch: int = 0  # the 0-based epoch in progress
     loader: torch.utils.data.DataLoader | None = None  # this epoch's training batches
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # this epoch's forward
+    eval_model: nn.Module | None = None  # what is validated and selected (an EMA hook sets its average); None = model
 
 
 class Hook:

@@ -13,7 +13,7 @@ from torch import nn
 from finetune.errors import UserError
 from finetune.mobilenet import MODEL_NAMES, mobilenetv2
 
-_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_NESTED_KEYS = ("state_dict_ema", "model_ema", "eval_model", "state_dict", "model")
 
 
 @dataclass

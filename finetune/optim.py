@@ -9,6 +9,8 @@ and decays per block rather than per layer group; the rule here is the same geom
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -115,3 +117,42 @@ def create_scheduler(
         return warmup_cosine_factor(step, total_steps, warmup_steps, warmup_factor, min_factor)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage's optimization: its steps ``[start, start + steps)``, peak LR, warmup, schedule, group multipliers."""
+
+    start: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    schedule: str  # cosine | constant
+    multipliers: dict[str, float]
+
+
+def staged_lr(plans: list[StagePlan], group: str, step: int, warmup_factor: float, min_factor: float) -> float:
+    """The LR of layer group ``group`` at optimizer step ``step``: each stage warms up and decays on its own."""
+    plan = next((p for p in plans if p.start <= step < p.start + p.steps), plans[-1])
+    k = step - plan.start
+    if plan.schedule == "constant" and k >= plan.warmup_steps:
+        factor = 1.0
+    else:
+        factor = warmup_cosine_factor(k, plan.steps, plan.warmup_steps, warmup_factor, min_factor)
+    return plan.lr * plan.multipliers[group] * factor
+
+
+def create_staged_scheduler(
+    optimizer: torch.optim.Optimizer, plans: list[StagePlan], warmup_factor: float = 0.01, min_factor: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-group schedule restarting at every stage (its own LR, warmup, schedule and multipliers).
+
+    Every group's base LR is set to 1 so that each lambda returns the LR itself; a lambda depends only on the step,
+    so a resumed run (the scheduler's step is in the checkpoint) continues exactly.
+    """
+    names = []
+    for g in optimizer.param_groups:
+        g["lr"] = 1.0
+        names.append(g["group_name"].removesuffix(".no_decay"))
+    lambdas = [partial(staged_lr, plans, name, warmup_factor=warmup_factor, min_factor=min_factor) for name in names]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step, f=f: f(step) for f in lambdas])

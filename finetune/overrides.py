@@ -1,8 +1,9 @@
-"""``--set a.b=value`` overrides: parsed as TOML values and applied to a raw recipe dict before validation."""
+"""Reading a recipe file (TOML, one-line errors) and ``--set a.b=value`` overrides applied to it before validation."""
 
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
@@ -41,3 +42,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[path[-1]] = value
     return raw
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: not valid TOML: {err}") from None

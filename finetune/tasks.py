@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 
 from finetune.data.coco import ClassMap
@@ -34,6 +35,10 @@ class Task:
 
     def metrics(self, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
         """Per-epoch validation metrics."""
+        raise NotImplementedError
+
+    def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The convex loss a linear head is solved for (summed over classes, mean over samples)."""
         raise NotImplementedError
 
     def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:
@@ -87,6 +92,10 @@ class MultiLabel(Task):
     def activation(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return torch.sigmoid(logits)
 
+    def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        # One logistic regression per class, as scikit-learn's LogisticRegression fits them one by one.
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+
     def metrics(self, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:  # noqa: D102
         from finetune.metrics import summarize
 
@@ -137,6 +146,9 @@ class SingleLabel(Task):
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return torch.softmax(logits, 1)
+
+    def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.cross_entropy(logits, targets)  # multinomial logistic regression
 
     def metrics(self, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:  # noqa: D102
         from finetune.metrics import summarize_single

@@ -193,8 +193,10 @@ def _is_better(score: float, best: float | None, select: str) -> bool:
 
 def checkpoint_state(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Everything needed to continue a run, in types ``torch.load(weights_only=True)`` accepts."""
+    extra = {"eval_model": loop.eval_model.state_dict()} if loop.eval_model is not None else {}
     return {
         "model": loop.model.state_dict(),
+        **extra,
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict(),
@@ -202,6 +204,11 @@ def checkpoint_state(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
         "hooks": {hook_key(h): h.state_dict() for h in hooks if h.state_dict()},
         "rng": ckpt.rng_state(),
     }
+
+
+def selected_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint was selected on: the EMA's when the run kept one, else the model's."""
+    return checkpoint.get("eval_model", checkpoint["model"])
 
 
 def restore(path: Path, loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
@@ -228,7 +235,8 @@ def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
 def _validate(loop: Loop, stats: dict[str, float]) -> tuple[dict[str, Any], bool]:
     """Score the epoch on val, update the best score; the epoch's record and whether it improved."""
     s, state = loop.settings, loop.state
-    out = predict(loop.model, loop.val_loader, s, loss_fn=loop.loss_fn, state=state, console=loop.console)
+    model = loop.eval_model or loop.model
+    out = predict(model, loop.val_loader, s, loss_fn=loop.loss_fn, state=state, console=loop.console)
     metrics = s.task.metrics(out["targets"], out["probs"], s.threshold)
     record = {"epoch": state.epoch, "step": state.step, **stats, "lr_groups": group_lrs(loop.optimizer)}
     record["val_loss"] = out["loss"]

@@ -20,7 +20,7 @@ from finetune.errors import UserError
 from finetune.evaluation import write_report
 from finetune.loop import Hook, Loop
 from finetune.rundir import RunDir
-from finetune.trainer import fit, predict, restore
+from finetune.trainer import fit, predict, restore, selected_weights
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -81,7 +81,7 @@ def _build_loop(
 
 def _report(recipe: Recipe, splits: dict[str, Any], loop: Loop, run: RunDir, loaders: dict) -> dict[str, Any]:
     """Predict val/test (and train, to calibrate on it) with the best checkpoint; write and print the report."""
-    loop.model.load_state_dict(run.checkpoint("best")["model"])
+    loop.model.load_state_dict(selected_weights(run.checkpoint("best")))
     task, cs = loop.settings.task, build.build_calibration(recipe)
     loaders = {role: loaders[role] for role in ("val", "test") if role in loaders}
     if task.calibrates and cs.enabled and cs.split == "train":  # unaugmented, in order, nothing dropped
@@ -129,7 +129,7 @@ def run(
     groups = build.build_groups(recipe, loop.model)
     policy = build.build_policy(recipe, loop.model, groups)
     cache = build.build_feature_cache(recipe, policy, splits["train"])
-    all_hooks = build.build_hooks(recipe, run_dir.path, policy=policy, cache=cache, extra=hooks)
+    all_hooks = build.build_hooks(recipe, run_dir.path, policy=policy, cache=cache, splits=splits, extra=hooks)
     if resume:
         state = restore(run_dir / "last.pt", loop, all_hooks)
         run_dir.trim_metrics(state.epoch)

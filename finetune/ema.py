@@ -1,0 +1,90 @@
+"""An exponential moving average of the weights, as a hook: updated after every optimizer step, evaluated and selected.
+
+The update is timm's ``ModelEmaV3``: ``ema = decay * ema + (1 - decay) * weights`` for every floating-point
+parameter, with buffers (BatchNorm statistics) copied; with warmup the decay at update ``t`` is
+``min(decay, (1 + t) / (10 + t))``, so early averages are not dominated by the random start. Validation, best-checkpoint
+selection and everything after training use the averaged weights; ``best.pt`` keeps them under ``eval_model`` and
+``last.pt`` keeps the average in the hook's state, so a resumed run continues bitwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.loop import Hook, Loop
+
+
+def ema_decay(decay: float, updates: int, warmup: bool) -> float:
+    """The decay used at update number ``updates`` (0-based)."""
+    return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without its forward hooks (those belong to the original's freeze policy)."""
+    saved = model._forward_pre_hooks, model._forward_hooks
+    model._forward_pre_hooks, model._forward_hooks = OrderedDict(), OrderedDict()
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        model._forward_pre_hooks, model._forward_hooks = saved
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
+
+
+class EmaHook(Hook):
+    """Keeps an EMA of ``loop.model`` and makes it the model that is validated and selected.
+
+    Args:
+        decay: The EMA decay (e.g. 0.999).
+        warmup: Ramp the decay up over the first updates.
+    """
+
+    def __init__(self, decay: float, warmup: bool = True) -> None:
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0
+        self.model: nn.Module | None = None
+        self._pending: dict[str, Any] | None = None
+        self._param_names: set[str] = set()
+
+    def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
+        self.model = detached_copy(loop.model)
+        self._param_names = {n for n, _ in self.model.named_parameters()}
+        if self._pending is not None:
+            self.model.load_state_dict(self._pending)
+            self._pending = None
+        loop.eval_model = self.model
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA step toward ``model``'s current weights."""
+        d = ema_decay(self.decay, self.updates, self.warmup)
+        ema_state = self.model.state_dict()
+        for name, value in model.state_dict().items():
+            target = ema_state[name]
+            if value.is_floating_point() and name in self._param_names:
+                target.lerp_(value, 1.0 - d)
+            else:
+                target.copy_(value)
+        self.updates += 1
+
+    def on_step_end(self, loop: Loop) -> None:  # noqa: D102
+        self.update(loop.model)
+
+    def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:  # noqa: D102
+        record["ema_decay"] = ema_decay(self.decay, max(self.updates - 1, 0), self.warmup)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"updates": self.updates, "weights": self.model.state_dict() if self.model is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.updates = state["updates"]
+        if self.model is None:
+            self._pending = state["weights"]
+        else:
+            self.model.load_state_dict(state["weights"])
