@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from finetune.config import DataConfig, Recipe, TrainConfig, recipe_to_dict
+from finetune.config import DataConfig, Recipe, TrainConfig
 from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, check_images, collate, read_split
 from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-from finetune.ema import EmaHook
 from finetune.errors import UserError
-from finetune.freezing import FeatureCache, FreezeHook, FreezePolicy, Stage, plan_stages
-from finetune.groups import LayerGroup, check_groupable, layer_groups, resolve
-from finetune.l2sp import L2SPHook
-from finetune.loggers import make_loggers
-from finetune.loop import EarlyStopping, EvalSettings, FitSettings, Hook
+from finetune.loop import EvalSettings, FitSettings
 from finetune.losses import create_loss
 from finetune.models import LoadReport, create_model
-from finetune.optim import (
-    StagePlan,
-    create_optimizer,
-    create_scheduler,
-    create_staged_scheduler,
-    group_multipliers,
-    param_groups,
-    whole_model_groups,
-)
-from finetune.solver import SolverHook
 from finetune.tasks import Task, task_for
 from finetune.thresholds import CalibrationSettings
 from finetune.trainer import EpochSampler
@@ -88,39 +68,6 @@ def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> 
         threshold=t.threshold,
         select=task.select(t.select),
     )
-
-
-def build_hooks(
-    recipe: Recipe,
-    run_dir: Path,
-    *,
-    policy: FreezePolicy | None = None,
-    cache: FeatureCache | None = None,
-    splits: dict[str, CocoSplit] | None = None,
-    extra: Sequence[Hook] = (),
-) -> list[Hook]:
-    """The loop's hooks in order: freezing, the solver stage, L2-SP, EMA, early stopping, ``extra``, the loggers."""
-    f, t = recipe.freeze, recipe.train
-    hooks: list[Hook] = [FreezeHook(policy, cache)] if policy is not None else []
-    if any(s.solver for s in f.stages):
-        if policy is None or splits is None:
-            raise UserError(f"freeze.stages[0].solver: {recipe.model.name} has no layer groups to freeze for a probe")
-        if recipe.model.head != "linear":
-            raise UserError('freeze.stages[0].solver: the solver fits a linear classifier; set model.head = "linear"')
-        loaders = {
-            role: build_loader(recipe.data, build_dataset(recipe.data, splits[role], False), False)
-            for role in ("train", "val")
-        }
-        opts = {"cs": f.solver_c, "select": f.solver_select, "seed": t.seed}
-        hooks.append(SolverHook(policy, loaders["train"], loaders["val"], **opts))
-    if recipe.optim.l2sp:
-        hooks.append(L2SPHook(recipe.optim.l2sp))
-    if t.ema:
-        hooks.append(EmaHook(t.ema, t.ema_warmup))
-    if t.patience:
-        hooks.append(EarlyStopping(t.patience))
-    name = recipe.output.name or run_dir.name
-    return [*hooks, *extra, *make_loggers(recipe.log.to, run_dir, name, recipe_to_dict(recipe))]
 
 
 def split_name(recipe: Recipe, role: str) -> str:
@@ -209,136 +156,6 @@ def build_loss(recipe: Recipe, train_split: CocoSplit) -> nn.Module:
         return nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
     asl = {"gamma_neg": c.gamma_neg, "gamma_pos": c.gamma_pos, "clip": c.clip}
     return create_loss(c.name, n, c.pos_weight, train_split.targets, c.pos_weight_max, c.alpha, c.gamma, **asl)
-
-
-@dataclass
-class StepPlan:
-    """How many optimizer steps a run takes."""
-
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-
-def plan_steps(recipe: Recipe, n_train: int) -> StepPlan:
-    """Batches and optimizer steps per epoch, total steps and warmup steps."""
-    bs = recipe.data.batch_size
-    batches = n_train // bs if n_train > bs else 1
-    steps = math.ceil(batches / recipe.train.accum_steps)
-    total = steps * recipe.train.epochs
-    warmup = min(total, round(recipe.optim.warmup_epochs * steps))
-    return StepPlan(steps, total, warmup)
-
-
-def needs_groups(recipe: Recipe) -> bool:
-    """Whether the recipe asks for layer groups (a freezing schedule or per-group learning rates)."""
-    f, o = recipe.freeze, recipe.optim
-    return bool(f.stages or f.until or f.bn == "all" or f.cache_features or o.layer_decay != 1.0 or o.lr_mult)
-
-
-def build_groups(recipe: Recipe, model: nn.Module) -> list[LayerGroup] | None:
-    """The model's layer groups; None for a model without them when the recipe does not need them."""
-    try:
-        check_groupable(model, recipe.model.name)
-    except UserError:
-        if needs_groups(recipe):
-            raise
-        return None
-    return layer_groups(model, recipe.model.name)
-
-
-def build_stages(recipe: Recipe, groups: list[LayerGroup]) -> list[Stage]:
-    """The freezing schedule from ``[freeze]``: its stages, ``until``, or one stage training everything."""
-    f, epochs = recipe.freeze, recipe.train.epochs
-    names = [g.name for g in groups]
-    trained = [(i, s) for i, s in enumerate(f.stages) if not s.solver]  # a solver stage takes no epochs
-    if trained:
-        try:
-            ranges = plan_stages([(s.epochs, s.train) for _, s in trained], epochs)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        return [
-            Stage(a, b, tuple(resolve(s.train, groups, f"freeze.stages[{i}].train")))
-            for (i, s), (a, b) in zip(trained, ranges)
-        ]
-    if f.until:
-        last = max(names.index(n) for n in resolve([f.until], groups, "freeze.until"))
-        if last == len(names) - 1:
-            raise UserError(f"freeze.until: freezing up to {f.until!r} leaves nothing to train; name a lower group")
-        return [Stage(0, epochs, tuple(names[last + 1 :]))]
-    return [Stage(0, epochs, tuple(names))]
-
-
-def build_policy(recipe: Recipe, model: nn.Module, groups: list[LayerGroup] | None) -> FreezePolicy | None:
-    """The freeze policy (None for a model without layer groups)."""
-    if groups is None:
-        return None
-    return FreezePolicy(model, groups, build_stages(recipe, groups), recipe.freeze.bn, recipe.freeze.train_bn)
-
-
-def build_feature_cache(recipe: Recipe, policy: FreezePolicy | None, split: CocoSplit) -> FeatureCache | None:
-    """The feature cache for head-only stages when ``freeze.cache_features`` is on and some stage can use it."""
-    f = recipe.freeze
-    if not f.cache_features or policy is None:
-        return None
-    if not any(policy.cacheable(s.start) for s in policy.stages):
-        raise UserError(
-            'freeze.cache_features: no stage trains only ["classifier"] with BN statistics frozen '
-            '(freeze.bn = "frozen" or "all", train_bn = false); nothing can be cached'
-        )
-    augmented = f.cache_augment > 0
-    source = build_loader(
-        recipe.data,
-        build_dataset(recipe.data, split, augmented, recipe.train.seed),
-        train=False,
-        seed=recipe.train.seed,
-    )
-    bs = recipe.data.batch_size
-    return FeatureCache(
-        policy,
-        source,
-        f.cache_augment,
-        bs,
-        drop_last=True,
-        sampler_factory=lambda n: EpochSampler(n, recipe.train.seed),
-    )
-
-
-def build_optimizer(
-    recipe: Recipe, model: nn.Module, plan: StepPlan, groups: list[LayerGroup] | None = None
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Optimizer over every layer group (frozen ones included) and the per-step warmup + cosine schedule."""
-    o = recipe.optim
-    if groups is None:
-        pgroups = whole_model_groups(model, o.lr, o.weight_decay)
-    else:
-        pgroups = param_groups(model, groups, group_multipliers(groups, o.layer_decay, o.lr_mult), o.lr, o.weight_decay)
-    optimizer = create_optimizer(pgroups, o.name, o.lr, o.momentum)
-    trained = [s for s in recipe.freeze.stages if not s.solver]
-    if groups is not None and any(s.own_optim for s in trained):
-        plans = [
-            StagePlan(
-                start=st.start * plan.steps_per_epoch,
-                steps=(st.end - st.start) * plan.steps_per_epoch,
-                lr=cfg.lr or o.lr,
-                warmup_steps=round(
-                    (o.warmup_epochs if cfg.warmup_epochs is None else cfg.warmup_epochs) * plan.steps_per_epoch
-                ),
-                schedule=cfg.schedule or o.schedule,
-                multipliers=group_multipliers(
-                    groups,
-                    o.layer_decay if cfg.layer_decay is None and cfg.lr_mult is None else (cfg.layer_decay or 1.0),
-                    o.lr_mult if cfg.lr_mult is None and cfg.layer_decay is None else cfg.lr_mult,
-                ),
-            )
-            for cfg, st in zip(trained, build_stages(recipe, groups))
-        ]
-        return optimizer, create_staged_scheduler(optimizer, plans, o.warmup_factor, o.min_lr_factor)
-    if o.schedule == "constant":
-        scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, 1.0)
-    else:
-        scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, o.min_lr_factor)
-    return optimizer, scheduler
 
 
 def build_bare_model(recipe: Recipe, num_classes: int) -> nn.Module:

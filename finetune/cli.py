@@ -54,7 +54,7 @@ def validate(
     check_images: Annotated[bool, typer.Option(help="Decode every image (slow on big datasets).")] = False,
 ) -> None:
     """Check a recipe: build the model and read the data without training, then print the plan."""
-    from finetune import build
+    from finetune import build, build_train
     from finetune.config import load_recipe
     from finetune.data.coco import check_images as check
 
@@ -70,7 +70,7 @@ def validate(
     classes = splits["train"].classes
     model, load_report = build.build_model(cfg, len(classes))
     build.build_loss(cfg, splits["train"])
-    steps = build.plan_steps(cfg, len(splits["train"].image_paths))
+    steps = build_train.plan_steps(cfg, len(splits["train"].image_paths))
     n_params = sum(p.numel() for p in model.parameters())
     table = Table(title=f"{recipe}: valid", show_header=False)
     table.add_row("model", f"{cfg.model.name} ({n_params:,} parameters), head for {len(classes)} classes")
@@ -96,7 +96,7 @@ def groups(
     overrides: SetOption = None,
 ) -> None:
     """Print the model's layer groups: parameters, trainable state per stage, and starting learning rate."""
-    from finetune import build
+    from finetune import build, build_train
     from finetune.config import load_recipe
     from finetune.errors import UserError as _UserError
     from finetune.optim import group_multipliers
@@ -104,10 +104,10 @@ def groups(
     cfg = load_recipe(recipe, overrides)
     classes = build.build_splits(cfg, ("train",), check=False)["train"].classes
     model = build.build_bare_model(cfg, len(classes))
-    layer_groups = build.build_groups(cfg, model)
+    layer_groups = build_train.build_groups(cfg, model)
     if layer_groups is None:
         raise _UserError(f"model.name: {cfg.model.name} has no layer groups; it trains as a whole")
-    stages = build.build_stages(cfg, layer_groups)
+    stages = build_train.build_stages(cfg, layer_groups)
     mult = group_multipliers(layer_groups, cfg.optim.layer_decay, cfg.optim.lr_mult)
     table = Table(title=f"{cfg.model.name}: {len(layer_groups)} layer groups, {len(classes)} classes")
     table.add_column("group")
@@ -174,7 +174,7 @@ def summary(
     overrides: SetOption = None,
 ) -> None:
     """Per-layer table (output shape, parameters, MACs, activation memory) and totals for a recipe's model."""
-    from finetune import build
+    from finetune import build, build_train
     from finetune.config import Recipe, load_recipe
     from finetune.summary import summarize_model
 
@@ -191,7 +191,7 @@ def summary(
     model = build.build_bare_model(cfg, n_classes)
     stage_note = "all parameters trainable"
     if recipe is not None:
-        policy = build.build_policy(cfg, model, build.build_groups(cfg, model))
+        policy = build_train.build_policy(cfg, model, build_train.build_groups(cfg, model))
         if policy is not None:
             stage = policy.apply(0)
             policy.remove()
@@ -256,6 +256,62 @@ def predict(
     for r in results:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in list(r["probabilities"].items())[:top])
         out.print(f"{r['image']}: [bold]{', '.join(r['labels']) or '(none)'}[/]  ({shown})")
+
+
+@app.command("lr-find")
+def lr_find(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    stage: Annotated[int, typer.Option(help="[[freeze.stages]] entry to sweep (1-based).")] = 1,
+    start: Annotated[float, typer.Option(help="First learning rate.")] = 1e-7,
+    end: Annotated[float, typer.Option(help="Last learning rate.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Batches at most.")] = 100,
+    png: Annotated[Path, typer.Option(help="Where to write the plot.")] = Path("lr_find.png"),
+    overrides: SetOption = None,
+) -> None:
+    """LR range test on a stage's trainable groups: prints a suggested peak LR, writes a PNG; changes no weight."""
+    from finetune import build, build_train, plots
+    from finetune.config import load_recipe
+    from finetune.lr_find import lr_range_test
+
+    cfg = load_recipe(recipe, overrides)
+    if not 0 < start < end or steps < 3:
+        raise UserError("--start/--end/--steps: need 0 < start < end and at least 3 steps")
+    splits = build.build_splits(cfg, ("train", "val"))
+    device, precision = build.build_device(cfg.train)
+    model, _ = build.build_model(cfg, len(splits["train"].classes))
+    model.to(device)
+    groups = build_train.build_groups(cfg, model)
+    policy = build_train.build_policy(cfg, model, groups)
+    index = build_train.build_trained_stage_index(cfg, stage)
+    if policy is not None:
+        build_train.build_probe(cfg, policy, splits, device, precision, err)
+        policy.apply(policy.stages[index].start)
+    loader = build.build_loader(cfg.data, build.build_dataset(cfg.data, splits["train"], True, cfg.train.seed), True)
+    plan = build_train.plan_steps(cfg, len(splits["train"].image_paths))
+    optimizer, _ = build_train.build_optimizer(cfg, model, plan, groups)
+    mult = build_train.build_stage_multipliers(cfg, groups, index) if groups else {"all": 1.0}
+    result = lr_range_test(
+        model,
+        loader,
+        build.build_loss(cfg, splits["train"]).to(device),
+        optimizer,
+        multipliers=mult,
+        forward=policy.forward if policy else None,
+        device=device,
+        precision=precision,
+        start=start,
+        end=end,
+        steps=steps,
+    )
+    if policy is not None:
+        policy.remove()
+    title = f"{cfg.model.name}, stage {stage}: LR range test"
+    plots.lr_find_png(result.lrs, result.losses, result.smoothed, result.steep, png, title)
+    out.print(
+        f"stage {stage}: {len(result.lrs)} steps from {start:.1e}; suggested peak lr {result.steep:.2e} "
+        f"(steepest descent; minimum/10 = {result.min_div_10:.2e}); the recipe's "
+        f"{build_train.build_stage_lr(cfg, index):.2e}; plot {png}"
+    )
 
 
 @data_app.command("demo")

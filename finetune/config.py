@@ -255,7 +255,17 @@ class CalibrateConfig(_Section):
     metric: Literal["f1", "fbeta"] = "f1"
     beta: float = Field(1.0, gt=0.0)
     min_positives: int = Field(5, ge=1, description="fewer positives: the class takes the global threshold")
-    shrink: float = Field(0.0, ge=0.0, description="pseudo-count pulling thresholds toward the global one")
+    shrink: float | Literal["auto"] = Field(
+        "auto", description='pseudo-count pulling thresholds toward the global one; "auto" = chosen by cross-fitting'
+    )
+
+    @field_validator("shrink")
+    @classmethod
+    def _shrink(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v < 0:
+            raise ValueError('shrink must be >= 0 or "auto"')
+        return v
+
     folds: int = Field(5, ge=2, description="cross-fitting folds when there is no test split")
 
 

@@ -7,6 +7,7 @@ multi-label task has thresholds to calibrate.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,18 @@ from finetune.errors import UserError
 from finetune.metrics import prf, summarize
 from finetune.rundir import RunDir
 from finetune.tasks import Task
-from finetune.thresholds import Calibration, CalibrationSettings, cross_fit, fit_thresholds
+from finetune.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
 from finetune.trainer import predict, selected_weights
+
+
+def resolve_shrink(cs: CalibrationSettings, out: dict[str, Any]) -> tuple[CalibrationSettings, dict | None]:
+    """``shrink = "auto"`` replaced by the cross-fitted choice on the calibration split (and the scores behind it)."""
+    if cs.shrink != "auto":
+        return cs, None
+    options = {**cs.options}
+    options.pop("shrink")
+    k, scores = choose_shrink(out["targets"], out["probs"], cs.fixed, cs.folds, cs.seed, **options)
+    return replace(cs, shrink=k), {f"{c:g}": v for c, v in scores.items()}
 
 
 def fit_calibration(cs: CalibrationSettings, out: dict[str, Any], classes: ClassMap, role: str) -> Calibration:
@@ -80,8 +91,9 @@ def write_report(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate (when the task has thresholds and ``cs.enabled``), then write report.json and the task's files."""
-    calibration = None
+    calibration, shrink_scores = None, None
     if task.calibrates and cs.enabled:
+        cs, shrink_scores = resolve_shrink(cs, outs[cs.split])
         calibration = fit_calibration(cs, outs[cs.split], classes, cs.split)
     thr = calibration.thresholds if calibration is not None else None
     report: dict[str, Any] = {"run": str(run), "task": task.name, **(extra or {}), "splits": {}}
@@ -92,6 +104,8 @@ def write_report(
             report["splits"][name] = task.split_report(out["targets"], out["probs"], classes, cs.fixed, thr)
     if calibration is not None:
         _add_calibration(run, report, cs, calibration, outs, classes)
+        if shrink_scores is not None:
+            report["calibration"]["shrink_auto"] = shrink_scores
     task.write_extras(report, classes, run.path)
     run.write_json("report.json", report)
     return report

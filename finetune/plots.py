@@ -84,3 +84,20 @@ def confusion_png(cm: np.ndarray, names: list[str], path: Path, title: str) -> N
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     _save(fig, path)
+
+
+def lr_find_png(
+    lrs: list[float], losses: list[float], smoothed: list[float], steep: float, path: Path, title: str
+) -> None:
+    """Loss vs learning rate (log scale) of an LR range test, the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses, alpha=0.3, label="loss")
+    ax.plot(lrs, smoothed, label="smoothed")
+    if np.isfinite(steep):
+        ax.axvline(steep, color="red", linestyle="--", label=f"steepest descent {steep:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from finetune import build
+from finetune import build, build_train
 from finetune.config import Recipe
 from finetune.errors import UserError
 from finetune.evaluation import write_report
@@ -58,8 +58,8 @@ def _build_loop(
     model.to(device)
     if recipe.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    plan = build.plan_steps(recipe, len(datasets["train"]))
-    optimizer, scheduler = build.build_optimizer(recipe, model, plan, build.build_groups(recipe, model))
+    plan = build_train.plan_steps(recipe, len(datasets["train"]))
+    optimizer, scheduler = build_train.build_optimizer(recipe, model, plan, build_train.build_groups(recipe, model))
     loop = Loop(
         model=model,
         loss_fn=build.build_loss(recipe, splits["train"]).to(device),
@@ -126,10 +126,10 @@ def run(
         raise UserError(f"{run_dir}: the data's classes differ from the run's classes.json")
     run_dir = run_dir or RunDir(Path(recipe.output.dir) / recipe.output.name)
     loop, loaders = _build_loop(recipe, splits, run_dir, resume is not None, console)
-    groups = build.build_groups(recipe, loop.model)
-    policy = build.build_policy(recipe, loop.model, groups)
-    cache = build.build_feature_cache(recipe, policy, splits["train"])
-    all_hooks = build.build_hooks(recipe, run_dir.path, policy=policy, cache=cache, splits=splits, extra=hooks)
+    groups = build_train.build_groups(recipe, loop.model)
+    policy = build_train.build_policy(recipe, loop.model, groups)
+    cache = build_train.build_feature_cache(recipe, policy, splits["train"])
+    all_hooks = build_train.build_hooks(recipe, run_dir.path, policy=policy, cache=cache, splits=splits, extra=hooks)
     if resume:
         state = restore(run_dir / "last.pt", loop, all_hooks)
         run_dir.trim_metrics(state.epoch)

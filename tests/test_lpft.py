@@ -1,0 +1,208 @@
+"""LP-FT pieces: the solver head vs scikit-learn, per-stage learning rates, the EMA and its resume, L2-SP."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from finetune import trainer, training
+from finetune.config import load_recipe
+from finetune.ema import ema_decay
+from finetune.errors import UserError
+from finetune.optim import warmup_cosine_factor
+from finetune.rundir import RunDir
+from finetune.solver import choose_c, solve_linear_head
+from finetune.tasks import MULTI_LABEL, SINGLE_LABEL
+
+LPFT = [
+    "train.epochs=3",
+    'freeze.bn="all"',
+    'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, {epochs = 1, train = ["blocks.5:", "head", '
+    '"classifier"], lr = 3e-3, warmup_epochs = 0.0}, {train = ["all"], lr = 1e-3, layer_decay = 0.5, '
+    'schedule = "constant", warmup_epochs = 1.0}]',
+    "freeze.solver_c=[0.1, 1.0]",
+]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _problem(seed: int, n: int = 120, d: int = 12, c: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    logits = x @ rng.normal(size=(d, c)) + rng.normal(size=c)
+    y = (rng.random((n, c)) < 1 / (1 + np.exp(-logits))).astype(np.float64)
+    return torch.tensor(x), torch.tensor(y)
+
+
+@pytest.mark.parametrize("c", [0.05, 1.0, 20.0])
+def test_solver_matches_sklearn_logistic_regression(c: float) -> None:
+    x, y = _problem(0)
+    w, b = solve_linear_head(x, y, MULTI_LABEL, c)
+    for k in range(y.shape[1]):
+        ref = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x.numpy(), y[:, k].numpy())
+        assert np.allclose(w[k].numpy(), ref.coef_[0], atol=2e-4, rtol=1e-3)
+        assert b[k].item() == pytest.approx(ref.intercept_[0], abs=2e-4)
+
+
+def test_solver_matches_sklearn_multinomial_for_single_label() -> None:
+    x, _ = _problem(1)
+    labels = (x[:, :3] + 0.5 * torch.randn(len(x), 3, generator=torch.Generator().manual_seed(0))).argmax(1)
+    y = torch.nn.functional.one_hot(labels, 3).double()
+    w, b = solve_linear_head(x, y, SINGLE_LABEL, 0.5)
+    ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit(x.numpy(), labels.numpy())
+    # multinomial weights are defined up to a shift shared by every class: compare centred
+    assert np.allclose((w - w.mean(0)).numpy(), ref.coef_ - ref.coef_.mean(0), atol=2e-4)
+
+
+def test_solver_handles_classes_without_positives_and_picks_c() -> None:
+    x, y = _problem(2)
+    y[:, 0] = 0.0
+    w, b = solve_linear_head(x, y, MULTI_LABEL, 1.0)
+    assert torch.all(w[0] == 0) and b[0].item() == pytest.approx(np.log(0.5 / 120.5))
+    c, scores = choose_c(MULTI_LABEL, (x, y), None, [0.001, 1.0])
+    assert set(scores) == {0.001, 1.0} and c == max(scores, key=scores.get)
+
+
+def test_lpft_run_logs_each_stage_lr_exactly_and_starts_from_the_probe(tiny_recipe: Path) -> None:
+    run_dir = training.run(load_recipe(tiny_recipe, LPFT))
+    lines = _metrics(run_dir)
+    assert lines[0]["probe"]["c"] in (0.1, 1.0) and lines[0]["stage"] == 1
+    names = list(lines[0]["lr_groups"])
+    spe = lines[0]["step"]  # 3 steps per epoch
+    for m in lines:  # the LR logged after epoch e is the one the next step uses
+        step = m["step"]
+        for i, name in enumerate(names):
+            if step < spe:
+                stage2 = ("blocks.5", "blocks.6", "head", "classifier")
+                want = 3e-3 * warmup_cosine_factor(step, spe, 0, 0.01, 0.0) if name in stage2 else 0.0
+            else:
+                k = step - spe
+                want = 1e-3 * 0.5 ** (len(names) - 1 - i) * (min(1.0, 0.01 + 0.99 * k / spe) if k < spe else 1.0)
+            if want:
+                assert m["lr_groups"][name] == pytest.approx(want, rel=1e-12), (m["epoch"], name)
+
+
+def test_ema_follows_its_formula_and_resumes_bitwise(
+    tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ema_decay(0.999, 0, True) == pytest.approx(0.1) and ema_decay(0.999, 10_000, True) == 0.999
+    from finetune.ema import EmaHook
+
+    hook = EmaHook(0.5, warmup=False)
+    model = torch.nn.Linear(3, 2)
+    hook.model = torch.nn.Linear(3, 2)
+    hook._param_names = {"weight", "bias"}
+    before = hook.model.weight.detach().clone()
+    hook.update(model)
+    assert torch.allclose(hook.model.weight, 0.5 * before + 0.5 * model.weight)
+
+    sets = ["train.epochs=3", "train.ema=0.9", 'freeze.bn="all"', "optim.l2sp=0.1"]
+    straight = training.run(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
+    real = trainer.train_one_epoch
+
+    def interrupt(*args, **kwargs):
+        if args[0].state.epoch == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
+    with pytest.raises(UserError, match="interrupted"):
+        training.run(load_recipe(tiny_recipe, [*sets, "output.name=cut"]))
+    monkeypatch.setattr(trainer, "train_one_epoch", real)
+    cut = tmp_path / "runs" / "cut"
+    training.run(RunDir.open(cut).recipe(), resume=cut)
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    for key in ("model", "eval_model"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["hooks"]["EmaHook"]["updates"] == 9 and not torch.equal(
+        a["model"]["conv_stem.weight"], a["eval_model"]["conv_stem.weight"]
+    )
+    best = torch.load(straight / "best.pt", weights_only=True)
+    assert "eval_model" in best  # what was selected is what eval and predict load
+    assert [m["val_map"] for m in _metrics(straight)] == [m["val_map"] for m in _metrics(cut)]
+
+
+def test_l2sp_pulls_the_backbone_toward_its_start_and_leaves_the_classifier_to_weight_decay() -> None:
+    from types import SimpleNamespace
+
+    from finetune.l2sp import L2SPHook
+
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(4, 4))
+    model.add_module("classifier", torch.nn.Linear(4, 2))
+    groups = [
+        {"params": [model.body.weight], "lr": 0.1, "weight_decay": 0.05, "group_name": "blocks.0"},
+        {"params": [model.body.bias], "lr": 0.1, "weight_decay": 0.0, "group_name": "blocks.0.no_decay"},
+        {"params": [model.classifier.weight], "lr": 0.1, "weight_decay": 0.05, "group_name": "classifier"},
+    ]
+    optimizer = torch.optim.AdamW(groups)
+    loop = SimpleNamespace(model=model, optimizer=optimizer)
+    hook = L2SPHook(0.5)
+    hook.on_fit_start(loop)
+    assert groups[0]["weight_decay"] == 0.0 and groups[2]["weight_decay"] == 0.05  # decay toward 0 replaced
+    w0 = model.body.weight.detach().clone()
+    with torch.no_grad():
+        model.body.weight.add_(1.0)
+        moved, head = model.body.weight.detach().clone(), model.classifier.weight.detach().clone()
+    hook.on_step_end(loop)
+    assert torch.allclose(model.body.weight, moved - 0.1 * 0.5 * (moved - w0))
+    assert torch.equal(model.classifier.weight, head)
+    assert torch.equal(hook.state_dict()["anchor"]["body.weight"], w0)
+
+
+def test_lr_find_changes_no_weight_or_bn_statistic(tiny_recipe: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from finetune import build, build_train
+    from finetune.cli import app
+    from finetune.lr_find import lr_range_test
+
+    recipe = load_recipe(tiny_recipe, ['freeze.bn="none"'])  # BN statistics move in training mode
+    splits = build.build_splits(recipe, ("train",))
+    model, _ = build.build_model(recipe, len(splits["train"].classes))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = build_train.build_groups(recipe, model)
+    optimizer, _ = build_train.build_optimizer(recipe, model, build_train.plan_steps(recipe, 24), groups)
+    loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, splits["train"], True), True)
+    result = lr_range_test(
+        model,
+        loader,
+        build.build_loss(recipe, splits["train"]),
+        optimizer,
+        steps=12,
+        multipliers=build_train.build_stage_multipliers(recipe, groups, 0),
+        device=torch.device("cpu"),
+        start=1e-5,
+        end=10.0,
+    )
+    assert len(result.lrs) >= 11 and result.lrs[0] == pytest.approx(1e-5) and 1e-5 <= result.steep <= 10
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    png = tmp_path / "lr.png"
+    out = CliRunner().invoke(
+        app,
+        [
+            "lr-find",
+            str(tiny_recipe),
+            "--steps",
+            "8",
+            "--png",
+            str(png),
+            "--set",
+            LPFT[2],
+            "--set",
+            "train.epochs=3",
+            "--stage",
+            "2",
+            "--set",
+            "freeze.solver_c=[1.0]",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert "suggested peak lr" in out.output and png.read_bytes()[:4] == b"\x89PNG"
