@@ -3,7 +3,7 @@
     python benchmarks/transfer.py [--size 224] [--seeds 0,1,2] [--only probe,lp-ft] [--out DIR]
 
 Data: ../shared/data/coco-small (160 train, 158 val real COCO 2017 images, 80 categories) with the real ImageNet
-weights of timm's ``efficientnet_lite0``. The 158 val images are split in two halves by image id (alternating):
+weights of timm's ``efficientnet_lite0``. The 158 val images are split in two random halves, a new split per seed:
 ``val2017`` (79 images) selects checkpoints, picks the probe's C and fits thresholds; ``test2017`` (79 images) is
 used for nothing but the numbers printed. No number in the table is read on an image used to train, select or
 calibrate. Each configuration runs once per seed; the table gives mean and spread (min-max) over seeds.
@@ -45,15 +45,15 @@ FLAGSHIP = ROOT / "recipes" / "coco_multilabel_focal.toml"
 KEYS = ("map", "macro_f1", "macro_f1_cal", "micro_f1", "micro_f1_cal")
 
 
-def make_root(out: Path) -> Path:
-    """coco-small with val2017 split into val2017 / test2017 halves (annotation files written, images linked)."""
-    root = out / "coco-small-split"
+def make_root(out: Path, seed: int) -> Path:
+    """coco-small with val2017 split in two random halves (per seed): val2017 / test2017 (annotations written)."""
+    root = out / f"coco-small-split{seed}"
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     ann = COCO_SMALL / "annotations"
     (root / "annotations" / "instances_train2017.json").write_text((ann / "instances_train2017.json").read_text())
     val = json.loads((ann / "instances_val2017.json").read_text())
-    ids = sorted(im["id"] for im in val["images"])
-    for name, keep in (("val2017", set(ids[0::2])), ("test2017", set(ids[1::2]))):
+    ids = np.random.default_rng(seed).permutation(sorted(im["id"] for im in val["images"])).tolist()
+    for name, keep in (("val2017", set(ids[: len(ids) // 2])), ("test2017", set(ids[len(ids) // 2 :]))):
         part = {**val, "images": [im for im in val["images"] if im["id"] in keep]}
         part["annotations"] = [a for a in val["annotations"] if a["image_id"] in keep]
         (root / "annotations" / f"instances_{name}.json").write_text(json.dumps(part))
@@ -130,7 +130,9 @@ def configs(size: int) -> dict[str, list[str]]:
         "flagship (LP-FT + EMA)": [],
         "LP-FT (no EMA)": ["train.ema=0.0"],
         "head only, solver": [
-            'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, {train = ["classifier"], epochs = 1, lr = 1e-12}]',
+            'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, '
+            '{train = ["classifier"], epochs = 1, lr = 1e-12}]',  # one epoch that changes nothing: the run's report
+            "freeze.cache_features=true",
             "train.epochs=1",
             "train.ema=0.0",
         ],
@@ -187,25 +189,28 @@ def train_config(root: Path, out: Path, name: str, extra: list[str], size: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default="", help="comma-separated configuration names (prefixes)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/finetune-transfer") / time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     if not COCO_SMALL.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {COCO_SMALL} and {WEIGHTS}")
-    root = make_root(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = [w for w in args.only.split(",") if w]
     rows: dict[str, list[dict[str, float]]] = {}
-    todo = {"probe (sklearn, frozen features)": None, **configs(args.size)}
+    todo: dict[str, Any] = {f"probe (sklearn) at {args.size} px": args.size}
+    if args.size != 224:
+        todo["probe (sklearn) at 224 px"] = 224
+    todo.update(configs(args.size))
     for name, extra in todo.items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         for seed in seeds:
+            root = make_root(args.out, seed)
             r = (
-                probe(root, args.size, seed)
-                if extra is None
+                probe(root, extra, seed)
+                if isinstance(extra, int)
                 else train_config(root, args.out, name, extra, args.size, seed)
             )
             rows.setdefault(name, []).append(r)

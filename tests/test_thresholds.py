@@ -115,3 +115,20 @@ def test_calibration_round_trips_through_json() -> None:
     cal.names = [f"c{i}" for i in range(y.shape[1])]
     back = Calibration.from_json(cal.to_json())
     assert np.array_equal(back.thresholds, cal.thresholds) and back.names == cal.names and back.source == cal.source
+
+
+def test_auto_shrink_keeps_micro_f1_and_maximises_macro_f1_out_of_fold() -> None:
+    from finetune.metrics import summarize
+    from finetune.thresholds import SHRINK_CANDIDATES, choose_shrink, cross_fit
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((300, 6)) < [0.5, 0.3, 0.1, 0.05, 0.03, 0.02]).astype(int)
+    p = np.clip(0.35 * y + rng.normal(0.3, 0.2, y.shape), 0.001, 0.999)
+    k, scores = choose_shrink(y, p, 0.5, folds=4, seed=0, min_positives=3)
+    floor = summarize(y, p, 0.5)["micro_f1"] - 0.005
+    for c in SHRINK_CANDIDATES:  # recompute every candidate independently
+        per_row, _ = cross_fit(y, p, 4, 0, min_positives=3, shrink=c)
+        assert summarize(y, p, per_row)["macro_f1"] == pytest.approx(scores[c]["macro_f1"])
+    keeping = [c for c in SHRINK_CANDIDATES if scores[c]["micro_f1"] >= floor]
+    assert keeping and k in keeping
+    assert scores[k]["macro_f1"] == max(scores[c]["macro_f1"] for c in keeping)

@@ -89,7 +89,7 @@ def _texture(rng: np.random.Generator, h: int, w: int, hue: float) -> np.ndarray
     c2 = _hsv_to_rgb((hue + rng.normal(0, 0.02)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.25, 0.6))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     kind = rng.integers(5)
-    period = rng.uniform(4, 10)
+    period = rng.uniform(7, 14)  # coarse enough to survive the resize to the training size without aliasing
     if kind == 0:
         m = np.zeros((h, w), np.float32)
     elif kind == 1:
@@ -114,40 +114,53 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
+def _place(
+    rng: np.random.Generator, size: int, cat: int, taken: np.ndarray, tries: int = 8
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A random pose for one shape that stays inside the image and overlaps no earlier shape (mask, outline)."""
+    outer, hole = _shape(CATEGORIES[cat][1])
+    for _ in range(tries):
+        radius = rng.uniform(0.14, 0.26) * size
+        ang = rng.uniform(0, 2 * math.pi)
+        rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
+        aspect = np.array([rng.uniform(0.8, 1.25), 1.0])
+        centre = rng.uniform(radius, size - radius, 2)
+        outer_px = (outer * aspect) @ rot.T * radius + centre
+        mask_img = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(mask_img)
+        draw.polygon([tuple(p) for p in outer_px], fill=255)
+        if hole is not None:
+            draw.polygon([tuple(p) for p in (hole * aspect) @ rot.T * radius + centre], fill=0)
+        mask = np.asarray(mask_img) > 0
+        if mask.sum() >= 12 and not (mask & _grow(taken)).any():
+            return mask, outer_px
+    return None
+
+
+def _grow(mask: np.ndarray, px: int = 2) -> np.ndarray:
+    """``mask`` dilated by ``px`` pixels (a gap between shapes keeps their outlines apart)."""
+    out = mask.copy()
+    for dy in range(-px, px + 1):
+        for dx in range(-px, px + 1):
+            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out
+
+
 def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Draw one scene; return the uint8 image and its objects (category index, bbox, polygon, area)."""
     img = _background(rng, size)
     shares = np.array([c[2] for c in CATEGORIES])
     n = rng.choice(len(OBJECT_COUNT_P), p=OBJECT_COUNT_P)
-    objects = []
+    objects: list[dict[str, Any]] = []
+    taken = np.zeros((size, size), bool)
     for _ in range(n):
         cat = int(rng.choice(len(CATEGORIES), p=shares / shares.sum()))
-        outer, hole = _shape(CATEGORIES[cat][1])
-        radius = rng.uniform(0.12, 0.26) * size
-        ang = rng.uniform(0, 2 * math.pi)
-        rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
-        aspect = np.array([rng.uniform(0.8, 1.25), 1.0])
-        centre = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
-
-        def place(
-            poly: np.ndarray,
-            rot: np.ndarray = rot,
-            radius: float = radius,
-            centre: np.ndarray = centre,
-            aspect: np.ndarray = aspect,
-        ) -> np.ndarray:
-            return (poly * aspect) @ rot.T * radius + centre
-
-        mask_img = Image.new("L", (size, size), 0)
-        draw = ImageDraw.Draw(mask_img)
-        outer_px = place(outer)
-        draw.polygon([tuple(p) for p in outer_px], fill=255)
-        if hole is not None:
-            draw.polygon([tuple(p) for p in place(hole)], fill=0)
-        mask = np.asarray(mask_img) > 0
-        ys, xs = np.nonzero(mask)
-        if len(xs) < 12:
+        placed = _place(rng, size, cat, taken)
+        if placed is None:  # no free spot: a labelled object is never hidden under another one
             continue
+        mask, outer_px = placed
+        taken |= mask
+        ys, xs = np.nonzero(mask)
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         tex = _texture(rng, y1 - y0, x1 - x0, hue=cat / len(CATEGORIES))
         region = img[y0:y1, x0:x1]
