@@ -129,6 +129,8 @@ def configs(size: int) -> dict[str, list[str]]:
     return {
         "flagship (LP-FT + EMA)": [],
         "LP-FT (no EMA)": ["train.ema=0.0"],
+        "loss: focal (flagship otherwise)": ['loss.name="focal"'],
+        "loss: ASL (flagship otherwise)": ['loss.name="asl"'],
         "head only, solver": [
             'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, '
             '{train = ["classifier"], epochs = 1, lr = 1e-12}]',  # one epoch that changes nothing: the run's report
