@@ -28,8 +28,8 @@ CATEGORIES: tuple[tuple[int, str, float], ...] = (
     (8, "ring", 0.08),
     (10, "diamond", 0.07),
     (11, "hexagon", 0.055),
-    (13, "crescent", 0.045),
-    (15, "arrow", 0.035),
+    (13, "crescent", 0.035),
+    (15, "arrow", 0.02),
 )
 OBJECT_COUNT_P = (0.08, 0.30, 0.30, 0.20, 0.12)  # P(0..4 objects in an image)
 # "source" is a disjoint set of scenes for recipes/demo_pretrain.toml (the stand-in for ImageNet pretraining);
@@ -67,7 +67,7 @@ def _shape(name: str) -> tuple[np.ndarray, np.ndarray | None]:
     if name == "crescent":
         return _regular(32), _regular(32, 0.85) + [0.45, -0.1]
     if name == "arrow":
-        pts = [(-1, -0.32), (0.1, -0.32), (0.1, -0.8), (1, 0), (0.1, 0.8), (0.1, 0.32), (-1, 0.32)]
+        pts = [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)]
         return np.array(pts, float), None
     raise ValueError(name)
 
