@@ -95,3 +95,28 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
+
+
+def interrupt_then_resume(
+    recipe_path: Path, sets: list[str], epochs_done: int, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Run ``output.name=cut`` until Ctrl-C in the epoch after ``epochs_done``, then resume it; the run directory."""
+    from finetune import trainer, training
+    from finetune.config import load_recipe
+    from finetune.errors import UserError
+    from finetune.rundir import RunDir
+
+    real = trainer.train_one_epoch
+
+    def interrupt(*args, **kwargs):
+        if args[0].state.epoch == epochs_done:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
+    with pytest.raises(UserError, match="interrupted; continue with `finetune run --resume"):
+        training.run(load_recipe(recipe_path, [*sets, "output.name=cut"]))
+    monkeypatch.setattr(trainer, "train_one_epoch", real)
+    cut = Path(load_recipe(recipe_path, sets).output.dir) / "cut"
+    training.run(RunDir.open(cut).recipe(), resume=cut)
+    return cut

@@ -7,13 +7,14 @@ import pytest
 import timm
 import torch
 
-from finetune import trainer, training
+from finetune import training
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.freezing import BNStatsDrift, FreezePolicy, Stage, plan_stages
 from finetune.groups import layer_groups
 from finetune.optim import create_optimizer, group_multipliers, param_groups, warmup_cosine_factor
-from finetune.rundir import RunDir
+
+from .conftest import interrupt_then_resume
 
 TOP = ("blocks.5", "blocks.6", "head", "classifier")
 
@@ -185,19 +186,7 @@ def test_run_logs_each_groups_lr_as_base_times_multiplier_times_schedule(tiny_re
 def test_resume_inside_stage_2_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sets = ["train.epochs=4", STAGES, "optim.lr_mult={stem = 0.1, head = 2.0}"]
     straight = training.run(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
-    real = trainer.train_one_epoch
-
-    def interrupt(*args, **kwargs):
-        if args[0].state.epoch == 2:  # the second epoch of stage 2
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
-    with pytest.raises(UserError, match="interrupted"):
-        training.run(load_recipe(tiny_recipe, [*sets, "output.name=cut"]))
-    monkeypatch.setattr(trainer, "train_one_epoch", real)
-    cut = tmp_path / "runs" / "cut"
-    training.run(RunDir.open(cut).recipe(), resume=cut)
+    cut = interrupt_then_resume(tiny_recipe, sets, 2, monkeypatch)  # Ctrl-C in epoch 3
     a, b = _metrics(straight), _metrics(cut)
     for key in ("stage", "lr_groups", "train_loss", "val_map", "bn_frozen_checksum", "step"):
         assert [m[key] for m in a] == [m[key] for m in b], key

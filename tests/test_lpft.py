@@ -8,14 +8,14 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from finetune import trainer, training
+from finetune import training
 from finetune.config import load_recipe
 from finetune.ema import ema_decay
-from finetune.errors import UserError
 from finetune.optim import warmup_cosine_factor
-from finetune.rundir import RunDir
 from finetune.solver import choose_c, solve_linear_head
 from finetune.tasks import MULTI_LABEL, SINGLE_LABEL
+
+from .conftest import interrupt_then_resume
 
 LPFT = [
     "train.epochs=3",
@@ -103,19 +103,7 @@ def test_ema_follows_its_formula_and_resumes_bitwise(
 
     sets = [*LPFT, "train.ema=0.9", "optim.l2sp=0.1"]  # solver, per-stage LRs, EMA and L2-SP together
     straight = training.run(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
-    real = trainer.train_one_epoch
-
-    def interrupt(*args, **kwargs):
-        if args[0].state.epoch == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
-    with pytest.raises(UserError, match="interrupted"):
-        training.run(load_recipe(tiny_recipe, [*sets, "output.name=cut"]))
-    monkeypatch.setattr(trainer, "train_one_epoch", real)
-    cut = tmp_path / "runs" / "cut"
-    training.run(RunDir.open(cut).recipe(), resume=cut)
+    cut = interrupt_then_resume(tiny_recipe, sets, 2, monkeypatch)  # Ctrl-C in epoch 3
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(cut / "last.pt", weights_only=True)
     for key in ("model", "eval_model"):
