@@ -37,6 +37,29 @@ from finetune.solver import SolverHook
 from finetune.trainer import EpochSampler
 
 
+def _trained_stages(recipe: Recipe) -> list[Any]:
+    """The ``[[freeze.stages]]`` that train for epochs (a solver stage takes none)."""
+    return [s for s in recipe.freeze.stages if not s.solver]
+
+
+def build_solver(recipe: Recipe, policy: FreezePolicy | None, splits: dict[str, CocoSplit] | None) -> SolverHook | None:
+    """The solver stage's hook, when the first stage is one."""
+    f = recipe.freeze
+    if not any(s.solver for s in f.stages):
+        return None
+    if policy is None or splits is None:
+        raise UserError(f"freeze.stages[0].solver: {recipe.model.name} has no layer groups to freeze for a probe")
+    if recipe.model.head != "linear":
+        raise UserError('freeze.stages[0].solver: the solver fits a linear classifier; set model.head = "linear"')
+    loaders = {
+        role: build_loader(recipe.data, build_dataset(recipe.data, splits[role], False), False)
+        for role in ("train", "val")
+    }
+    return SolverHook(
+        policy, loaders["train"], loaders["val"], cs=f.solver_c, select=f.solver_select, seed=recipe.train.seed
+    )
+
+
 def build_hooks(
     recipe: Recipe,
     run_dir: Path,
@@ -47,19 +70,11 @@ def build_hooks(
     extra: Sequence[Hook] = (),
 ) -> list[Hook]:
     """The loop's hooks in order: freezing, the solver stage, L2-SP, EMA, early stopping, ``extra``, the loggers."""
-    f, t = recipe.freeze, recipe.train
+    t = recipe.train
     hooks: list[Hook] = [FreezeHook(policy, cache)] if policy is not None else []
-    if any(s.solver for s in f.stages):
-        if policy is None or splits is None:
-            raise UserError(f"freeze.stages[0].solver: {recipe.model.name} has no layer groups to freeze for a probe")
-        if recipe.model.head != "linear":
-            raise UserError('freeze.stages[0].solver: the solver fits a linear classifier; set model.head = "linear"')
-        loaders = {
-            role: build_loader(recipe.data, build_dataset(recipe.data, splits[role], False), False)
-            for role in ("train", "val")
-        }
-        opts = {"cs": f.solver_c, "select": f.solver_select, "seed": t.seed}
-        hooks.append(SolverHook(policy, loaders["train"], loaders["val"], **opts))
+    solver = build_solver(recipe, policy, splits)
+    if solver is not None:
+        hooks.append(solver)
     if recipe.optim.l2sp:
         hooks.append(L2SPHook(recipe.optim.l2sp))
     if t.ema:
@@ -110,7 +125,7 @@ def build_stages(recipe: Recipe, groups: list[LayerGroup]) -> list[Stage]:
     """The freezing schedule from ``[freeze]``: its stages, ``until``, or one stage training everything."""
     f, epochs = recipe.freeze, recipe.train.epochs
     names = [g.name for g in groups]
-    trained = [(i, s) for i, s in enumerate(f.stages) if not s.solver]  # a solver stage takes no epochs
+    trained = [(i, s) for i, s in enumerate(f.stages) if not s.solver]  # indexes kept for error messages
     if trained:
         try:
             ranges = plan_stages([(s.epochs, s.train) for _, s in trained], epochs)
@@ -166,7 +181,7 @@ def build_feature_cache(recipe: Recipe, policy: FreezePolicy | None, split: Coco
 def build_stage_multipliers(recipe: Recipe, groups: list[LayerGroup], stage: int) -> dict[str, float]:
     """LR multiplier per group in trained stage ``stage`` (0-based, solver stages not counted): its own or optim's."""
     o = recipe.optim
-    trained = [s for s in recipe.freeze.stages if not s.solver]
+    trained = _trained_stages(recipe)
     cfg = trained[stage] if stage < len(trained) else None
     if cfg is None or (cfg.layer_decay is None and cfg.lr_mult is None):
         return group_multipliers(groups, o.layer_decay, o.lr_mult)
@@ -175,7 +190,7 @@ def build_stage_multipliers(recipe: Recipe, groups: list[LayerGroup], stage: int
 
 def build_stage_lr(recipe: Recipe, stage: int) -> float:
     """The peak LR of trained stage ``stage``: its own or ``optim.lr``."""
-    trained = [s for s in recipe.freeze.stages if not s.solver]
+    trained = _trained_stages(recipe)
     return (trained[stage].lr if stage < len(trained) else None) or recipe.optim.lr
 
 
@@ -189,26 +204,22 @@ def build_optimizer(
     else:
         pgroups = param_groups(model, groups, group_multipliers(groups, o.layer_decay, o.lr_mult), o.lr, o.weight_decay)
     optimizer = create_optimizer(pgroups, o.name, o.lr, o.momentum)
-    trained = [s for s in recipe.freeze.stages if not s.solver]
+    trained, spe = _trained_stages(recipe), plan.steps_per_epoch
     if groups is not None and any(s.own_optim for s in trained):
         plans = [
             StagePlan(
-                start=st.start * plan.steps_per_epoch,
-                steps=(st.end - st.start) * plan.steps_per_epoch,
-                lr=cfg.lr or o.lr,
+                start=st.start * spe,
+                steps=(st.end - st.start) * spe,
+                lr=build_stage_lr(recipe, i),
                 warmup_steps=round((o.warmup_epochs if cfg.warmup_epochs is None else cfg.warmup_epochs) * spe),
                 schedule=cfg.schedule or o.schedule,
                 multipliers=build_stage_multipliers(recipe, groups, i),
             )
             for i, (cfg, st) in enumerate(zip(trained, build_stages(recipe, groups)))
-            for spe in [plan.steps_per_epoch]
         ]
         return optimizer, create_staged_scheduler(optimizer, plans, o.warmup_factor, o.min_lr_factor)
-    if o.schedule == "constant":
-        scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, 1.0)
-    else:
-        scheduler = create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, o.min_lr_factor)
-    return optimizer, scheduler
+    min_factor = 1.0 if o.schedule == "constant" else o.min_lr_factor
+    return optimizer, create_scheduler(optimizer, plan.total_steps, plan.warmup_steps, o.warmup_factor, min_factor)
 
 
 def build_trained_stage_index(recipe: Recipe, stage: int) -> int:
@@ -230,23 +241,8 @@ def build_probe(
     console: Any,
 ) -> None:
     """Fit the solver stage's probe into the model now (for tools that look at a later stage, like lr-find)."""
-    hooks = [h for h in build_hooks(recipe, Path("."), policy=policy, splits=splits) if isinstance(h, SolverHook)]
-    if not hooks:
-        return
-    from finetune.build import build_fit_settings
-    from finetune.loop import Loop
+    solver = build_solver(recipe, policy, splits)
+    if solver is not None:
+        from finetune.build import build_eval_settings
 
-    none: Any = None
-    loop = Loop(
-        model=policy.model,
-        loss_fn=none,
-        optimizer=none,
-        scheduler=none,
-        scaler=none,
-        train_loader=none,
-        val_loader=none,
-        settings=build_fit_settings(recipe, device, precision),
-        run_dir=Path("."),
-        console=console,
-    )
-    hooks[0].on_fit_start(loop)
+        solver.fit(policy.model, build_eval_settings(recipe, device, precision), console)

@@ -50,31 +50,35 @@ class EmaHook(Hook):
         self.updates = 0
         self.model: nn.Module | None = None
         self._pending: dict[str, Any] | None = None
-        self._param_names: set[str] = set()
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (ema tensor, model tensor, averaged?)
 
     def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
-        self.model = detached_copy(loop.model)
-        self._param_names = {n for n, _ in self.model.named_parameters()}
+        self.track(loop.model)
+        loop.eval_model = self.model
+
+    def track(self, model: nn.Module) -> None:
+        """Start averaging ``model``: copy it (or take the average restored from a checkpoint) and pair the tensors."""
+        self.model = detached_copy(model)
         if self._pending is not None:
             self.model.load_state_dict(self._pending)
             self._pending = None
-        loop.eval_model = self.model
+        params = {n for n, _ in self.model.named_parameters()}
+        ema_state = self.model.state_dict()  # the same storage as the copy's tensors: updated in place
+        self._pairs = [(ema_state[n], t, t.is_floating_point() and n in params) for n, t in model.state_dict().items()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One EMA step toward ``model``'s current weights."""
+    def update(self) -> None:
+        """One EMA step toward the tracked model's current weights (parameters averaged, buffers copied)."""
         d = ema_decay(self.decay, self.updates, self.warmup)
-        ema_state = self.model.state_dict()
-        for name, value in model.state_dict().items():
-            target = ema_state[name]
-            if value.is_floating_point() and name in self._param_names:
+        for target, value, averaged in self._pairs:
+            if averaged:
                 target.lerp_(value, 1.0 - d)
             else:
                 target.copy_(value)
         self.updates += 1
 
     def on_step_end(self, loop: Loop) -> None:  # noqa: D102
-        self.update(loop.model)
+        self.update()
 
     def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:  # noqa: D102
         record["ema_decay"] = ema_decay(self.decay, max(self.updates - 1, 0), self.warmup)

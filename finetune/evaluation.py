@@ -189,8 +189,7 @@ def evaluate(
     run = RunDir.open(run_dir)
     recipe = run.recipe()
     task = build.build_task(recipe)
-    out = predict_splits(run.path, [role], recipe, console)
-    outs, classes = out
+    outs, classes = predict_splits(run.path, [role], recipe, console)
     targets, probs = outs[role]["targets"], outs[role]["probs"]
     report: dict[str, Any] = {"run": str(run), "task": task.name}
     if task.calibrates:

@@ -18,11 +18,9 @@ from typing import Any
 from finetune import checkpoint as ckpt
 from finetune.loop import Hook, Loop
 
-LOGGERS = ("jsonl", "csv", "tensorboard", "mlflow")
-
 
 def flat(record: dict[str, Any]) -> dict[str, float]:
-    """Numeric entries of a record, nested lists/dicts flattened (``lr_groups`` -> ``lr_groups/head``)."""
+    """Numeric entries of a record, nested dicts flattened (``lr_groups`` -> ``lr_groups/head``); NaN left out."""
     out: dict[str, float] = {}
     for key, value in record.items():
         if isinstance(value, dict):

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.model_selection import KFold
+from torch import nn
 
 from finetune.freezing import FreezePolicy, extract_features
-from finetune.loop import Hook, Loop
+from finetune.loop import EvalSettings, Hook, Loop
 from finetune.tasks import Task
 
 
@@ -85,15 +86,20 @@ def choose_c(
     cs: list[float],
     folds: int = 5,
     seed: int = 0,
-) -> tuple[float, dict[float, float]]:
-    """The ``C`` with the best mAP: on ``val`` when given, else on out-of-fold predictions of ``train``."""
+) -> tuple[float, dict[float, float], dict[float, tuple[torch.Tensor, torch.Tensor]]]:
+    """The ``C`` with the best mAP: on ``val`` when given, else on out-of-fold predictions of ``train``.
+
+    Returns:
+        The chosen C, the mAP of every C, and the solutions on all of ``train`` computed on the way (val mode).
+    """
     scores: dict[float, float] = {}
+    solved: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     x, y = train
     order = sorted(cs)  # increasing C, each solve warm-started from the last
     if val is not None:
         init = None
         for c in order:
-            init = solve_linear_head(x, y, task, c, init=init)
+            init = solved[c] = solve_linear_head(x, y, task, c, init=init)
             scores[c] = _map(task, *val, *init)
     else:
         probs = {c: torch.zeros_like(y, dtype=torch.float64) for c in order}
@@ -104,7 +110,7 @@ def choose_c(
                 probs[c][score_idx] = task.activation(x[score_idx].double() @ init[0].T + init[1])
         scores = {c: task.metrics(y.numpy(), probs[c].numpy(), 0.5)["map"] for c in order}
     best = max(cs, key=lambda c: (np.nan_to_num(scores[c], nan=-1.0), -c))  # ties: the stronger regularization
-    return best, scores
+    return best, scores, solved
 
 
 class SolverHook(Hook):
@@ -134,19 +140,20 @@ class SolverHook(Hook):
         self.result: dict[str, Any] = {}
 
     def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
-        if loop.state.epoch > 0:  # resumed: the solved (and since trained) classifier is in the checkpoint
-            return
-        s, start = loop.settings, time.perf_counter()
-        opts = {"device": s.device, "precision": s.precision, "channels_last": s.channels_last}
+        if loop.state.epoch == 0:  # resumed: the solved (and since trained) classifier is in the checkpoint
+            self.fit(loop.model, loop.settings, loop.console)
+
+    def fit(self, model: nn.Module, settings: EvalSettings, console: Any) -> None:
+        """Extract features, pick C, and set ``model``'s classifier to the solution."""
+        start = time.perf_counter()
+        opts = {"device": settings.device, "precision": settings.precision, "channels_last": settings.channels_last}
         train = tuple(t.cpu() for t in extract_features(self.policy, self.train_loader, **opts))
-        val = (
-            tuple(t.cpu() for t in extract_features(self.policy, self.val_loader, **opts))
-            if self.select == "val"
-            else None
-        )
-        c, scores = choose_c(s.task, train, val, self.cs, seed=self.seed)
-        weight, bias = solve_linear_head(*train, s.task, c)
-        head = loop.model.get_classifier()
+        val = None
+        if self.select == "val":
+            val = tuple(t.cpu() for t in extract_features(self.policy, self.val_loader, **opts))
+        c, scores, solved = choose_c(settings.task, train, val, self.cs, seed=self.seed)
+        weight, bias = solved[c] if c in solved else solve_linear_head(*train, settings.task, c)
+        head = model.get_classifier()
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
@@ -158,7 +165,7 @@ class SolverHook(Hook):
             "time_s": time.perf_counter() - start,
         }
         shown = ", ".join(f"C={k:g}: {100 * v:.1f}" for k, v in scores.items())
-        loop.console.print(f"linear probe (L-BFGS): {how} {shown}; C = {c:g} ({self.result['time_s']:.1f}s)")
+        console.print(f"linear probe (L-BFGS): {how} {shown}; C = {c:g} ({self.result['time_s']:.1f}s)")
 
     def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:  # noqa: D102
         if self.result and record["epoch"] == 1:

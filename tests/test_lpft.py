@@ -64,8 +64,11 @@ def test_solver_handles_classes_without_positives_and_picks_c() -> None:
     y[:, 0] = 0.0
     w, b = solve_linear_head(x, y, MULTI_LABEL, 1.0)
     assert torch.all(w[0] == 0) and b[0].item() == pytest.approx(np.log(0.5 / 120.5))
-    c, scores = choose_c(MULTI_LABEL, (x, y), None, [0.001, 1.0])
-    assert set(scores) == {0.001, 1.0} and c == max(scores, key=scores.get)
+    c, scores, solved = choose_c(MULTI_LABEL, (x, y), None, [0.001, 1.0])
+    assert set(scores) == {0.001, 1.0} and c == max(scores, key=scores.get) and solved == {}  # k-fold: no full fit
+    c, _, solved = choose_c(MULTI_LABEL, (x, y), (x, y), [0.01, 1.0])  # val mode keeps the warm-started solutions
+    cold = solve_linear_head(x, y, MULTI_LABEL, c)
+    assert torch.allclose(solved[c][0], cold[0], atol=1e-4) and torch.allclose(solved[c][1], cold[1], atol=1e-4)
 
 
 def test_lpft_run_logs_each_stage_lr_exactly_and_starts_from_the_probe(tiny_recipe: Path) -> None:
@@ -94,12 +97,15 @@ def test_ema_follows_its_formula_and_resumes_bitwise(
     from finetune.ema import EmaHook
 
     hook = EmaHook(0.5, warmup=False)
-    model = torch.nn.Linear(3, 2)
-    hook.model = torch.nn.Linear(3, 2)
-    hook._param_names = {"weight", "bias"}
-    before = hook.model.weight.detach().clone()
-    hook.update(model)
-    assert torch.allclose(hook.model.weight, 0.5 * before + 0.5 * model.weight)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    hook.track(model)
+    before = hook.model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    hook.update()
+    assert torch.allclose(hook.model[0].weight, 0.5 * before + 0.5 * model[0].weight)  # parameters averaged
+    assert torch.equal(hook.model[1].running_mean, model[1].running_mean)  # buffers copied
 
     sets = [*LPFT, "train.ema=0.9", "optim.l2sp=0.1"]  # solver, per-stage LRs, EMA and L2-SP together
     straight = training.run(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
