@@ -101,6 +101,8 @@ def build_splits(
             continue
         splits[role] = build_split(recipe.data, split_name(recipe, role), classes)
         classes = splits[role].classes
+        if not len(splits[role].targets):
+            raise UserError(f"data.{role}: the {split_name(recipe, role)!r} split has no images; check data.root")
         if check:
             missing = check_images(splits[role].image_paths)
             if missing:
@@ -186,7 +188,9 @@ def build_resolved_recipe(recipe: Recipe, train_split: CocoSplit) -> tuple[Recip
         return recipe, ""
     from finetune.data.stats import load_or_compute
 
-    stats, cached = load_or_compute(train_split, recipe.data.format, recipe.data.image_size)
+    stats, cached = load_or_compute(
+        train_split, recipe.data.format, recipe.data.image_size, on_bad_image=recipe.data.on_bad_image
+    )
     augment = recipe.data.augment.model_copy(update={"normalize": {"mean": stats["mean"], "std": stats["std"]}})
     data = recipe.data.model_copy(update={"augment": augment})
     note = f"normalize: train-split mean {stats['mean']} std {stats['std']} ({'cached' if cached else 'computed'})"

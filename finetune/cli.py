@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from finetune.errors import UserError
+from finetune.cli_data import data_app
+from finetune.errors import UserError, os_error_line
 
 app = typer.Typer(help="Transfer learning for small image classifiers.", no_args_is_help=True, add_completion=False)
-data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 SetOption = Annotated[
@@ -33,17 +33,19 @@ def run(
 ) -> None:
     """Train a recipe end to end: data, model, training, evaluation, report."""
     from finetune.config import load_recipe
-    from finetune.rundir import RunDir
-    from finetune.training import run as run_recipe
 
     if resume is not None:
+        from finetune.rundir import RunDir
+
         if recipe is not None:
             raise UserError("give either RECIPE or --resume RUN_DIR (a resumed run uses its own recipe.toml)")
-        cfg = RunDir.open(resume).recipe(overrides)
+        cfg = RunDir.open(resume).resume_recipe(overrides)
     elif recipe is None:
         raise UserError("missing RECIPE; e.g. finetune run recipes/quickstart.toml")
     else:
         cfg = load_recipe(recipe, overrides)
+    from finetune.training import run as run_recipe  # after the recipe: a recipe error should not wait for torch
+
     run_recipe(cfg, resume, err)
 
 
@@ -54,11 +56,12 @@ def validate(
     check_images: Annotated[bool, typer.Option(help="Decode every image (slow on big datasets).")] = False,
 ) -> None:
     """Check a recipe: build the model and read the data without training, then print the plan."""
-    from finetune import build, build_train
     from finetune.config import load_recipe
-    from finetune.data.coco import check_images as check
 
     cfg = load_recipe(recipe, overrides)
+    from finetune import build, build_train
+    from finetune.data.coco import check_images as check
+
     device, precision = build.build_device(cfg.train)
     splits = build.build_splits(cfg)
     if check_images:
@@ -71,22 +74,29 @@ def validate(
     model, load_report = build.build_model(cfg, len(classes))
     build.build_loss(cfg, splits["train"])
     steps = build_train.plan_steps(cfg, len(splits["train"].image_paths))
+    # What `run` builds before its first step, so that validate refuses every recipe run would refuse.
+    layer_groups = build_train.build_groups(cfg, model)
+    policy = build_train.build_policy(cfg, model, layer_groups)
+    build_train.build_feature_cache(cfg, policy, splits["train"])
+    build_train.build_optimizer(cfg, model, steps, layer_groups)
+    if policy is not None:
+        policy.remove()
     n_params = sum(p.numel() for p in model.parameters())
-    table = Table(title=f"{recipe}: valid", show_header=False)
+    table = Table(title=escape(f"{recipe}: valid"), show_header=False)
     table.add_row("model", f"{cfg.model.name} ({n_params:,} parameters), head for {len(classes)} classes")
     if load_report:
-        table.add_row("weights", load_report.summary())
+        table.add_row("weights", escape(load_report.summary()))
     names = ", ".join(classes.names[:8]) + (", ..." if len(classes) > 8 else "")
-    table.add_row("classes", f"{len(classes)}: {names}")
+    table.add_row("classes", escape(f"{len(classes)}: {names}"))
     for role, s in splits.items():
-        table.add_row(role, f"{len(s.image_paths)} images, {int(s.targets.sum())} labels, {s.annotation_file}")
+        table.add_row(role, escape(f"{len(s.image_paths)} images, {int(s.targets.sum())} labels, {s.annotation_file}"))
     table.add_row(
         "steps",
         f"{steps.steps_per_epoch}/epoch x {cfg.train.epochs} epochs = {steps.total_steps} "
         f"(warmup {steps.warmup_steps})",
     )
     table.add_row("device", f"{device.type}, {precision}")
-    table.add_row("run dir", str(Path(cfg.output.dir) / cfg.output.name))
+    table.add_row("run dir", escape(str(Path(cfg.output.dir) / cfg.output.name)))
     out.print(table)
 
 
@@ -96,12 +106,13 @@ def groups(
     overrides: SetOption = None,
 ) -> None:
     """Print the model's layer groups: parameters, trainable state per stage, and starting learning rate."""
-    from finetune import build, build_train
     from finetune.config import load_recipe
+
+    cfg = load_recipe(recipe, overrides)
+    from finetune import build, build_train
     from finetune.errors import UserError as _UserError
     from finetune.optim import group_multipliers
 
-    cfg = load_recipe(recipe, overrides)
     classes = build.build_splits(cfg, ("train",), check=False)["train"].classes
     model = build.build_bare_model(cfg, len(classes))
     layer_groups = build_train.build_groups(cfg, model)
@@ -125,6 +136,11 @@ def groups(
         f"BatchNorm running stats: {bn}; BN affine in frozen groups {'trains' if cfg.freeze.train_bn else 'frozen'}. "
         f"lr = optim.lr x group multiplier at the schedule's peak (warmup starts at x{cfg.optim.warmup_factor:g})."
     )
+
+
+def _check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold {threshold}: a probability threshold is between 0 and 1")
 
 
 def _parse_size(text: str) -> tuple[int, int, int]:
@@ -174,12 +190,18 @@ def summary(
     overrides: SetOption = None,
 ) -> None:
     """Per-layer table (output shape, parameters, MACs, activation memory) and totals for a recipe's model."""
-    from finetune import build, build_train
     from finetune.config import Recipe, load_recipe
-    from finetune.summary import summarize_model
 
     if (recipe is None) == (model_name is None):
         raise UserError("give either RECIPE or --model NAME, e.g. finetune summary --model mobilenetv2_100")
+    if batch is not None and batch < 1:
+        raise UserError(f"--batch {batch}: give a batch size of at least 1")
+    if num_classes < 1:
+        raise UserError(f"--num-classes {num_classes}: give at least 1 class")
+    size = _parse_size(input_size) if input_size else None
+    from finetune import build, build_train
+    from finetune.summary import summarize_model
+
     if recipe is not None:
         cfg = load_recipe(recipe, overrides)
         n_classes = len(build.build_splits(cfg, ("train",), check=False)["train"].classes)
@@ -196,7 +218,7 @@ def summary(
             stage = policy.apply(0)
             policy.remove()
             stage_note = f"trainable/frozen as in stage 1 (training {len(stage.train)} of {len(policy.groups)} groups)"
-    size = _parse_size(input_size) if input_size else default_size
+    size = size or default_size
     report = summarize_model(model, size, batch or default_batch, cfg.optim.name)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -213,6 +235,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a run's best checkpoint on a split; prints the tables and writes eval_<split>.json."""
+    _check_threshold(threshold)
     from finetune.evaluation import evaluate as evaluate_run
     from finetune.tasks import TASKS
 
@@ -247,6 +270,7 @@ def predict(
     top: Annotated[int, typer.Option(help="Probabilities to show per image.")] = 5,
 ) -> None:
     """Predict labels for images with a run's best checkpoint."""
+    _check_threshold(threshold)
     from finetune.predicting import predict_images
 
     results = predict_images(run_dir, [str(p) for p in images], threshold)
@@ -255,7 +279,8 @@ def predict(
         return
     for r in results:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in list(r["probabilities"].items())[:top])
-        out.print(f"{r['image']}: [bold]{', '.join(r['labels']) or '(none)'}[/]  ({shown})")
+        labels = escape(", ".join(r["labels"]) or "(none)")
+        out.print(f"{escape(r['image'])}: [bold]{labels}[/]  ({escape(shown)})")
 
 
 @app.command("lr-find")
@@ -269,13 +294,14 @@ def lr_find(
     overrides: SetOption = None,
 ) -> None:
     """LR range test on a stage's trainable groups: prints a suggested peak LR, writes a PNG; changes no weight."""
-    from finetune import build, build_train, plots
     from finetune.config import load_recipe
-    from finetune.lr_find import lr_range_test
 
     cfg = load_recipe(recipe, overrides)
     if not 0 < start < end or steps < 3:
         raise UserError("--start/--end/--steps: need 0 < start < end and at least 3 steps")
+    from finetune import build, build_train, plots
+    from finetune.lr_find import lr_range_test
+
     splits = build.build_splits(cfg, ("train", "val"))
     device, precision = build.build_device(cfg.train)
     model, _ = build.build_model(cfg, len(splits["train"].classes))
@@ -310,78 +336,37 @@ def lr_find(
     out.print(
         f"stage {stage}: {len(result.lrs)} steps from {start:.1e}; suggested peak lr {result.steep:.2e} "
         f"(steepest descent; minimum/10 = {result.min_div_10:.2e}); the recipe's "
-        f"{build_train.build_stage_lr(cfg, index):.2e}; plot {png}"
+        f"{build_train.build_stage_lr(cfg, index):.2e}; plot {escape(str(png))}"
     )
 
 
-@data_app.command("demo")
-def data_demo(
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the dataset.")],
-    seed: int = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
-    train: int = 2200,
-    val: int = 400,
-    test: int = 400,
-    source: Annotated[int, typer.Option(help="Images in the 'source' split that demo_pretrain trains on.")] = 2200,
+def _version(value: bool) -> None:
+    if value:
+        from finetune import __version__
+
+        print(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    """Write the synthetic COCO-format demo dataset (deterministic)."""
-    from finetune.data.demo import write_demo
-
-    start = time.perf_counter()
-    sizes = {"train": train, "val": val, "test": test, "source": source}
-    counts = write_demo(out_dir, {k: v for k, v in sizes.items() if v > 0}, size, seed)
-    err.print(f"wrote {sum(counts.values())} images {counts} to {out_dir} in {time.perf_counter() - start:.1f}s")
-
-
-@data_app.command("stats")
-def data_stats(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
-    overrides: SetOption = None,
-    refresh: Annotated[bool, typer.Option(help="Recompute even when cached.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Per-channel mean/std of the train split (cached for normalize = "dataset"), label counts, co-occurrence."""
-    from finetune.build import build_splits
-    from finetune.config import load_recipe
-    from finetune.data.stats import cache_path, load_or_compute
-
-    cfg = load_recipe(recipe, overrides)
-    split = build_splits(cfg, ("train",))["train"]
-    stats, cached = load_or_compute(split, cfg.data.format, cfg.data.image_size, refresh)
-    if as_json:
-        print(json.dumps(stats, indent=2))
-        return
-    where = cache_path(split, cfg.data.format, cfg.data.image_size)
-    out.print(
-        f"{cfg.data.root} / {stats['split']}: {stats['images']} images at {stats['image_size']}px "
-        f"({'from cache' if cached else 'computed; cached'} in {where})"
-    )
-    out.print(f'mean {stats["mean"]}  std {stats["std"]}  (0..1 scale; use normalize = "dataset")')
-    table = Table(title="labels")
-    table.add_column("class")
-    table.add_column("images", justify="right")
-    for name, count in stats["label_counts"].items():
-        table.add_row(name, str(count))
-    out.print(table)
-    if "cooccurrence" in stats:
-        names = list(stats["label_counts"])
-        co = stats["cooccurrence"]
-        pairs = sorted(((co[i][j], names[i], names[j]) for i in range(len(names)) for j in range(i)), reverse=True)
-        out.print(
-            f"labels per image {stats['labels_per_image']:.2f}; most frequent pairs: "
-            + ", ".join(f"{a}+{b} {n}" for n, a, b in pairs[:5])
-        )
+    """Transfer learning for small image classifiers."""
 
 
 def main() -> None:
-    """Console entry point: a UserError is one line on stderr and exit code 2."""
+    """Console entry point: a UserError (or a full disk, a folder one cannot write) is one line and exit code 2."""
     try:
         app()
-    except UserError as e:
-        from rich.markup import escape
-
+    except (UserError, OSError) as e:
+        line = str(e) if isinstance(e, UserError) else os_error_line(e)
+        if line is None:
+            raise
         # escape: messages name keys like [freeze] or stages[0], which rich would otherwise eat as markup
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -19,7 +19,7 @@ __all__ = ["Recipe", "apply_overrides", "load_recipe", "parse_override", "recipe
 
 class _Section(BaseModel):
     # strict: TOML values are already typed, so "3" for an int is a mistake, not something to coerce.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 class AugmentConfig(_Section):

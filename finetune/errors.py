@@ -3,6 +3,28 @@
 The CLI prints a ``UserError`` as one line and exits with code 2; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import errno
+
 
 class UserError(Exception):
     """A problem in the user's input: the message names the key or path and says what to do."""
+
+
+# Errors of the machine rather than of the code: a full disk, a folder the user cannot write. One line, exit 2.
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "a read-only file system",
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """The one-line message for an :class:`OSError` a user can fix (permissions, disk space), else None."""
+    where = e.filename or "a file the run writes"
+    if isinstance(e, PermissionError):
+        return f"{where}: permission denied; choose a folder you can write (output.dir) or fix its permissions"
+    if e.errno in _OS_ERRORS:
+        return f"{where}: {_OS_ERRORS[e.errno]}; free space or choose another output.dir, then --resume"
+    return None

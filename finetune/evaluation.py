@@ -112,9 +112,15 @@ def write_report(
 
 
 def save_thresholds(run: RunDir, calibration: Calibration) -> None:
-    """Write ``thresholds.json``; an existing one is kept as ``thresholds.prev.json`` (nothing is lost)."""
+    """Write ``thresholds.json``; an existing one is kept as ``thresholds.prev.json`` (nothing is lost).
+
+    The thresholds fitted by the training run itself are also kept, once, as ``thresholds.run.json``: a second
+    ``calibrate`` replaces ``thresholds.prev.json`` but never those.
+    """
     path = run / "thresholds.json"
     if path.exists():
+        if not (run / "thresholds.run.json").exists():
+            run.write_bytes("thresholds.run.json", path.read_bytes())
         run.write_bytes("thresholds.prev.json", path.read_bytes())
     run.write_json("thresholds.json", calibration.to_json())
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from finetune.checkpoint import load_error
 from finetune.errors import UserError
 from finetune.mobilenet import MODEL_NAMES, mobilenetv2
 
@@ -45,6 +46,11 @@ class LoadReport:
         return "; ".join(parts)
 
 
+# A file must fill at least this share of the backbone's weight tensors: a partial match is another architecture.
+MIN_MATCHED = 0.5
+_HEAD_PREFIXES = ("classifier.", "head.", "fc.")
+
+
 def weights_path(path: str | Path) -> Path:
     """The file to read: ``path`` itself, or ``best.pt`` inside a finetune run directory."""
     path = Path(path)
@@ -66,9 +72,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to parse the file is the user's file, not our bug
-        raise UserError(
-            f"{path}: cannot read weights ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from None
+        raise load_error(path, err) from None
     for key in _NESTED_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -97,8 +101,14 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
             report.dropped.append(key)
         else:
             usable[key] = value
-    if not usable:
-        raise UserError(f"{path}: no tensor matches the model's parameters; is model.name the architecture it holds?")
+    # Count weights only: BN's num_batches_tracked scalars match any network with BatchNorm, and the head may be new.
+    weights = [k for k in own if not k.endswith("num_batches_tracked") and not k.startswith(_HEAD_PREFIXES)]
+    matched = sum(k in usable for k in weights)
+    if matched < MIN_MATCHED * len(weights):
+        raise UserError(
+            f"{path}: only {matched} of the model's {len(weights)} weight tensors match the file; "
+            "is model.name the architecture it holds?"
+        )
     # BN's num_batches_tracked counters are bookkeeping, not weights: older files lack them and that is fine.
     report.missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     head = [k for k in report.dropped + report.unexpected + report.missing if k.startswith("classifier.")]

@@ -52,5 +52,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory; give a recipe .toml file") from None
+    except PermissionError:
+        raise UserError(f"{path}: recipe file not readable (permission denied)") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: not valid TOML: {err}") from None

@@ -48,29 +48,61 @@ def pr_curves(
             ax.annotate(f"t={thresholds[c]:.2f}", (r_at, p_at), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set(title=f"{title} classes ({split})", xlabel="recall", xlim=(0, 1.02), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        if group:
+            ax.legend(loc="lower left", fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no class with positives", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel("precision")
     _save(fig, path)
     return [names[c] for c in picked]
 
 
+# A plot shows at most this many classes: figure size, and so memory and time, must not grow with the class count.
+MAX_PLOTTED = 40
+
+
 def f1_bars(f1_fixed: np.ndarray, f1_cal: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    """Per-class F1 at the fixed threshold and at the calibrated thresholds, side by side."""
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.2))
-    ax.bar(x - 0.2, f1_fixed, 0.4, label="fixed threshold")
-    ax.bar(x + 0.2, f1_cal, 0.4, label="calibrated")
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    """Per-class F1 at the fixed threshold and at the calibrated thresholds, side by side.
+
+    With more than :data:`MAX_PLOTTED` classes, the ones whose F1 changed most are shown.
+    """
+    f1_fixed, f1_cal = np.nan_to_num(f1_fixed), np.nan_to_num(f1_cal)
+    keep = np.arange(len(names))
+    if len(names) > MAX_PLOTTED:
+        keep = np.sort(np.argsort(-np.abs(f1_cal - f1_fixed), kind="stable")[:MAX_PLOTTED])
+        title = f"{title}\n({MAX_PLOTTED} of {len(names)} classes: the largest changes)"
+    x = np.arange(len(keep))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(keep) + 2), 4.2))
+    ax.bar(x - 0.2, f1_fixed[keep], 0.4, label="fixed threshold")
+    ax.bar(x + 0.2, f1_cal[keep], 0.4, label="calibrated")
+    ax.set_xticks(x, [names[i] for i in keep], rotation=60, ha="right", fontsize=8)
     ax.set(ylabel="F1", ylim=(0, 1), title=title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     _save(fig, path)
 
 
-def confusion_png(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    """The confusion matrix (rows: true class, columns: predicted), row-normalised colours, counts written."""
+def most_confused(cm: np.ndarray, k: int = MAX_PLOTTED) -> np.ndarray:
+    """Indices (sorted) of the ``k`` classes with the most errors, as true or as predicted class."""
     cm = np.asarray(cm)
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    if len(cm) <= k:
+        return np.arange(len(cm))
+    errors = cm.sum(0) + cm.sum(1) - 2 * np.diag(cm)
+    return np.sort(np.argsort(-errors, kind="stable")[:k])
+
+
+def confusion_png(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    """The confusion matrix (rows: true class, columns: predicted), row-normalised colours, counts written.
+
+    With more than :data:`MAX_PLOTTED` classes, the most-confused ones are shown (rows still normalised over all
+    predictions), so the figure's size stays bounded whatever the class count.
+    """
+    cm = np.asarray(cm)
+    norm_all = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    keep = most_confused(cm)
+    if len(keep) < len(cm):
+        title = f"{title} ({len(keep)} most-confused of {len(cm)} classes)"
+    cm, norm, names = cm[np.ix_(keep, keep)], norm_all[np.ix_(keep, keep)], [names[i] for i in keep]
     side = max(4.0, 0.45 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from finetune.data.coco import ClassMap
@@ -64,7 +65,7 @@ def _pct(x: float | None) -> str:
 
 def print_report(report: dict[str, Any], console: Console, per_class: bool = True) -> None:
     """Print a summary table (one row per split and threshold kind), the calibration gain and per-class tables."""
-    table = Table(title=f"{report.get('run', 'evaluation')}")
+    table = Table(title=escape(str(report.get("run", "evaluation"))))
     table.add_column("split")
     table.add_column("thresholds")
     table.add_column("images", justify="right")
@@ -81,7 +82,8 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
     if cal:
         h = cal["honest"]
         console.print(
-            f"calibration: fitted on {cal['fitted_on']}; on data it was not fitted on ({h['how']}): macro-F1 "
+            f"calibration: fitted on {escape(str(cal['fitted_on']))}; on data it was not fitted on ({h['how']}): "
+            "macro-F1 "
             f"{_pct(h['fixed']['macro_f1'])} -> {_pct(h['calibrated']['macro_f1'])}, micro-F1 "
             f"{_pct(h['fixed']['micro_f1'])} -> {_pct(h['calibrated']['micro_f1'])}"
         )
@@ -94,7 +96,12 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
         for col in cols:
             t.add_column(col, justify="left" if col == "class" else "right")
         for r in split["per_class"]:
-            cells = [r["name"], str(r["support"]), _pct(r["ap"]), *(_pct(r[k]) for k in ("precision", "recall", "f1"))]
+            cells = [
+                escape(r["name"]),
+                str(r["support"]),
+                _pct(r["ap"]),
+                *(_pct(r[k]) for k in ("precision", "recall", "f1")),
+            ]
             if has_cal:
                 cells += [f"{r['threshold_cal']:.2f}", *(_pct(r[f"{k}_cal"]) for k in ("precision", "recall", "f1"))]
             t.add_row(*cells)
@@ -130,7 +137,12 @@ def markdown_report(report: dict[str, Any]) -> str:
         )
         lines += ["", f"## {name}: per class", "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
         for r in split["per_class"]:
-            cells = [r["name"], str(r["support"]), _pct(r["ap"]), *(_pct(r[k]) for k in ("precision", "recall", "f1"))]
+            cells = [
+                escape(r["name"]),
+                str(r["support"]),
+                _pct(r["ap"]),
+                *(_pct(r[k]) for k in ("precision", "recall", "f1")),
+            ]
             if has_cal:
                 cells += [f"{r['threshold_cal']:.3f}", *(_pct(r[f"{k}_cal"]) for k in ("precision", "recall", "f1"))]
             lines.append("| " + " | ".join(cells) + " |")
@@ -159,13 +171,14 @@ def single_label_report(targets: np.ndarray, probs: np.ndarray, classes: ClassMa
         "images": int(len(y)),
         "summary": summarize_single(targets, probs),
         "per_class": rows,
-        "confusion": cm.tolist(),
+        # Sparse (true, predicted, count) triples: at most one per image, where a dense list grows with classes².
+        "confusion": [[int(t), int(p), int(cm[t, p])] for t, p in zip(*np.nonzero(cm))],
     }
 
 
 def print_single_report(report: dict[str, Any], console: Console) -> None:
     """Summary (top-1, top-5, mean recall, mAP) per split and per-class recall/precision."""
-    table = Table(title=f"{report.get('run', 'evaluation')}")
+    table = Table(title=escape(str(report.get("run", "evaluation"))))
     for col in ("split", "images", "top-1", "top-5", "mean recall", "mAP"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, split in report["splits"].items():
@@ -177,5 +190,5 @@ def print_single_report(report: dict[str, Any], console: Console) -> None:
         for col in ("class", "support", "recall", "precision"):
             t.add_column(col, justify="left" if col == "class" else "right")
         for r in split["per_class"]:
-            t.add_row(r["name"], str(r["support"]), _pct(r["recall"]), _pct(r["precision"]))
+            t.add_row(escape(r["name"]), str(r["support"]), _pct(r["recall"]), _pct(r["precision"]))
         console.print(t)

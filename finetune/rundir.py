@@ -9,6 +9,7 @@ calibrated thresholds), ``report.json`` / ``report.md``, plots and, if any image
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,20 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.data.coco import ClassMap
 from finetune.errors import UserError
+from finetune.overrides import parse_override
+
+# What a run writes before its first last.pt; a directory holding only these can be rerun or resumed from scratch.
+_BEFORE_FIRST_CHECKPOINT = {
+    "recipe.toml",
+    "classes.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "bad_images.json",
+    "tensorboard",
+    "mlruns",
+}
+# The keys --resume --set may change: none changes what an epoch computes (epochs may only grow; checked on resume).
+RESUME_KEYS = {"train.epochs", "data.num_workers", "data.root", "log.to"}
 
 
 class RunDir:
@@ -38,15 +53,30 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | Path) -> RunDir:
-        """Make a new run directory; refuse one that already holds a run (nothing a user made is lost)."""
+        """Make a new run directory; refuse one that already holds a run (nothing a user made is lost).
+
+        A directory left by a run stopped before its first checkpoint (only the files a run writes first, no
+        ``last.pt``) holds nothing worth keeping: it is cleared and reused.
+        """
         run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
+        if run.path.exists() and not run.path.is_dir():
+            raise UserError(f"{run.path}: is a file; choose another output.dir or output.name")
+        entries = list(run.path.iterdir()) if run.path.exists() else []
+        if entries and not run.started_only():
             raise UserError(
                 f"{run.path} already holds a run; continue it with `finetune run --resume {run.path}` "
                 "or start another with --set output.name=NEW_NAME"
             )
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         run.path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def started_only(self) -> bool:
+        """Whether the directory holds only what a run writes before its first checkpoint."""
+        if not self.path.is_dir() or (self.path / "last.pt").exists():
+            return False
+        return all(e.name in _BEFORE_FIRST_CHECKPOINT or e.name.endswith(ckpt.TMP_SUFFIX) for e in self.path.iterdir())
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -58,19 +88,40 @@ class RunDir:
 
     @classmethod
     def for_resume(cls, path: str | Path) -> RunDir:
-        """An existing run directory with a ``last.pt`` to continue from."""
+        """An existing run directory to continue; temporary files an interrupted write left are removed."""
         run = cls.open(path)
-        if not (run.path / "last.pt").is_file():
-            raise UserError(f"{path}: no last.pt to resume from (did the first epoch finish?)")
+        if not (run.path / "last.pt").is_file() and not run.started_only():
+            raise UserError(f"{path}: no last.pt to resume from, and it holds more than a run stopped in epoch 1")
+        ckpt.remove_stale_temporaries(run.path)
         return run
 
     def recipe(self, overrides: list[str] | None = None) -> Recipe:
         """The resolved recipe saved in the run, with optional ``--set`` overrides."""
         return load_recipe(self.path / "recipe.toml", overrides)
 
+    def resume_recipe(self, overrides: list[str] | None = None) -> Recipe:
+        """The run's recipe for ``--resume``: only keys that leave the trained weights' meaning intact may change.
+
+        Raises:
+            UserError: For any other ``--set`` (a new batch size or LR would make the resumed run another run).
+        """
+        for item in overrides or []:
+            key = ".".join(parse_override(item)[0])
+            if key not in RESUME_KEYS:
+                raise UserError(
+                    f"--set {key}: cannot change on --resume (allowed: {', '.join(sorted(RESUME_KEYS))}); "
+                    "start a new run to change it"
+                )
+        return self.recipe(overrides)
+
     def save_recipe(self, recipe: Recipe) -> None:
-        """Write ``recipe.toml`` (the resolved recipe the run trains with)."""
-        self.write_text("recipe.toml", tomli_w.dumps(recipe_to_dict(recipe)))
+        """Write ``recipe.toml`` (the resolved recipe), with ``data.root`` made absolute so that it works anywhere."""
+        raw = recipe_to_dict(recipe)
+        raw["data"]["root"] = str(Path(raw["data"]["root"]).resolve())
+        checkpoint = raw["model"].get("checkpoint")
+        if checkpoint and Path(checkpoint).exists():
+            raw["model"]["checkpoint"] = str(Path(checkpoint).resolve())
+        self.write_text("recipe.toml", tomli_w.dumps(raw))
 
     def classes(self) -> ClassMap:
         """The run's classes (``classes.json``)."""

@@ -174,7 +174,9 @@ class SingleLabel(Task):
         from finetune import plots
 
         shown = "test" if "test" in report["splits"] else next(iter(report["splits"]))
-        cm = np.array(report["splits"][shown]["confusion"])
+        cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        for t, p, count in report["splits"][shown]["confusion"]:
+            cm[t, p] = count
         plots.confusion_png(cm, list(classes.names), run_dir / "confusion_matrix.png", f"{shown}: confusion matrix")
 
     def threshold_note(self, how: str) -> str:  # noqa: D102

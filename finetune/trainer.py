@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
@@ -54,7 +55,7 @@ def _handle_bad(errors: list[str], policy: str, state: TrainState, console: Cons
     for msg in errors:
         if msg not in state.bad_images:
             state.bad_images.append(msg)
-            console.print(f"[yellow]skipped[/] {msg}")
+            console.print(f"[yellow]skipped[/] {escape(msg)}")
 
 
 def _inputs(batch: dict[str, Any], settings: EvalSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +118,10 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
                 # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16.
                 loss = loop.loss_fn(logits.float(), targets.float())
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {state.epoch + 1}, batch {i}")
+                    raise UserError(
+                        f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}: training diverged; "
+                        'lower optim.lr, set train.grad_clip, or use train.precision = "fp32"'
+                    )
                 loop.scaler.scale(loss / s.accum_steps).backward()
                 total_loss += loss.item() * len(inputs)
                 seen += len(inputs)
@@ -129,6 +133,11 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
             lr = loop.optimizer.param_groups[-1]["lr"]
             bar.update(task, advance=1, info=f"loss {total_loss / max(seen, 1):.4f}  lr {lr:.2e}  {rate:.0f} img/s")
     elapsed = time.perf_counter() - start
+    if not seen:
+        raise UserError(
+            f"epoch {state.epoch + 1}: not one training image could be read ({len(state.bad_images)} unreadable); "
+            "check data.root and the images"
+        )
     return {
         "train_loss": total_loss / max(seen, 1),
         "lr": loop.optimizer.param_groups[-1]["lr"],
@@ -186,9 +195,12 @@ _SHOWN = {"map": "mAP", "macro_f1": "macro-F1", "micro_f1": "micro-F1", "top1": 
 
 
 def _is_better(score: float, best: float | None, select: str) -> bool:
+    """Whether ``score`` beats ``best``; with no real score yet (none, or NaN: no val positives) the newest wins."""
+    if best is None or math.isnan(best):
+        return True
     if math.isnan(score):
         return False
-    return best is None or (score < best if select == "loss" else score > best)
+    return score < best if select == "loss" else score > best
 
 
 def checkpoint_state(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
@@ -214,7 +226,12 @@ def selected_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def restore(path: Path, loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
     """Load a checkpoint written by :func:`fit` into the loop's objects and hooks; sets and returns its state."""
     saved = ckpt.load_checkpoint(path)
-    loop.model.load_state_dict(saved["model"])
+    try:
+        loop.model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        msg = f"{path}: its weights do not fit this model ({first[:150]}); is model.name the run's?"
+        raise UserError(msg) from None
     loop.optimizer.load_state_dict(saved["optimizer"])
     loop.scheduler.load_state_dict(saved["scheduler"])
     loop.scaler.load_state_dict(saved["scaler"])

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from finetune import build, build_train
 from finetune.config import Recipe
@@ -54,7 +55,7 @@ def _build_loop(
     else:
         model, load_report = build.build_model(recipe, n_classes)
         if load_report:
-            console.print(load_report.summary())
+            console.print(escape(load_report.summary()))
     model.to(device)
     if recipe.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -117,11 +118,19 @@ def run(
     """
     console = console or Console(stderr=True)
     run_dir = RunDir.for_resume(resume) if resume else None
+    if run_dir is not None and not (run_dir / "last.pt").is_file():
+        console.print(f"{escape(str(run_dir))}: stopped before its first checkpoint; starting it again from epoch 1")
+        resume = None
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     splits = build.build_splits(recipe)
     recipe, note = build.build_resolved_recipe(recipe, splits["train"])
     if note:
         console.print(note)
+    if recipe.train.select != "loss" and not splits["val"].targets.any():
+        console.print(
+            f"[yellow]note[/] no image of the val split has a label: val {recipe.train.select} is undefined, "
+            "so the last epoch's weights are kept as best.pt"
+        )
     if run_dir is not None and run_dir.classes() != splits["train"].classes:
         raise UserError(f"{run_dir}: the data's classes differ from the run's classes.json")
     run_dir = run_dir or RunDir(Path(recipe.output.dir) / recipe.output.name)
@@ -132,8 +141,13 @@ def run(
     all_hooks = build_train.build_hooks(recipe, run_dir.path, policy=policy, cache=cache, splits=splits, extra=hooks)
     if resume:
         state = restore(run_dir / "last.pt", loop, all_hooks)
+        if recipe.train.epochs < state.epoch:
+            raise UserError(
+                f"train.epochs = {recipe.train.epochs}: {run_dir} has already trained {state.epoch} epochs; "
+                "give at least that many"
+            )
         run_dir.trim_metrics(state.epoch)
-        console.print(f"resuming {run_dir} after epoch {state.epoch} (step {state.step})")
+        console.print(f"resuming {escape(str(run_dir))} after epoch {state.epoch} (step {state.step})")
     else:
         RunDir.create(run_dir.path).save_classes(splits["train"].classes)
     run_dir.save_recipe(recipe)

@@ -47,15 +47,29 @@ def test_weights_file_errors(tmp_path: Path) -> None:
         create_model("mobilenetv2_035", 3, checkpoint=str(junk))
     other = tmp_path / "other.safetensors"
     save_file({"fc.weight": torch.zeros(2, 2)}, str(other))
-    with pytest.raises(UserError, match="no tensor matches"):
+    with pytest.raises(UserError, match="only 0 of the model's .* weight tensors match"):
         create_model("mobilenetv2_035", 3, checkpoint=str(other))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.pt: the file is empty \(0 bytes\)"):
+        create_model("mobilenetv2_035", 3, checkpoint=str(empty))
+
+
+@pytest.mark.parametrize("source", ["resnet18", "mobilenetv2_100"])
+def test_a_checkpoint_of_another_architecture_is_refused(source: str, tmp_path: Path) -> None:
+    """BN's num_batches_tracked scalars fit any BN network: they must not make another architecture's file load."""
+    path = tmp_path / "other.safetensors"
+    save_file(timm.create_model(source, num_classes=10).state_dict(), str(path))
+    with pytest.raises(UserError, match="weight tensors match the file; is model.name the architecture"):
+        create_model("mobilenetv2_035", 3, checkpoint=str(path))
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     torch.save({"model": {"x": torch.zeros(1)}, "obj": Path("x")}, evil)  # a non-tensor object needs full unpickling
-    with pytest.raises(UserError, match="cannot read weights"):
+    with pytest.raises(UserError, match=r"refused: it holds a pickled Python object \(pathlib.PosixPath\)") as info:
         load_weights(torch.nn.Linear(1, 1), evil)
+    assert "weights_only" not in str(info.value) and "False" not in str(info.value)  # no advice to load it unsafely
 
 
 def test_unknown_model_name() -> None:

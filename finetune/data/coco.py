@@ -96,10 +96,31 @@ def multi_hot_targets(
     return targets
 
 
+# What a file that is not a readable image raises: PIL's own errors, truncation, and a decompression bomb (an image
+# over PIL's pixel limit, which is not an OSError).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit integer grayscale (``I;16*``, ``I``) and float (``F``) images scaled to 8 bits.
+
+    PIL's own ``convert("RGB")`` clips such pixels at 255, which turns a 16-bit PNG white.
+    """
+    a = np.asarray(img)
+    if img.mode == "F":
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        scaled = (a - lo) / (hi - lo or 1.0) * 255.0
+    else:  # 16-bit samples (I;16 from a 16-bit PNG or TIFF; I holds those too): the top 8 bits
+        scaled = np.clip(a.astype(np.int64), 0, 65535) / 257.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image as HWC uint8 RGB (grayscale, CMYK, palette and RGBA are converted)."""
+    """Decode an image as HWC uint8 RGB (grayscale of 8 or 16 bits, CMYK, palette and RGBA are converted)."""
     with Image.open(path) as img:
         img.load()
+        if img.mode.startswith("I") or img.mode == "F":
+            img = _to_8bit(img)
         if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
             # Composite on white: dropping alpha would expose whatever colour transparent pixels happen to hold.
             rgba = img.convert("RGBA")
@@ -152,8 +173,8 @@ class CocoMultiLabel(torch.utils.data.Dataset):
         except FileNotFoundError:
             sample["error"] = f"{path}: image file not found"
             return sample
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            sample["error"] = f"{path}: cannot decode image ({err})"
+        except DECODE_ERRORS as err:
+            sample["error"] = f"{path}: cannot decode image ({type(err).__name__}: {err})"
             return sample
         if self.transform is not None:
             if hasattr(self.transform, "set_random_seed"):
@@ -239,6 +260,6 @@ def check_images(paths: list[Path], decode: bool = False) -> list[str]:
         elif decode:
             try:
                 read_rgb(path)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-                problems.append(f"{path}: cannot decode image ({err})")
+            except DECODE_ERRORS as err:
+                problems.append(f"{path}: cannot decode image ({type(err).__name__}: {err})")
     return problems

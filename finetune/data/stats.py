@@ -18,7 +18,8 @@ import albumentations as A
 import numpy as np
 
 from finetune.checkpoint import atomic_write_json
-from finetune.data.coco import CocoSplit, read_rgb
+from finetune.data.coco import DECODE_ERRORS, CocoSplit, read_rgb
+from finetune.errors import UserError
 
 
 def cache_path(split: CocoSplit, fmt: str, image_size: int) -> Path:
@@ -28,19 +29,43 @@ def cache_path(split: CocoSplit, fmt: str, image_size: int) -> Path:
     return base / "stats" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
-def compute_stats(split: CocoSplit, image_size: int, multi_label: bool = True) -> dict[str, Any]:
-    """Per-channel mean/std (0..1), label counts and, for multi-label data, label co-occurrence counts."""
+def _image(split: CocoSplit, i: int, on_bad_image: str) -> np.ndarray | None:
+    """Image ``i`` of the split; None for an unreadable one under ``on_bad_image = "skip"``."""
+    if isinstance(split.image_paths, np.ndarray):
+        return split.image_paths[i]
+    path = split.image_paths[i]
+    try:
+        return read_rgb(path)
+    except DECODE_ERRORS as err:  # FileNotFoundError included
+        if on_bad_image == "error":
+            raise UserError(
+                f'{path}: cannot read image ({err}); fix or remove it, or set data.on_bad_image = "skip"'
+            ) from None
+        return None
+
+
+def compute_stats(
+    split: CocoSplit, image_size: int, multi_label: bool = True, on_bad_image: str = "skip"
+) -> dict[str, Any]:
+    """Per-channel mean/std (0..1), label counts and, for multi-label data, label co-occurrence counts.
+
+    Unreadable images are skipped (and counted in ``skipped``) or, with ``on_bad_image = "error"``, a user error.
+    """
     resize = A.Resize(image_size, image_size)
     total = np.zeros(3)
     total_sq = np.zeros(3)
-    pixels = 0
-    in_memory = isinstance(split.image_paths, np.ndarray)
+    pixels = skipped = 0
     for i in range(len(split.targets)):
-        image = split.image_paths[i] if in_memory else read_rgb(split.image_paths[i])
+        image = _image(split, i, on_bad_image)
+        if image is None:
+            skipped += 1
+            continue
         x = resize(image=image)["image"].reshape(-1, 3).astype(np.float64) / 255.0
         total += x.sum(0)
         total_sq += (x * x).sum(0)
         pixels += len(x)
+    if not pixels:
+        raise UserError(f"{split.image_dir}: none of the {len(split.targets)} {split.name} images could be read")
     mean = total / pixels
     std = np.sqrt(np.maximum(total_sq / pixels - mean**2, 0.0))
     y = (np.asarray(split.targets) > 0.5).astype(np.int64)
@@ -48,6 +73,7 @@ def compute_stats(split: CocoSplit, image_size: int, multi_label: bool = True) -
         "split": split.name,
         "images": int(len(y)),
         "image_size": image_size,
+        "skipped": skipped,
         "mean": [round(float(v), 6) for v in mean],
         "std": [round(float(v), 6) for v in std],
         "label_counts": {name: int(c) for name, c in zip(split.classes.names, y.sum(0))},
@@ -58,7 +84,9 @@ def compute_stats(split: CocoSplit, image_size: int, multi_label: bool = True) -
     return out
 
 
-def load_or_compute(split: CocoSplit, fmt: str, image_size: int, refresh: bool = False) -> tuple[dict[str, Any], bool]:
+def load_or_compute(
+    split: CocoSplit, fmt: str, image_size: int, refresh: bool = False, on_bad_image: str = "skip"
+) -> tuple[dict[str, Any], bool]:
     """Cached statistics, computing and caching them when absent (or with ``refresh``).
 
     Returns:
@@ -67,6 +95,6 @@ def load_or_compute(split: CocoSplit, fmt: str, image_size: int, refresh: bool =
     path = cache_path(split, fmt, image_size)
     if path.is_file() and not refresh:
         return json.loads(path.read_text()), True
-    stats = compute_stats(split, image_size, multi_label=fmt == "coco")
+    stats = compute_stats(split, image_size, multi_label=fmt == "coco", on_bad_image=on_bad_image)
     atomic_write_json(path, stats)
     return stats, False
