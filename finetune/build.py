@@ -9,6 +9,7 @@ from torch import nn
 
 from finetune.config import DataConfig, Recipe, TrainConfig
 from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, check_images, collate, read_split
+from finetune.data.csvfile import read_csv_split
 from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from finetune.errors import UserError
@@ -127,6 +128,8 @@ def build_split(cfg: DataConfig, split: str, classes: ClassMap | None = None) ->
         return read_folder_split(cfg.root, split, classes)
     if cfg.format == "cifar10":
         return read_cifar10_split(cfg.root, split, classes)
+    if cfg.format == "csv":
+        return read_csv_split(cfg.root, split, cfg.csv, cfg.label_sep, cfg.classes or None, classes)
     return read_split(cfg.root, split, cfg.annotations, cfg.images, cfg.include_crowd, cfg.min_box_area, classes)
 
 

@@ -13,10 +13,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.cli_data import data_app
+from finetune.cli_deploy import check_threshold, export, predict
 from finetune.errors import UserError, os_error_line
 
 app = typer.Typer(help="Transfer learning for small image classifiers.", no_args_is_help=True, add_completion=False)
 app.add_typer(data_app, name="data")
+app.command()(predict)
+app.command()(export)
 
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a recipe key: section.key=value (a TOML value).")
@@ -138,11 +141,6 @@ def groups(
     )
 
 
-def _check_threshold(threshold: float | None) -> None:
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold {threshold}: a probability threshold is between 0 and 1")
-
-
 def _parse_size(text: str) -> tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -235,7 +233,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a run's best checkpoint on a split; prints the tables and writes eval_<split>.json."""
-    _check_threshold(threshold)
+    check_threshold(threshold)
     from finetune.evaluation import evaluate as evaluate_run
     from finetune.tasks import TASKS
 
@@ -257,30 +255,6 @@ def calibrate(
         raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
     report = calibrate_run(run_dir, split, err, overrides)
     TASKS[report["task"]].print_report(report, out)
-
-
-@app.command()
-def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    threshold: Annotated[
-        float | None, typer.Option(help="One decision threshold for every class (default: the run's thresholds.json).")
-    ] = None,
-    top: Annotated[int, typer.Option(help="Probabilities to show per image.")] = 5,
-) -> None:
-    """Predict labels for images with a run's best checkpoint."""
-    _check_threshold(threshold)
-    from finetune.predicting import predict_images
-
-    results = predict_images(run_dir, [str(p) for p in images], threshold)
-    if as_json:
-        print(json.dumps(results, indent=2))
-        return
-    for r in results:
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in list(r["probabilities"].items())[:top])
-        labels = escape(", ".join(r["labels"]) or "(none)")
-        out.print(f"{escape(r['image'])}: [bold]{labels}[/]  ({escape(shown)})")
 
 
 @app.command("lr-find")

@@ -47,15 +47,18 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where the data is and how it is read: COCO (multi-label), an image folder or CIFAR-10 batches (single-label)."""
+    """Where the data is and how it is read: COCO or CSV (multi-label), an image folder or CIFAR-10 (single-label)."""
 
-    format: Literal["coco", "folder", "cifar10"] = "coco"
+    format: Literal["coco", "csv", "folder", "cifar10"] = "coco"
     root: str = "data/demo"
     train: str = "train"
     val: str = "val"
     test: str = ""
     annotations: str = Field("annotations/instances_{split}.json", description="relative to root")
     images: str = Field("{split}", description="image folder relative to root")
+    csv: str = Field("labels.csv", description='format = "csv": the file, relative to root ({split}: one per split)')
+    label_sep: str = Field("|", min_length=1, description='format = "csv": separator inside the labels column')
+    classes: list[str] = Field([], description='format = "csv": class names in order (default: train labels, sorted)')
     image_size: int = Field(224, ge=16, le=2048)
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
@@ -70,6 +73,8 @@ class DataConfig(_Section):
             raise ValueError('annotations must contain "{split}", e.g. "annotations/instances_{split}.json"')
         if not self.train or not self.val:
             raise ValueError("train and val split names must not be empty")
+        if len(set(self.classes)) != len(self.classes) or any(not c.strip() for c in self.classes):
+            raise ValueError("classes must be distinct, non-empty names")
         return self
 
 
@@ -342,16 +347,11 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(holder.model_fields) if holder else []
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop pydantic's union-member tags (``literal['x']``, ``float``...) so only recipe keys remain."""
-    return _walk(loc)[0]
-
-
 def _format_error(source: str, err: ValidationError) -> str:
     """One line for the first problem pydantic found."""
     errors = err.errors()
     first = errors[0]
-    loc = _clean_loc(first["loc"])
+    loc = _walk(first["loc"])[0]  # without pydantic's union-member tags (literal['x'], float...)
     key = ".".join(str(p) for p in loc) or "(recipe)"
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)
@@ -360,7 +360,7 @@ def _format_error(source: str, err: ValidationError) -> str:
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] not in ("value_error", "missing"):
             msg += f" (got {first['input']!r})"
-    more = len({_clean_loc(e["loc"]) for e in errors}) - 1
+    more = len({_walk(e["loc"])[0] for e in errors}) - 1
     return f"{source}: {key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 

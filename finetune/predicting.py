@@ -1,52 +1,36 @@
-"""Predicting images with a trained run: labels by the run's task and thresholds, and every class's probability."""
+"""Showing and saving predictions: the table ``finetune predict`` prints and its ``--csv`` file."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from finetune import build
-from finetune.data.coco import read_rgb
-from finetune.data.transforms import eval_transform
-from finetune.errors import UserError
-from finetune.evaluation import load_run_model, load_thresholds
-from finetune.rundir import RunDir
+from finetune.checkpoint import atomic_write_text
+from finetune.predictor import Prediction
 
 
-def _read(path: str) -> np.ndarray:
-    try:
-        return read_rgb(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file not found") from None
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
-        raise UserError(f"{path}: cannot decode image ({err})") from None
+def write_csv(path: Path, results: list[Prediction], classes: list[str]) -> None:
+    """One row per image: ``path``, ``labels`` (``|``-separated, most probable first), one probability per class."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "labels", *classes])
+    for r in results:
+        writer.writerow([r.source, "|".join(r.labels), *(f"{r.probabilities[c]:.6f}" for c in classes)])
+    atomic_write_text(path, buf.getvalue())
 
 
-def predict_images(run_dir: str | Path, images: list[str], threshold: float | None = None) -> list[dict[str, Any]]:
-    """Per-image labels (the task's rule: probability >= threshold, or the arg-max) and every class's probability."""
-    run = RunDir.open(run_dir)
-    recipe = run.recipe()
-    task = build.build_task(recipe)
-    model, classes = load_run_model(run, recipe)
-    mean, std = build.norm_stats(recipe.data)
-    tf = eval_transform(recipe.data.image_size, mean, std)
-    thr, how = load_thresholds(run, threshold, recipe.train.threshold)
-    results = []
-    for path in images:
-        pixels = _read(path)
-        with torch.inference_mode():
-            probs = task.activation(model(tf(image=pixels)["image"][None]).float())[0].numpy()
-        (labels,) = task.labels(probs[None], thr)
-        order = np.argsort(-probs)
-        results.append(
-            {
-                "image": str(path),
-                "labels": [classes.names[i] for i in labels],
-                "probabilities": {classes.names[i]: round(float(probs[i]), 5) for i in order},
-                "thresholds": task.threshold_note(how),
-            }
-        )
-    return results
+def print_predictions(results: list[Prediction], console: Console, top: int = 3) -> None:
+    """A table: image, labels, the ``top`` most probable classes."""
+    table = Table(show_header=True)
+    for col in ("image", "labels", f"top {top}"):
+        table.add_column(col)
+    for r in results:
+        best = sorted(r.probabilities.items(), key=lambda kv: -kv[1])[:top]
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in best)
+        table.add_row(escape(r.source), escape(", ".join(r.labels) or "(none)"), escape(shown))
+    console.print(table)

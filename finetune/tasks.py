@@ -102,9 +102,9 @@ class MultiLabel(Task):
         return summarize(targets, probs, threshold)
 
     def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:  # noqa: D102
-        probs = np.atleast_2d(probs)
-        per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), probs.shape[1:])
-        return [[int(i) for i in np.argsort(-row) if row[i] >= per_class[i]] for row in probs]
+        from finetune.predictor import label_indices
+
+        return label_indices(probs, True, thresholds)
 
     def split_report(  # noqa: D102
         self, targets: np.ndarray, probs: np.ndarray, classes: ClassMap, threshold: float, calibrated: Any = None
@@ -156,7 +156,9 @@ class SingleLabel(Task):
         return summarize_single(targets, probs)
 
     def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:  # noqa: D102
-        return [[int(np.argmax(row))] for row in np.atleast_2d(probs)]
+        from finetune.predictor import label_indices
+
+        return label_indices(probs, False, thresholds)
 
     def split_report(  # noqa: D102
         self, targets: np.ndarray, probs: np.ndarray, classes: ClassMap, threshold: float, calibrated: Any = None
@@ -191,7 +193,7 @@ class SingleLabel(Task):
 
 MULTI_LABEL, SINGLE_LABEL = MultiLabel(), SingleLabel()
 TASKS = {t.name: t for t in (MULTI_LABEL, SINGLE_LABEL)}
-TASK_OF_FORMAT = {"coco": MULTI_LABEL, "folder": SINGLE_LABEL, "cifar10": SINGLE_LABEL}
+TASK_OF_FORMAT = {"coco": MULTI_LABEL, "csv": MULTI_LABEL, "folder": SINGLE_LABEL, "cifar10": SINGLE_LABEL}
 
 
 def task_for(fmt: str) -> Task:

@@ -95,6 +95,6 @@ def load_or_compute(
     path = cache_path(split, fmt, image_size)
     if path.is_file() and not refresh:
         return json.loads(path.read_text()), True
-    stats = compute_stats(split, image_size, multi_label=fmt == "coco", on_bad_image=on_bad_image)
+    stats = compute_stats(split, image_size, multi_label=fmt in ("coco", "csv"), on_bad_image=on_bad_image)
     atomic_write_json(path, stats)
     return stats, False

@@ -1,0 +1,203 @@
+"""Issue 11: export (ONNX, TorchScript) with model.json, batch prediction, the Predictor API and CSV data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from finetune import Predictor, training
+from finetune.build import build_splits
+from finetune.config import load_recipe
+from finetune.errors import UserError
+from finetune.export import export_run
+
+from .conftest import COCO_TINY, assert_user_error, run_cli
+
+REAL = pytest.mark.skipif(not COCO_TINY.is_dir(), reason="../shared/data/coco-tiny not present")
+
+COCO_TINY_SETS = [
+    f'data.root="{COCO_TINY.as_posix()}"',
+    'data.train="train2017"',
+    'data.val="val2017"',
+    'data.test=""',
+    "data.image_size=64",
+    "data.batch_size=16",
+]
+
+
+def _train(recipe: Path, sets: list[str], name: str) -> Path:
+    return training.run(load_recipe(recipe, [*sets, f"output.name={name}"]))
+
+
+@pytest.fixture(params=["generated", pytest.param("coco-tiny", marks=REAL)])
+def exported(request: pytest.FixtureRequest, tiny_recipe: Path, tiny_coco: Path) -> tuple[Path, list[Path]]:
+    """A one-epoch run (generated shapes, or real COCO images), exported to both formats; and 32 of its images."""
+    if request.param == "generated":
+        run_dir = _train(tiny_recipe, [], "gen")
+        images = [p for split in ("test", "val", "train") for p in sorted((tiny_coco / split).iterdir())]
+    else:
+        run_dir = _train(tiny_recipe, COCO_TINY_SETS, "real")
+        images = sorted((COCO_TINY / "val2017").iterdir())
+    export_run(run_dir, "onnx")
+    export_run(run_dir, "torchscript")
+    return run_dir, images[:32]
+
+
+def test_exports_match_the_run(exported: tuple[Path, list[Path]]) -> None:
+    run_dir, images = exported
+    onnx_file, ts_file = run_dir / "export" / "model.onnx", run_dir / "export" / "model.pt"
+    predictors = [Predictor.from_run(run_dir), Predictor.from_onnx(onnx_file), Predictor.from_torchscript(ts_file)]
+    results = [p.predict(images) for p in predictors]
+    probs = [np.array([list(r.probabilities.values()) for r in res]) for res in results]
+    assert probs[0].shape == (32, len(predictors[0].classes))
+    for other, res in zip(probs[1:], results[1:]):
+        np.testing.assert_allclose(other, probs[0], atol=1e-4, rtol=0)
+        assert [sorted(r.labels) for r in res] == [sorted(r.labels) for r in results[0]]  # order: near-ties may swap
+    # The thresholds travel with the model: read back from the ONNX metadata, equal to the run's thresholds.json.
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_file)).metadata_props}
+    fitted = [c["threshold"] for c in json.loads((run_dir / "thresholds.json").read_text())["classes"]]
+    assert meta["thresholds"] == pytest.approx(fitted) and meta["classes"] == predictors[0].classes
+    assert json.loads((run_dir / "export" / "model.json").read_text())["thresholds"] == meta["thresholds"]
+    # The run's own labels (thresholds.json applied by `eval`'s rule) agree with the predictor's.
+    thr = np.array(fitted)
+    assert [r.labels for r in results[0]] == [
+        [predictors[0].classes[i] for i in np.argsort(-p, kind="stable") if p[i] >= thr[i]] for p in probs[0]
+    ]
+
+
+RUNTIME_ONLY = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+classes, thresholds = json.loads(meta["classes"]), np.array(json.loads(meta["thresholds"]))
+out = []
+for path in sys.argv[2:]:
+    image = np.asarray(Image.open(path).convert("RGB"))[None]  # uint8 NHWC, any size: resized inside the graph
+    (probs,) = session.run(None, {"image": image})[0]
+    out.append([classes[i] for i in np.argsort(-probs, kind="stable") if probs[i] >= thresholds[i]])
+assert "torch" not in sys.modules and "finetune" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_the_onnx_file_runs_without_torch(exported: tuple[Path, list[Path]]) -> None:
+    run_dir, images = exported
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNTIME_ONLY, str(run_dir / "export" / "model.onnx"), *map(str, images)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    predictor = Predictor.from_run(run_dir)
+    raw = [np.asarray(Image.open(p).convert("RGB"))[None] for p in images]  # the same full-size images
+    expected = [
+        [predictor.classes[i] for i in np.argsort(-p, kind="stable") if p[i] >= predictor.thresholds[i]]
+        for p in (predictor.probabilities(x)[0] for x in raw)
+    ]
+    assert [sorted(x) for x in json.loads(proc.stdout)] == [sorted(x) for x in expected]
+
+
+def test_predict_command(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
+    run_dir = _train(tiny_recipe, [], "cmd")
+    folder = tmp_path / "imgs" / "nested"
+    folder.mkdir(parents=True)
+    for p in sorted((tiny_coco / "test").iterdir())[:5]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    glob = str(tiny_coco / "val" / "*.jpg")
+    out_csv = tmp_path / "pred.csv"
+    proc = run_cli("predict", str(run_dir), str(tmp_path / "imgs"), glob, "--csv", str(out_csv), "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "broken.jpg" in proc.stderr and "17 images predicted, 1 skipped" in proc.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    classes = [c["name"] for c in json.loads((run_dir / "classes.json").read_text())]
+    assert len(rows) == 17 and list(rows[0]) == ["path", "labels", *classes]
+    direct = Predictor.from_run(run_dir).predict([Path(rows[0]["path"])])[0]
+    assert rows[0]["labels"] == "|".join(direct.labels)
+    assert float(rows[0][classes[0]]) == pytest.approx(direct.probabilities[classes[0]], abs=1e-6)
+    proc = run_cli("predict", str(run_dir), glob, "--json", "--threshold", "0.0", "--device", "cpu")
+    result = json.loads(proc.stdout)
+    assert len(result) == 12 and all(len(r["labels"]) == len(classes) for r in result)
+    assert_user_error(run_cli("predict", str(tmp_path / "nothing"), glob), "no such run directory or exported model")
+
+
+def _csv_from_coco(root: Path, splits: dict[str, str], out: Path, columns: bool = False) -> list[str]:
+    """One CSV for every split, written from COCO annotations; returns the class names in COCO order."""
+    rows, names = [], []
+    for split, folder in splits.items():
+        doc = json.loads((root / "annotations" / f"instances_{folder}.json").read_text())
+        cats = {c["id"]: c["name"] for c in doc["categories"]}
+        names = [cats[k] for k in sorted(cats)]
+        labels: dict[int, set[str]] = {im["id"]: set() for im in doc["images"]}
+        for a in doc["annotations"]:
+            labels[a["image_id"]].add(cats[a["category_id"]])
+        for im in sorted(doc["images"], key=lambda im: im["id"]):
+            rows.append((f"{folder}/{im['file_name']}", labels[im["id"]], split))
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", *(names if columns else ["labels"]), "split"])
+        for path, found, split in rows:
+            cells = [int(n in found) for n in names] if columns else ["|".join(sorted(found))]
+            w.writerow([path, *cells, split])
+    return names
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_csv_targets_equal_the_coco_loader(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path, columns: bool) -> None:
+    names = _csv_from_coco(tiny_coco, {"train": "train", "val": "val"}, tmp_path / "labels.csv", columns)
+    sets = [f'data.csv="{(tmp_path / "labels.csv").as_posix()}"', 'data.format="csv"', 'data.test=""']
+    coco = build_splits(load_recipe(tiny_recipe, ['data.test=""']))
+    mine = build_splits(load_recipe(tiny_recipe, [*sets, f"data.classes={json.dumps(names)}"]))
+    for role in ("train", "val"):
+        assert [p.resolve() for p in mine[role].image_paths] == [p.resolve() for p in coco[role].image_paths]
+        np.testing.assert_array_equal(mine[role].targets, coco[role].targets)
+    assert mine["train"].classes.names == coco["train"].classes.names
+
+
+@REAL
+def test_csv_from_coco_tiny_trains_through_the_cli(tiny_recipe: Path, tmp_path: Path) -> None:
+    names = _csv_from_coco(COCO_TINY, {"train": "train2017", "val": "val2017"}, tmp_path / "coco.csv")
+    sets = [*COCO_TINY_SETS[:1], 'data.format="csv"', 'data.test=""', f'data.csv="{tmp_path / "coco.csv"}"']
+    sets += ["data.image_size=64", f"data.classes={json.dumps(names)}", "output.name=csvrun"]
+    coco = build_splits(load_recipe(tiny_recipe, COCO_TINY_SETS))
+    mine = build_splits(load_recipe(tiny_recipe, sets))
+    np.testing.assert_array_equal(mine["val"].targets, coco["val"].targets)
+    args = [a for s in sets for a in ("--set", s)]
+    proc = run_cli("run", str(tiny_recipe), *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "csvrun" / "report.json").read_text())["splits"]["val"]["images"] == 80
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("path,labels,split\ntrain/a.jpg,circle|unicorn,train\n", "labels.csv:2: unknown label 'unicorn'"),
+        ("path,labels,split\ntrain/none.jpg,circle,train\n", "none.jpg: image file not found"),
+        ("path,labels,split\n,,\n", "labels.csv:2: empty row"),
+        ("path,labels,split\ntrain/a.jpg,circle,train\ntrain/a.jpg,square,train\n", "duplicate path 'train/a.jpg'"),
+        ("path,circle,split\ntrain/a.jpg,2,train\n", "column 'circle' holds '2'"),
+        ("image,labels\ntrain/a.jpg,circle\n", "no 'path' column"),
+    ],
+)
+def test_bad_csv_is_one_line(tiny_recipe: Path, tmp_path: Path, body: str, needle: str) -> None:
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train" / "a.jpg")
+    (root / "labels.csv").write_text(body)
+    sets = [f'data.root="{root.as_posix()}"', 'data.format="csv"', 'data.classes=["circle", "square"]']
+    with pytest.raises(UserError, match=needle.replace("|", r"\|").replace(".", r"\.")):
+        build_splits(load_recipe(tiny_recipe, sets), ("train",))
+    if needle.startswith("labels.csv:2: unknown"):  # and through the CLI: exit 2, one line
+        assert_user_error(run_cli("validate", str(tiny_recipe), *[a for s in sets for a in ("--set", s)]), "unicorn")
