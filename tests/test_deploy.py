@@ -201,3 +201,13 @@ def test_bad_csv_is_one_line(tiny_recipe: Path, tmp_path: Path, body: str, needl
         build_splits(load_recipe(tiny_recipe, sets), ("train",))
     if needle.startswith("labels.csv:2: unknown"):  # and through the CLI: exit 2, one line
         assert_user_error(run_cli("validate", str(tiny_recipe), *[a for s in sets for a in ("--set", s)]), "unicorn")
+
+
+def test_the_csv_recipe_validates(tiny_coco: Path, tmp_path: Path) -> None:
+    _csv_from_coco(tiny_coco, {"train": "train", "val": "val", "test": "test"}, tmp_path / "labels.csv")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "my_images_csv.toml"
+    sets = [f'data.root="{tiny_coco.as_posix()}"', f'data.csv="{(tmp_path / "labels.csv").as_posix()}"']
+    sets += ["model.pretrained=false", "data.num_workers=0"]
+    proc = run_cli("validate", str(recipe), "--check-images", *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ": valid" in proc.stdout and "24 images" in proc.stdout and "circle, crescent" in proc.stdout  # sorted
