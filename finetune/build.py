@@ -12,6 +12,7 @@ from finetune.data.coco import ClassMap, CocoMultiLabel, CocoSplit, check_images
 from finetune.data.csvfile import read_csv_split
 from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from finetune.distributed import Dist, ShardSampler, setup
 from finetune.errors import UserError
 from finetune.loop import EvalSettings, FitSettings
 from finetune.losses import create_loss
@@ -144,17 +145,36 @@ def build_dataset(cfg: DataConfig, split: CocoSplit, train: bool, seed: int = 0)
     return CocoMultiLabel(split.image_paths, split.targets, split.classes, tf, seed, split.image_ids)
 
 
-def build_loader(cfg: DataConfig, dataset: CocoMultiLabel, train: bool, seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader; training shuffles per epoch (seeded) and drops a last partial batch."""
+def build_loader(
+    cfg: DataConfig, dataset: CocoMultiLabel, train: bool, seed: int = 0, d: Dist | None = None
+) -> torch.utils.data.DataLoader:
+    """A DataLoader; training shuffles per epoch (seeded) and drops a last partial batch.
+
+    Under DDP (``d`` with more than one rank) it loads this rank's shard, ``data.batch_size / world`` at a time.
+    """
+    batch, sampler = cfg.batch_size, EpochSampler(len(dataset), seed) if train else None
+    if d is not None and d.enabled:
+        batch //= d.world
+        sampler = ShardSampler(len(dataset), seed, d.rank, d.world, shuffle=train, pad=train)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
-        sampler=EpochSampler(len(dataset), seed) if train else None,
+        batch_size=batch,
+        sampler=sampler,
         num_workers=cfg.num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         drop_last=train and len(dataset) > cfg.batch_size,
     )
+
+
+def build_dist(recipe: Recipe, device: torch.device) -> Dist:
+    """This process's place in a torchrun job (one process without torchrun); checks the batch divides."""
+    d = setup(device.type)
+    if d.enabled and recipe.data.batch_size % d.world:
+        raise UserError(
+            f"data.batch_size = {recipe.data.batch_size} is the global batch: it must divide by the {d.world} processes"
+        )
+    return d
 
 
 def build_model(recipe: Recipe, num_classes: int) -> tuple[nn.Module, LoadReport | None]:

@@ -17,6 +17,7 @@ from torch import nn
 from finetune.build import build_dataset, build_loader
 from finetune.config import Recipe, recipe_to_dict
 from finetune.data.coco import CocoSplit
+from finetune.distributed import DDPHook, Dist, ShardSampler, gather_features
 from finetune.ema import EmaHook
 from finetune.errors import UserError
 from finetune.freezing import FeatureCache, FreezeHook, FreezePolicy, Stage, plan_stages
@@ -68,13 +69,19 @@ def build_hooks(
     cache: FeatureCache | None = None,
     splits: dict[str, CocoSplit] | None = None,
     extra: Sequence[Hook] = (),
+    d: Dist | None = None,
 ) -> list[Hook]:
-    """The loop's hooks in order: freezing, the solver stage, L2-SP, EMA, early stopping, ``extra``, the loggers."""
+    """The loop's hooks in order: freezing, the solver stage, DDP, L2-SP, EMA, early stopping, ``extra``, the loggers.
+
+    Under DDP (``d`` with more than one rank) only rank 0 logs.
+    """
     t = recipe.train
     hooks: list[Hook] = [FreezeHook(policy, cache)] if policy is not None else []
     solver = build_solver(recipe, policy, splits)
     if solver is not None:
         hooks.append(solver)
+    if d is not None and d.enabled:
+        hooks.append(DDPHook(d))  # after the hooks that choose loop.forward: it wraps what they chose
     if recipe.optim.l2sp:
         hooks.append(L2SPHook(recipe.optim.l2sp))
     if t.ema:
@@ -82,6 +89,8 @@ def build_hooks(
     if t.patience:
         hooks.append(EarlyStopping(t.patience))
     name = recipe.output.name or run_dir.name
+    if d is not None and not d.main:
+        return [*hooks, *extra]
     return [*hooks, *extra, *make_loggers(recipe.log.to, run_dir, name, recipe_to_dict(recipe))]
 
 
@@ -150,8 +159,13 @@ def build_policy(recipe: Recipe, model: nn.Module, groups: list[LayerGroup] | No
     return FreezePolicy(model, groups, build_stages(recipe, groups), recipe.freeze.bn, recipe.freeze.train_bn)
 
 
-def build_feature_cache(recipe: Recipe, policy: FreezePolicy | None, split: CocoSplit) -> FeatureCache | None:
-    """The feature cache for head-only stages when ``freeze.cache_features`` is on and some stage can use it."""
+def build_feature_cache(
+    recipe: Recipe, policy: FreezePolicy | None, split: CocoSplit, d: Dist | None = None
+) -> FeatureCache | None:
+    """The feature cache for head-only stages when ``freeze.cache_features`` is on and some stage can use it.
+
+    Under DDP each rank extracts its shard; the features are gathered, and each rank trains on its shard of them.
+    """
     f = recipe.freeze
     if not f.cache_features or policy is None:
         return None
@@ -166,15 +180,21 @@ def build_feature_cache(recipe: Recipe, policy: FreezePolicy | None, split: Coco
         build_dataset(recipe.data, split, augmented, recipe.train.seed),
         train=False,
         seed=recipe.train.seed,
+        d=d,
     )
-    bs = recipe.data.batch_size
+    seed, bs = recipe.train.seed, recipe.data.batch_size
+    if d is not None and d.enabled:
+        return FeatureCache(
+            policy,
+            source,
+            f.cache_augment,
+            bs // d.world,
+            drop_last=True,
+            sampler_factory=lambda n: ShardSampler(n, seed, d.rank, d.world),
+            gather=lambda feats, targets, index: gather_features(feats, targets, index, d),
+        )
     return FeatureCache(
-        policy,
-        source,
-        f.cache_augment,
-        bs,
-        drop_last=True,
-        sampler_factory=lambda n: EpochSampler(n, recipe.train.seed),
+        policy, source, f.cache_augment, bs, drop_last=True, sampler_factory=lambda n: EpochSampler(n, seed)
     )
 
 

@@ -47,9 +47,13 @@ def run(
         raise UserError("missing RECIPE; e.g. finetune run recipes/quickstart.toml")
     else:
         cfg = load_recipe(recipe, overrides)
+    from finetune.distributed import teardown
     from finetune.training import run as run_recipe  # after the recipe: a recipe error should not wait for torch
 
-    run_recipe(cfg, resume, err)
+    try:
+        run_recipe(cfg, resume, err)
+    finally:
+        teardown()  # under torchrun: leave the process group
 
 
 @app.command()

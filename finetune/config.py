@@ -249,6 +249,7 @@ class TrainConfig(_Section):
     )
     patience: int = Field(0, ge=0, description="early stopping: epochs without a better val select metric; 0 = off")
     ema: float = Field(0.0, ge=0.0, lt=1.0, description="EMA decay of the weights (0 = off); evaluated and selected")
+    sync_bn: bool = Field(False, description="under DDP: BatchNorm statistics over the global batch")
     ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
 
 

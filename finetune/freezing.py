@@ -183,8 +183,12 @@ def extract_features(
     device: torch.device,
     precision: str = "fp32",
     channels_last: bool = False,
+    index: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled pre-classifier features (eval mode) and targets of every readable image of ``loader``."""
+    """Pooled pre-classifier features (eval mode) and targets of every readable image of ``loader``.
+
+    ``index``, when given, receives the dataset indices of the rows, batch by batch.
+    """
     model = policy.model
     was_training = model.training
     model.eval()
@@ -198,6 +202,8 @@ def extract_features(
         with autocast(device, precision):
             feats.append(policy.pooled_features(images).float())
         targets.append(batch["target"].to(device))
+        if index is not None:
+            index.append(batch["index"])
     model.train(was_training)
     return torch.cat(feats), torch.cat(targets)
 
@@ -230,6 +236,8 @@ class FeatureCache:
         batch_size: Training batch size (the same steps per epoch as the uncached loader, so the LR schedule holds).
         drop_last: As for the uncached loader.
         sampler_factory: Makes the per-epoch shuffling sampler (the trainer's seeded ``EpochSampler``).
+        gather: Under DDP, joins every rank's features ``(feats, targets, index)`` in dataset order: each rank
+            extracts only its shard of ``source``.
     """
 
     def __init__(
@@ -240,8 +248,9 @@ class FeatureCache:
         batch_size: int,
         drop_last: bool,
         sampler_factory: Any,
+        gather: Any = None,
     ) -> None:
-        self.policy, self.source, self.passes = policy, source, passes
+        self.policy, self.source, self.passes, self.gather = policy, source, passes, gather
         self.batch_size, self.drop_last, self.sampler_factory = batch_size, drop_last, sampler_factory
         self._store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.extract_time_s = 0.0
@@ -250,9 +259,11 @@ class FeatureCache:
         if self.passes and hasattr(self.source.dataset, "set_epoch"):
             self.source.dataset.set_epoch(k)
         start = time.perf_counter()
-        self._store[k] = extract_features(
-            self.policy, self.source, device=device, precision=precision, channels_last=channels_last
+        index: list[torch.Tensor] = []
+        feats, targets = extract_features(
+            self.policy, self.source, device=device, precision=precision, channels_last=channels_last, index=index
         )
+        self._store[k] = self.gather(feats, targets, torch.cat(index)) if self.gather else (feats, targets)
         self.extract_time_s += time.perf_counter() - start
 
     def loader(

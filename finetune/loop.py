@@ -81,6 +81,8 @@ class Loop:
     loader: torch.utils.data.DataLoader | None = None  # this epoch's training batches
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # this epoch's forward
     eval_model: nn.Module | None = None  # what is validated and selected (an EMA hook sets its average); None = model
+    gather: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # joins the ranks' val predictions (DDP)
+    is_main: bool = True  # the process that writes checkpoints (rank 0 under DDP)
 
 
 class Hook:

@@ -254,6 +254,8 @@ def _validate(loop: Loop, stats: dict[str, float]) -> tuple[dict[str, Any], bool
     s, state = loop.settings, loop.state
     model = loop.eval_model or loop.model
     out = predict(model, loop.val_loader, s, loss_fn=loop.loss_fn, state=state, console=loop.console)
+    if loop.gather is not None:
+        out = loop.gather(out)
     metrics = s.task.metrics(out["targets"], out["probs"], s.threshold)
     record = {"epoch": state.epoch, "step": state.step, **stats, "lr_groups": group_lrs(loop.optimizer)}
     record["val_loss"] = out["loss"]
@@ -296,9 +298,10 @@ def fit(loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
             for h in hooks:
                 h.on_epoch_end(loop, record)
             full = checkpoint_state(loop, hooks)
-            if improved:
+            if improved and loop.is_main:
                 ckpt.save_checkpoint(loop.run_dir / "best.pt", full)
-            ckpt.save_checkpoint(loop.run_dir / "last.pt", full)
+            if loop.is_main:
+                ckpt.save_checkpoint(loop.run_dir / "last.pt", full)
             loop.console.print(_epoch_line(loop, stats, record, improved))
             if loop.state.stop_reason:
                 loop.console.print(loop.state.stop_reason)

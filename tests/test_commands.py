@@ -15,7 +15,7 @@ STAGES = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["all"]}
 def _invoke(*args: str) -> str:
     result = CliRunner().invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 @pytest.mark.parametrize("kind", ["multi_label", "single_label"])

@@ -1,0 +1,82 @@
+"""Run by the DDP tests under torchrun (2 processes, gloo): train, stop, resume, evaluate; dumps per-rank state.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py MODE RECIPE OUT [SET ...]
+
+MODE: ``train`` (a run; each rank saves its weights at fit start and end to OUT/rank<r>.pt, and rank 0 the gathered
+val predictions of best.pt to OUT/gathered.pt), ``interrupt`` (Ctrl-C at the start of epoch 2), ``resume`` (RECIPE is
+the run directory).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from finetune import build, distributed, training
+from finetune.config import load_recipe
+from finetune.errors import UserError
+from finetune.loop import Hook, Loop
+from finetune.rundir import RunDir
+from finetune.trainer import predict, selected_weights
+
+
+class Dump(Hook):
+    """Each rank's model state (parameters and buffers) at fit start and fit end."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.path, self.saved = out / f"rank{rank}.pt", {}
+
+    def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
+        self.saved["start"] = {k: v.detach().clone() for k, v in loop.model.state_dict().items()}
+
+    def on_fit_end(self, loop: Loop) -> None:  # noqa: D102
+        self.saved["end"] = {k: v.detach().clone() for k, v in loop.model.state_dict().items()}
+        torch.save(self.saved, self.path)
+
+
+class Interrupt(Hook):
+    """Ctrl-C at the start of the second epoch, on every rank."""
+
+    def on_epoch_start(self, loop: Loop) -> None:  # noqa: D102
+        if loop.epoch == 1:
+            raise KeyboardInterrupt
+
+
+def gathered_eval(run_dir: Path, out: Path, d: distributed.Dist) -> None:
+    """best.pt on the val split, each rank predicting its shard, gathered (rank 0 saves it)."""
+    run = RunDir.open(run_dir)
+    recipe = run.recipe()
+    model = build.build_bare_model(recipe, len(run.classes()))
+    model.load_state_dict(selected_weights(run.checkpoint("best")))
+    split = build.build_split(recipe.data, recipe.data.val, run.classes())
+    loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False, d=d)
+    settings = build.build_eval_settings(recipe, torch.device("cpu"), "fp32")
+    joined = distributed.gather(predict(model, loader, settings), d)
+    if d.main:
+        torch.save({k: torch.as_tensor(v) for k, v in joined.items()}, out / "gathered.pt")
+
+
+def main() -> None:
+    """Parse the arguments and run the mode."""
+    mode, target, out, *sets = sys.argv[1:]
+    out = Path(out)
+    d = distributed.setup("cpu")
+    if mode == "resume":
+        run_dir = Path(target)
+        training.run(RunDir.open(run_dir).resume_recipe(), resume=run_dir, hooks=[Dump(out, d.rank)])
+    else:
+        hooks: list[Hook] = [Dump(out, d.rank)] + ([Interrupt()] if mode == "interrupt" else [])
+        try:
+            run_dir = training.run(load_recipe(target, sets), hooks=hooks)
+        except UserError as err:
+            if mode != "interrupt" or "interrupted" not in str(err):
+                raise
+        else:
+            gathered_eval(run_dir, out, d)
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()

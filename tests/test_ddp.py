@@ -1,0 +1,91 @@
+"""DDP through torchrun: 2 processes with the gloo backend on this CPU (tests/ddp_worker.py is what they run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import training
+from finetune.build import build_bare_model, build_dataset, build_eval_settings, build_loader, build_split
+from finetune.config import load_recipe
+from finetune.rundir import RunDir
+from finetune.trainer import predict, selected_weights
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+STAGED = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["blocks.4:"]}]'
+
+
+def _torchrun(mode: str, target: Path, out: Path, *sets: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*cmd, str(WORKER), mode, str(target), str(out), *sets], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("bn", ["frozen", "sync_bn"])
+def test_one_epoch_equals_one_process_at_the_same_global_batch(bn: str, tiny_recipe: Path, tmp_path: Path) -> None:
+    # With BN training, the global batch is the whole split (one step, 12 images per process): this scratch network
+    # at 32 px is chaotic under BN in train mode (weights perturbed by 1e-6 differ by 2.5e-2 after one SGD step, with
+    # or without DDP), so only the first step can be compared to fp32 tolerance; and SGD, because Adam turns the
+    # rounding noise of a zero gradient (a BN bias followed by another BN) into a full +-lr step.
+    sets = ['freeze.bn="all"']
+    if bn == "sync_bn":
+        sets = ['freeze.bn="none"', "train.sync_bn=true", "data.batch_size=24", 'optim.name="sgd"']
+    one = training.run(load_recipe(tiny_recipe, [*sets, "output.name=one"]))  # batch 8 in one process
+    _torchrun("train", tiny_recipe, tmp_path / "out", *sets, "output.name=two")  # 4 per process
+    a, b = _weights(one), _weights(tmp_path / "runs" / "two")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    if bn == "sync_bn":  # running statistics moved, and as one process with the whole batch moved them
+        assert a["bn1.num_batches_tracked"] == b["bn1.num_batches_tracked"] == 1
+        assert not torch.equal(a["bn1.running_mean"], torch.zeros_like(a["bn1.running_mean"]))
+
+
+def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: Path) -> None:
+    sets = [STAGED, "train.epochs=3"]
+    _torchrun("train", tiny_recipe, tmp_path / "straight", *sets, "output.name=straight")
+    ranks = [torch.load(tmp_path / "straight" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    straight = tmp_path / "runs" / "straight"
+
+    # Stage 2 trains blocks.4: on both ranks, identically; the frozen groups and their BN statistics stay bitwise.
+    model = build_bare_model(load_recipe(tiny_recipe), 10)
+    frozen_prefixes = ("conv_stem", "bn1", "blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.")  # stem, blocks.0-3
+    params = {name for name, _ in model.named_parameters()}
+    for key, start in ranks[0]["start"].items():
+        end0, end1 = ranks[0]["end"][key], ranks[1]["end"][key]
+        if key in params or key.startswith(frozen_prefixes):  # not the trained groups' BN statistics (no sync_bn)
+            assert torch.equal(end0, end1), key
+        if key.startswith(frozen_prefixes):
+            assert torch.equal(end0, start), key
+        elif key.startswith("blocks.5.") and key.endswith(".weight") and model.get_parameter(key).ndim == 4:
+            assert not torch.equal(end0, start), key
+    assert torch.equal(ranks[0]["end"]["classifier.weight"], _weights(straight)["classifier.weight"])
+
+    # Stopped at the start of epoch 2, resumed under DDP: the same weights as the uninterrupted DDP run.
+    _torchrun("interrupt", tiny_recipe, tmp_path / "cut", *sets, "output.name=cut")
+    cut = tmp_path / "runs" / "cut"
+    assert torch.load(cut / "last.pt", weights_only=True)["train_state"]["epoch"] == 1
+    _torchrun("resume", cut, tmp_path / "resumed")
+    for key, value in _weights(straight).items():
+        assert torch.equal(_weights(cut)[key], value), key
+
+    # Evaluation gathered from both ranks' shards equals one process's, on the same checkpoint.
+    gathered = torch.load(tmp_path / "straight" / "gathered.pt", weights_only=True)
+    recipe = RunDir.open(straight).recipe()
+    classes = RunDir.open(straight).classes()
+    net = build_bare_model(recipe, len(classes))
+    net.load_state_dict(selected_weights(RunDir.open(straight).checkpoint("best")))
+    split = build_split(recipe.data, recipe.data.val, classes)
+    loader = build_loader(recipe.data, build_dataset(recipe.data, split, False), False)
+    single = predict(net, loader, build_eval_settings(recipe, torch.device("cpu"), "fp32"))
+    assert gathered["index"].tolist() == list(range(len(split.targets)))
+    torch.testing.assert_close(gathered["probs"], torch.as_tensor(single["probs"]), atol=1e-6, rtol=0)
+    assert torch.equal(gathered["targets"], torch.as_tensor(single["targets"]))
