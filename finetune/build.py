@@ -138,11 +138,11 @@ def build_dataset(cfg: DataConfig, split: CocoSplit, train: bool, seed: int = 0)
     """A dataset with the train or eval pipeline."""
     mean, std = norm_stats(cfg)
     a = cfg.augment
-    if train:
-        tf = train_transform(cfg.image_size, a.crop, tuple(a.scale), a.hflip, a.color_jitter, mean, std)
+    if train:  # uint8 out of the workers; normalised on the device (batch_images)
+        tf = train_transform(cfg.image_size, a.crop, tuple(a.scale), a.hflip, a.color_jitter, normalize=False)
     else:
-        tf = eval_transform(cfg.image_size, mean, std)
-    return CocoMultiLabel(split.image_paths, split.targets, split.classes, tf, seed, split.image_ids)
+        tf = eval_transform(cfg.image_size, normalize=False)
+    return CocoMultiLabel(split.image_paths, split.targets, split.classes, tf, seed, split.image_ids, (mean, std))
 
 
 def build_loader(
@@ -163,6 +163,8 @@ def build_loader(
         num_workers=cfg.num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+        prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
         drop_last=train and len(dataset) > cfg.batch_size,
     )
 

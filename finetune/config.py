@@ -62,6 +62,8 @@ class DataConfig(_Section):
     image_size: int = Field(224, ge=16, le=2048)
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
+    persistent_workers: bool = Field(True, description="keep DataLoader workers between epochs")
+    prefetch: int = Field(2, ge=1, description="batches each worker loads ahead")
     include_crowd: bool = True
     min_box_area: float = Field(0.0, ge=0.0)
     on_bad_image: Literal["skip", "error"] = "skip"
@@ -244,12 +246,11 @@ class TrainConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    select: Literal["auto", "map", "macro_f1", "micro_f1", "top1", "loss"] = Field(
-        "auto", description="auto = map for multi-label, top1 for single-label"
-    )
+    select: Literal["auto", "map", "macro_f1", "micro_f1", "top1", "loss"] = "auto"  # auto: map, or top1 (single)
     patience: int = Field(0, ge=0, description="early stopping: epochs without a better val select metric; 0 = off")
     ema: float = Field(0.0, ge=0.0, lt=1.0, description="EMA decay of the weights (0 = off); evaluated and selected")
     sync_bn: bool = Field(False, description="under DDP: BatchNorm statistics over the global batch")
+    compile: bool = Field(False, description="run the model through torch.compile (model.compile(), in place)")
     ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.data.coco import batch_images
 from finetune.groups import LayerGroup, forward_fns, group_modules, group_of_param
 from finetune.loop import Hook, Loop
 from finetune.precision import autocast
@@ -196,9 +197,7 @@ def extract_features(
     for batch in loader:
         if "image" not in batch:
             continue
-        images = batch["image"].to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = batch_images(batch, device, channels_last)
         with autocast(device, precision):
             feats.append(policy.pooled_features(images).float())
         targets.append(batch["target"].to(device))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.data.coco import batch_images
 from finetune.precision import autocast
 
 
@@ -59,7 +60,7 @@ def lr_range_test(
                 g["lr"] = lr * multipliers.get(g.get("group_name", "all").removesuffix(".no_decay"), 1.0)
             batch = next(batches)
             with autocast(device, precision):
-                logits = forward(batch["image"].to(device))
+                logits = forward(batch_images(batch, device))
             loss = loss_fn(logits.float(), batch["target"].to(device).float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

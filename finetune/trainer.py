@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from finetune import checkpoint as ckpt
+from finetune.data.coco import batch_images
 from finetune.errors import UserError
 from finetune.loop import EvalSettings, Hook, Loop, TrainState, hook_key
 from finetune.optim import group_lrs
@@ -63,9 +64,7 @@ def _inputs(batch: dict[str, Any], settings: EvalSettings) -> tuple[torch.Tensor
     if "features" in batch:
         x = batch["features"].to(settings.device, non_blocking=True)
     else:
-        x = batch["image"].to(settings.device, non_blocking=True)
-        if settings.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = batch_images(batch, settings.device, settings.channels_last)
     return x, batch["target"].to(settings.device, non_blocking=True)
 
 

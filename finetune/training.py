@@ -63,6 +63,8 @@ def _build_loop(
     model.to(device)
     if recipe.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    if recipe.train.compile:  # in place: the state_dict keys, the hooks and the freezing policy stay as they are
+        model.compile()
     plan = build_train.plan_steps(recipe, len(datasets["train"]))
     optimizer, scheduler = build_train.build_optimizer(recipe, model, plan, build_train.build_groups(recipe, model))
     loop = Loop(

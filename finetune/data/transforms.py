@@ -17,6 +17,7 @@ def train_transform(
     color_jitter: float = 0.0,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    normalize: bool = True,
 ) -> A.Compose:
     """Training pipeline: crop or resize to ``size``, flip, optional colour jitter, normalise, to CHW tensor.
 
@@ -28,6 +29,7 @@ def train_transform(
         color_jitter: Brightness/contrast/saturation strength (hue gets a quarter of it); 0 disables.
         mean: Per-channel mean, 0..1 scale.
         std: Per-channel std, 0..1 scale.
+        normalize: False: a uint8 tensor out, normalised later on the device (``batch_images``).
 
     Returns:
         The pipeline; call it as ``pipeline(image=hwc_uint8)["image"]``.
@@ -41,12 +43,12 @@ def train_transform(
     if color_jitter > 0:
         j = color_jitter
         ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4), p=0.8))
-    ops += [A.Normalize(mean=mean, std=std), ToTensorV2()]
+    ops += [A.Normalize(mean=mean, std=std), ToTensorV2()] if normalize else [ToTensorV2()]
     return A.Compose(ops)
 
 
 def eval_transform(
-    size: int, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+    size: int, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, normalize: bool = True
 ) -> A.Compose:
     """Evaluation pipeline: resize the whole image to ``size`` x ``size`` (no centre crop: it can cut labels out)."""
-    return A.Compose([A.Resize(size, size), A.Normalize(mean=mean, std=std), ToTensorV2()])
+    return A.Compose([A.Resize(size, size), *([A.Normalize(mean=mean, std=std)] if normalize else []), ToTensorV2()])
