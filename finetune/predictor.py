@@ -28,6 +28,7 @@ import torch
 from finetune.data.coco import DECODE_ERRORS, read_rgb
 from finetune.data.folder import IMAGE_SUFFIXES
 from finetune.errors import UserError
+from finetune.labels import label_indices
 
 
 @dataclass
@@ -105,15 +106,6 @@ def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int]
     good = [(i, x) for i, x, _ in items if x is not None]
     images = torch.from_numpy(np.stack([x for _, x in good])) if good else None
     return [i for i, _ in good], images, [e for _, _, e in items if e]
-
-
-def label_indices(probs: np.ndarray, multi_label: bool, thresholds: np.ndarray | float) -> list[list[int]]:
-    """Per row: classes at or above their threshold, most probable first (multi-label), or the arg-max."""
-    probs = np.atleast_2d(probs)
-    if not multi_label:
-        return [[int(row.argmax())] for row in probs]
-    per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), probs.shape[1:])
-    return [[int(i) for i in np.argsort(-row, kind="stable") if row[i] >= per_class[i]] for row in probs]
 
 
 def _device(name: str) -> torch.device:

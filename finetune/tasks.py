@@ -18,6 +18,7 @@ from rich.console import Console
 
 from finetune.data.coco import ClassMap
 from finetune.errors import UserError
+from finetune.labels import label_indices
 
 
 class Task:
@@ -102,8 +103,6 @@ class MultiLabel(Task):
         return summarize(targets, probs, threshold)
 
     def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:  # noqa: D102
-        from finetune.predictor import label_indices
-
         return label_indices(probs, True, thresholds)
 
     def split_report(  # noqa: D102
@@ -156,8 +155,6 @@ class SingleLabel(Task):
         return summarize_single(targets, probs)
 
     def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:  # noqa: D102
-        from finetune.predictor import label_indices
-
         return label_indices(probs, False, thresholds)
 
     def split_report(  # noqa: D102
