@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -117,16 +116,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image as HWC uint8 RGB (grayscale of 8 or 16 bits, CMYK, palette and RGBA are converted).
-
-    RGB and grayscale JPEGs are decoded by OpenCV, 1.8x faster than PIL here and bitwise the same pixels (checked on
-    all of coco-small); PIL still reads the header first, so its decompression-bomb check holds.
-    """
+    """Decode an image as HWC uint8 RGB (grayscale of 8 or 16 bits, CMYK, palette and RGBA are converted)."""
     with Image.open(path) as img:
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):
-            pixels = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-            if pixels is not None and pixels.shape[:2] == (img.height, img.width):
-                return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
         img.load()
         if img.mode.startswith("I") or img.mode == "F":
             img = _to_8bit(img)
