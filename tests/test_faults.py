@@ -293,19 +293,22 @@ def test_a_recipe_error_does_not_import_torch(tmp_path: Path) -> None:
     assert version.returncode == 0 and version.stdout.startswith("finetune 0.")
 
 
-def test_relative_root_and_second_calibrate(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
+def test_relative_root_and_second_calibrate(
+    tiny_recipe: Path, tiny_coco: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune.evaluation import calibrate_run
+
     data = _copy_data(tiny_coco, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     recipe = _recipe(tiny_recipe, Path(os.path.relpath(data, work)))
-    proc = run_cli("run", str(recipe), cwd=work)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run_dir = tmp_path / "runs" / "tiny"
+    monkeypatch.chdir(work)
+    run_dir = training.run(load_recipe(recipe))
     assert load_recipe(run_dir / "recipe.toml").data.root == str(data.resolve())
     written = [(run_dir / "thresholds.json").read_bytes()]
-    for split in ("train", "val"):  # from another folder: the saved root is absolute
-        proc = run_cli("calibrate", str(run_dir), "--split", split, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # from another folder: the saved root is absolute
+    for split in ("train", "val"):
+        calibrate_run(run_dir, split, Console(file=StringIO()))
         written.append((run_dir / "thresholds.json").read_bytes())
     assert (run_dir / "thresholds.run.json").read_bytes() == written[0]  # the training's own, kept after two
     assert (run_dir / "thresholds.prev.json").read_bytes() == written[1]
