@@ -155,7 +155,7 @@ def build_loader(
     batch, sampler = cfg.batch_size, EpochSampler(len(dataset), seed) if train else None
     if d is not None and d.enabled:
         batch //= d.world
-        sampler = ShardSampler(len(dataset), seed, d.rank, d.world, shuffle=train, pad=train)
+        sampler = ShardSampler(len(dataset), seed, d.rank, d.world, shuffle=train, pad=train, batch=cfg.batch_size)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,

@@ -190,7 +190,8 @@ def build_feature_cache(
             f.cache_augment,
             bs // d.world,
             drop_last=True,
-            sampler_factory=lambda n: ShardSampler(n, seed, d.rank, d.world),
+            sampler_factory=lambda n: ShardSampler(n, seed, d.rank, d.world, batch=bs),
+            global_batch=bs,
             gather=lambda feats, targets, index: gather_features(feats, targets, index, d),
         )
     return FeatureCache(

@@ -23,7 +23,7 @@ from finetune.errors import UserError
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0)  # the only way to read it (set back at once)
     os.umask(mask)
     return mask
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune.cli_data import data_app
+from finetune.cli_data import SetOption, data_app
 from finetune.cli_deploy import check_threshold, export, predict
 from finetune.errors import UserError, os_error_line
 
@@ -21,9 +21,6 @@ app.add_typer(data_app, name="data")
 app.command()(predict)
 app.command()(export)
 
-SetOption = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="Override a recipe key: section.key=value (a TOML value).")
-]
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 

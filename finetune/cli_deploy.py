@@ -45,6 +45,8 @@ def predict(
     from finetune.predictor import Predictor, Skipped, expand_paths
 
     files, missing = expand_paths(paths)
+    if not files:
+        raise UserError(f"{missing[0] if missing else 'PATH'}; nothing to predict")
     predictor = Predictor.load(source, device, threshold)
     skipped = Skipped(list(missing))
     results = list(predictor.predict_files(files, batch_size, workers, skipped))

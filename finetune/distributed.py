@@ -78,13 +78,13 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: Any, d: Dist) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+def gather_list(items: list[Any], d: Dist) -> list[Any]:
+    """Every rank's ``items`` joined (in rank order, without repeats)."""
     if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return items
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, items)
+    return list(dict.fromkeys(x for part in parts for x in part))
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -96,11 +96,17 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         rank: This rank.
         world: Number of ranks.
         shuffle: Permute per epoch (training) or keep dataset order (evaluation, feature extraction).
-        pad: Repeat leading indices so every rank gets the same count (training: equal steps on every rank).
+        pad: Equal counts on every rank (training): with ``batch`` (the global batch) and more than one batch of
+            images, the permutation is cut to whole global batches, as one process's ``drop_last`` cuts it, so every
+            rank takes exactly one process's number of steps; otherwise leading indices are repeated.
+        batch: The global batch size (training).
     """
 
-    def __init__(self, n: int, seed: int, rank: int, world: int, shuffle: bool = True, pad: bool = True) -> None:
+    def __init__(
+        self, n: int, seed: int, rank: int, world: int, shuffle: bool = True, pad: bool = True, batch: int = 0
+    ) -> None:
         self.n, self.seed, self.rank, self.world, self.shuffle, self.pad = n, seed, rank, world, shuffle, pad
+        self.batch = batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,8 +119,10 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         else:  # exactly the single-process EpochSampler's permutation
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
-        if self.pad and self.n % self.world:
-            order += order[: self.world - self.n % self.world]
+        if self.pad and self.batch and self.n > self.batch:
+            order = order[: self.n // self.batch * self.batch]
+        elif self.pad and self.n % self.world:
+            order = (order * self.world)[: self.n + self.world - self.n % self.world]
         return order[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:
@@ -185,9 +193,14 @@ class DDPHook(Hook):
 
     def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:
         """The epoch's train loss over every rank (each measured its shard) and the job's images/s."""
-        t = torch.tensor([record["train_loss"], record["images_per_s"]], dtype=torch.float64)
-        dist.all_reduce(t)
+        t = torch.tensor([record["train_loss"], record["images_per_s"]], device=loop.settings.device)
+        dist.all_reduce(t)  # on the device: NCCL has no CPU tensors
         record["train_loss"], record["images_per_s"] = float(t[0]) / self.d.world, float(t[1])
+
+    def on_step_end(self, loop: Loop) -> None:
+        """Rank 0's buffers (BN running statistics) on every rank, so that validation scores one model."""
+        for buffer in loop.model.buffers():
+            dist.broadcast(buffer, src=0)
 
     def on_fit_end(self, loop: Loop) -> None:  # noqa: D102
         self._ddp, self._key = None, None

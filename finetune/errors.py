@@ -20,6 +20,13 @@ _OS_ERRORS = {
 }
 
 
+_PATH_ERRORS = {
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EEXIST: "exists and is not a folder",
+}
+
+
 def os_error_line(e: OSError) -> str | None:
     """The one-line message for an :class:`OSError` a user can fix (permissions, disk space), else None."""
     where = e.filename or "a file the run writes"
@@ -27,4 +34,6 @@ def os_error_line(e: OSError) -> str | None:
         return f"{where}: permission denied; choose a folder you can write (output.dir) or fix its permissions"
     if e.errno in _OS_ERRORS:
         return f"{where}: {_OS_ERRORS[e.errno]}; free space or choose another output.dir, then --resume"
+    if e.errno in _PATH_ERRORS:
+        return f"{where}: {_PATH_ERRORS[e.errno]}; choose another path"
     return None

@@ -114,13 +114,11 @@ def write_report(
 def save_thresholds(run: RunDir, calibration: Calibration) -> None:
     """Write ``thresholds.json``; an existing one is kept as ``thresholds.prev.json`` (nothing is lost).
 
-    The thresholds fitted by the training run itself are also kept, once, as ``thresholds.run.json``: a second
-    ``calibrate`` replaces ``thresholds.prev.json`` but never those.
+    The training run also keeps its own as ``thresholds.run.json`` (see ``training``), which ``calibrate`` never
+    touches: a second ``calibrate`` replaces ``thresholds.prev.json``, not those.
     """
     path = run / "thresholds.json"
     if path.exists():
-        if not (run / "thresholds.run.json").exists():
-            run.write_bytes("thresholds.run.json", path.read_bytes())
         run.write_bytes("thresholds.prev.json", path.read_bytes())
     run.write_json("thresholds.json", calibration.to_json())
 

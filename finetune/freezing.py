@@ -237,6 +237,7 @@ class FeatureCache:
         sampler_factory: Makes the per-epoch shuffling sampler (the trainer's seeded ``EpochSampler``).
         gather: Under DDP, joins every rank's features ``(feats, targets, index)`` in dataset order: each rank
             extracts only its shard of ``source``.
+        global_batch: Under DDP, the batch of all ranks together (``batch_size`` is one rank's).
     """
 
     def __init__(
@@ -248,8 +249,10 @@ class FeatureCache:
         drop_last: bool,
         sampler_factory: Any,
         gather: Any = None,
+        global_batch: int = 0,
     ) -> None:
         self.policy, self.source, self.passes, self.gather = policy, source, passes, gather
+        self.global_batch = global_batch or batch_size  # drop_last follows the one-process rule
         self.batch_size, self.drop_last, self.sampler_factory = batch_size, drop_last, sampler_factory
         self._store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.extract_time_s = 0.0
@@ -288,7 +291,7 @@ class FeatureCache:
             batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=_collate,
-            drop_last=self.drop_last and len(feats) > self.batch_size,
+            drop_last=self.drop_last and len(feats) > self.global_batch,
         )
 
 

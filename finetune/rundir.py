@@ -52,6 +52,17 @@ class RunDir:
         return str(self.path)
 
     @classmethod
+    def check_new(cls, path: str | Path) -> RunDir:
+        """The run directory a new run would create, refused (as :meth:`create` would) when it holds a run."""
+        run = cls(path)
+        if run.path.is_dir() and any(run.path.iterdir()) and not run.started_only():
+            raise UserError(
+                f"{run.path} already holds a run; continue it with `finetune run --resume {run.path}` "
+                "or start another with --set output.name=NEW_NAME"
+            )
+        return run
+
+    @classmethod
     def create(cls, path: str | Path) -> RunDir:
         """Make a new run directory; refuse one that already holds a run (nothing a user made is lost).
 

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from finetune import build, build_train
 from finetune.config import Recipe
-from finetune.distributed import Dist, barrier, convert_sync_bn, gather
+from finetune.distributed import Dist, barrier, convert_sync_bn, gather, gather_list
 from finetune.errors import UserError
 from finetune.evaluation import write_report
 from finetune.loop import Hook, Loop
@@ -113,6 +113,8 @@ def _report(recipe: Recipe, splits: dict[str, Any], loop: Loop, run: RunDir, loa
     if s.stop_reason:
         extra["stop_reason"] = s.stop_reason
     report = write_report(run, task, splits["train"].classes, outs, cs=cs, extra=extra)
+    if (run / "thresholds.json").is_file():  # the training run's own thresholds, which calibrate never replaces
+        run.write_bytes("thresholds.run.json", (run / "thresholds.json").read_bytes())
     task.print_report(report, Console())
     return report
 
@@ -174,7 +176,8 @@ def run(
     if note:
         console.print(note)
     _check_data(recipe, splits, run_dir, console)
-    run_dir = run_dir or RunDir(Path(recipe.output.dir) / recipe.output.name)
+    if run_dir is None:  # refused here, on every rank, before anything is built
+        run_dir = RunDir.check_new(Path(recipe.output.dir) / recipe.output.name)
     loop, loaders = _build_loop(recipe, splits, run_dir, resume is not None, console, d)
     policy = build_train.build_policy(recipe, loop.model, build_train.build_groups(recipe, loop.model))
     cache = build_train.build_feature_cache(recipe, policy, splits["train"], d)
@@ -189,6 +192,9 @@ def run(
     finally:
         if loop.state.bad_images and d.main:
             run_dir.write_json("bad_images.json", loop.state.bad_images)
+    loop.state.bad_images = gather_list(loop.state.bad_images, d)
+    if loop.state.bad_images and d.main:
+        run_dir.write_json("bad_images.json", loop.state.bad_images)
     barrier(d)
     if d.main:
         _report(recipe, splits, loop, run_dir, loaders)

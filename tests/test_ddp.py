@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from finetune import training
 from finetune.build import build_bare_model, build_dataset, build_eval_settings, build_loader, build_split
 from finetune.config import load_recipe
+from finetune.distributed import ShardSampler
 from finetune.rundir import RunDir
-from finetune.trainer import predict, selected_weights
+from finetune.trainer import EpochSampler, predict, selected_weights
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 STAGED = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["blocks.4:"]}]'
@@ -21,7 +23,9 @@ STAGED = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["blocks
 def _torchrun(mode: str, target: Path, out: Path, *sets: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*cmd, str(WORKER), mode, str(target), str(out), *sets], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, str(WORKER), mode, str(target), str(out), *sets], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -100,3 +104,19 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
     assert gathered["index"].tolist() == list(range(len(split.targets)))
     torch.testing.assert_close(gathered["probs"], torch.as_tensor(single["probs"]), atol=1e-6, rtol=0)
     assert torch.equal(gathered["targets"], torch.as_tensor(single["targets"]))
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "world"), [(24, 8, 2), (11, 4, 2), (15, 8, 2), (5, 8, 2), (1, 4, 4), (37, 8, 4)]
+)
+def test_shards_take_the_steps_and_images_of_one_process(n: int, batch: int, world: int) -> None:
+    """Each rank takes one process's number of steps; together, step k holds one process's step-k images."""
+    single = list(torch.utils.data.BatchSampler(EpochSampler(n, 3), batch, drop_last=n > batch))
+    ranks = []
+    for rank in range(world):
+        sampler = ShardSampler(n, 3, rank, world, batch=batch)
+        ranks.append(list(torch.utils.data.BatchSampler(sampler, batch // world, drop_last=n > batch)))
+    assert all(len(r) == len(single) for r in ranks), (len(single), [len(r) for r in ranks])
+    if n > batch:
+        for k, images in enumerate(single):
+            assert sorted(i for r in ranks for i in r[k]) == sorted(images)

@@ -213,3 +213,21 @@ def test_the_csv_recipe_validates(tiny_coco: Path, tmp_path: Path) -> None:
     proc = run_cli("validate", str(recipe), "--check-images", *[a for s in sets for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ": valid" in proc.stdout and "24 images" in proc.stdout and "circle, crescent" in proc.stdout  # sorted
+
+
+def test_predict_path_errors_are_one_line(
+    tiny_recipe: Path, tiny_coco: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune import cli
+
+    run_dir = _train(tiny_recipe, [], "paths")
+    image = str(next((tiny_coco / "test").glob("*.jpg")))
+    for argv, needle in (
+        (["predict", str(run_dir), str(tmp_path / "none" / "*.jpg")], "nothing to predict"),
+        (["predict", str(run_dir), image, "--csv", str(tmp_path)], "is a folder, not a file"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["finetune", *argv])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and needle in err and "Traceback" not in err, err

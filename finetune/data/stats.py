@@ -24,7 +24,19 @@ from finetune.errors import UserError
 
 def cache_path(split: CocoSplit, fmt: str, image_size: int) -> Path:
     """Where the statistics of ``split`` at ``image_size`` are cached."""
-    key = json.dumps([str(Path(split.image_dir).resolve()), split.name, fmt, image_size, len(split.targets)])
+    ann = Path(split.annotation_file)
+    stamp = ann.stat().st_mtime_ns if ann.is_file() else 0
+    key = json.dumps(
+        [
+            str(Path(split.image_dir).resolve()),
+            str(ann.resolve()),
+            stamp,
+            split.name,
+            fmt,
+            image_size,
+            len(split.targets),
+        ]
+    )
     base = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))
     return base / "stats" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
