@@ -12,8 +12,9 @@
   :class:`DDPHook` rebuilds the wrapper whenever the trainable set or the forward changes (a stage boundary, the
   switch to cached features). The wrapped module's ``forward`` is the loop's forward: the frozen prefix runs under
   ``no_grad`` inside it.
-- **BatchNorm.** ``train.sync_bn`` uses torch's ``SyncBatchNorm`` on CUDA and :class:`CpuSyncBatchNorm` (batch
-  statistics all-reduced with autograd) on the CPU, where torch's refuses to run.
+- **BatchNorm.** ``train.sync_bn`` uses timm's ``SyncBatchNorm`` conversion on CUDA; on the CPU, where torch's
+  refuses to run, :func:`convert_sync_bn` gives the same modules a forward that all-reduces the batch statistics
+  with autograd, on a process group of their own.
 """
 
 from __future__ import annotations
