@@ -19,7 +19,7 @@ from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.export import export_run
 
-from .conftest import COCO_TINY, assert_user_error, run_cli
+from .conftest import COCO_TINY, TINY_RECIPE, assert_user_error, run_cli
 
 REAL = pytest.mark.skipif(not COCO_TINY.is_dir(), reason="../shared/data/coco-tiny not present")
 
@@ -37,9 +37,17 @@ def _train(recipe: Path, sets: list[str], name: str) -> Path:
     return training.run(load_recipe(recipe, [*sets, f"output.name={name}"]))
 
 
-@pytest.fixture(params=["generated", pytest.param("coco-tiny", marks=REAL)])
-def exported(request: pytest.FixtureRequest, tiny_recipe: Path, tiny_coco: Path) -> tuple[Path, list[Path]]:
-    """A one-epoch run (generated shapes, or real COCO images), exported to both formats; and 32 of its images."""
+@pytest.fixture(scope="module", params=["generated", pytest.param("coco-tiny", marks=REAL)])
+def exported(
+    request: pytest.FixtureRequest, tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[Path]]:
+    """A one-epoch run (generated shapes, or real COCO images), exported to both formats; and 32 of its images.
+
+    Module-scoped: both tests below read the same run (neither changes it).
+    """
+    folder = tmp_path_factory.mktemp(f"exported-{request.param}")
+    tiny_recipe = folder / "tiny.toml"
+    tiny_recipe.write_text(TINY_RECIPE.format(root=tiny_coco.as_posix(), runs=(folder / "runs").as_posix()))
     if request.param == "generated":
         run_dir = _train(tiny_recipe, [], "gen")
         images = [p for split in ("test", "train") for p in sorted((tiny_coco / split).iterdir())]
