@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -181,6 +182,7 @@ class DDPHook(Hook):
         self.d = d
         self._key: tuple | None = None
         self._ddp: DistributedDataParallel | None = None
+        self._steps_left = 0
 
     def on_epoch_start(self, loop: Loop) -> None:  # noqa: D102
         fn = loop.forward or loop.model
@@ -191,6 +193,7 @@ class DDPHook(Hook):
             device_ids = [self.d.local_rank] if loop.settings.device.type == "cuda" else None
             self._ddp = DistributedDataParallel(_Forward(loop.model, fn), device_ids=device_ids)
         loop.forward = self._ddp
+        self._steps_left = math.ceil(len(loop.loader or loop.train_loader) / loop.settings.accum_steps)
 
     def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:
         """The epoch's train loss over every rank (each measured its shard) and the job's images/s."""
@@ -199,9 +202,15 @@ class DDPHook(Hook):
         record["train_loss"], record["images_per_s"] = float(t[0]) / self.d.world, float(t[1])
 
     def on_step_end(self, loop: Loop) -> None:
-        """Rank 0's buffers (BN running statistics) on every rank, so that validation scores one model."""
-        for buffer in loop.model.buffers():
-            dist.broadcast(buffer, src=0)
+        """After the epoch's last step, rank 0's buffers (BN running statistics) on every rank.
+
+        Validation then scores one model. DDP itself broadcasts them before every training forward, so earlier steps
+        need nothing.
+        """
+        self._steps_left -= 1
+        if self._steps_left == 0:
+            for buffer in loop.model.buffers():
+                dist.broadcast(buffer, src=0)
 
     def on_fit_end(self, loop: Loop) -> None:  # noqa: D102
         self._ddp, self._key = None, None

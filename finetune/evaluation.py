@@ -133,11 +133,15 @@ def load_thresholds(run: RunDir, threshold: float | None, fixed: float) -> tuple
     return fixed, f"fixed {fixed:g}"
 
 
-def load_run_model(run: RunDir, recipe: Any) -> tuple[Any, ClassMap]:
-    """The trained model of a run (its best checkpoint), on CPU, in eval mode, and its classes."""
+def load_run_model(run: RunDir, recipe: Any, checkpoint: dict[str, Any] | None = None) -> tuple[Any, ClassMap]:
+    """The trained model of a run (its best checkpoint, or ``checkpoint`` if already loaded), eval mode, on CPU.
+
+    Returns:
+        The model and the run's classes.
+    """
     classes = run.classes()
     model = build.build_bare_model(recipe, len(classes))
-    model.load_state_dict(selected_weights(run.checkpoint("best")))
+    model.load_state_dict(selected_weights(checkpoint or run.checkpoint("best")))
     return model.eval(), classes
 
 

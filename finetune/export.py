@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,12 +68,12 @@ def run_classifier(run: RunDir) -> tuple[ImageClassifier, dict[str, Any]]:
     """The run's best (EMA when kept) weights wrapped as an :class:`ImageClassifier`, and its ``model.json`` fields."""
     recipe = run.recipe()
     task = build.build_task(recipe)
-    model, classes = load_run_model(run, recipe)
+    checkpoint = run.checkpoint("best")
+    model, classes = load_run_model(run, recipe, checkpoint)
     mean, std = build.norm_stats(recipe.data)
     size = recipe.data.image_size
     thresholds, how = load_thresholds(run, None, recipe.train.threshold)
-    per_class = [float(t) for t in torch.as_tensor(thresholds, dtype=torch.float64).expand(len(classes)).tolist()]
-    checkpoint = run.checkpoint("best")
+    per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), len(classes)).tolist()
     info = {
         "format_version": 1,
         "finetune_version": __version__,

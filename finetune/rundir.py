@@ -72,13 +72,8 @@ class RunDir:
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise UserError(f"{run.path}: is a file; choose another output.dir or output.name")
-        entries = list(run.path.iterdir()) if run.path.exists() else []
-        if entries and not run.started_only():
-            raise UserError(
-                f"{run.path} already holds a run; continue it with `finetune run --resume {run.path}` "
-                "or start another with --set output.name=NEW_NAME"
-            )
-        for entry in entries:
+        cls.check_new(path)
+        for entry in list(run.path.iterdir()) if run.path.exists() else []:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         run.path.mkdir(parents=True, exist_ok=True)
         return run
