@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from finetune.data.coco import CocoMultiLabel, batch_images, collate, read_rgb, read_split
+from finetune.data.coco import CocoMultiLabel, batch_images, collate, read_split
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from finetune.loop import FitSettings, Loop
 from finetune.models import create_model
@@ -31,11 +32,18 @@ from finetune.trainer import train_one_epoch
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-small"
 
 
+def _pil_rgb(path: Path) -> np.ndarray:
+    """The decode as it was: PIL, then ``np.asarray`` (what ``read_rgb`` does for a file that is not a JPEG)."""
+    with Image.open(path) as img:
+        img.load()
+        return np.asarray(img.convert("RGB"))
+
+
 class _Before(CocoMultiLabel):
-    """The pipeline as it was: Normalize to float32 and ToTensor in the worker."""
+    """The pipeline as it was: PIL decode, Normalize to float32 and ToTensor in the worker."""
 
     def __getitem__(self, index: int) -> dict:
-        image = read_rgb(self.image_paths[index])
+        image = _pil_rgb(self.image_paths[index])
         self.transform.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
         return {
             "image": self.transform(image=image)["image"],
@@ -118,6 +126,7 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenetv2_100")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: the loader benchmark needs real COCO JPEGs")
@@ -130,17 +139,24 @@ def main() -> None:
     before = _Before(paths, targets, split.classes, train_transform(args.size, color_jitter=0.1))
     new_tf = train_transform(args.size, color_jitter=0.1, normalize=False)
     after = CocoMultiLabel(paths, targets, split.classes, new_tf, norm=(IMAGENET_MEAN, IMAGENET_STD))
-    r_before = loader_rate(before, 0, args.batch, cpu)
-    r_after = loader_rate(after, 0, args.batch, cpu)
-    r_workers = loader_rate(after, 2, args.batch, cpu)
-    w_before, w_after = worker_rate(before), worker_rate(after)
-    print(f"loader, {args.size} px, {len(paths)} coco-small JPEGs, RandomResizedCrop + flip + jitter 0.1:")
-    print(f"  before (float32 out of the worker), 1 core: {r_before:.0f} img/s")
-    print(f"  now (uint8 out of the worker, normalised after), 1 core: {r_after:.0f} img/s ({r_after / r_before:.2f}x)")
-    print(f"  now, 2 workers: {r_workers:.0f} img/s")
+    rates: dict[str, list[float]] = {k: [] for k in ("b0", "a0", "b2", "a2", "wb", "wa")}
+    for _ in range(args.repeats):  # interleaved, so the machine's drift hits before and after alike
+        rates["b0"].append(loader_rate(before, 0, args.batch, cpu))
+        rates["a0"].append(loader_rate(after, 0, args.batch, cpu))
+        rates["b2"].append(loader_rate(before, 2, args.batch, cpu))
+        rates["a2"].append(loader_rate(after, 2, args.batch, cpu))
+        rates["wb"].append(worker_rate(before))
+        rates["wa"].append(worker_rate(after))
+    r = {k: float(np.median(v)) for k, v in rates.items()}
     print(
-        f"  the worker's share alone (what feeds a GPU, which normalises): before {w_before:.0f} img/s, now "
-        f"{w_after:.0f} img/s ({w_after / w_before:.2f}x)"
+        f"loader, {args.size} px, {len(paths)} coco-small JPEGs, RandomResizedCrop + flip + jitter 0.1, median of "
+        f"{args.repeats}, img/s from files to normalised float batches:"
+    )
+    print(f"  1 core (num_workers = 0): before {r['b0']:.0f}, now {r['a0']:.0f} ({r['a0'] / r['b0']:.2f}x)")
+    print(f"  2 workers on this 2-core machine: before {r['b2']:.0f}, now {r['a2']:.0f} ({r['a2'] / r['b2']:.2f}x)")
+    print(
+        f"  the worker's share alone (what feeds a GPU, which normalises): before {r['wb']:.0f}, now {r['wa']:.0f} "
+        f"({r['wa'] / r['wb']:.2f}x)"
     )
     if args.steps == 0:
         return

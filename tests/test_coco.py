@@ -125,3 +125,61 @@ def test_real_coco_tiny(split_name: str) -> None:
     assert_targets_match(split, COCO_TINY / "annotations" / f"instances_{split_name}.json")
     assert not check_images(split.image_paths)
     assert split.targets.sum(0).min() >= 0 and split.targets.sum() > 0
+
+
+def _pil_rgb(path: Path) -> np.ndarray:
+    """The reference decode: PIL, as read_rgb did before its JPEG fast path."""
+    with Image.open(path) as img:
+        img.load()
+        return np.asarray(img.convert("RGB"))
+
+
+@pytest.mark.parametrize(
+    "mode, save",
+    [
+        ("RGB", {"subsampling": 2, "quality": 90}),  # 4:2:0, COCO's usual
+        ("RGB", {"subsampling": 1, "quality": 75}),  # 4:2:2
+        ("RGB", {"subsampling": 0, "quality": 95}),  # 4:4:4
+        ("RGB", {"progressive": True, "quality": 85}),
+        ("L", {"quality": 90}),
+        ("CMYK", {"quality": 90}),  # libjpeg cannot make RGB of it: PIL's conversion, as before
+    ],
+)
+def test_jpeg_fast_path_gives_pils_pixels_bitwise(tmp_path: Path, mode: str, save: dict) -> None:
+    from finetune.data import coco
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (9, 13, 3)), np.ones((7, 7, 1)))[:61, :83]  # odd sizes: partial MCUs
+    pixels = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+    path = tmp_path / "x.jpg"
+    Image.fromarray(pixels).convert(mode).save(path, **save)
+    out = read_rgb(path)
+    assert out.dtype == np.uint8 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, _pil_rgb(path))
+    assert (coco._decode_jpeg(path.read_bytes()) is None) == (mode == "CMYK")  # the fast path did the work
+
+
+def test_jpeg_fast_path_leaves_truncated_and_oversized_files_to_pil(tmp_path: Path, monkeypatch) -> None:
+    from finetune.data import coco
+
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "ok.jpg", quality=90)
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert coco._decode_jpeg(data[: len(data) // 2]) is None
+    with pytest.raises(OSError) as pils:
+        _pil_rgb(tmp_path / "cut.jpg")
+    with pytest.raises(OSError, match=str(pils.value)):  # PIL's own error, as before
+        read_rgb(tmp_path / "cut.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 48 = 3072 pixels: over 2x the limit
+    assert coco._decode_jpeg(data) is None
+    with pytest.raises(Image.DecompressionBombError):
+        read_rgb(tmp_path / "ok.jpg")
+
+
+def test_jpeg_fast_path_on_real_coco_images() -> None:
+    if not COCO_TINY.is_dir():
+        pytest.skip("../shared/data/coco-tiny not present")
+    paths = sorted(COCO_TINY.rglob("*.jpg"))[:40]
+    assert paths
+    for path in paths:
+        np.testing.assert_array_equal(read_rgb(path), _pil_rgb(path))
