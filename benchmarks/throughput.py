@@ -137,27 +137,42 @@ def main() -> None:
     for path in paths:  # warm the page cache: a cold first pass would be charged to whichever runs first
         path.read_bytes()
     before = _Before(paths, targets, split.classes, train_transform(args.size, color_jitter=0.1))
-    new_tf = train_transform(args.size, color_jitter=0.1, normalize=False)
-    after = CocoMultiLabel(paths, targets, split.classes, new_tf, norm=(IMAGENET_MEAN, IMAGENET_STD))
-    rates: dict[str, list[float]] = {k: [] for k in ("b0", "a0", "b2", "a2", "wb", "wa")}
+    norm = (IMAGENET_MEAN, IMAGENET_STD)
+    after = CocoMultiLabel(
+        paths, targets, split.classes, train_transform(args.size, color_jitter=0.1, normalize=False), norm=norm
+    )
+    gpu_tf = train_transform(args.size, color_jitter=0.1, normalize=False, jitter_in_workers=False)
+    on_device = CocoMultiLabel(paths, targets, split.classes, gpu_tf, norm=norm, device_jitter=0.1)
+    runs = {
+        "b0": lambda: loader_rate(before, 0, args.batch, cpu),
+        "a0": lambda: loader_rate(after, 0, args.batch, cpu),
+        "d0": lambda: loader_rate(on_device, 0, args.batch, cpu),
+        "b2": lambda: loader_rate(before, 2, args.batch, cpu),
+        "a2": lambda: loader_rate(after, 2, args.batch, cpu),
+        "wb": lambda: worker_rate(before),
+        "wa": lambda: worker_rate(after),
+        "wd": lambda: worker_rate(on_device),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):  # interleaved, so the machine's drift hits before and after alike
-        rates["b0"].append(loader_rate(before, 0, args.batch, cpu))
-        rates["a0"].append(loader_rate(after, 0, args.batch, cpu))
-        rates["b2"].append(loader_rate(before, 2, args.batch, cpu))
-        rates["a2"].append(loader_rate(after, 2, args.batch, cpu))
-        rates["wb"].append(worker_rate(before))
-        rates["wa"].append(worker_rate(after))
+        for key, measure in runs.items():
+            rates[key].append(measure())
     r = {k: float(np.median(v)) for k, v in rates.items()}
+
+    def line(label: str, before_key: str, now_key: str) -> None:
+        print(f"  {label}: before {r[before_key]:.0f}, now {r[now_key]:.0f} ({r[now_key] / r[before_key]:.2f}x)")
+
     print(
-        f"loader, {args.size} px, {len(paths)} coco-small JPEGs, RandomResizedCrop + flip + jitter 0.1, median of "
-        f"{args.repeats}, img/s from files to normalised float batches:"
+        f"loader, {args.size} px, {len(paths)} coco-small JPEGs, RandomResizedCrop + flip + jitter 0.1, img/s, median "
+        f"of {args.repeats}:"
     )
-    print(f"  1 core (num_workers = 0): before {r['b0']:.0f}, now {r['a0']:.0f} ({r['a0'] / r['b0']:.2f}x)")
-    print(f"  2 workers on this 2-core machine: before {r['b2']:.0f}, now {r['a2']:.0f} ({r['a2'] / r['b2']:.2f}x)")
-    print(
-        f"  the worker's share alone (what feeds a GPU, which normalises): before {r['wb']:.0f}, now {r['wa']:.0f} "
-        f"({r['wa'] / r['wb']:.2f}x)"
-    )
+    print(" from files to normalised float batches on this CPU (jitter in the workers, as a CPU run does):")
+    line("1 core (num_workers = 0)", "b0", "a0")
+    line("2 workers on this 2-core machine", "b2", "a2")
+    line("1 core, jitter applied batched in the main process instead", "b0", "d0")
+    print(" the worker's share alone (decode + augment per core: what feeds a GPU, which normalises):")
+    line("jitter in the worker", "wb", "wa")
+    line("jitter on the device (what a CUDA run does, jitter_on = auto)", "wb", "wd")
     if args.steps == 0:
         return
     for device, precision in [(cpu, "fp32")] + ([(torch.device("cuda"), "fp16")] if torch.cuda.is_available() else []):

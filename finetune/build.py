@@ -138,11 +138,15 @@ def build_dataset(cfg: DataConfig, split: CocoSplit, train: bool, seed: int = 0)
     """A dataset with the train or eval pipeline."""
     mean, std = norm_stats(cfg)
     a = cfg.augment
-    if train:  # uint8 out of the workers; normalised on the device (batch_images)
-        tf = train_transform(cfg.image_size, a.crop, tuple(a.scale), a.hflip, a.color_jitter, normalize=False)
+    cuda = torch.cuda.is_available()
+    on_device = train and a.color_jitter > 0 and (a.jitter_on == "device" or (a.jitter_on == "auto" and cuda))
+    if train:  # uint8 out of the workers; normalised (and, on_device, colour-jittered) on the device: batch_images
+        crop = (a.crop, tuple(a.scale), a.hflip, a.color_jitter)
+        tf = train_transform(cfg.image_size, *crop, normalize=False, jitter_in_workers=not on_device)
     else:
         tf = eval_transform(cfg.image_size, normalize=False)
-    return CocoMultiLabel(split.image_paths, split.targets, split.classes, tf, seed, split.image_ids, (mean, std))
+    ids, jitter = split.image_ids, a.color_jitter if on_device else 0.0
+    return CocoMultiLabel(split.image_paths, split.targets, split.classes, tf, seed, ids, (mean, std), jitter)
 
 
 def build_loader(

@@ -7,7 +7,7 @@ file, the key path and what is expected. Only ``build_*()`` functions elsewhere 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -29,6 +29,9 @@ class AugmentConfig(_Section):
     scale: list[float] = Field([0.5, 1.0], min_length=2, max_length=2)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
+    jitter_on: Literal["auto", "workers", "device"] = Field(
+        "auto", description='where colour jitter runs: "auto" = on the device when CUDA is present, else in workers'
+    )
     normalize: Literal["imagenet", "dataset"] | dict[str, list[float]] = Field(
         "imagenet", description='"dataset" = the train split\'s own mean/std (finetune data stats, cached)'
     )
@@ -252,6 +255,9 @@ class TrainConfig(_Section):
     sync_bn: bool = Field(False, description="under DDP: BatchNorm statistics over the global batch")
     compile: bool = Field(False, description="run the model through torch.compile (model.compile(), in place)")
     ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
+    wise: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        [], description="WiSE-FT: mixes (0 = start, 1 = tuned) scored on val at the end; the best goes to best.pt"
+    )
 
 
 class CalibrateConfig(_Section):
@@ -262,17 +268,9 @@ class CalibrateConfig(_Section):
     metric: Literal["f1", "fbeta"] = "f1"
     beta: float = Field(1.0, gt=0.0)
     min_positives: int = Field(5, ge=1, description="fewer positives: the class takes the global threshold")
-    shrink: float | Literal["auto"] = Field(
+    shrink: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
         "auto", description='pseudo-count pulling thresholds toward the global one; "auto" = chosen by cross-fitting'
     )
-
-    @field_validator("shrink")
-    @classmethod
-    def _shrink(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and v < 0:
-            raise ValueError('shrink must be >= 0 or "auto"')
-        return v
-
     folds: int = Field(5, ge=2, description="cross-fitting folds when there is no test split")
 
 

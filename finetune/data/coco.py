@@ -19,6 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
+from finetune.data.jitter import apply_jitter, sample_jitter
+from finetune.data.transforms import JITTER_P, jitter_hue
 from finetune.errors import UserError
 
 try:  # libjpeg-turbo without PIL's image storage in between; optional, PIL reads everything without it
@@ -178,6 +180,7 @@ class CocoMultiLabel(torch.utils.data.Dataset):
         seed: int = 0,
         image_ids: list[int] | None = None,
         norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        device_jitter: float = 0.0,
     ) -> None:
         self.image_paths = image_paths
         self.targets = targets
@@ -185,6 +188,7 @@ class CocoMultiLabel(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.norm = norm  # mean, std: the transform yields uint8, normalised on the device (see batch_images)
+        self.device_jitter = device_jitter  # > 0: colour-jitter strength drawn here, applied in batch_images
         # In shared memory: persistent DataLoader workers see set_epoch (their own copy of an int would not).
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.image_ids = image_ids or list(range(len(image_paths)))
@@ -223,6 +227,10 @@ class CocoMultiLabel(torch.utils.data.Dataset):
         else:
             image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         sample["image"] = image
+        if self.device_jitter > 0:
+            rng = np.random.default_rng(hash((self.seed, self.epoch, index, 1)) % 2**32)
+            j = self.device_jitter
+            sample["jitter"] = torch.from_numpy(sample_jitter(rng, j, jitter_hue(j), JITTER_P))
         if self.norm is not None:
             sample["norm"] = self.norm
         return sample
@@ -232,12 +240,15 @@ def batch_images(batch: dict[str, Any], device: torch.device, channels_last: boo
     """A batch's images on ``device`` as normalised float.
 
     uint8 batches are normalised there (as timm's PrefetchLoader does), so workers ship a quarter of the bytes and
-    skip the float conversion.
+    skip the float conversion. A batch with ``jitter`` parameters is colour-jittered there first.
     """
     x = batch["image"].to(device, non_blocking=True)
     if x.dtype == torch.uint8:
-        mean, std = (torch.tensor(v, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255 for v in batch["norm"])
-        x = (x.float() - mean) / std
+        mean, std = (torch.tensor(v, device=device, dtype=torch.float32).view(1, -1, 1, 1) for v in batch["norm"])
+        if "jitter" in batch:
+            x = (apply_jitter(x.float() / 255, batch["jitter"]) - mean) / std
+        else:
+            x = (x.float() - mean * 255) / (std * 255)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -249,6 +260,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["image"] = torch.stack([s["image"] for s in good])
         if "norm" in good[0]:
             batch["norm"] = good[0]["norm"]
+        if "jitter" in good[0]:
+            batch["jitter"] = torch.stack([s["jitter"] for s in good])
         batch["target"] = torch.stack([s["target"] for s in good])
         batch["index"] = torch.tensor([s["index"] for s in good])
     return batch

@@ -7,6 +7,12 @@ from albumentations.pytorch import ToTensorV2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+JITTER_P = 0.8  # probability that an image is colour-jittered at all
+
+
+def jitter_hue(strength: float) -> float:
+    """The hue range that goes with a ``color_jitter`` strength: a quarter of it, at most half the wheel."""
+    return min(0.5, strength / 4)
 
 
 def train_transform(
@@ -18,6 +24,7 @@ def train_transform(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     normalize: bool = True,
+    jitter_in_workers: bool = True,
 ) -> A.Compose:
     """Training pipeline: crop or resize to ``size``, flip, optional colour jitter, normalise, to CHW tensor.
 
@@ -30,6 +37,8 @@ def train_transform(
         mean: Per-channel mean, 0..1 scale.
         std: Per-channel std, 0..1 scale.
         normalize: False: a uint8 tensor out, normalised later on the device (``batch_images``).
+        jitter_in_workers: False: leave the colour jitter out; the dataset draws its parameters and ``batch_images``
+            applies it on the device (``data/jitter.py``).
 
     Returns:
         The pipeline; call it as ``pipeline(image=hwc_uint8)["image"]``.
@@ -40,9 +49,9 @@ def train_transform(
         ops = [A.Resize(size, size)]
     if hflip > 0:
         ops.append(A.HorizontalFlip(p=hflip))
-    if color_jitter > 0:
+    if color_jitter > 0 and jitter_in_workers:
         j = color_jitter
-        ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4), p=0.8))
+        ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=jitter_hue(j), p=JITTER_P))
     ops += [A.Normalize(mean=mean, std=std), ToTensorV2()] if normalize else [ToTensorV2()]
     return A.Compose(ops)
 
