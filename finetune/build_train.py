@@ -36,7 +36,6 @@ from finetune.optim import (
 )
 from finetune.solver import SolverHook
 from finetune.trainer import EpochSampler
-from finetune.wise import WiseHook
 
 
 def _trained_stages(recipe: Recipe) -> list[Any]:
@@ -72,7 +71,7 @@ def build_hooks(
     extra: Sequence[Hook] = (),
     d: Dist | None = None,
 ) -> list[Hook]:
-    """The loop's hooks in order: freezing, solver stage, WiSE-FT, DDP, L2-SP, EMA, early stopping, ``extra``, loggers.
+    """The loop's hooks in order: freezing, the solver stage, DDP, L2-SP, EMA, early stopping, ``extra``, the loggers.
 
     Under DDP (``d`` with more than one rank) only rank 0 logs.
     """
@@ -81,8 +80,6 @@ def build_hooks(
     solver = build_solver(recipe, policy, splits)
     if solver is not None:
         hooks.append(solver)
-    if t.wise:  # after the solver: the start it keeps is the probe
-        hooks.append(WiseHook(t.wise, run_dir))
     if d is not None and d.enabled:
         hooks.append(DDPHook(d))  # after the hooks that choose loop.forward: it wraps what they chose
     if recipe.optim.l2sp:

@@ -255,9 +255,6 @@ class TrainConfig(_Section):
     sync_bn: bool = Field(False, description="under DDP: BatchNorm statistics over the global batch")
     compile: bool = Field(False, description="run the model through torch.compile (model.compile(), in place)")
     ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
-    wise: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
-        [], description="WiSE-FT: mixes (0 = start, 1 = tuned) scored on val at the end; the best goes to best.pt"
-    )
 
 
 class CalibrateConfig(_Section):
