@@ -1,13 +1,15 @@
 """Input-pipeline and training throughput: the loader alone (img/s per core) and the trainer against a bare loop.
 
 Loader: the training pipeline of ``data.image_size`` on coco-small's real COCO JPEGs (RandomResizedCrop, flip,
-colour jitter), in the main process (``num_workers = 0``: one core), as it was before this change (normalised to
-float32 in the worker) and as it is now (uint8 out of the worker, normalised on the device). Then the current
-pipeline with 2 workers, and the worker's share alone. Every file is read once before timing (page cache).
+colour jitter 0.1) as it was before (PIL decode, normalised to float32 in the worker) and as it is now (libjpeg-turbo
+decode, uint8 out of the worker, normalised where the batch lands), in one run, interleaved, medians of
+``--repeats``: with ``num_workers = 0`` (one core) and 2 workers, and the worker's share alone (what feeds a GPU),
+with the colour jitter in the worker (a CPU run) and on the device (a CUDA run, ``jitter_on = "auto"``). Every
+file is read once before timing (page cache).
 
 Training: images/s of ``finetune``'s ``train_one_epoch`` against a bare PyTorch loop (same model, batches, optimizer)
-on preloaded batches, in one run. With a GPU, the same at 224 px for mobilenetv2_100 in fp16 and the comparison with
-timm's ``benchmark.py --bench train`` figure quoted in the README.
+on preloaded batches, in one run; with a GPU, also on it in fp16. (No comparison with timm's ``benchmark.py --bench
+train``: that script is not in timm's wheel, and this project has had no GPU to run either on.)
 
     python benchmarks/throughput.py [--size 224] [--images 160] [--model mobilenetv2_100] [--batch 32]
 """
