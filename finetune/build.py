@@ -142,7 +142,8 @@ def build_dataset(cfg: DataConfig, split: CocoSplit, train: bool, seed: int = 0)
     on_device = train and a.color_jitter > 0 and (a.jitter_on == "device" or (a.jitter_on == "auto" and cuda))
     if train:  # uint8 out of the workers; normalised (and, on_device, colour-jittered) on the device: batch_images
         crop = (a.crop, tuple(a.scale), a.hflip, a.color_jitter)
-        tf = train_transform(cfg.image_size, *crop, normalize=False, jitter_in_workers=not on_device)
+        geometry = {"vflip": a.vflip, "rot90": a.rot90}
+        tf = train_transform(cfg.image_size, *crop, normalize=False, jitter_in_workers=not on_device, **geometry)
     else:
         tf = eval_transform(cfg.image_size, normalize=False)
     ids, jitter = split.image_ids, a.color_jitter if on_device else 0.0

@@ -28,6 +28,8 @@ class AugmentConfig(_Section):
     crop: Literal["random_resized_crop", "resize"] = "random_resized_crop"
     scale: list[float] = Field([0.5, 1.0], min_length=2, max_length=2)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0, description="vertical flip probability (aerial, microscopy, shapes)")
+    rot90: bool = Field(False, description="rotate by a random multiple of 90 degrees (with flips: all 8 symmetries)")
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
     jitter_on: Literal["auto", "workers", "device"] = Field(
         "auto", description='where colour jitter runs: "auto" = on the device when CUDA is present, else in workers'

@@ -1,4 +1,4 @@
-"""Colour jitter on the device against albumentations' ColorJitter, and its wiring through dataset and batch."""
+"""Augmentation: colour jitter on the device against albumentations' ColorJitter and its wiring; vflip and rot90."""
 
 from __future__ import annotations
 
@@ -82,3 +82,20 @@ def test_jitter_stays_in_the_workers_on_a_cpu_machine(tiny_recipe: Path, where: 
     ds = build.build_dataset(recipe.data, build.build_split(recipe.data, "train"), True)
     assert ds.device_jitter == 0 and any(isinstance(t, A.ColorJitter) for t in ds.transform.transforms)
     assert "jitter" not in collate([ds[0], ds[1]])
+
+
+def test_vflip_and_rot90_give_the_square_symmetries() -> None:
+    from finetune.data.transforms import train_transform
+
+    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    flip = train_transform(8, crop="resize", hflip=0.0, vflip=1.0, normalize=False)
+    np.testing.assert_array_equal(flip(image=img)["image"].numpy().transpose(1, 2, 0), img[::-1])
+    rot = train_transform(8, crop="resize", hflip=0.0, rot90=True, normalize=False)
+    seen = set()
+    for seed in range(40):
+        rot.set_random_seed(seed)
+        out = rot(image=img)["image"].numpy().transpose(1, 2, 0)
+        ks = [k for k in range(4) if np.array_equal(out, np.rot90(img, k))]
+        assert len(ks) == 1, seed
+        seen.add(ks[0])
+    assert seen == {0, 1, 2, 3}

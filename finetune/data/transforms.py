@@ -25,6 +25,8 @@ def train_transform(
     std: tuple[float, ...] = IMAGENET_STD,
     normalize: bool = True,
     jitter_in_workers: bool = True,
+    vflip: float = 0.0,
+    rot90: bool = False,
 ) -> A.Compose:
     """Training pipeline: crop or resize to ``size``, flip, optional colour jitter, normalise, to CHW tensor.
 
@@ -37,6 +39,8 @@ def train_transform(
         mean: Per-channel mean, 0..1 scale.
         std: Per-channel std, 0..1 scale.
         normalize: False: a uint8 tensor out, normalised later on the device (``batch_images``).
+        vflip: Vertical flip probability.
+        rot90: Rotate by a random multiple of 90 degrees (square outputs only, which every pipeline here makes).
         jitter_in_workers: False: leave the colour jitter out; the dataset draws its parameters and ``batch_images``
             applies it on the device (``data/jitter.py``).
 
@@ -49,6 +53,10 @@ def train_transform(
         ops = [A.Resize(size, size)]
     if hflip > 0:
         ops.append(A.HorizontalFlip(p=hflip))
+    if vflip > 0:
+        ops.append(A.VerticalFlip(p=vflip))
+    if rot90:
+        ops.append(A.RandomRotate90(p=1.0))
     if color_jitter > 0 and jitter_in_workers:
         j = color_jitter
         ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=jitter_hue(j), p=JITTER_P))
