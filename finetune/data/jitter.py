@@ -2,9 +2,10 @@
 
 The same transform as albumentations' ``ColorJitter`` (torchvision's semantics): with probability ``p``, brightness,
 contrast, saturation and hue, in a random order per image, with factors drawn uniformly from ``[1 - j, 1 + j]`` (and
-``[-h, h]`` for hue). In a worker it is a quarter of an image's CPU time once the JPEG fast path has cut the decode;
-on a GPU it costs next to nothing. The arithmetic is float throughout (albumentations rounds to uint8 after each
-step on uint8 images), so pixels agree with albumentations' float path, and with its uint8 path to rounding.
+``[-h, h]`` for hue). In a worker it costs about 0.3 ms of a COCO image's 2.3 ms once the JPEG fast path has cut
+the decode (albumentations' uint8 lookup tables); on a GPU it costs next to nothing. The arithmetic is float
+throughout (albumentations rounds to uint8 after each step on uint8 images), so pixels agree with albumentations'
+float path, and with its uint8 path to rounding.
 """
 
 from __future__ import annotations
