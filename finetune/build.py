@@ -138,7 +138,7 @@ def build_dataset(cfg: DataConfig, split: CocoSplit, train: bool, seed: int = 0)
     """A dataset with the train or eval pipeline."""
     mean, std = norm_stats(cfg)
     a = cfg.augment
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()  # a run has resolved "auto" by its device (build_resolved_recipe)
     on_device = train and a.color_jitter > 0 and (a.jitter_on == "device" or (a.jitter_on == "auto" and cuda))
     if train:  # uint8 out of the workers; normalised (and, on_device, colour-jittered) on the device: batch_images
         crop = (a.crop, tuple(a.scale), a.hflip, a.color_jitter)
@@ -209,22 +209,29 @@ def build_bare_model(recipe: Recipe, num_classes: int) -> nn.Module:
 
 
 def build_resolved_recipe(recipe: Recipe, train_split: CocoSplit) -> tuple[Recipe, str]:
-    """The recipe with ``normalize = "dataset"`` replaced by the train split's numbers (recipe.toml records them).
+    """The recipe with what depends on the data or the machine made explicit (``recipe.toml`` records it).
+
+    ``normalize = "dataset"`` becomes the train split's numbers; ``jitter_on = "auto"`` becomes ``"device"`` when the
+    run trains on CUDA, else ``"workers"``, so a resume on another machine draws the same augmentation.
 
     Returns:
         The resolved copy (the same recipe when nothing needs resolving) and a line saying what was done ("" if none).
     """
-    if recipe.data.augment.normalize != "dataset":
-        return recipe, ""
-    from finetune.data.stats import load_or_compute
+    augment, note = recipe.data.augment, ""
+    if augment.jitter_on == "auto" and augment.color_jitter > 0:
+        on_cuda = build_device(recipe.train)[0].type == "cuda"
+        augment = augment.model_copy(update={"jitter_on": "device" if on_cuda else "workers"})
+    if augment.normalize == "dataset":
+        from finetune.data.stats import load_or_compute
 
-    stats, cached = load_or_compute(
-        train_split, recipe.data.format, recipe.data.image_size, on_bad_image=recipe.data.on_bad_image
-    )
-    augment = recipe.data.augment.model_copy(update={"normalize": {"mean": stats["mean"], "std": stats["std"]}})
-    data = recipe.data.model_copy(update={"augment": augment})
-    note = f"normalize: train-split mean {stats['mean']} std {stats['std']} ({'cached' if cached else 'computed'})"
-    return recipe.model_copy(update={"data": data}), note
+        stats, cached = load_or_compute(
+            train_split, recipe.data.format, recipe.data.image_size, on_bad_image=recipe.data.on_bad_image
+        )
+        augment = augment.model_copy(update={"normalize": {"mean": stats["mean"], "std": stats["std"]}})
+        note = f"normalize: train-split mean {stats['mean']} std {stats['std']} ({'cached' if cached else 'computed'})"
+    if augment is recipe.data.augment:
+        return recipe, ""
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"augment": augment})}), note
 
 
 def build_calibration(recipe: Recipe, split: str | None = None) -> CalibrationSettings:

@@ -99,3 +99,15 @@ def test_vflip_and_rot90_give_the_square_symmetries() -> None:
         assert len(ks) == 1, seed
         seen.add(ks[0])
     assert seen == {0, 1, 2, 3}
+
+
+def test_a_run_records_where_auto_put_the_jitter(tiny_recipe: Path) -> None:
+    recipe = load_recipe(tiny_recipe)  # color_jitter = 0.1, jitter_on = "auto"
+    split = build.build_split(recipe.data, "train")
+    resolved, _ = build.build_resolved_recipe(recipe, split)
+    expected = "device" if torch.cuda.is_available() else "workers"  # train.device = "auto"
+    assert recipe.data.augment.jitter_on == "auto" and resolved.data.augment.jitter_on == expected
+    on_cpu = load_recipe(tiny_recipe, ['train.device="cpu"'])
+    assert build.build_resolved_recipe(on_cpu, split)[0].data.augment.jitter_on == "workers"
+    explicit = load_recipe(tiny_recipe, ['data.augment.jitter_on="device"'])
+    assert build.build_resolved_recipe(explicit, split)[0].data.augment.jitter_on == "device"

@@ -122,6 +122,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
 def _decode_jpeg(data: bytes) -> np.ndarray | None:
     """A baseline or progressive JPEG decoded by libjpeg-turbo straight to packed RGB, or None to leave it to PIL.
 
@@ -130,14 +133,14 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
     about (a truncated file), and images over PIL's decompression-bomb limit go to PIL, which handles, raises or warns
     as it always has.
     """
-    if _simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+    if _simplejpeg is None or data[:3] != JPEG_MAGIC:
         return None
     try:
-        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data, strict=True)
         limit = Image.MAX_IMAGE_PIXELS
         if colorspace not in ("Gray", "YCbCr", "RGB") or (limit is not None and height * width > limit):
             return None
-        return _simplejpeg.decode_jpeg(data, colorspace="RGB")
+        return _simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)  # strict: libjpeg warnings raise
     except ValueError:
         return None
 
@@ -147,8 +150,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
     JPEGs take the fast path (:func:`_decode_jpeg`); everything else, and any JPEG it declines, is read by PIL.
     """
-    data = Path(path).read_bytes()
-    fast = _decode_jpeg(data)
+    with open(path, "rb") as f:  # only a JPEG is read whole here; PIL reads anything else from its header on
+        head = f.read(3)
+        fast = _decode_jpeg(head + f.read()) if head == JPEG_MAGIC else None
     if fast is not None:
         return fast
     with Image.open(path) as img:  # by path, so PIL's own errors name the file

@@ -70,16 +70,18 @@ def apply_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     Returns:
         The jittered batch (a new tensor), in [0, 1].
     """
-    params = params.to(x.device, torch.float32)
+    host = params.detach().cpu().float()  # indices chosen on the host: no GPU sync per operation
+    factors = host[:, 1:5].to(x.device, x.dtype, non_blocking=True)
     out = x.clone()
-    applied = params[:, 0] > 0
-    order = params[:, 5:].long()
+    applied = host[:, 0] > 0
+    order = host[:, 5:].long()
     for step in range(4):
         for op in range(4):
-            idx = torch.nonzero(applied & (order[:, step] == op)).flatten()
-            if idx.numel() == 0:
+            rows = torch.nonzero(applied & (order[:, step] == op)).flatten()
+            if rows.numel() == 0:
                 continue
-            xi, f = out[idx], params[idx, 1 + op].view(-1, 1, 1, 1).to(x.dtype)
+            idx = rows.to(x.device, non_blocking=True)
+            xi, f = out[idx], factors[idx, op].view(-1, 1, 1, 1)
             if op == 0:  # brightness
                 xi = (xi * f).clamp_(0.0, 1.0)
             elif op == 1:  # contrast: towards the image's mean grey level
