@@ -129,6 +129,7 @@ def configs(size: int) -> dict[str, list[str]]:
     return {
         "flagship (LP-FT + EMA)": [],
         "LP-FT (no EMA)": ["train.ema=0.0"],
+        "flagship, whole-image resize instead of RandomResizedCrop": ['data.augment.crop="resize"'],
         "loss: focal (flagship otherwise)": ['loss.name="focal"'],
         "loss: ASL (flagship otherwise)": ['loss.name="asl"'],
         "head only, solver": [

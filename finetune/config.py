@@ -32,7 +32,7 @@ class AugmentConfig(_Section):
     rot90: bool = Field(False, description="rotate by a random multiple of 90 degrees (with flips: all 8 symmetries)")
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
     jitter_on: Literal["auto", "workers", "device"] = Field(
-        "auto", description='where colour jitter runs: "auto" = on the device when CUDA is present, else in workers'
+        "auto", description='where colour jitter runs: "auto" = on the device when training on CUDA, else in workers'
     )
     normalize: Literal["imagenet", "dataset"] | dict[str, list[float]] = Field(
         "imagenet", description='"dataset" = the train split\'s own mean/std (finetune data stats, cached)'
