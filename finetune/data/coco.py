@@ -133,9 +133,9 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
     about (a truncated file), and images over PIL's decompression-bomb limit go to PIL, which handles, raises or warns
     as it always has.
     """
-    if _simplejpeg is None or data[:3] != JPEG_MAGIC:
+    if _simplejpeg is None:
         return None
-    try:
+    try:  # not a JPEG at all: the header read raises ValueError too
         height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data, strict=True)
         limit = Image.MAX_IMAGE_PIXELS
         if colorspace not in ("Gray", "YCbCr", "RGB") or (limit is not None and height * width > limit):
