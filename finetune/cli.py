@@ -278,6 +278,7 @@ def lr_find(
     from finetune.lr_find import lr_range_test
 
     splits = build.build_splits(cfg, ("train", "val"))
+    cfg, _ = build.build_resolved_recipe(cfg, splits["train"])  # as a run would: normalize, jitter placement
     device, precision = build.build_device(cfg.train)
     model, _ = build.build_model(cfg, len(splits["train"].classes))
     model.to(device)

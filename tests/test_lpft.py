@@ -197,6 +197,8 @@ def test_lr_find_changes_no_weight_or_bn_statistic(tiny_recipe: Path, tmp_path: 
             "2",
             "--set",
             "freeze.solver_c=[1.0]",
+            "--set",
+            'data.augment.normalize="dataset"',  # resolved as a run resolves it (this used to fail)
         ],
     )
     assert out.exit_code == 0, out.output
