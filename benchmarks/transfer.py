@@ -74,8 +74,11 @@ def _scores(targets: np.ndarray, probs: np.ndarray, cal: np.ndarray) -> dict[str
     }
 
 
-def probe(root: Path, size: int, seed: int) -> dict[str, float]:
-    """scikit-learn per-class logistic regression on frozen pooled features; C and thresholds fitted on val."""
+def probe(root: Path, size: int, seed: int, tta: bool = False) -> dict[str, float]:
+    """scikit-learn per-class logistic regression on frozen pooled features; C and thresholds fitted on val.
+
+    ``tta``: val and test logits averaged over each image and its mirror (as ``train.tta = "hflip"`` does).
+    """
     from sklearn.linear_model import LogisticRegression
 
     from finetune import build
@@ -99,19 +102,29 @@ def probe(root: Path, size: int, seed: int) -> dict[str, float]:
     model, _ = build.build_model(recipe, len(splits["train"].classes))
     groups = layer_groups(model, "efficientnet_lite0")
     policy = FreezePolicy(model, groups, [Stage(0, 1, ("classifier",))])
-    feats = {}
+    feats, mirrored = {}, {}
     for role, split in splits.items():
         loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
         x, y = extract_features(policy, loader, device=torch.device("cpu"))
         feats[role] = (x.numpy(), y.numpy())
-    (xt, yt), (xv, yv), (xs, ys) = feats["train"], feats["val"], feats["test"]
+        if tta and role != "train":
+            flipped = [{**b, "image": b["image"].flip(-1)} for b in loader]  # uint8 NCHW: mirror the width
+            mirrored[role] = extract_features(policy, flipped, device=torch.device("cpu"))[0].numpy()
+    (xt, yt), yv, ys = feats["train"], feats["val"][1], feats["test"][1]
+
+    def scores(lr: LogisticRegression, role: str) -> np.ndarray:
+        z = lr.decision_function(feats[role][0])
+        if tta:
+            z = (z + lr.decision_function(mirrored[role])) / 2
+        return 1 / (1 + np.exp(-z))
+
     best = None
     for c in (0.01, 0.03, 0.1, 0.3, 1.0):
         pv, ps = np.zeros_like(yv), np.zeros_like(ys)
         for k in range(yt.shape[1]):
             if 0 < yt[:, k].sum() < len(yt):
                 lr = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(xt, yt[:, k])
-                pv[:, k], ps[:, k] = lr.predict_proba(xv)[:, 1], lr.predict_proba(xs)[:, 1]
+                pv[:, k], ps[:, k] = scores(lr, "val"), scores(lr, "test")
         m = summarize(yv, pv)["map"]
         if best is None or m > best[0]:
             best = (m, c, pv, ps)
@@ -129,6 +142,9 @@ def configs(size: int) -> dict[str, list[str]]:
     return {
         "flagship (LP-FT + EMA)": [],
         "LP-FT (no EMA)": ["train.ema=0.0"],
+        "x-droppath0.2": ["model.drop_path_rate=0.2"],
+        "x-mixup0.4": ["data.augment.mixup=0.4"],
+        "x-mixup0.4-20ep": ["data.augment.mixup=0.4", "train.epochs=20"],
         "flagship, whole-image resize instead of RandomResizedCrop": ['data.augment.crop="resize"'],
         "loss: focal (flagship otherwise)": ['loss.name="focal"'],
         "loss: ASL (flagship otherwise)": ['loss.name="asl"'],
@@ -202,9 +218,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = [w for w in args.only.split(",") if w]
     rows: dict[str, list[dict[str, float]]] = {}
-    todo: dict[str, Any] = {f"probe (sklearn) at {args.size} px": args.size}
+    todo: dict[str, Any] = {f"probe (sklearn) at {args.size} px": (args.size, False)}
+    todo[f"probe (sklearn) at {args.size} px, flip TTA"] = (args.size, True)
     if args.size != 224:
-        todo["probe (sklearn) at 224 px"] = 224
+        todo["probe (sklearn) at 224 px"] = (224, False)
     todo.update(configs(args.size))
     for name, extra in todo.items():
         if wanted and not any(name.startswith(w) for w in wanted):
@@ -212,8 +229,8 @@ def main() -> None:
         for seed in seeds:
             root = make_root(args.out, seed)
             r = (
-                probe(root, extra, seed)
-                if isinstance(extra, int)
+                probe(root, extra[0], seed, extra[1])
+                if isinstance(extra, tuple)
                 else train_config(root, args.out, name, extra, args.size, seed)
             )
             rows.setdefault(name, []).append(r)

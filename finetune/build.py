@@ -67,6 +67,7 @@ def build_eval_settings(recipe: Recipe, device: torch.device, precision: str) ->
         channels_last=t.channels_last,
         on_bad_image=recipe.data.on_bad_image,
         task=build_task(recipe),
+        tta=t.tta,
     )
 
 
@@ -80,6 +81,8 @@ def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> 
         grad_clip=t.grad_clip,
         threshold=t.threshold,
         select=task.select(t.select),
+        mixup=recipe.data.augment.mixup,
+        seed=t.seed,
     )
 
 
@@ -188,6 +191,7 @@ def build_model(recipe: Recipe, num_classes: int) -> tuple[nn.Module, LoadReport
     """The timm backbone with a ``num_classes`` head, from ``[model]``."""
     m = recipe.model
     head = {"head": m.head, "head_hidden": m.head_hidden, "init": m.init, "arch": m.arch.model_dump()}
+    head["drop_path_rate"] = m.drop_path_rate
     return create_model(m.name, num_classes, m.pretrained, m.checkpoint, m.drop_rate, **head)
 
 

@@ -31,6 +31,7 @@ class AugmentConfig(_Section):
     vflip: float = Field(0.0, ge=0.0, le=1.0, description="vertical flip probability (aerial, microscopy, shapes)")
     rot90: bool = Field(False, description="rotate by a random multiple of 90 degrees (with flips: all 8 symmetries)")
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
+    mixup: float = Field(0.0, ge=0.0, description="mixup: Beta(alpha, alpha) (batch with itself reversed); 0 = off")
     jitter_on: Literal["auto", "workers", "device"] = Field(
         "auto", description='where colour jitter runs: "auto" = on the device when training on CUDA, else in workers'
     )
@@ -124,6 +125,7 @@ class ModelConfig(_Section):
     pretrained: bool = False
     checkpoint: str = ""
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth of residual blocks; 0 = off")
     head: Literal["linear", "mlp"] = Field("linear", description="linear (dropout = drop_rate) or a 2-layer MLP")
     head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
     init: Literal["timm", "blog"] = "timm"
@@ -221,9 +223,7 @@ class FreezeConfig(_Section):
     stages: list[StageConfig] = []
     cache_features: bool = Field(False, description="head-only stages train on cached pooled features")
     cache_augment: int = Field(0, ge=0, description="augmented feature passes to cache; 0 = one unaugmented pass")
-    solver_c: list[float] = Field(
-        [0.01, 0.03, 0.1, 0.3, 1.0], min_length=1, description="inverse L2 strengths (sklearn's C) the solver tries"
-    )
+    solver_c: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], min_length=1, description="the L2 C values tried")
     solver_select: Literal["val", "kfold"] = Field("kfold", description="pick C on val mAP or by 5-fold on train")
 
     @model_validator(mode="after")
@@ -257,6 +257,7 @@ class TrainConfig(_Section):
     sync_bn: bool = Field(False, description="under DDP: BatchNorm statistics over the global batch")
     compile: bool = Field(False, description="run the model through torch.compile (model.compile(), in place)")
     ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
+    tta: Literal["none", "hflip"] = Field("none", description="hflip: logits averaged with the mirrored image's")
 
 
 class CalibrateConfig(_Section):

@@ -46,13 +46,20 @@ class ImageClassifier(nn.Module):
         mean: Per-channel mean, 0..1 scale.
         std: Per-channel std, 0..1 scale.
         multi_label: Sigmoid per class (True) or softmax over classes (False).
+        hflip: Average the logits of the image and its mirror (the run's ``train.tta = "hflip"``).
     """
 
     def __init__(
-        self, model: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...], multi_label: bool
+        self,
+        model: nn.Module,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        multi_label: bool,
+        hflip: bool = False,
     ) -> None:
         super().__init__()
-        self.model, self.size, self.multi_label = model, size, multi_label
+        self.model, self.size, self.multi_label, self.hflip = model, size, multi_label, hflip
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
@@ -60,7 +67,10 @@ class ImageClassifier(nn.Module):
         """``image``: uint8 ``[n, h, w, 3]``; returns ``[n, classes]`` probabilities."""
         x = image.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
-        logits = self.model((x - self.mean) / self.std).float()
+        x = (x - self.mean) / self.std
+        logits = self.model(x).float()
+        if self.hflip:
+            logits = (logits + self.model(x.flip(3)).float()) / 2
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
@@ -93,10 +103,12 @@ def run_classifier(run: RunDir) -> tuple[ImageClassifier, dict[str, Any]]:
         "normalization": {"mean": list(mean), "std": list(std), "scale": "0..1, applied inside the graph"},
         "output": {"name": OUTPUT_NAME, "activation": "sigmoid" if task.calibrates else "softmax"},
         "weights": "ema" if "eval_model" in checkpoint else "model",
+        "tta": recipe.train.tta,
         "model_name": recipe.model.name,
         "recipe_sha256": hashlib.sha256((run / "recipe.toml").read_bytes()).hexdigest(),
     }
-    wrapped = ImageClassifier(model, size, tuple(mean), tuple(std), task.calibrates).eval()
+    hflip = recipe.train.tta == "hflip"
+    wrapped = ImageClassifier(model, size, tuple(mean), tuple(std), task.calibrates, hflip).eval()
     return wrapped, info
 
 

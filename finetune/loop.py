@@ -37,6 +37,7 @@ class EvalSettings:
     channels_last: bool = False
     on_bad_image: str = "skip"  # skip | error
     task: Task = MULTI_LABEL
+    tta: str = "none"  # "hflip": logits averaged over the image and its mirror
 
 
 @dataclass(kw_only=True)
@@ -48,6 +49,8 @@ class FitSettings(EvalSettings):
     grad_clip: float = 0.0
     threshold: float = 0.5
     select: str = "map"  # a key of the task's metrics, or "loss"
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
+    seed: int = 0  # seeds mixup's draws with (seed, epoch, batch)
 
 
 @dataclass

@@ -89,6 +89,7 @@ def mobilenetv2(
     act: str = "relu6",
     drop_rate: float = 0.0,
     in_chans: int = 3,
+    drop_path_rate: float = 0.0,
 ) -> EfficientNet:
     """A MobileNetV2 from a preset and overrides.
 
@@ -106,6 +107,7 @@ def mobilenetv2(
         act: Activation name known to timm (``relu6``, ``relu``, ``silu``, ``hard_swish``...).
         drop_rate: Dropout before the classifier.
         in_chans: Input channels.
+        drop_path_rate: Stochastic depth of the residual blocks (timm's rate, growing linearly with depth).
 
     Returns:
         A timm ``EfficientNet``.
@@ -127,4 +129,5 @@ def mobilenetv2(
         norm_layer=partial(nn.BatchNorm2d, momentum=bn_momentum, eps=bn_eps),
         round_chs_fn=round_fn,
         drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
     )

@@ -198,6 +198,7 @@ def create_model(
     head_hidden: int = 512,
     init: str = "timm",
     arch: dict | None = None,
+    drop_path_rate: float = 0.0,
 ) -> tuple[nn.Module, LoadReport | None]:
     """Create a timm model with a fresh ``num_classes`` head, from scratch, the hub, or a local file.
 
@@ -211,6 +212,8 @@ def create_model(
         head_hidden: Hidden width of the MLP head.
         init: ``timm`` (timm's own) or ``blog`` (:func:`blog_init`), applied before any weights are loaded.
         arch: Settings for ``mobilenetv2_standard`` / ``mobilenetv2_reduced`` (:func:`finetune.mobilenet.mobilenetv2`).
+        drop_path_rate: Stochastic depth (timm's ``drop_path_rate``: residual branches dropped per sample in
+            training, at a rate growing linearly with depth up to this value); 0 = off.
 
     Returns:
         The model, and what loading the checkpoint did (None without one).
@@ -218,14 +221,19 @@ def create_model(
     if name in MODEL_NAMES:
         if pretrained:
             raise UserError(f"model.pretrained: {name} is built from its block table; there are no hub weights")
-        model = build_mobilenetv2(name, num_classes, drop_rate, arch or {})
+        model = build_mobilenetv2(name, num_classes, drop_rate, {**(arch or {}), "drop_path_rate": drop_path_rate})
         return _finish(model, num_classes, head, head_hidden, init, False, checkpoint)
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise UserError(f"model.name: unknown timm model {name!r}{hint}")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate)
+        extra = {"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {}  # not every timm model takes it
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **extra)
+    except TypeError as err:
+        if "drop_path_rate" not in str(err):
+            raise
+        raise UserError(f"model.drop_path_rate: {name} has no stochastic depth in timm; set it to 0") from None
     except Exception as err:  # noqa: BLE001
         if not pretrained:
             raise

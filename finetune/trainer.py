@@ -68,6 +68,19 @@ def _inputs(batch: dict[str, Any], settings: EvalSettings) -> tuple[torch.Tensor
     return x, batch["target"].to(settings.device, non_blocking=True)
 
 
+def mix_batch(
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float, seed: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al., ICLR 2018) as timm's ``Mixup`` pairs images: each with the batch reversed.
+
+    ``lam ~ Beta(alpha, alpha)`` from a generator seeded by ``seed`` (the run's seed, epoch and batch, so a resumed
+    run draws the same); inputs and targets (multi-hot or one-hot) become ``lam * a + (1 - lam) * reversed``.
+    """
+    lam = float(np.random.default_rng(list(seed)).beta(alpha, alpha))
+    mixed = inputs.mul(lam).add_(inputs.flip(0), alpha=1.0 - lam)
+    return mixed, targets.float().mul(lam).add_(targets.float().flip(0), alpha=1.0 - lam)
+
+
 def _has_inputs(batch: dict[str, Any]) -> bool:
     return "image" in batch or "features" in batch  # a batch whose images were all unreadable has neither
 
@@ -112,6 +125,8 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
             _handle_bad(batch["errors"], s.on_bad_image, state, loop.console)
             if _has_inputs(batch):
                 inputs, targets = _inputs(batch, s)
+                if s.mixup > 0:
+                    inputs, targets = mix_batch(inputs, targets, s.mixup, (s.seed, state.epoch, i))
                 with autocast(s.device, s.precision):
                     logits = forward(inputs)
                 # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16.
@@ -172,6 +187,8 @@ def predict(
         inputs, target = _inputs(batch, settings)
         with autocast(settings.device, settings.precision):
             logits = model(inputs)
+            if settings.tta == "hflip":
+                logits = (logits + model(inputs.flip(3))) / 2
         logits = logits.float()
         if loss_fn is not None:
             total_loss += loss_fn(logits, target.float()).item() * len(inputs)

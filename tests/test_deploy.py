@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def exported(
     tiny_recipe = folder / "tiny.toml"
     tiny_recipe.write_text(TINY_RECIPE.format(root=tiny_coco.as_posix(), runs=(folder / "runs").as_posix()))
     if request.param == "generated":
-        run_dir = _train(tiny_recipe, [], "gen")
+        run_dir = _train(tiny_recipe, ['train.tta="hflip"'], "gen")  # flip TTA travels into every backend
         images = [p for split in ("test", "train") for p in sorted((tiny_coco / split).iterdir())]
     else:
         run_dir = _train(tiny_recipe, COCO_TINY_SETS, "real")
@@ -76,6 +77,14 @@ def test_exports_match_the_run(exported: tuple[Path, list[Path]]) -> None:
     fitted = [c["threshold"] for c in json.loads((run_dir / "thresholds.json").read_text())["classes"]]
     assert meta["thresholds"] == pytest.approx(fitted) and meta["classes"] == predictors[0].classes
     assert json.loads((run_dir / "export" / "model.json").read_text())["thresholds"] == meta["thresholds"]
+    tta = tomllib.loads((run_dir / "recipe.toml").read_text())["train"]["tta"]
+    assert meta["tta"] == tta
+    if tta == "hflip":  # averaged with its mirror, an image and its mirror score the same in every backend
+        mirrored = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:, ::-1]) for p in images[:4]]
+        for p, res in zip(predictors, results):
+            flipped = np.array([list(r.probabilities.values()) for r in p.predict(mirrored)])
+            original = np.array([list(r.probabilities.values()) for r in res[:4]])
+            np.testing.assert_allclose(flipped, original, atol=1e-5, rtol=0)
     # The run's own labels (thresholds.json applied by `eval`'s rule) agree with the predictor's.
     thr = np.array(fitted)
     assert [r.labels for r in results[0]] == [

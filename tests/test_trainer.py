@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +14,9 @@ from finetune.errors import UserError
 from finetune.rundir import RunDir
 
 
-def test_resume_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=straight"]))
+@pytest.mark.parametrize("extra", [[], ["data.augment.mixup=0.4", "model.drop_path_rate=0.2"]], ids=["plain", "mixup"])
+def test_resume_is_exact(extra: list[str], tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=straight", *extra]))
 
     real = trainer.train_one_epoch
 
@@ -25,7 +27,7 @@ def test_resume_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt_in_epoch_2)
     with pytest.raises(UserError, match="interrupted; continue with `finetune run --resume"):
-        training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=cut"]))
+        training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=cut", *extra]))
     monkeypatch.setattr(trainer, "train_one_epoch", real)
     cut = tmp_path / "runs" / "cut"
     training.run(RunDir.open(cut).recipe(), resume=cut)
@@ -40,6 +42,24 @@ def test_resume_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.
     wa = torch.load(straight / "last.pt", weights_only=True)["model"]
     wb = torch.load(cut / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_mixup_matches_timm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from timm.data import Mixup
+
+    x, y = torch.randn(6, 3, 8, 8), (torch.rand(6, 5) > 0.5).float()
+    mixed, soft = trainer.mix_batch(x, y, 0.4, (3, 1, 2))
+    lam = float(np.random.default_rng([3, 1, 2]).beta(0.4, 0.4))
+    assert 0.0 < lam < 1.0 and not torch.equal(mixed, x)
+    ref = Mixup(mixup_alpha=0.4, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=5, multi_label=True)
+    monkeypatch.setattr(ref, "_params_per_batch", lambda: (lam, False))
+    ref_x, ref_y = ref(x.clone(), y)
+    torch.testing.assert_close(mixed, ref_x)
+    torch.testing.assert_close(soft, ref_y)
+    again, _ = trainer.mix_batch(x, y, 0.4, (3, 1, 2))
+    assert torch.equal(again, mixed)  # the same (seed, epoch, batch) draws the same lam
+    other, _ = trainer.mix_batch(x, y, 0.4, (3, 1, 3))
+    assert not torch.equal(other, mixed)
 
 
 def test_grad_accumulation_and_clipping_run(tiny_recipe: Path) -> None:
@@ -59,3 +79,23 @@ def test_fp16_on_cpu_is_a_user_error(tiny_recipe: Path) -> None:
         pytest.skip("has a GPU")
     with pytest.raises(UserError, match='train.precision: "fp16" needs a CUDA GPU'):
         training.run(load_recipe(tiny_recipe, ["train.precision=fp16"]))
+
+
+def test_hflip_tta_averages_the_logits_of_the_image_and_its_mirror() -> None:
+    from finetune.loop import EvalSettings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    batch = {"image": images, "target": torch.zeros(6, 5), "index": torch.arange(6), "errors": []}
+    batch["norm"] = [[0.5] * 3] * 2
+    x = (images.float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(3))
+    settings = EvalSettings(device=torch.device("cpu"))
+    out = trainer.predict(model, [batch], settings)
+    np.testing.assert_allclose(out["probs"], torch.sigmoid(plain).numpy(), atol=1e-6)
+    settings.tta = "hflip"
+    out = trainer.predict(model, [batch], settings)
+    np.testing.assert_allclose(out["probs"], torch.sigmoid((plain + mirrored) / 2).numpy(), atol=1e-6)
+    assert not np.allclose(torch.sigmoid(plain).numpy(), out["probs"], atol=1e-4)  # the mirror changed something
