@@ -140,11 +140,11 @@ def configs(size: int) -> dict[str, list[str]]:
         'freeze.stages=[{epochs = 5, train = ["classifier"]}, {epochs = 5, train = ["blocks.4:"]}, {train = ["all"]}]'
     )
     return {
-        "flagship (LP-FT + EMA)": [],
+        "flagship (LP-FT + EMA + flip TTA)": [],
         "LP-FT (no EMA)": ["train.ema=0.0"],
-        "x-droppath0.2": ["model.drop_path_rate=0.2"],
-        "x-mixup0.4": ["data.augment.mixup=0.4"],
-        "x-mixup0.4-20ep": ["data.augment.mixup=0.4", "train.epochs=20"],
+        "flagship without flip TTA": ['train.tta="none"'],
+        "flagship + stochastic depth 0.2": ["model.drop_path_rate=0.2"],
+        "flagship + mixup 0.4": ["data.augment.mixup=0.4"],
         "flagship, whole-image resize instead of RandomResizedCrop": ['data.augment.crop="resize"'],
         "loss: focal (flagship otherwise)": ['loss.name="focal"'],
         "loss: ASL (flagship otherwise)": ['loss.name="asl"'],

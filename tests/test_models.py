@@ -19,6 +19,25 @@ def test_head_replaced_for_classes(name: str) -> None:
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
 
 
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "mobilenetv2_standard"])
+def test_stochastic_depth_as_timm_builds_it(name: str) -> None:
+    from timm.layers import DropPath
+
+    model, _ = create_model(name, 7, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    # timm's rule: block i of n gets rate * i / n, so the rates rise with depth and stay under the setting.
+    assert rates and rates == sorted(rates) and 0.15 < max(rates) < 0.2
+    plain, _ = create_model(name, 7)
+    assert not any(isinstance(m, DropPath) for m in plain.modules())
+    model.train()
+    x = torch.randn(4, 3, 64, 64)
+    assert not torch.equal(model(x), model(x))  # branches dropped at random in training
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    with pytest.raises(UserError, match="model.drop_path_rate: vgg11 has no stochastic depth"):
+        create_model("vgg11", 7, drop_path_rate=0.2)
+
+
 def test_local_checkpoint_loads_and_drops_other_head(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = timm.create_model("mobilenetv2_035", num_classes=1000)
