@@ -145,7 +145,13 @@ def configs(size: int) -> dict[str, list[str]]:
         "flagship without flip TTA": ['train.tta="none"'],
         "flagship + stochastic depth 0.2": ["model.drop_path_rate=0.2"],
         "flagship + mixup 0.4": ["data.augment.mixup=0.4"],
-        "flagship, whole-image resize instead of RandomResizedCrop": ['data.augment.crop="resize"'],
+        "flagship + probe C at most 0.1": ["freeze.solver_c=[0.01, 0.03, 0.1]"],
+        "flagship + 3x the fine-tuning LRs": [
+            'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, '
+            '{epochs = 4, train = ["blocks.5:", "head", "classifier"], lr = 1e-3}, '
+            '{train = ["all"], lr = 3e-4, layer_decay = 0.7}]'
+        ],
+        "flagship + whole-image resize instead of RandomResizedCrop": ['data.augment.crop="resize"'],
         "loss: focal (flagship otherwise)": ['loss.name="focal"'],
         "loss: ASL (flagship otherwise)": ['loss.name="asl"'],
         "head only, solver": [
