@@ -30,6 +30,7 @@ from finetune import __version__, build
 from finetune.checkpoint import atomic_write_bytes, atomic_write_json
 from finetune.errors import UserError
 from finetune.evaluation import load_run_model, load_thresholds
+from finetune.models import hflip_average
 from finetune.rundir import RunDir
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -68,9 +69,7 @@ class ImageClassifier(nn.Module):
         x = image.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
         x = (x - self.mean) / self.std
-        logits = self.model(x).float()
-        if self.hflip:
-            logits = (logits + self.model(x.flip(3)).float()) / 2
+        logits = (hflip_average(self.model, x) if self.hflip else self.model(x)).float()
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 

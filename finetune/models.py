@@ -122,6 +122,11 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     return report
 
 
+def hflip_average(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: the mean of the logits of NCHW ``x`` and of its mirror (``train.tta = "hflip"``)."""
+    return (model(x) + model(x.flip(3))) / 2
+
+
 def torchvision_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename a torchvision ``mobilenet_v2`` state dict to timm's ``mobilenetv2_*`` layout.
 

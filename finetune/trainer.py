@@ -25,6 +25,7 @@ from finetune import checkpoint as ckpt
 from finetune.data.coco import batch_images
 from finetune.errors import UserError
 from finetune.loop import EvalSettings, Hook, Loop, TrainState, hook_key
+from finetune.models import hflip_average
 from finetune.optim import group_lrs
 from finetune.precision import autocast
 
@@ -77,8 +78,9 @@ def mix_batch(
     run draws the same); inputs and targets (multi-hot or one-hot) become ``lam * a + (1 - lam) * reversed``.
     """
     lam = float(np.random.default_rng(list(seed)).beta(alpha, alpha))
+    targets = targets.float()
     mixed = inputs.mul(lam).add_(inputs.flip(0), alpha=1.0 - lam)
-    return mixed, targets.float().mul(lam).add_(targets.float().flip(0), alpha=1.0 - lam)
+    return mixed, targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
 
 
 def _has_inputs(batch: dict[str, Any]) -> bool:
@@ -186,9 +188,7 @@ def predict(
             continue
         inputs, target = _inputs(batch, settings)
         with autocast(settings.device, settings.precision):
-            logits = model(inputs)
-            if settings.tta == "hflip":
-                logits = (logits + model(inputs.flip(3))) / 2
+            logits = hflip_average(model, inputs) if settings.tta == "hflip" else model(inputs)
         logits = logits.float()
         if loss_fn is not None:
             total_loss += loss_fn(logits, target.float()).item() * len(inputs)
