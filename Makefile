@@ -10,7 +10,7 @@ DEMO_DATA := data/demo
 # pip on this machine warns once per local index that lacks a package; that is noise, not a problem.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo test test-fast lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check finetune tests benchmarks
 	$(VENV)/bin/ruff format --check finetune tests benchmarks
 
+# Two pytest workers (pytest-xdist): most of the suite's time is subprocesses importing torch, which overlap well.
 test: $(STAMP) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
+
+# Everything but the tests marked slow (subprocesses, torchrun, the notebook, whole training runs).
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -n 2 -m "not slow"
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

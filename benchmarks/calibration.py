@@ -14,7 +14,7 @@ import time
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from finetune.thresholds import best_thresholds, fit_thresholds
+from finetune.eval.thresholds import best_thresholds, fit_thresholds
 
 
 def sklearn_per_class(y: np.ndarray, p: np.ndarray) -> np.ndarray:

@@ -19,8 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from finetune.freezing import FreezePolicy, Stage
 from finetune.groups import layer_groups
+from finetune.hooks.freezing import FreezePolicy, Stage
 from finetune.optim import create_optimizer, group_multipliers, param_groups
 
 

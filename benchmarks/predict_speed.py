@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.checkpoint import save_checkpoint
 from finetune.config import Recipe
-from finetune.data.coco import ClassMap, read_rgb
-from finetune.export import run_classifier
+from finetune.data.split import ClassMap, read_rgb
+from finetune.deploy.export import run_classifier
+from finetune.deploy.predictor import Predictor, Skipped, expand_paths, resize_rgb
+from finetune.io import save_checkpoint
 from finetune.models import create_model
-from finetune.predictor import Predictor, Skipped, expand_paths, resize_rgb
-from finetune.rundir import RunDir
+from finetune.train.rundir import RunDir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-small"
 

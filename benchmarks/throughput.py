@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finetune.data.coco import CocoMultiLabel, batch_images, collate, read_split
+from finetune.data.coco import read_coco_split
+from finetune.data.dataset import ImageDataset, batch_images, collate
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
-from finetune.loop import FitSettings, Loop
 from finetune.models import create_model
-from finetune.trainer import train_one_epoch
+from finetune.train.fit import train_one_epoch
+from finetune.train.loop import FitSettings, Loop
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-small"
 
@@ -41,7 +42,7 @@ def _pil_rgb(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-class _Before(CocoMultiLabel):
+class _Before(ImageDataset):
     """The pipeline as it was: PIL decode, Normalize to float32 and ToTensor in the worker."""
 
     def __getitem__(self, index: int) -> dict:
@@ -133,18 +134,18 @@ def main() -> None:
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: the loader benchmark needs real COCO JPEGs")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    split = read_split(SHARED, "train2017")
+    split = read_coco_split(SHARED, "train2017")
     paths, targets = split.image_paths[: args.images], split.targets[: args.images]
     cpu = torch.device("cpu")
     for path in paths:  # warm the page cache: a cold first pass would be charged to whichever runs first
         path.read_bytes()
     before = _Before(paths, targets, split.classes, train_transform(args.size, color_jitter=0.1))
     norm = (IMAGENET_MEAN, IMAGENET_STD)
-    after = CocoMultiLabel(
+    after = ImageDataset(
         paths, targets, split.classes, train_transform(args.size, color_jitter=0.1, normalize=False), norm=norm
     )
     gpu_tf = train_transform(args.size, color_jitter=0.1, normalize=False, jitter_in_workers=False)
-    on_device = CocoMultiLabel(paths, targets, split.classes, gpu_tf, norm=norm, device_jitter=0.1)
+    on_device = ImageDataset(paths, targets, split.classes, gpu_tf, norm=norm, device_jitter=0.1)
     runs = {
         "b0": lambda: loader_rate(before, 0, args.batch, cpu),
         "a0": lambda: loader_rate(after, 0, args.batch, cpu),

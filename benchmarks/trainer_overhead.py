@@ -17,9 +17,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from finetune.loop import FitSettings, Loop
 from finetune.optim import create_optimizer, create_scheduler, whole_model_groups
-from finetune.trainer import train_one_epoch
+from finetune.train.fit import train_one_epoch
+from finetune.train.loop import FitSettings, Loop
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.config import load_recipe
-from finetune.metrics import summarize
-from finetune.thresholds import fit_thresholds
-from finetune.training import run
+from finetune.eval.metrics import summarize
+from finetune.eval.thresholds import fit_thresholds
+from finetune.train.run import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -81,9 +81,10 @@ def probe(root: Path, size: int, seed: int, tta: bool = False) -> dict[str, floa
     """
     from sklearn.linear_model import LogisticRegression
 
-    from finetune import build
-    from finetune.freezing import FreezePolicy, Stage, extract_features
     from finetune.groups import layer_groups
+    from finetune.hooks.feature_cache import extract_features
+    from finetune.hooks.freezing import FreezePolicy, Stage
+    from finetune.train.assembly import build_run
 
     recipe = load_recipe(
         FLAGSHIP,
@@ -98,13 +99,13 @@ def probe(root: Path, size: int, seed: int, tta: bool = False) -> dict[str, floa
             "data.num_workers=2",
         ],
     )
-    splits = build.build_splits(recipe)
-    model, _ = build.build_model(recipe, len(splits["train"].classes))
+    parts = build_run(recipe)
+    model = parts.model
     groups = layer_groups(model, "efficientnet_lite0")
     policy = FreezePolicy(model, groups, [Stage(0, 1, ("classifier",))])
     feats, mirrored = {}, {}
-    for role, split in splits.items():
-        loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False)
+    for role in parts.splits:
+        loader = parts.loader(role)
         x, y = extract_features(policy, loader, device=torch.device("cpu"))
         feats[role] = (x.numpy(), y.numpy())
         if tta and role != "train":
@@ -197,7 +198,7 @@ def train_config(root: Path, out: Path, name: str, extra: list[str], size: int, 
     recipe = load_recipe(FLAGSHIP, [*base, *extra])
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the run's own report tables
-        run_dir = run(recipe, console=Console(file=io.StringIO()))
+        run_dir = run_recipe(recipe, console=Console(file=io.StringIO()))
     report = json.loads((run_dir / "report.json").read_text())
     test = report["splits"]["test"]
     cal = test.get("calibrated", {"summary": test["summary"]})["summary"]

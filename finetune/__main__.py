@@ -1,5 +1,5 @@
 """``python -m finetune`` (and ``torchrun -m finetune run RECIPE``): the command line."""
 
-from finetune.cli import main
+from finetune.cli.app import main
 
 main()

@@ -1,7 +1,7 @@
 """The recipe schema: TOML -> one typed, validated config, with ``--set a.b=c`` overrides.
 
 Unknown keys, wrong types and bad values become a single-line :class:`~finetune.errors.UserError` that names the
-file, the key path and what is expected. Only ``build_*()`` functions elsewhere read a :class:`Recipe`.
+file, the key path and what is expected. Only the assembly (:mod:`finetune.train.assembly`) reads a :class:`Recipe`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from finetune.errors import UserError
 from finetune.overrides import apply_overrides, parse_override, read_toml
+from finetune.rules import check_task_rules
 
 __all__ = ["Recipe", "apply_overrides", "load_recipe", "parse_override", "recipe_to_dict", "validate_recipe"]
 
@@ -370,9 +371,7 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
-    from finetune.tasks import task_for  # here: tasks imports torch, which a recipe error should not wait for
-
-    task_for(recipe.data.format).check_recipe(recipe.loss.name, recipe.train.select, recipe.data.format, source)
+    check_task_rules(recipe.data.format, recipe.loss.name, recipe.train.select, source)
     return recipe
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune.checkpoint import load_error
 from finetune.errors import UserError
+from finetune.io import load_error
 from finetune.mobilenet import MODEL_NAMES, mobilenetv2
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "eval_model", "state_dict", "model")
@@ -193,6 +197,36 @@ def replace_head(model: nn.Module, num_classes: int, head: str = "linear", hidde
     )
 
 
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable(pretrained: bool) -> Iterator[None]:
+    """For a hub download: when the hub cannot be reached, run huggingface_hub offline (its cache, or a fast error).
+
+    Without this, ``huggingface_hub`` retries an unreachable hub for about a minute before timm gives up.
+    """
+    if not pretrained or hub_reachable():
+        yield
+        return
+    import huggingface_hub.constants as hf
+
+    saved, hf.HF_HUB_OFFLINE = hf.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hf.HF_HUB_OFFLINE = saved
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -234,7 +268,10 @@ def create_model(
         raise UserError(f"model.name: unknown timm model {name!r}{hint}")
     try:
         extra = {"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {}  # not every timm model takes it
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **extra)
+        with _offline_unless_reachable(pretrained):
+            model = timm.create_model(
+                name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **extra
+            )
     except TypeError as err:
         if "drop_path_rate" not in str(err):
             raise

@@ -9,6 +9,7 @@ and decays per block rather than per layer group; the rule here is the same geom
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -64,14 +65,23 @@ def param_groups(
     return out
 
 
-def whole_model_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """For a model without layer groups: decay / no-decay split only."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
-    return [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay, "lr_scale": 1.0, "group_name": "all"},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "lr_scale": 1.0, "group_name": "all.no_decay"},
-    ]
+def whole_model_groups(model: nn.Module, lr: float, weight_decay: float, head: Sequence[str] = ()) -> list[dict]:
+    """For a model without layer groups: decay / no-decay split only (``all``, ``all.no_decay``).
+
+    ``head`` (parameter names) gets groups of its own (``classifier``, ``classifier.no_decay``), for a hook that
+    treats the head differently (L2-SP).
+    """
+    out = []
+    for name, members in (("all", lambda n: n not in set(head)), ("classifier", lambda n: n in set(head))):
+        params = [(n, p) for n, p in model.named_parameters() if members(n)]
+        decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
+        no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]
+        for group, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if group or (name == "all" and not head):  # without a head split: always the two groups, as before
+                out.append(
+                    {"params": group, "lr": lr, "weight_decay": wd, "lr_scale": 1.0, "group_name": name + suffix}
+                )
+    return out
 
 
 def create_optimizer(

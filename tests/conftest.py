@@ -101,10 +101,11 @@ def interrupt_then_resume(
     recipe_path: Path, sets: list[str], epochs_done: int, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     """Run ``output.name=cut`` until Ctrl-C in the epoch after ``epochs_done``, then resume it; the run directory."""
-    from finetune import trainer, training
     from finetune.config import load_recipe
     from finetune.errors import UserError
-    from finetune.rundir import RunDir
+    from finetune.train import fit as trainer
+    from finetune.train.run import run_recipe
+    from finetune.train.rundir import RunDir
 
     real = trainer.train_one_epoch
 
@@ -115,8 +116,8 @@ def interrupt_then_resume(
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
     with pytest.raises(UserError, match="interrupted; continue with `finetune run --resume"):
-        training.run(load_recipe(recipe_path, [*sets, "output.name=cut"]))
+        run_recipe(load_recipe(recipe_path, [*sets, "output.name=cut"]))
     monkeypatch.setattr(trainer, "train_one_epoch", real)
     cut = Path(load_recipe(recipe_path, sets).output.dir) / "cut"
-    training.run(RunDir.open(cut).recipe(), resume=cut)
+    run_recipe(RunDir.open(cut).recipe(), resume=cut)
     return cut

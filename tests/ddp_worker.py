@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
-from finetune import build, distributed, training
+from finetune import distributed
 from finetune.config import load_recipe
 from finetune.errors import UserError
-from finetune.loop import Hook, Loop
-from finetune.rundir import RunDir
-from finetune.trainer import predict, selected_weights
+from finetune.eval.predict import predict_loader
+from finetune.train.assembly import build_from_run
+from finetune.train.loop import Hook, Loop
+from finetune.train.run import run_recipe
+from finetune.train.rundir import RunDir
 
 
 class Dump(Hook):
@@ -46,14 +48,9 @@ class Interrupt(Hook):
 
 def gathered_eval(run_dir: Path, out: Path, d: distributed.Dist) -> None:
     """best.pt on the val split, each rank predicting its shard, gathered (rank 0 saves it)."""
-    run = RunDir.open(run_dir)
-    recipe = run.recipe()
-    model = build.build_bare_model(recipe, len(run.classes()))
-    model.load_state_dict(selected_weights(run.checkpoint("best")))
-    split = build.build_split(recipe.data, recipe.data.val, run.classes())
-    loader = build.build_loader(recipe.data, build.build_dataset(recipe.data, split, False), False, d=d)
-    settings = build.build_eval_settings(recipe, torch.device("cpu"), "fp32")
-    joined = distributed.gather(predict(model, loader, settings), d)
+    parts = build_from_run(RunDir.open(run_dir), ["val"])
+    parts.distributed = True  # this rank's shard of val
+    joined = distributed.gather(predict_loader(parts.model, parts.loader("val", shard=True), parts.eval_settings), d)
     if d.main:
         torch.save({k: torch.as_tensor(v) for k, v in joined.items()}, out / "gathered.pt")
 
@@ -65,11 +62,11 @@ def main() -> None:
     d = distributed.setup("cpu")
     if mode == "resume":
         run_dir = Path(target)
-        training.run(RunDir.open(run_dir).resume_recipe(), resume=run_dir, hooks=[Dump(out, d.rank)])
+        run_recipe(RunDir.open(run_dir).resume_recipe(), resume=run_dir, hooks=[Dump(out, d.rank)])
     else:
         hooks: list[Hook] = [Dump(out, d.rank)] + ([Interrupt()] if mode == "interrupt" else [])
         try:
-            run_dir = training.run(load_recipe(target, sets), hooks=hooks)
+            run_dir = run_recipe(load_recipe(target, sets), hooks=hooks)
         except UserError as err:
             if mode != "interrupt" or "interrupted" not in str(err):
                 raise

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import checkpoint as ckpt
+from finetune import io as ckpt
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

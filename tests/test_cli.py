@@ -4,11 +4,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from .conftest import assert_user_error, run_cli
 
 
+@pytest.mark.slow
 def test_run_resume_eval_predict(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
     proc = run_cli("run", str(tiny_recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,6 +77,7 @@ def test_run_resume_eval_predict(tiny_recipe: Path, tiny_coco: Path, tmp_path: P
     assert "1 images predicted, 1 skipped" in proc.stderr
 
 
+@pytest.mark.slow
 def test_validate_prints_a_plan(tiny_recipe: Path) -> None:
     proc = run_cli("validate", str(tiny_recipe), "--check-images")
     assert proc.returncode == 0, proc.stderr
@@ -82,6 +85,7 @@ def test_validate_prints_a_plan(tiny_recipe: Path) -> None:
         assert needle in proc.stdout
 
 
+@pytest.mark.slow
 def test_recipe_errors_are_one_line(tiny_recipe: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_recipe.read_text().replace("[train]", "[train]\nepochz = 3"))
@@ -94,6 +98,7 @@ def test_recipe_errors_are_one_line(tiny_recipe: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli("run", str(tmp_path / "nope.toml")), "nope.toml: recipe file not found")
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_images(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(tiny_coco, root)
@@ -114,6 +119,7 @@ def test_missing_and_corrupt_images(tiny_recipe: Path, tiny_coco: Path, tmp_path
     assert json.loads((tmp_path / "runs" / "skip" / "report.json").read_text())["splits"]["val"]["images"] == 11
 
 
+@pytest.mark.slow
 def test_groups_prints_each_group_per_stage(tiny_recipe: Path) -> None:
     stages = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["blocks.5:", "head", "classifier"]}]'
     proc = run_cli(
@@ -126,13 +132,42 @@ def test_groups_prints_each_group_per_stage(tiny_recipe: Path) -> None:
         if ln.startswith("│")
     }
     assert list(rows)[:2] == ["stem", "blocks.0"] and list(rows)[-2:] == ["head", "classifier"]
-    assert rows["stem"][1:] == ["frozen", "frozen", "0.0001"]
-    assert rows["blocks.5"][1:] == ["frozen", "train", "0.001"]
-    assert rows["classifier"][1:] == ["train", "train", "0.001"]
+    assert rows["stem"][1:] == ["frozen", "frozen"]
+    assert rows["blocks.5"][1:] == ["frozen", "0.001"]
+    assert rows["classifier"][1:] == ["0.001", "0.001"]
     assert int(rows["classifier"][0].replace(",", "")) == 1280 * 10 + 10  # mobilenetv2_035 head: 1280 features
     assert_user_error(run_cli("groups", str(tiny_recipe), "--set", 'model.name="resnet18"'), "resnet18", "layer groups")
 
 
+def test_groups_shows_the_probe_stage_and_each_stages_own_lr(tiny_recipe: Path) -> None:
+    """LP-FT: a probe, a stage with its own lr, one with its own layer_decay; numbered as lr-find counts them."""
+    from typer.testing import CliRunner
+
+    from finetune.cli.app import app
+
+    stages = (
+        'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, '
+        '{epochs = 1, train = ["blocks.5:", "head", "classifier"], lr = 3e-3}, '
+        '{train = ["all"], lr = 2e-3, layer_decay = 0.5}]'
+    )
+    args = ["groups", str(tiny_recipe), "--set", "train.epochs=3", "--set", stages]
+    result = CliRunner().invoke(app, args, catch_exceptions=False, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[3:-1]] for ln in lines if ln.startswith("│")}
+    names = [n for n in rows if n]
+    assert "stage 1" in result.stdout and "probe (lbfgs)" in result.stdout and "epochs 2-3" in result.stdout
+    assert rows["classifier"] == ["solved", "0.003", "0.002"]
+    assert rows["head"] == ["frozen", "0.003", "0.001"]
+    assert rows["blocks.4"] == ["frozen", "frozen", f"{2e-3 * 0.5 ** (len(names) - 1 - names.index('blocks.4')):.3g}"]
+    assert rows["stem"][:2] == ["frozen", "frozen"]
+    lr_find = CliRunner().invoke(
+        app, ["lr-find", str(tiny_recipe), "--stage", "1", "--set", "train.epochs=3", "--set", stages]
+    )
+    assert lr_find.exit_code == 1 and "a solver stage is solved, not trained" in str(lr_find.exception)
+
+
+@pytest.mark.slow
 def test_demo_recipes_chain_pretrain_into_staged_fine_tune(tiny_coco: Path, tmp_path: Path) -> None:
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     small = []
@@ -175,6 +210,7 @@ def test_demo_recipes_chain_pretrain_into_staged_fine_tune(tiny_coco: Path, tmp_
     assert [m["stage"] for m in lines] == [1, 2, 2, 3] and lines[0]["cached_features"]
 
 
+@pytest.mark.slow
 def test_every_recipe_validates_on_tiny_generated_data(tiny_coco: Path) -> None:
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     coco = [p for p in sorted(recipes.glob("*.toml")) if 'format = "' not in p.read_text()]

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.data.coco import CocoMultiLabel, check_images, collate, read_rgb, read_split
+from finetune.data.coco import read_coco_split
+from finetune.data.dataset import ImageDataset, collate
 from finetune.data.demo import CATEGORIES
+from finetune.data.split import check_images, read_rgb
 from finetune.errors import UserError
 
 from .conftest import COCO_TINY
@@ -32,7 +34,7 @@ def assert_targets_match(split, ann_file: Path, **kw) -> None:
 
 
 def test_demo_split_targets_and_id_mapping(tiny_coco: Path) -> None:
-    split = read_split(tiny_coco, "train")
+    split = read_coco_split(tiny_coco, "train")
     assert split.classes.ids == tuple(c[0] for c in CATEGORIES)  # ids with gaps, sorted
     assert split.classes.names[3] == "star" and split.classes.ids[3] == 5
     assert_targets_match(split, tiny_coco / "annotations" / "instances_train.json")
@@ -52,32 +54,32 @@ def test_min_box_area_and_crowd(tmp_path: Path) -> None:
     (tmp_path / "annotations").mkdir()
     ann = tmp_path / "annotations" / "instances_s.json"
     ann.write_text(json.dumps(doc))
-    split = read_split(tmp_path, "s")
+    split = read_coco_split(tmp_path, "s")
     assert split.classes.names == ("dog", "cat")  # sorted by id
     np.testing.assert_array_equal(split.targets, [[1, 1], [1, 0], [0, 0]])
-    split = read_split(tmp_path, "s", include_crowd=False, min_box_area=5)
+    split = read_coco_split(tmp_path, "s", include_crowd=False, min_box_area=5)
     np.testing.assert_array_equal(split.targets, [[0, 0], [1, 0], [0, 0]])
     assert_targets_match(split, ann, include_crowd=False, min_area=5)
 
 
 def test_missing_and_malformed_annotation_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="annotation file not found; check data.root"):
-        read_split(tmp_path, "train")
+        read_coco_split(tmp_path, "train")
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_train.json").write_text("{not json")
     with pytest.raises(UserError, match="not a valid COCO annotation file"):
-        read_split(tmp_path, "train")
+        read_coco_split(tmp_path, "train")
 
 
 def test_val_categories_must_match_train(tiny_coco: Path, tmp_path: Path) -> None:
-    train = read_split(tiny_coco, "train")
+    train = read_coco_split(tiny_coco, "train")
     doc = json.loads((tiny_coco / "annotations" / "instances_val.json").read_text())
     doc["categories"] = doc["categories"][:3]
     doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] in {1, 2, 3}]
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match="categories differ"):
-        read_split(tmp_path, "val", classes=train.classes)
+        read_coco_split(tmp_path, "val", classes=train.classes)
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16"])
@@ -97,12 +99,12 @@ def test_transparent_pixels_composite_on_white(tmp_path: Path) -> None:
 
 
 def test_bad_images_become_errors_not_crashes(tiny_coco: Path, tmp_path: Path) -> None:
-    split = read_split(tiny_coco, "val")
+    split = read_coco_split(tiny_coco, "val")
     paths = list(split.image_paths)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     paths[0], paths[1] = corrupt, tmp_path / "missing.jpg"
-    ds = CocoMultiLabel(paths, split.targets, split.classes)
+    ds = ImageDataset(paths, split.targets, split.classes)
     batch = collate([ds[i] for i in range(4)])
     assert len(batch["errors"]) == 2 and "cannot decode image" in batch["errors"][0]
     assert "image file not found" in batch["errors"][1]
@@ -114,7 +116,7 @@ def test_bad_images_become_errors_not_crashes(tiny_coco: Path, tmp_path: Path) -
 @pytest.mark.skipif(not COCO_TINY.is_dir(), reason="../shared/data/coco-tiny not present")
 @pytest.mark.parametrize("split_name", ["train2017", "val2017"])
 def test_real_coco_tiny(split_name: str) -> None:
-    split = read_split(COCO_TINY, split_name)
+    split = read_coco_split(COCO_TINY, split_name)
     assert len(split.classes) == 80
     assert split.classes.ids[0] == 1 and split.classes.ids[-1] == 90 and split.classes.names[0] == "person"
     doc = json.loads((COCO_TINY / "annotations" / f"instances_{split_name}.json").read_text())
@@ -124,7 +126,9 @@ def test_real_coco_tiny(split_name: str) -> None:
     )
     assert_targets_match(split, COCO_TINY / "annotations" / f"instances_{split_name}.json")
     assert not check_images(split.image_paths)
-    assert split.targets.sum(0).min() >= 0 and split.targets.sum() > 0
+    assert set(np.unique(split.targets)) == {0.0, 1.0}
+    annotated = {a["category_id"] for a in doc["annotations"] if a["image_id"] in set(split.image_ids)}
+    assert {split.classes.ids[c] for c in np.flatnonzero(split.targets.sum(0))} == annotated
 
 
 def _pil_rgb(path: Path) -> np.ndarray:
@@ -146,7 +150,7 @@ def _pil_rgb(path: Path) -> np.ndarray:
     ],
 )
 def test_jpeg_fast_path_gives_pils_pixels_bitwise(tmp_path: Path, mode: str, save: dict) -> None:
-    from finetune.data import coco
+    from finetune.data import split as coco
 
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (9, 13, 3)), np.ones((7, 7, 1)))[:61, :83]  # odd sizes: partial MCUs
@@ -160,7 +164,7 @@ def test_jpeg_fast_path_gives_pils_pixels_bitwise(tmp_path: Path, mode: str, sav
 
 
 def test_jpeg_fast_path_leaves_truncated_and_oversized_files_to_pil(tmp_path: Path, monkeypatch) -> None:
-    from finetune.data import coco
+    from finetune.data import split as coco
 
     Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "ok.jpg", quality=90)
     data = (tmp_path / "ok.jpg").read_bytes()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from finetune.cli import app
+from finetune.cli.app import app
 from finetune.errors import UserError
 
 STAGES = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["all"]}]'
@@ -18,6 +18,7 @@ def _invoke(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["multi_label", "single_label"])
 def test_every_command_on_each_kind(
     kind: str, tiny_recipe: Path, tiny_coco: Path, folder_data: Path, tmp_path: Path

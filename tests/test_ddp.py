@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import training
-from finetune.build import build_bare_model, build_dataset, build_eval_settings, build_loader, build_split
 from finetune.config import load_recipe
-from finetune.distributed import ShardSampler
-from finetune.rundir import RunDir
-from finetune.trainer import EpochSampler, predict, selected_weights
+from finetune.data.samplers import EpochSampler, ShardSampler
+from finetune.eval.predict import predict_loader
+from finetune.train.assembly import build_from_run, build_run
+from finetune.train.run import run_recipe
+from finetune.train.rundir import RunDir
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 STAGED = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["blocks.4:"]}]'
@@ -33,16 +33,18 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "last.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_one_epoch_with_bn_frozen_equals_one_process_at_the_same_global_batch(
     tiny_recipe: Path, tmp_path: Path
 ) -> None:
-    one = training.run(load_recipe(tiny_recipe, ['freeze.bn="all"', "output.name=one"]))  # batch 8, 3 steps
+    one = run_recipe(load_recipe(tiny_recipe, ['freeze.bn="all"', "output.name=one"]))  # batch 8, 3 steps
     _torchrun("train", tiny_recipe, tmp_path / "out", 'freeze.bn="all"', "output.name=two")  # 4 per process
     a, b = _weights(one), _weights(tmp_path / "runs" / "two")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@pytest.mark.slow
 def test_sync_bn_gives_the_global_batch_statistics(tiny_recipe: Path, tmp_path: Path) -> None:
     """With BN training, sync_bn lands near one process with the whole batch; without it, far from it.
 
@@ -52,7 +54,7 @@ def test_sync_bn_gives_the_global_batch_statistics(tiny_recipe: Path, tmp_path: 
     batch, 12 images per process) and SGD (Adam turns the rounding noise of a zero gradient into a full step).
     """
     sets = ['freeze.bn="none"', "data.batch_size=24", 'optim.name="sgd"']
-    one = _weights(training.run(load_recipe(tiny_recipe, [*sets, "train.sync_bn=true", "output.name=one"])))
+    one = _weights(run_recipe(load_recipe(tiny_recipe, [*sets, "train.sync_bn=true", "output.name=one"])))
     _torchrun("train", tiny_recipe, tmp_path / "a", *sets, "train.sync_bn=true", "output.name=synced")
     _torchrun("train", tiny_recipe, tmp_path / "b", *sets, "output.name=local")
     synced, local = _weights(tmp_path / "runs" / "synced"), _weights(tmp_path / "runs" / "local")
@@ -64,6 +66,7 @@ def test_sync_bn_gives_the_global_batch_statistics(tiny_recipe: Path, tmp_path: 
     assert worst["synced"] < 5e-3 and worst["local"] > 20 * worst["synced"], worst
 
 
+@pytest.mark.slow
 def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: Path) -> None:
     sets = [STAGED, "train.epochs=3"]
     _torchrun("train", tiny_recipe, tmp_path / "straight", *sets, "output.name=straight")
@@ -71,7 +74,7 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
     straight = tmp_path / "runs" / "straight"
 
     # Stage 2 trains blocks.4: on both ranks, identically; the frozen groups and their BN statistics stay bitwise.
-    model = build_bare_model(load_recipe(tiny_recipe), 10)
+    model = build_run(load_recipe(tiny_recipe), weights="none", roles=("train",)).model
     frozen_prefixes = ("conv_stem", "bn1", "blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.")  # stem, blocks.0-3
     params = {name for name, _ in model.named_parameters()}
     for key, start in ranks[0]["start"].items():
@@ -94,13 +97,9 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
 
     # Evaluation gathered from both ranks' shards equals one process's, on the same checkpoint.
     gathered = torch.load(tmp_path / "straight" / "gathered.pt", weights_only=True)
-    recipe = RunDir.open(straight).recipe()
-    classes = RunDir.open(straight).classes()
-    net = build_bare_model(recipe, len(classes))
-    net.load_state_dict(selected_weights(RunDir.open(straight).checkpoint("best")))
-    split = build_split(recipe.data, recipe.data.val, classes)
-    loader = build_loader(recipe.data, build_dataset(recipe.data, split, False), False)
-    single = predict(net, loader, build_eval_settings(recipe, torch.device("cpu"), "fp32"))
+    parts = build_from_run(RunDir.open(straight), ["val"])
+    split = parts.splits["val"]
+    single = predict_loader(parts.model, parts.loader("val"), parts.eval_settings)
     assert gathered["index"].tolist() == list(range(len(split.targets)))
     torch.testing.assert_close(gathered["probs"], torch.as_tensor(single["probs"]), atol=1e-6, rtol=0)
     assert torch.equal(gathered["targets"], torch.as_tensor(single["targets"]))

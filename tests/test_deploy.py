@@ -14,11 +14,12 @@ import onnx
 import pytest
 from PIL import Image
 
-from finetune import Predictor, training
-from finetune.build import build_splits
+from finetune import Predictor
 from finetune.config import load_recipe
+from finetune.deploy.export import export_run
 from finetune.errors import UserError
-from finetune.export import export_run
+from finetune.train.assembly import build_run
+from finetune.train.run import run_recipe
 
 from .conftest import COCO_TINY, TINY_RECIPE, assert_user_error, run_cli
 
@@ -35,7 +36,7 @@ COCO_TINY_SETS = [
 
 
 def _train(recipe: Path, sets: list[str], name: str) -> Path:
-    return training.run(load_recipe(recipe, [*sets, f"output.name={name}"]))
+    return run_recipe(load_recipe(recipe, [*sets, f"output.name={name}"]))
 
 
 @pytest.fixture(scope="module", params=["generated", pytest.param("coco-tiny", marks=REAL)])
@@ -62,6 +63,7 @@ def exported(
     return run_dir, images[:32]
 
 
+@pytest.mark.slow
 def test_exports_match_the_run(exported: tuple[Path, list[Path]]) -> None:
     run_dir, images = exported
     onnx_file, ts_file = run_dir / "export" / "model.onnx", run_dir / "export" / "model.pt"
@@ -111,6 +113,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_the_onnx_file_runs_without_torch(exported: tuple[Path, list[Path]]) -> None:
     run_dir, images = exported
     proc = subprocess.run(
@@ -128,6 +131,7 @@ def test_the_onnx_file_runs_without_torch(exported: tuple[Path, list[Path]]) -> 
     assert [sorted(x) for x in json.loads(proc.stdout)] == [sorted(x) for x in expected]
 
 
+@pytest.mark.slow
 def test_predict_command(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
     run_dir = _train(tiny_recipe, [], "cmd")
     folder = tmp_path / "imgs" / "nested"
@@ -177,21 +181,22 @@ def _csv_from_coco(root: Path, splits: dict[str, str], out: Path, columns: bool 
 def test_csv_targets_equal_the_coco_loader(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path, columns: bool) -> None:
     names = _csv_from_coco(tiny_coco, {"train": "train", "val": "val"}, tmp_path / "labels.csv", columns)
     sets = [f'data.csv="{(tmp_path / "labels.csv").as_posix()}"', 'data.format="csv"', 'data.test=""']
-    coco = build_splits(load_recipe(tiny_recipe, ['data.test=""']))
-    mine = build_splits(load_recipe(tiny_recipe, [*sets, f"data.classes={json.dumps(names)}"]))
+    coco = build_run(load_recipe(tiny_recipe, ['data.test=""'])).splits
+    mine = build_run(load_recipe(tiny_recipe, [*sets, f"data.classes={json.dumps(names)}"])).splits
     for role in ("train", "val"):
         assert [p.resolve() for p in mine[role].image_paths] == [p.resolve() for p in coco[role].image_paths]
         np.testing.assert_array_equal(mine[role].targets, coco[role].targets)
     assert mine["train"].classes.names == coco["train"].classes.names
 
 
+@pytest.mark.slow
 @REAL
 def test_csv_from_coco_tiny_trains_through_the_cli(tiny_recipe: Path, tmp_path: Path) -> None:
     names = _csv_from_coco(COCO_TINY, {"train": "train2017", "val": "val2017"}, tmp_path / "coco.csv")
     sets = [*COCO_TINY_SETS[:1], 'data.format="csv"', 'data.test=""', f'data.csv="{tmp_path / "coco.csv"}"']
     sets += ["data.image_size=64", f"data.classes={json.dumps(names)}", "output.name=csvrun"]
-    coco = build_splits(load_recipe(tiny_recipe, COCO_TINY_SETS))
-    mine = build_splits(load_recipe(tiny_recipe, sets))
+    coco = build_run(load_recipe(tiny_recipe, COCO_TINY_SETS)).splits
+    mine = build_run(load_recipe(tiny_recipe, sets)).splits
     np.testing.assert_array_equal(mine["val"].targets, coco["val"].targets)
     args = [a for s in sets for a in ("--set", s)]
     proc = run_cli("run", str(tiny_recipe), *args)
@@ -199,6 +204,7 @@ def test_csv_from_coco_tiny_trains_through_the_cli(tiny_recipe: Path, tmp_path: 
     assert json.loads((tmp_path / "runs" / "csvrun" / "report.json").read_text())["splits"]["val"]["images"] == 80
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
@@ -217,11 +223,12 @@ def test_bad_csv_is_one_line(tiny_recipe: Path, tmp_path: Path, body: str, needl
     (root / "labels.csv").write_text(body)
     sets = [f'data.root="{root.as_posix()}"', 'data.format="csv"', 'data.classes=["circle", "square"]']
     with pytest.raises(UserError, match=needle.replace("|", r"\|").replace(".", r"\.")):
-        build_splits(load_recipe(tiny_recipe, sets), ("train",))
+        _ = build_run(load_recipe(tiny_recipe, sets), roles=("train",)).splits
     if needle.startswith("labels.csv:2: unknown"):  # and through the CLI: exit 2, one line
         assert_user_error(run_cli("validate", str(tiny_recipe), *[a for s in sets for a in ("--set", s)]), "unicorn")
 
 
+@pytest.mark.slow
 def test_the_csv_recipe_validates(tiny_coco: Path, tmp_path: Path) -> None:
     _csv_from_coco(tiny_coco, {"train": "train", "val": "val", "test": "test"}, tmp_path / "labels.csv")
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "my_images_csv.toml"
@@ -235,7 +242,7 @@ def test_the_csv_recipe_validates(tiny_coco: Path, tmp_path: Path) -> None:
 def test_predict_path_errors_are_one_line(
     tiny_recipe: Path, tiny_coco: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune import cli
+    from finetune.cli import app as cli
 
     run_dir = _train(tiny_recipe, [], "paths")
     image = str(next((tiny_coco / "test").glob("*.jpg")))

@@ -18,14 +18,19 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from finetune import checkpoint as ckpt
-from finetune import cli, plots, trainer, training
+from finetune import io as ckpt
+from finetune.cli import app as cli
 from finetune.config import load_recipe
-from finetune.data.coco import CocoMultiLabel, check_images, read_rgb, read_split
+from finetune.data.coco import read_coco_split
+from finetune.data.dataset import ImageDataset
+from finetune.data.split import check_images, read_rgb
 from finetune.data.stats import compute_stats
 from finetune.errors import UserError
-from finetune.report import SUMMARY_KEYS, print_report
-from finetune.rundir import RunDir
+from finetune.eval import plots
+from finetune.eval.report import SUMMARY_KEYS, print_report
+from finetune.train import fit as trainer
+from finetune.train.run import run_recipe
+from finetune.train.rundir import RunDir
 
 from .conftest import assert_user_error, run_cli
 
@@ -80,9 +85,9 @@ def test_16_bit_grayscale_keeps_its_values(mode: str, suffix: str, tmp_path: Pat
 def test_a_decompression_bomb_is_a_bad_image_not_a_crash(
     tiny_coco: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    split = read_split(tiny_coco, "val")
+    split = read_coco_split(tiny_coco, "val")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every 48x48 image is now over twice the limit
-    sample = CocoMultiLabel(split.image_paths, split.targets, split.classes)[0]
+    sample = ImageDataset(split.image_paths, split.targets, split.classes)[0]
     assert "DecompressionBombError" in sample["error"] and "image" not in sample
     assert "DecompressionBombError" in check_images(split.image_paths[:1], decode=True)[0]
 
@@ -93,7 +98,7 @@ def test_an_empty_train_split_is_refused(tiny_recipe: Path, tiny_coco: Path, tmp
     doc = json.loads(ann.read_text())
     ann.write_text(json.dumps({**doc, "images": [], "annotations": []}))
     with pytest.raises(UserError, match="data.train: the 'train' split has no images"):
-        training.run(load_recipe(_recipe(tiny_recipe, root)))
+        run_recipe(load_recipe(_recipe(tiny_recipe, root)))
 
 
 def test_a_train_split_with_no_readable_image_stops(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
@@ -101,12 +106,12 @@ def test_a_train_split_with_no_readable_image_stops(tiny_recipe: Path, tiny_coco
     for path in (root / "train").iterdir():
         path.write_bytes(b"not an image")
     with pytest.raises(UserError, match="epoch 1: not one training image could be read"):
-        training.run(load_recipe(_recipe(tiny_recipe, root)))  # was: a best.pt "trained" at loss 0.0000
+        run_recipe(load_recipe(_recipe(tiny_recipe, root)))  # was: a best.pt "trained" at loss 0.0000
     assert not (tmp_path / "runs" / "tiny" / "best.pt").exists()
 
 
 def test_stats_follow_on_bad_image(tiny_coco: Path, tmp_path: Path) -> None:
-    split = read_split(_copy_data(tiny_coco, tmp_path), "train")
+    split = read_coco_split(_copy_data(tiny_coco, tmp_path), "train")
     split.image_paths[0].write_bytes(b"not an image")
     stats = compute_stats(split, 32)
     assert stats["skipped"] == 1 and stats["images"] == 24
@@ -115,12 +120,13 @@ def test_stats_follow_on_bad_image(tiny_coco: Path, tmp_path: Path) -> None:
 
 
 # 4. A val split without a positive: NaN mAP must still leave a best.pt and a report.
+@pytest.mark.slow
 def test_val_without_positives_still_selects_and_reports(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
     root = _copy_data(tiny_coco, tmp_path)
     ann = root / "annotations" / "instances_val.json"
     ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
     out = StringIO()
-    run_dir = training.run(load_recipe(_recipe(tiny_recipe, root), ["train.epochs=2"]), console=Console(file=out))
+    run_dir = run_recipe(load_recipe(_recipe(tiny_recipe, root), ["train.epochs=2"]), console=Console(file=out))
     assert "no image of the val split has a label" in out.getvalue()
     assert torch.load(run_dir / "best.pt", weights_only=True)["train_state"]["best_epoch"] == 2
     assert (run_dir / "report.json").is_file()
@@ -137,13 +143,14 @@ def test_val_without_positives_still_selects_and_reports(tiny_recipe: Path, tiny
 )
 def test_validate_refuses_what_run_refuses(tiny_recipe: Path, sets: list[str], needle: str) -> None:
     with pytest.raises(UserError, match=needle.replace("[", r"\[")) as from_run:
-        training.run(load_recipe(tiny_recipe, sets))
+        run_recipe(load_recipe(tiny_recipe, sets))
     with pytest.raises(UserError) as from_validate:
         cli.validate(tiny_recipe, sets, check_images=False)
     assert str(from_validate.value) == str(from_run.value)
 
 
 # 6. Tracebacks instead of one line.
+@pytest.mark.slow
 def test_one_line_errors_in_a_subprocess(tiny_recipe: Path, tmp_path: Path) -> None:
     (tmp_path / "dir.toml").mkdir()
     assert_user_error(run_cli("run", str(tmp_path / "dir.toml")), "is a directory")
@@ -169,14 +176,14 @@ def test_a_full_disk_is_one_line(
     def full(path: str | Path, state: dict) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", full)
+    monkeypatch.setattr(trainer, "save_checkpoint", full)
     code, err = _main(["run", str(tiny_recipe)], capsys, monkeypatch)
     assert code == 2 and "Traceback" not in err
     assert "runs/tiny/best.pt: no space left on the device; free space or choose another output.dir" in err
 
 
 def test_a_nan_loss_is_one_line(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune import build
+    from finetune.train.assembly import training as build
 
     real = build.build_loss
 
@@ -190,7 +197,7 @@ def test_a_nan_loss_is_one_line(tiny_recipe: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(build, "build_loss", lambda *args, **kwargs: _Nan(real(*args, **kwargs)))
     with pytest.raises(UserError, match="the loss became nan at epoch 1, batch 1: training diverged; lower optim.lr"):
-        training.run(load_recipe(tiny_recipe))
+        run_recipe(load_recipe(tiny_recipe))
 
 
 def test_markup_in_names_prints_as_text() -> None:
@@ -217,17 +224,18 @@ def test_a_run_stopped_in_epoch_1_can_be_rerun_or_resumed(
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
     for _ in range(2):  # the second rerun finds the first one's leftovers
         with pytest.raises(UserError, match="interrupted"):
-            training.run(load_recipe(tiny_recipe))
+            run_recipe(load_recipe(tiny_recipe))
     run_dir = tmp_path / "runs" / "tiny"
     assert (run_dir / "recipe.toml").is_file() and not (run_dir / "last.pt").exists()
     monkeypatch.setattr(trainer, "train_one_epoch", real)
-    training.run(RunDir.open(run_dir).resume_recipe(), resume=run_dir)  # was: "no last.pt to resume from"
+    run_recipe(RunDir.open(run_dir).resume_recipe(), resume=run_dir)  # was: "no last.pt to resume from"
     assert (run_dir / "report.json").is_file()
     with pytest.raises(UserError, match="already holds a run"):  # a run with a checkpoint is still never rerun
-        training.run(load_recipe(tiny_recipe))
+        run_recipe(load_recipe(tiny_recipe))
 
 
 # 8. metrics.jsonl: a kill between the log line and the checkpoint, and a partial last line.
+@pytest.mark.slow
 def test_metrics_survive_a_kill_between_log_and_checkpoint(
     tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,27 +248,28 @@ def test_metrics_survive_a_kill_between_log_and_checkpoint(
 
     monkeypatch.setattr(trainer, "checkpoint_state", killed)
     with pytest.raises(UserError, match="interrupted"):
-        training.run(load_recipe(tiny_recipe, ["train.epochs=3"]))
+        run_recipe(load_recipe(tiny_recipe, ["train.epochs=3"]))
     monkeypatch.setattr(trainer, "checkpoint_state", real)
     run_dir = tmp_path / "runs" / "tiny"
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"epoch": 3, "val_lo')  # and a kill in the middle of a line
     (run_dir / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    training.run(RunDir.open(run_dir).resume_recipe(), resume=run_dir)
+    run_recipe(RunDir.open(run_dir).resume_recipe(), resume=run_dir)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
     assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp"))
 
 
 # 9. --resume --set, and eval --threshold.
+@pytest.mark.slow
 def test_resume_refuses_settings_that_change_the_run(tiny_recipe: Path, tmp_path: Path) -> None:
-    run_dir = training.run(load_recipe(tiny_recipe, ["train.epochs=2"]))
+    run_dir = run_recipe(load_recipe(tiny_recipe, ["train.epochs=2"]))
     before = (run_dir / "recipe.toml").read_text()
     for bad in ("optim.lr=0.1", "data.batch_size=4", "model.name='mobilenetv2_050'"):
         with pytest.raises(UserError, match=rf"--set {bad.split('=')[0]}: cannot change on --resume"):
             RunDir.open(run_dir).resume_recipe([bad])
     with pytest.raises(UserError, match="train.epochs = 1: .* has already trained 2 epochs"):
-        training.run(RunDir.open(run_dir).resume_recipe(["train.epochs=1"]), resume=run_dir)
+        run_recipe(RunDir.open(run_dir).resume_recipe(["train.epochs=1"]), resume=run_dir)
     assert (run_dir / "recipe.toml").read_text() == before
     with pytest.raises(UserError, match="--threshold 1.5: a probability threshold is between 0 and 1"):
         cli.evaluate(run_dir, "test", 1.5)
@@ -279,10 +288,11 @@ def test_atomic_writes_get_the_umask_mode(tmp_path: Path) -> None:
 
 
 # 11. Usability.
+@pytest.mark.slow
 def test_a_recipe_error_does_not_import_torch(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('[data]\nroot = "x"\nbogus = 1\n')
     code = (
-        "import sys; from finetune import cli; sys.argv = ['finetune', 'run', sys.argv[1]]\n"
+        "import sys; from finetune.cli import app as cli; sys.argv = ['finetune', 'run', sys.argv[1]]\n"
         "try:\n    cli.main()\n"
         "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'timm' in sys.modules)"
     )
@@ -293,17 +303,18 @@ def test_a_recipe_error_does_not_import_torch(tmp_path: Path) -> None:
     assert version.returncode == 0 and version.stdout.startswith("finetune 0.")
 
 
+@pytest.mark.slow
 def test_relative_root_and_second_calibrate(
     tiny_recipe: Path, tiny_coco: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune.evaluation import calibrate_run
+    from finetune.train.evaluate import calibrate_run
 
     data = _copy_data(tiny_coco, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     recipe = _recipe(tiny_recipe, Path(os.path.relpath(data, work)))
     monkeypatch.chdir(work)
-    run_dir = training.run(load_recipe(recipe))
+    run_dir = run_recipe(load_recipe(recipe))
     assert load_recipe(run_dir / "recipe.toml").data.root == str(data.resolve())
     written = [(run_dir / "thresholds.json").read_bytes()]
     monkeypatch.chdir(tmp_path)  # from another folder: the saved root is absolute

@@ -7,12 +7,12 @@ import pytest
 import timm
 import torch
 
-from finetune import training
 from finetune.config import load_recipe
 from finetune.errors import UserError
-from finetune.freezing import BNStatsDrift, FreezePolicy, Stage, plan_stages
 from finetune.groups import layer_groups
+from finetune.hooks.freezing import BNStatsDrift, FreezePolicy, Stage, plan_stages
 from finetune.optim import create_optimizer, group_multipliers, param_groups, warmup_cosine_factor
+from finetune.train.run import run_recipe
 
 from .conftest import interrupt_then_resume
 
@@ -170,9 +170,10 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_run_logs_each_groups_lr_as_base_times_multiplier_times_schedule(tiny_recipe: Path) -> None:
     recipe = load_recipe(tiny_recipe, ["train.epochs=4", STAGES, "optim.layer_decay=0.5", "output.name=lrs"])
-    lines = _metrics(training.run(recipe))
+    lines = _metrics(run_recipe(recipe))
     assert [m["stage"] for m in lines] == [1, 2, 2, 3]
     names = list(lines[0]["lr_groups"])
     total, warmup = lines[-1]["step"], round(0.5 * lines[0]["step"])
@@ -183,9 +184,10 @@ def test_run_logs_each_groups_lr_as_base_times_multiplier_times_schedule(tiny_re
     assert all(m["bn_frozen_checksum"] != 0 for m in lines[:3]) and lines[3]["bn_frozen_checksum"] == 0
 
 
+@pytest.mark.slow
 def test_resume_inside_stage_2_is_exact(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sets = ["train.epochs=4", STAGES, "optim.lr_mult={stem = 0.1, head = 2.0}"]
-    straight = training.run(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
+    straight = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
     cut = interrupt_then_resume(tiny_recipe, sets, 2, monkeypatch)  # Ctrl-C in epoch 3
     a, b = _metrics(straight), _metrics(cut)
     for key in ("stage", "lr_groups", "train_loss", "val_map", "bn_frozen_checksum", "step"):
@@ -195,6 +197,7 @@ def test_resume_inside_stage_2_is_exact(tiny_recipe: Path, tmp_path: Path, monke
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_cached_features_train_the_head_like_the_full_network(tiny_recipe: Path) -> None:
     sets = [
         "train.epochs=2",
@@ -203,8 +206,8 @@ def test_cached_features_train_the_head_like_the_full_network(tiny_recipe: Path)
         "data.augment.hflip=0.0",
         "data.augment.color_jitter=0.0",
     ]
-    plain = training.run(load_recipe(tiny_recipe, [*sets, "output.name=plain"]))
-    cached = training.run(load_recipe(tiny_recipe, [*sets, "freeze.cache_features=true", "output.name=cached"]))
+    plain = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=plain"]))
+    cached = run_recipe(load_recipe(tiny_recipe, [*sets, "freeze.cache_features=true", "output.name=cached"]))
     a, b = _metrics(plain), _metrics(cached)
     assert [m["cached_features"] for m in b] == [True, True] and not a[0]["cached_features"]
     for ma, mb in zip(a, b):
@@ -218,10 +221,10 @@ def test_cached_features_train_the_head_like_the_full_network(tiny_recipe: Path)
 
 def test_freeze_config_errors(tiny_recipe: Path) -> None:
     with pytest.raises(UserError, match="add up to 3 epochs but train.epochs = 1"):
-        training.run(load_recipe(tiny_recipe, ['freeze.stages=[{epochs = 3, train = ["all"]}]']))
+        run_recipe(load_recipe(tiny_recipe, ['freeze.stages=[{epochs = 3, train = ["all"]}]']))
     with pytest.raises(UserError, match=r"freeze.stages\[0\].train: unknown layer group 'heads'"):
-        training.run(load_recipe(tiny_recipe, ['freeze.stages=[{train = ["heads"]}]']))
+        run_recipe(load_recipe(tiny_recipe, ['freeze.stages=[{train = ["heads"]}]']))
     with pytest.raises(UserError, match="freeze.cache_features: no stage trains only"):
-        training.run(load_recipe(tiny_recipe, ["freeze.cache_features=true"]))
+        run_recipe(load_recipe(tiny_recipe, ["freeze.cache_features=true"]))
     with pytest.raises(UserError, match="resnet18 has no stem/blocks/head/classifier"):
-        training.run(load_recipe(tiny_recipe, ['model.name="resnet18"', 'freeze.until="blocks.3"']))
+        run_recipe(load_recipe(tiny_recipe, ['model.name="resnet18"', 'freeze.until="blocks.3"']))

@@ -6,15 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from finetune import training
 from finetune.config import load_recipe
-from finetune.loop import EarlyStopping, FitSettings, Hook, Loop, TrainState
+from finetune.hooks.early_stopping import EarlyStopping
+from finetune.train.loop import FitSettings, Hook, Loop, TrainState
+from finetune.train.run import run_recipe
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_custom_hook_counts_steps_without_touching_the_package(tiny_recipe: Path) -> None:
     class CountSteps(Hook):
         def __init__(self) -> None:
@@ -28,18 +30,19 @@ def test_a_custom_hook_counts_steps_without_touching_the_package(tiny_recipe: Pa
             record["counted_steps"] = self.steps
 
     counter = CountSteps()
-    run_dir = training.run(load_recipe(tiny_recipe, ["train.epochs=2"]), hooks=[counter])
+    run_dir = run_recipe(load_recipe(tiny_recipe, ["train.epochs=2"]), hooks=[counter])
     lines = _metrics(run_dir)
     assert counter.epochs == [1, 2] and counter.steps == lines[-1]["step"] == 6  # 24 images / batch 8, 2 epochs
     assert [m["counted_steps"] for m in lines] == [3, 6]  # the loggers run after a user's hooks
 
 
+@pytest.mark.slow
 def test_loggers_write_the_same_numbers_as_metrics_jsonl(tiny_recipe: Path) -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sets = ["train.epochs=2", 'log.to=["jsonl", "csv", "tensorboard", "mlflow"]', 'freeze.until="blocks.3"']
-    run_dir = training.run(load_recipe(tiny_recipe, sets))
+    run_dir = run_recipe(load_recipe(tiny_recipe, sets))
     lines = _metrics(run_dir)
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -87,14 +90,15 @@ def test_early_stopping_reads_only_the_saved_state() -> None:
     assert not state.stop_reason
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_the_run_and_a_resume_trains_no_more(tiny_recipe: Path) -> None:
     # A learning rate of 1e-30 and every BN statistic frozen: the weights cannot move, so val mAP never improves.
     sets = ["train.epochs=4", "train.patience=1", "optim.lr=1e-30", 'freeze.bn="all"']
-    run_dir = training.run(load_recipe(tiny_recipe, sets))
+    run_dir = run_recipe(load_recipe(tiny_recipe, sets))
     assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["best_epoch"] == 1 and "early stopping after epoch 2" in report["stop_reason"]
-    from finetune.rundir import RunDir
+    from finetune.train.rundir import RunDir
 
-    training.run(RunDir.open(run_dir).recipe(), resume=run_dir)
+    run_recipe(RunDir.open(run_dir).recipe(), resume=run_dir)
     assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2]

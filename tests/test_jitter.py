@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import build
 from finetune.config import load_recipe
-from finetune.data.coco import batch_images, collate
+from finetune.data.dataset import batch_images, collate
 from finetune.data.jitter import apply_jitter, sample_jitter
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from finetune.train.assembly import build_run
 
 
 def _albumentations(img: np.ndarray, row: np.ndarray) -> np.ndarray:
@@ -57,8 +57,11 @@ def test_sample_jitter_ranges_and_rate() -> None:
 
 def test_device_jitter_through_dataset_and_batch_images(tiny_recipe: Path) -> None:
     recipe = load_recipe(tiny_recipe, [f"data.augment.color_jitter={0.5}", 'data.augment.jitter_on="device"'])
-    split = build.build_split(recipe.data, "train")
-    ds = build.build_dataset(recipe.data, split, True, seed=3)
+    ds = (
+        build_run(recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": 3})}))
+        .loader("train", augment=True)
+        .dataset
+    )
     assert ds.device_jitter == 0.5 and not any(isinstance(t, A.ColorJitter) for t in ds.transform.transforms)
     batch = collate([ds[i] for i in range(8)])
     assert batch["image"].dtype == torch.uint8 and batch["jitter"].shape == (8, 9)
@@ -79,7 +82,7 @@ def test_jitter_stays_in_the_workers_on_a_cpu_machine(tiny_recipe: Path, where: 
     if where == "auto" and torch.cuda.is_available():
         pytest.skip("auto puts the jitter on the device when CUDA is present")
     recipe = load_recipe(tiny_recipe, [f'data.augment.jitter_on="{where}"'])
-    ds = build.build_dataset(recipe.data, build.build_split(recipe.data, "train"), True)
+    ds = build_run(recipe).loader("train", augment=True).dataset
     assert ds.device_jitter == 0 and any(isinstance(t, A.ColorJitter) for t in ds.transform.transforms)
     assert "jitter" not in collate([ds[0], ds[1]])
 
@@ -103,11 +106,10 @@ def test_vflip_and_rot90_give_the_square_symmetries() -> None:
 
 def test_a_run_records_where_auto_put_the_jitter(tiny_recipe: Path) -> None:
     recipe = load_recipe(tiny_recipe)  # color_jitter = 0.1, jitter_on = "auto"
-    split = build.build_split(recipe.data, "train")
-    resolved, _ = build.build_resolved_recipe(recipe, split)
+    resolved = build_run(recipe).recipe
     expected = "device" if torch.cuda.is_available() else "workers"  # train.device = "auto"
     assert recipe.data.augment.jitter_on == "auto" and resolved.data.augment.jitter_on == expected
     on_cpu = load_recipe(tiny_recipe, ['train.device="cpu"'])
-    assert build.build_resolved_recipe(on_cpu, split)[0].data.augment.jitter_on == "workers"
+    assert build_run(on_cpu).recipe.data.augment.jitter_on == "workers"
     explicit = load_recipe(tiny_recipe, ['data.augment.jitter_on="device"'])
-    assert build.build_resolved_recipe(explicit, split)[0].data.augment.jitter_on == "device"
+    assert build_run(explicit).recipe.data.augment.jitter_on == "device"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
 
-from finetune.metrics import average_precision, prf, summarize
+from finetune.eval.metrics import average_precision, prf, summarize
 
 
 def random_case(seed: int, n: int = 300, c: int = 8, decimals: int = 2) -> tuple[np.ndarray, np.ndarray]:

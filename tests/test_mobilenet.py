@@ -89,6 +89,7 @@ def test_depthwise_is_counted_as_depthwise() -> None:
     assert row["macs"] == 8 * 8 * 96 * 9  # not 8 * 8 * 96 * 96 * 9 (the paper's Table A2 way)
 
 
+@pytest.mark.slow
 def test_summary_cli(tiny_recipe: Path) -> None:
     proc = run_cli("summary", "--model", "mobilenetv2_100", "--input-size", "3x224x224", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -6,14 +6,15 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from finetune import training
 from finetune.config import load_recipe
+from finetune.train.run import run_recipe
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "threshold_calibration.ipynb"
 
 
+@pytest.mark.slow
 def test_threshold_calibration_notebook_executes(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run_dir = training.run(load_recipe(tiny_recipe, ["output.name=nb"]))
+    run_dir = run_recipe(load_recipe(tiny_recipe, ["output.name=nb"]))
     monkeypatch.setenv("FINETUNE_RUN", str(run_dir))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(

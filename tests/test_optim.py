@@ -67,6 +67,17 @@ def test_every_group_follows_the_schedule_times_its_multiplier() -> None:
     assert math.isclose(opt.param_groups[0]["lr"], 0.0, abs_tol=1e-12)
 
 
-def test_sgd_has_momentum() -> None:
-    opt = create_optimizer(whole_model_groups(torch.nn.Linear(2, 2), 0.1, 0.0), "sgd", lr=0.1, momentum=0.8)
-    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.8
+def test_sgd_takes_classic_momentum_steps() -> None:
+    """Two steps on a constant gradient g: classic momentum moves by lr*g, then lr*1.8g (Nesterov: 1.8g, 2.44g)."""
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    opt = create_optimizer(whole_model_groups(layer, 0.1, 0.0), "sgd", lr=0.1, momentum=0.8)
+    g = torch.tensor([[0.5, 1.0]])
+    seen = [layer.weight.detach().clone()]
+    for _ in range(2):
+        layer.weight.grad = g.clone()
+        opt.step()
+        seen.append(layer.weight.detach().clone())
+    torch.testing.assert_close(seen[1] - seen[0], -0.1 * g)
+    torch.testing.assert_close(seen[2] - seen[1], -0.1 * 1.8 * g)

@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_acc
 from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.stats import compute_stats
 from finetune.errors import UserError
-from finetune.metrics import confusion, summarize_single, topk_accuracy
+from finetune.eval.metrics import confusion, summarize_single, topk_accuracy
 
 from .conftest import assert_user_error, run_cli
 from .helpers import write_fake_cifar10
@@ -78,6 +78,7 @@ def test_dataset_stats_equal_numpy(folder_data: Path) -> None:
     assert stats["label_counts"] == {"blue": 12, "green": 12, "red": 12}
 
 
+@pytest.mark.slow
 def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path) -> None:
     env = {"FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
     sets = [
@@ -115,6 +116,7 @@ def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path
     assert_user_error(run_cli("calibrate", str(run_dir), env=env), "single-label run")
 
 
+@pytest.mark.slow
 def test_recipes_validate_on_tiny_generated_data(folder_data: Path, tmp_path: Path) -> None:
     cifar = write_fake_cifar10(tmp_path / "cifar-10-batches-py", n_per_batch=4)
     for recipe, root in (("cifar10_reduced.toml", cifar), ("imagenette_standard.toml", folder_data)):
@@ -135,9 +137,9 @@ def test_task_rules_are_one_line_errors() -> None:
 
 
 def test_multi_label_stats_count_labels_and_pairs(tiny_coco: Path) -> None:
-    from finetune.data.coco import read_split
+    from finetune.data.coco import read_coco_split
 
-    split = read_split(tiny_coco, "train", "annotations/instances_{split}.json", "{split}", True, 0.0)
+    split = read_coco_split(tiny_coco, "train", "annotations/instances_{split}.json", "{split}", True, 0.0)
     stats = compute_stats(split, 16)
     y = split.targets.astype(int)
     assert np.array_equal(np.array(stats["cooccurrence"]), y.T @ y)

@@ -1,22 +1,25 @@
 """The loop itself, in process: an interrupted and resumed run equals an uninterrupted one."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from finetune import trainer, training
 from finetune.config import load_recipe
 from finetune.errors import UserError
-from finetune.rundir import RunDir
+from finetune.eval.predict import predict_loader
+from finetune.train import fit as trainer
+from finetune.train.loop import Hook
+from finetune.train.run import run_recipe
+from finetune.train.rundir import RunDir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["data.augment.mixup=0.4", "model.drop_path_rate=0.2"]], ids=["plain", "mixup"])
 def test_resume_is_exact(extra: list[str], tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=straight", *extra]))
+    straight = run_recipe(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=straight", *extra]))
 
     real = trainer.train_one_epoch
 
@@ -27,10 +30,10 @@ def test_resume_is_exact(extra: list[str], tiny_recipe: Path, tmp_path: Path, mo
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupt_in_epoch_2)
     with pytest.raises(UserError, match="interrupted; continue with `finetune run --resume"):
-        training.run(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=cut", *extra]))
+        run_recipe(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=cut", *extra]))
     monkeypatch.setattr(trainer, "train_one_epoch", real)
     cut = tmp_path / "runs" / "cut"
-    training.run(RunDir.open(cut).recipe(), resume=cut)
+    run_recipe(RunDir.open(cut).recipe(), resume=cut)
 
     def metrics(d: Path) -> list[dict]:
         return [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
@@ -63,26 +66,76 @@ def test_mixup_matches_timm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_grad_accumulation_and_clipping_run(tiny_recipe: Path) -> None:
-    run_dir = training.run(load_recipe(tiny_recipe, ["train.accum_steps=2", "train.grad_clip=1.0", "output.name=acc"]))
+    run_dir = run_recipe(load_recipe(tiny_recipe, ["train.accum_steps=2", "train.grad_clip=1.0", "output.name=acc"]))
     (line,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert line["step"] == 2  # 3 batches of 8 -> ceil(3 / 2) optimizer steps
 
 
+class _ConvDtypes(Hook):
+    """Records the dtype of the first convolution's output in every training forward."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[torch.dtype] = set()
+
+    def on_fit_start(self, loop) -> None:  # noqa: ANN001
+        conv = next(m for m in loop.model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, out: self.dtypes.add(out.dtype) if m.training else None)
+
+
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu(tiny_recipe: Path) -> None:
-    run_dir = training.run(load_recipe(tiny_recipe, ["train.precision=bf16", "output.name=bf16"]))
-    (line,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert math.isfinite(line["train_loss"]) and math.isfinite(line["val_loss"])
+    """bf16 really runs the convolutions in bf16, and lands near (not on) the fp32 run's loss."""
+    seen = {p: _ConvDtypes() for p in ("bf16", "fp32")}
+    losses = {}
+    for precision, hook in seen.items():
+        run_dir = run_recipe(
+            load_recipe(tiny_recipe, [f"train.precision={precision}", f"output.name={precision}"]), hooks=[hook]
+        )
+        (line,) = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[precision] = line["train_loss"]
+    assert seen["bf16"].dtypes == {torch.bfloat16} and seen["fp32"].dtypes == {torch.float32}
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_gradient_clipping_bounds_the_update(clip: float) -> None:
+    """With SGD at lr 1 and no momentum, one step moves the weights by exactly the clipped gradient."""
+    from finetune.train.loop import FitSettings, Loop
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batch = {"image": torch.randn(4, 3, 2, 2) * 10, "target": torch.ones(4, 3), "index": torch.arange(4), "errors": []}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loop = Loop(
+        model=model,
+        loss_fn=torch.nn.BCEWithLogitsLoss(),
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        train_loader=[batch],
+        val_loader=[batch],
+        settings=FitSettings(device=torch.device("cpu"), epochs=1, grad_clip=clip),
+        run_dir=Path("unused"),
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    loop.loss_fn(model(batch["image"]), batch["target"]).backward()
+    raw = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())).item()
+    trainer.train_one_epoch(loop)
+    moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before))).item()
+    assert raw > 0.05 * 4
+    assert moved == pytest.approx(clip if clip else raw, rel=1e-4)
 
 
 def test_fp16_on_cpu_is_a_user_error(tiny_recipe: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     with pytest.raises(UserError, match='train.precision: "fp16" needs a CUDA GPU'):
-        training.run(load_recipe(tiny_recipe, ["train.precision=fp16"]))
+        run_recipe(load_recipe(tiny_recipe, ["train.precision=fp16"]))
 
 
 def test_hflip_tta_averages_the_logits_of_the_image_and_its_mirror() -> None:
-    from finetune.loop import EvalSettings
+    from finetune.eval.predict import EvalSettings
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
@@ -93,9 +146,9 @@ def test_hflip_tta_averages_the_logits_of_the_image_and_its_mirror() -> None:
     with torch.no_grad():
         plain, mirrored = model(x), model(x.flip(3))
     settings = EvalSettings(device=torch.device("cpu"))
-    out = trainer.predict(model, [batch], settings)
+    out = predict_loader(model, [batch], settings)
     np.testing.assert_allclose(out["probs"], torch.sigmoid(plain).numpy(), atol=1e-6)
     settings.tta = "hflip"
-    out = trainer.predict(model, [batch], settings)
+    out = predict_loader(model, [batch], settings)
     np.testing.assert_allclose(out["probs"], torch.sigmoid((plain + mirrored) / 2).numpy(), atol=1e-6)
     assert not np.allclose(torch.sigmoid(plain).numpy(), out["probs"], atol=1e-4)  # the mirror changed something

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.coco import ClassMap, CocoSplit
+from finetune.data.split import ClassMap, Split
 from finetune.errors import UserError
 
 RESERVED = ("path", "split", "labels")
@@ -71,7 +71,7 @@ def read_csv_split(
     label_sep: str = "|",
     class_names: list[str] | None = None,
     classes: ClassMap | None = None,
-) -> CocoSplit:
+) -> Split:
     """Read one split of a CSV dataset into image paths and multi-hot targets.
 
     Args:
@@ -117,4 +117,4 @@ def read_csv_split(
                 known = ", ".join(classes.names[:10]) + (", ..." if len(classes) > 10 else "")
                 raise UserError(f"{path}:{line}: unknown label {name!r}; the classes are {known} (data.classes)")
             targets[r, index[name]] = 1.0
-    return CocoSplit(split, path, root, list(range(len(paths))), paths, targets, classes)
+    return Split(split, path, root, list(range(len(paths))), paths, targets, classes)

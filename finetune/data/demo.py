@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finetune.checkpoint import atomic_write_text
+from finetune.io import atomic_write_text
 
 # (COCO id, name, share of objects): the last classes are rare on purpose.
 CATEGORIES: tuple[tuple[int, str, float], ...] = (

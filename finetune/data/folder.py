@@ -1,6 +1,6 @@
 """Single-label datasets: image folders (one folder per class inside each split folder) and CIFAR-10 batches.
 
-Both produce the same :class:`~finetune.data.coco.CocoSplit` as the COCO reader, with one-hot targets, so the
+Both produce the same :class:`~finetune.data.coco.Split` as the COCO reader, with one-hot targets, so the
 dataset, loaders and trainer are shared; the loss (cross-entropy) and the metrics (top-k accuracy) differ.
 
 CIFAR-10 is read from the "python version" batches as torchvision stores them (``cifar-10-batches-py/``:
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.coco import ClassMap, CocoSplit
+from finetune.data.split import ClassMap, Split
 from finetune.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -38,7 +38,7 @@ def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def read_folder_split(root: str | Path, split: str, classes: ClassMap | None = None) -> CocoSplit:
+def read_folder_split(root: str | Path, split: str, classes: ClassMap | None = None) -> Split:
     """``root/<split>/<class>/<image>``; classes are the train split's folder names in sorted order.
 
     Args:
@@ -72,7 +72,7 @@ def read_folder_split(root: str | Path, split: str, classes: ClassMap | None = N
     if not paths:
         raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
     targets = _one_hot(np.array(labels), len(classes))
-    return CocoSplit(split, folder, folder, list(range(len(paths))), paths, targets, classes)
+    return Split(split, folder, folder, list(range(len(paths))), paths, targets, classes)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -93,7 +93,7 @@ def _load_batch(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in doc.items()}
 
 
-def read_cifar10_split(root: str | Path, split: str, classes: ClassMap | None = None) -> CocoSplit:
+def read_cifar10_split(root: str | Path, split: str, classes: ClassMap | None = None) -> Split:
     """CIFAR-10 ``train`` (data_batch_1..5), ``test`` (test_batch), or one named batch, as in-memory images."""
     root = Path(root)
     files = CIFAR_SPLITS.get(split, [split])
@@ -112,4 +112,4 @@ def read_cifar10_split(root: str | Path, split: str, classes: ClassMap | None = 
     if label_array.min() < 0 or label_array.max() >= len(classes):
         raise UserError(f"{root}: labels outside 0..{len(classes) - 1}")
     targets = _one_hot(label_array, len(classes))
-    return CocoSplit(split, root / files[0], root, list(range(len(label_array))), image_array, targets, classes)
+    return Split(split, root / files[0], root, list(range(len(label_array))), image_array, targets, classes)

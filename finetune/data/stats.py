@@ -17,12 +17,12 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
-from finetune.checkpoint import atomic_write_json
-from finetune.data.coco import DECODE_ERRORS, CocoSplit, read_rgb
+from finetune.data.split import DECODE_ERRORS, Split, read_rgb
 from finetune.errors import UserError
+from finetune.io import atomic_write_json
 
 
-def cache_path(split: CocoSplit, fmt: str, image_size: int) -> Path:
+def cache_path(split: Split, fmt: str, image_size: int) -> Path:
     """Where the statistics of ``split`` at ``image_size`` are cached."""
     ann = Path(split.annotation_file)
     stamp = ann.stat().st_mtime_ns if ann.is_file() else 0
@@ -41,7 +41,7 @@ def cache_path(split: CocoSplit, fmt: str, image_size: int) -> Path:
     return base / "stats" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
-def _image(split: CocoSplit, i: int, on_bad_image: str) -> np.ndarray | None:
+def _image(split: Split, i: int, on_bad_image: str) -> np.ndarray | None:
     """Image ``i`` of the split; None for an unreadable one under ``on_bad_image = "skip"``."""
     if isinstance(split.image_paths, np.ndarray):
         return split.image_paths[i]
@@ -57,7 +57,7 @@ def _image(split: CocoSplit, i: int, on_bad_image: str) -> np.ndarray | None:
 
 
 def compute_stats(
-    split: CocoSplit, image_size: int, multi_label: bool = True, on_bad_image: str = "skip"
+    split: Split, image_size: int, multi_label: bool = True, on_bad_image: str = "skip"
 ) -> dict[str, Any]:
     """Per-channel mean/std (0..1), label counts and, for multi-label data, label co-occurrence counts.
 
@@ -97,7 +97,7 @@ def compute_stats(
 
 
 def load_or_compute(
-    split: CocoSplit, fmt: str, image_size: int, refresh: bool = False, on_bad_image: str = "skip"
+    split: Split, fmt: str, image_size: int, refresh: bool = False, on_bad_image: str = "skip"
 ) -> tuple[dict[str, Any], bool]:
     """Cached statistics, computing and caching them when absent (or with ``refresh``).
 

@@ -1,0 +1,1 @@
+"""The ``finetune`` command line (typer): parse, call the assembly, print."""

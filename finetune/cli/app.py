@@ -1,0 +1,175 @@
+"""The ``finetune`` command line: each command parses, takes its parts from the assembly, and prints.
+
+``run`` / ``validate`` / ``eval`` / ``calibrate`` are here; ``groups`` / ``summary`` / ``lr-find`` in
+:mod:`finetune.cli.inspect`, ``predict`` / ``export`` in :mod:`finetune.cli.deploy`, ``data`` in
+:mod:`finetune.cli.data`. Heavy imports (torch) wait until a command needs them, so a recipe error is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from finetune.cli import inspect
+from finetune.cli.data import data_app
+from finetune.cli.deploy import export_command, predict_command
+from finetune.cli.options import SetOption, check_threshold, err, out
+from finetune.errors import UserError, os_error_line
+
+app = typer.Typer(help="Transfer learning for small image classifiers.", no_args_is_help=True, add_completion=False)
+app.add_typer(data_app, name="data")
+app.command("predict")(predict_command)
+app.command("export")(export_command)
+app.command("groups")(inspect.groups)
+app.command("summary")(inspect.summary)
+app.command("lr-find")(inspect.lr_find)
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe TOML file.")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last.pt.")] = None,
+) -> None:
+    """Train a recipe end to end: data, model, training, evaluation, report."""
+    from finetune.config import load_recipe
+
+    if resume is not None:
+        from finetune.train.rundir import RunDir
+
+        if recipe is not None:
+            raise UserError("give either RECIPE or --resume RUN_DIR (a resumed run uses its own recipe.toml)")
+        cfg = RunDir.open(resume).resume_recipe(overrides)
+    elif recipe is None:
+        raise UserError("missing RECIPE; e.g. finetune run recipes/quickstart.toml")
+    else:
+        cfg = load_recipe(recipe, overrides)
+    from finetune.distributed import teardown
+    from finetune.train.run import run_recipe  # after the recipe: a recipe error should not wait for torch
+
+    try:
+        run_recipe(cfg, resume, err)
+    finally:
+        teardown()  # under torchrun: leave the process group
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    overrides: SetOption = None,
+    check_images: Annotated[bool, typer.Option(help="Decode every image (slow on big datasets).")] = False,
+) -> None:
+    """Check a recipe: build everything a run builds before its first step, without training; print the plan."""
+    from finetune.config import load_recipe
+
+    cfg = load_recipe(recipe, overrides)
+    from finetune.data.split import check_images as check
+    from finetune.train.assembly import build_run
+    from finetune.train.rundir import RunDir
+
+    parts = build_run(cfg)
+    run_dir = Path(parts.recipe.output.dir) / parts.recipe.output.name
+    if check_images:
+        for s in parts.splits.values():
+            problems = check(s.image_paths, decode=True)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise UserError(problems[0] + more)
+    parts.training(run_dir)  # what `run` builds before its first step: validate refuses what run refuses
+    classes, steps, load_report = parts.classes, parts.plan, parts.model_and_report[1]
+    n_params = sum(p.numel() for p in parts.model.parameters())
+    table = Table(title=escape(f"{recipe}: valid"), show_header=False)
+    table.add_row("model", f"{cfg.model.name} ({n_params:,} parameters), head for {len(classes)} classes")
+    if load_report:
+        table.add_row("weights", escape(load_report.summary()))
+    names = ", ".join(classes.names[:8]) + (", ..." if len(classes) > 8 else "")
+    table.add_row("classes", escape(f"{len(classes)}: {names}"))
+    for role, s in parts.splits.items():
+        table.add_row(role, escape(f"{len(s.image_paths)} images, {int(s.targets.sum())} labels, {s.annotation_file}"))
+    table.add_row(
+        "steps",
+        f"{steps.steps_per_epoch}/epoch x {cfg.train.epochs} epochs = {steps.total_steps} "
+        f"(warmup {steps.warmup_steps})",
+    )
+    table.add_row("device", f"{parts.device.type}, {parts.precision}")
+    try:
+        RunDir.check_new(run_dir)
+        table.add_row("run dir", escape(str(run_dir)))
+    except UserError as taken:
+        table.add_row("run dir", escape(f"{run_dir}: {taken}"))
+    if parts.note:
+        table.add_row("resolved", escape(parts.note))
+    out.print(table)
+
+
+@app.command(name="eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    threshold: Annotated[
+        float | None, typer.Option(help="One decision threshold for every class (default: the run's thresholds.json).")
+    ] = None,
+) -> None:
+    """Score a run's best checkpoint on a split; prints the tables and writes eval_<split>.json."""
+    check_threshold(threshold)
+    from finetune.eval.tasks import TASKS
+    from finetune.train.evaluate import evaluate_run
+
+    report = evaluate_run(run_dir, split, threshold, err)
+    TASKS[report["task"]].print_report(report, out)
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    split: Annotated[str, typer.Option(help="The split to fit thresholds on: val or train.")] = "val",
+    overrides: SetOption = None,
+) -> None:
+    """Re-fit a run's per-class thresholds; rewrites thresholds.json (the old one kept as thresholds.prev.json)."""
+    from finetune.eval.tasks import TASKS
+    from finetune.train.evaluate import calibrate_run
+
+    if split not in ("val", "train"):
+        raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
+    report = calibrate_run(run_dir, split, err, overrides)
+    TASKS[report["task"]].print_report(report, out)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from finetune import __version__
+
+        print(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Transfer learning for small image classifiers."""
+
+
+def main() -> None:
+    """Console entry point: a UserError (or a full disk, a folder one cannot write) is one line and exit code 2."""
+    try:
+        app()
+    except (UserError, OSError) as e:
+        line = str(e) if isinstance(e, UserError) else os_error_line(e)
+        if line is None:
+            raise
+        # escape: messages name keys like [freeze] or stages[0], which rich would otherwise eat as markup
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""``finetune data``: the dataset commands (the demo generator, statistics)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from finetune.cli.options import SetOption, err, out
+from finetune.errors import UserError
+
+data_app = typer.Typer(help="Dataset tools.", no_args_is_help=True)
+
+
+@data_app.command("demo")
+def data_demo(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the dataset.")],
+    seed: int = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    train: int = 2200,
+    val: int = 400,
+    test: int = 400,
+    source: Annotated[int, typer.Option(help="Images in the 'source' split that demo_pretrain trains on.")] = 2200,
+) -> None:
+    """Write the synthetic COCO-format demo dataset (deterministic)."""
+    from finetune.data.demo import write_demo
+
+    if any(n < 0 for n in (train, val, test, source)) or size < 16:
+        raise UserError("--train/--val/--test/--source: give counts of 0 or more; --size: at least 16 pixels")
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out_dir}: {parent} is a file, not a folder; choose another output folder")
+    start = time.perf_counter()
+    sizes = {"train": train, "val": val, "test": test, "source": source}
+    counts = write_demo(out_dir, {k: v for k, v in sizes.items() if v > 0}, size, seed)
+    err.print(
+        f"wrote {sum(counts.values())} images {counts} to {escape(str(out_dir))} in {time.perf_counter() - start:.1f}s"
+    )
+
+
+@data_app.command("stats")
+def data_stats(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    overrides: SetOption = None,
+    refresh: Annotated[bool, typer.Option(help="Recompute even when cached.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Per-channel mean/std of the train split (cached for normalize = "dataset"), label counts, co-occurrence."""
+    from finetune.config import load_recipe
+
+    cfg = load_recipe(recipe, overrides)
+    from finetune.data.stats import cache_path, load_or_compute
+    from finetune.train.assembly import build_run
+
+    split = build_run(cfg, roles=("train",)).splits["train"]
+    stats, cached = load_or_compute(split, cfg.data.format, cfg.data.image_size, refresh, cfg.data.on_bad_image)
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return
+    where = cache_path(split, cfg.data.format, cfg.data.image_size)
+    out.print(
+        f"{escape(cfg.data.root)} / {escape(stats['split'])}: {stats['images']} images at {stats['image_size']}px "
+        f"({'from cache' if cached else 'computed; cached'} in {escape(str(where))})"
+        + (f"; {stats['skipped']} unreadable images skipped" if stats.get("skipped") else "")
+    )
+    out.print(f'mean {stats["mean"]}  std {stats["std"]}  (0..1 scale; use normalize = "dataset")')
+    table = Table(title="labels")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    for name, count in stats["label_counts"].items():
+        table.add_row(escape(name), str(count))
+    out.print(table)
+    if "cooccurrence" in stats:
+        names = list(stats["label_counts"])
+        co = stats["cooccurrence"]
+        pairs = sorted(((co[i][j], names[i], names[j]) for i in range(len(names)) for j in range(i)), reverse=True)
+        out.print(
+            f"labels per image {stats['labels_per_image']:.2f}; most frequent pairs: "
+            + escape(", ".join(f"{a}+{b} {n}" for n, a, b in pairs[:5]))
+        )

@@ -1,0 +1,36 @@
+"""Showing and saving predictions: the table ``finetune predict`` prints and its ``--csv`` file."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from finetune.deploy.predictor import Prediction
+from finetune.io import atomic_write_text
+
+
+def write_csv(path: Path, results: list[Prediction], classes: list[str]) -> None:
+    """One row per image: ``path``, ``labels`` (``|``-separated, most probable first), one probability per class."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "labels", *classes])
+    for r in results:
+        writer.writerow([r.source, "|".join(r.labels), *(f"{r.probabilities[c]:.6f}" for c in classes)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def print_predictions(results: list[Prediction], console: Console, top: int = 3) -> None:
+    """A table: image, labels, the ``top`` most probable classes."""
+    table = Table(show_header=True)
+    for col in ("image", "labels", f"top {top}"):
+        table.add_column(col)
+    for r in results:
+        best = sorted(r.probabilities.items(), key=lambda kv: -kv[1])[:top]
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in best)
+        table.add_row(escape(r.source), escape(", ".join(r.labels) or "(none)"), escape(shown))
+    console.print(table)

@@ -1,0 +1,266 @@
+"""The Python API for prediction: ``Predictor.from_run(dir)``, ``.from_onnx(path)`` or ``.from_torchscript(path)``.
+
+Every backend runs the same graph (:class:`finetune.export.ImageClassifier`: uint8 NHWC images in, probabilities
+out), so a run directory, its ONNX export and its TorchScript export give the same probabilities. Files are decoded
+and resized to the model's input size in DataLoader workers (the evaluation pipeline's resize: OpenCV bilinear),
+then batched.
+
+    from finetune import Predictor
+    p = Predictor.from_run("runs/coco_multilabel_focal")
+    for r in p.predict(["a.jpg", "photos/"]):
+        print(r.source, r.labels, r.probabilities["dog"])
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from finetune.data.folder import IMAGE_SUFFIXES
+from finetune.data.split import DECODE_ERRORS, read_rgb
+from finetune.errors import UserError
+from finetune.labels import label_indices
+
+
+@dataclass
+class Prediction:
+    """One image's result: the labels (most probable first) and every class's probability (class order)."""
+
+    source: str
+    labels: list[str]
+    probabilities: dict[str, float]
+    thresholds: str = ""  # where the thresholds came from
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "image": self.source,
+            "labels": self.labels,
+            "probabilities": self.probabilities,
+            "thresholds": self.thresholds,
+        }
+
+
+@dataclass
+class Skipped:
+    """The files that could not be read, each with its reason."""
+
+    items: list[str] = field(default_factory=list)
+
+
+def expand_paths(patterns: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Image files from files, folders (recursive, by image suffix) and globs, in order, without duplicates.
+
+    Returns:
+        The files and one message per pattern that matched nothing.
+    """
+    files: dict[Path, None] = {}
+    missing: list[str] = []
+    for pattern in map(str, patterns):
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not found:
+            missing.append(f"{pattern}: no such file, folder or matching image")
+        files.update(dict.fromkeys(found))
+    return list(files), missing
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """HWC uint8 RGB resized to ``size`` x ``size`` exactly as the evaluation pipeline does (``A.Resize``)."""
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image)
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+class _Files(torch.utils.data.Dataset):
+    """Decoded and resized image files; an unreadable one gives its error message instead of pixels."""
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
+        try:
+            return i, resize_rgb(read_rgb(self.paths[i]), self.size), ""
+        except DECODE_ERRORS as err:  # FileNotFoundError included (a file removed since it was listed)
+            return i, None, f"{self.paths[i]}: {type(err).__name__}: {err}"
+
+
+def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int], torch.Tensor | None, list[str]]:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    images = torch.from_numpy(np.stack([x for _, x in good])) if good else None
+    return [i for i, _ in good], images, [e for _, _, e in items if e]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
+    return torch.device(name)
+
+
+def _read_info(path: Path, embedded: dict[str, Any] | None = None) -> dict[str, Any]:
+    beside = path.with_name("model.json")
+    if embedded:
+        return embedded
+    if beside.is_file():
+        return json.loads(beside.read_text())
+    raise UserError(f"{path}: no model.json beside it and no metadata inside; export it with `finetune export`")
+
+
+class Predictor:
+    """Labels and probabilities for images, from a run directory or an exported model.
+
+    Args:
+        backend: uint8 NHWC array -> probabilities array.
+        info: The ``model.json`` fields (classes, thresholds, input size, task).
+        threshold: One threshold for every class instead of the calibrated ones.
+    """
+
+    def __init__(
+        self, backend: Callable[[np.ndarray], np.ndarray], info: dict[str, Any], threshold: float | None = None
+    ) -> None:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UserError(f"threshold {threshold}: a probability threshold is between 0 and 1")
+        self.backend, self.info = backend, info
+        self.classes: list[str] = list(info["classes"])
+        self.size: int = int(info["input"]["size"][0])
+        self.multi_label = info["task"] == "multilabel"
+        saved = info.get("thresholds") or 0.5
+        self.thresholds = np.asarray(threshold if threshold is not None else saved, dtype=np.float64)
+        self.threshold_note = f"fixed {threshold:g}" if threshold is not None else info.get("thresholds_from", "")
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
+        """The run's best (EMA when kept) weights, with its calibrated thresholds."""
+        from finetune.deploy.export import run_classifier
+        from finetune.train.rundir import RunDir
+
+        model, info = run_classifier(RunDir.open(run_dir))
+        return cls(_torch_backend(model.to(_device(device))), info, threshold)
+
+    @classmethod
+    def from_torchscript(cls, path: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
+        """A ``finetune export --format torchscript`` file (its ``model.json`` is inside it)."""
+        extra = {"model.json": ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+                model = torch.jit.load(str(path), map_location=_device(device), _extra_files=extra)
+        except (RuntimeError, ValueError, OSError) as err:
+            raise UserError(f"{path}: not a TorchScript file ({(str(err).splitlines() or [''])[0][:120]})") from None
+        info = _read_info(Path(path), json.loads(extra["model.json"]) if extra["model.json"] else None)
+        return cls(_torch_backend(model.eval()), info, threshold)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
+        """A ``finetune export --format onnx`` file, run by onnxruntime (thresholds read from its metadata)."""
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+            raise UserError(f"{path}: not an ONNX model ({(str(err).splitlines() or [''])[0][:120]})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        info = _read_info(Path(path), {k: json.loads(v) for k, v in meta.items()} if "classes" in meta else None)
+        name = session.get_inputs()[0].name
+        return cls(lambda x: session.run(None, {name: x})[0], info, threshold)
+
+    @classmethod
+    def load(cls, source: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
+        """A run directory, an ``.onnx`` file or a TorchScript ``.pt`` file."""
+        source = Path(source)
+        if source.is_dir():
+            return cls.from_run(source, device, threshold)
+        if not source.is_file():
+            raise UserError(f"{source}: no such run directory or exported model")
+        if source.suffix == ".onnx":
+            return cls.from_onnx(source, device, threshold)
+        return cls.from_torchscript(source, device, threshold)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities ``[n, classes]`` of a uint8 ``[n, h, w, 3]`` batch (any h, w: resized in the graph)."""
+        return np.asarray(self.backend(np.require(images, np.uint8, ["C", "W"])), dtype=np.float32)
+
+    def _result(self, source: str, probs: np.ndarray) -> Prediction:
+        (labels,) = label_indices(probs[None], self.multi_label, self.thresholds)
+        probabilities = {c: float(p) for c, p in zip(self.classes, probs)}
+        return Prediction(source, [self.classes[i] for i in labels], probabilities, self.threshold_note)
+
+    def predict_files(
+        self, paths: Sequence[Path], batch_size: int = 32, num_workers: int = 0, skipped: Skipped | None = None
+    ) -> Iterator[Prediction]:
+        """Predictions for image files, in order, batched through a DataLoader; unreadable files go to ``skipped``."""
+        loader = torch.utils.data.DataLoader(
+            _Files(list(paths), self.size),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        for indices, images, errors in loader:
+            if skipped is not None:
+                skipped.items.extend(errors)
+            if images is None:
+                continue
+            for i, probs in zip(indices, self.probabilities(images.numpy())):
+                yield self._result(str(paths[i]), probs)
+
+    def predict(
+        self, inputs: str | Path | np.ndarray | Iterable[Any], batch_size: int = 32, num_workers: int = 0
+    ) -> list[Prediction]:
+        """Predict files, folders, globs, HWC uint8 RGB arrays or PIL images (one, or a list mixing them).
+
+        Raises:
+            UserError: For a file that cannot be read (use :meth:`predict_files` to skip such files).
+        """
+        items = [inputs] if isinstance(inputs, str | Path | np.ndarray) or hasattr(inputs, "convert") else inputs
+        out: list[Prediction] = []
+        for k, item in enumerate(items):
+            if isinstance(item, str | Path):
+                paths, missing = expand_paths([item])
+                if missing:
+                    raise UserError(missing[0])
+                skipped = Skipped()
+                out.extend(self.predict_files(paths, batch_size, num_workers, skipped))
+                if skipped.items:
+                    raise UserError(skipped.items[0])
+            else:
+                pixels = np.asarray(item.convert("RGB")) if hasattr(item, "convert") else np.asarray(item)
+                if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+                    raise UserError(f"input {k}: expected an HxWx3 uint8 RGB array, got {pixels.dtype} {pixels.shape}")
+                probs = self.probabilities(resize_rgb(pixels, self.size)[None])[0]
+                out.append(self._result(f"<array {k}>", probs))
+        return out
+
+
+def _torch_backend(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    device = next(iter(model.parameters()), torch.empty(0)).device
+
+    @torch.inference_mode()
+    def run(images: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(images).to(device)).float().cpu().numpy()
+
+    return run

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, metrics, thresholds, reports and plots; arrays in, numbers and files out."""

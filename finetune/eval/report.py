@@ -1,0 +1,194 @@
+"""The evaluation report: summary and per-class numbers as JSON and Markdown, and rich tables for the console.
+
+Each split has its numbers at the fixed threshold (``train.threshold``, 0.5 by default) and, when the run has
+calibrated thresholds, at those. The run-level ``calibration`` section says where the thresholds were fitted and
+quotes the gain on data they were not fitted on: the test split, or k-fold cross-fitting on the calibration split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from finetune.data.split import ClassMap
+from finetune.eval.metrics import average_precision, prf, summarize
+
+SUMMARY_KEYS = ("map", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall", "micro_f1")
+HEADLINE = ("macro_f1", "micro_f1", "macro_precision", "macro_recall", "cf1", "of1")
+
+
+def split_report(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    classes: ClassMap,
+    threshold: float = 0.5,
+    calibrated: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Summary metrics and a per-class table for one split, at ``threshold`` and at ``calibrated`` thresholds."""
+    ap = average_precision(targets, probs)
+    per = prf(targets, probs, threshold)
+    cal = prf(targets, probs, calibrated) if calibrated is not None else None
+    rows = []
+    for i in range(len(classes)):
+        row = {
+            "index": i,
+            "id": classes.ids[i],
+            "name": classes.names[i],
+            "support": int(per["support"][i]),
+            "ap": None if np.isnan(ap[i]) else float(ap[i]),
+            "precision": float(per["precision"][i]),
+            "recall": float(per["recall"][i]),
+            "f1": float(per["f1"][i]),
+        }
+        if cal is not None:
+            row["threshold_cal"] = float(calibrated[i])
+            row.update({f"{k}_cal": float(cal[k][i]) for k in ("precision", "recall", "f1")})
+        rows.append(row)
+    out: dict[str, Any] = {
+        "images": int(len(targets)),
+        "threshold": threshold,
+        "summary": summarize(targets, probs, threshold),
+        "per_class": rows,
+    }
+    if calibrated is not None:
+        out["calibrated"] = {"summary": summarize(targets, probs, calibrated)}
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
+
+
+def print_report(report: dict[str, Any], console: Console, per_class: bool = True) -> None:
+    """Print a summary table (one row per split and threshold kind), the calibration gain and per-class tables."""
+    table = Table(title=escape(str(report.get("run", "evaluation"))))
+    table.add_column("split")
+    table.add_column("thresholds")
+    table.add_column("images", justify="right")
+    for key in SUMMARY_KEYS:
+        table.add_column(key.replace("_", " ").replace("map", "mAP"), justify="right")
+    for name, split in report["splits"].items():
+        s = split["summary"]
+        table.add_row(name, f"fixed {split['threshold']:g}", str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS))
+        if "calibrated" in split:
+            c = split["calibrated"]["summary"]
+            table.add_row(name, "calibrated", str(split["images"]), *(_pct(c[k]) for k in SUMMARY_KEYS))
+    console.print(table)
+    cal = report.get("calibration")
+    if cal:
+        h = cal["honest"]
+        console.print(
+            f"calibration: fitted on {escape(str(cal['fitted_on']))}; on data it was not fitted on ({h['how']}): "
+            "macro-F1 "
+            f"{_pct(h['fixed']['macro_f1'])} -> {_pct(h['calibrated']['macro_f1'])}, micro-F1 "
+            f"{_pct(h['fixed']['micro_f1'])} -> {_pct(h['calibrated']['micro_f1'])}"
+        )
+    if not per_class:
+        return
+    for name, split in report["splits"].items():
+        has_cal = "calibrated" in split
+        t = Table(title=f"{name}: per class")
+        cols = ["class", "support", "AP", "P", "R", "F1"] + (["thr", "P cal", "R cal", "F1 cal"] if has_cal else [])
+        for col in cols:
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for r in split["per_class"]:
+            cells = [
+                escape(r["name"]),
+                str(r["support"]),
+                _pct(r["ap"]),
+                *(_pct(r[k]) for k in ("precision", "recall", "f1")),
+            ]
+            if has_cal:
+                cells += [f"{r['threshold_cal']:.2f}", *(_pct(r[f"{k}_cal"]) for k in ("precision", "recall", "f1"))]
+            t.add_row(*cells)
+        console.print(t)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The same report as Markdown (``report.md`` in the run)."""
+    lines = [f"# {report.get('run', 'evaluation')}", ""]
+    cal = report.get("calibration")
+    if cal:
+        h = cal["honest"]
+        lines += [
+            f"Thresholds fitted on **{cal['fitted_on']}** ({cal['metric']}, min_positives {cal['min_positives']}, "
+            f"shrink {cal['shrink']:g}; global threshold {cal['global_threshold']:.3f}). "
+            f"Measured on data they were not fitted on ({h['how']}):",
+            "",
+            "| metric | fixed threshold | calibrated |",
+            "|---|---:|---:|",
+            *(f"| {k} | {_pct(h['fixed'][k])} | {_pct(h['calibrated'][k])} |" for k in HEADLINE),
+            "",
+        ]
+    lines += ["## Summary", "", "| split | thresholds | images | " + " | ".join(SUMMARY_KEYS) + " |"]
+    lines.append("|---|---|---:|" + "---:|" * len(SUMMARY_KEYS))
+    for name, split in report["splits"].items():
+        for kind, s in (("fixed", split["summary"]), ("calibrated", split.get("calibrated", {}).get("summary"))):
+            if s is not None:
+                lines.append(f"| {name} | {kind} | {split['images']} | " + " | ".join(_pct(s[k]) for k in SUMMARY_KEYS))
+    for name, split in report["splits"].items():
+        has_cal = "calibrated" in split
+        cols = ["class", "support", "AP", "P", "R", "F1"] + (
+            ["threshold", "P cal", "R cal", "F1 cal"] if has_cal else []
+        )
+        lines += ["", f"## {name}: per class", "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+        for r in split["per_class"]:
+            cells = [
+                escape(r["name"]),
+                str(r["support"]),
+                _pct(r["ap"]),
+                *(_pct(r[k]) for k in ("precision", "recall", "f1")),
+            ]
+            if has_cal:
+                cells += [f"{r['threshold_cal']:.3f}", *(_pct(r[f"{k}_cal"]) for k in ("precision", "recall", "f1"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def single_label_report(targets: np.ndarray, probs: np.ndarray, classes: ClassMap) -> dict[str, Any]:
+    """Top-1/top-5, mean per-class recall, per-class precision/recall and the confusion matrix of one split."""
+    from finetune.eval.metrics import confusion, labels_of, summarize_single
+
+    y = labels_of(targets)
+    pred = np.asarray(probs).argmax(1)
+    cm = confusion(y, pred, len(classes))
+    support, predicted, hits = cm.sum(1), cm.sum(0), np.diag(cm)
+    rows = [
+        {
+            "index": i,
+            "name": classes.names[i],
+            "support": int(support[i]),
+            "recall": float(hits[i] / support[i]) if support[i] else None,
+            "precision": float(hits[i] / predicted[i]) if predicted[i] else None,
+        }
+        for i in range(len(classes))
+    ]
+    return {
+        "images": int(len(y)),
+        "summary": summarize_single(targets, probs),
+        "per_class": rows,
+        # Sparse (true, predicted, count) triples: at most one per image, where a dense list grows with classes².
+        "confusion": [[int(t), int(p), int(cm[t, p])] for t, p in zip(*np.nonzero(cm))],
+    }
+
+
+def print_single_report(report: dict[str, Any], console: Console) -> None:
+    """Summary (top-1, top-5, mean recall, mAP) per split and per-class recall/precision."""
+    table = Table(title=escape(str(report.get("run", "evaluation"))))
+    for col in ("split", "images", "top-1", "top-5", "mean recall", "mAP"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, split in report["splits"].items():
+        s = split["summary"]
+        table.add_row(name, str(split["images"]), *(_pct(s[k]) for k in ("top1", "top5", "mean_recall", "map")))
+    console.print(table)
+    for name, split in report["splits"].items():
+        t = Table(title=f"{name}: per class")
+        for col in ("class", "support", "recall", "precision"):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for r in split["per_class"]:
+            t.add_row(escape(r["name"]), str(r["support"]), _pct(r["recall"]), _pct(r["precision"]))
+        console.print(t)

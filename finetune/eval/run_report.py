@@ -1,0 +1,135 @@
+"""A run's report from its predictions: per-class thresholds, report.json / report.md, thresholds.json and plots.
+
+Arrays in, files out: the predictions come from the caller (the training run, or ``eval`` / ``calibrate``), and the
+files go to the run directory given as a path.
+
+The calibration gain is quoted on data the thresholds were not fitted on: the test split when there is one,
+otherwise k-fold cross-fitting on the calibration split. A run's task decides what its report holds; only a
+multi-label task has thresholds to calibrate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune.data.split import ClassMap
+from finetune.errors import UserError
+from finetune.eval import plots
+from finetune.eval.metrics import prf, summarize
+from finetune.eval.tasks import Task
+from finetune.eval.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
+from finetune.io import atomic_write_bytes, atomic_write_json
+
+
+def resolve_shrink(cs: CalibrationSettings, out: dict[str, Any]) -> tuple[CalibrationSettings, dict | None]:
+    """``shrink = "auto"`` replaced by the cross-fitted choice on the calibration split (and the scores behind it)."""
+    if cs.shrink != "auto":
+        return cs, None
+    options = {**cs.options}
+    options.pop("shrink")
+    k, scores = choose_shrink(out["targets"], out["probs"], cs.fixed, cs.folds, cs.seed, **options)
+    return replace(cs, shrink=k), {f"{c:g}": v for c, v in scores.items()}
+
+
+def fit_calibration(cs: CalibrationSettings, out: dict[str, Any], classes: ClassMap, role: str) -> Calibration:
+    """Per-class thresholds on one split's predictions."""
+    try:
+        cal = fit_thresholds(out["targets"], out["probs"], **cs.options)
+    except ValueError as err:
+        raise UserError(f"calibrate: {err}") from None
+    cal.names, cal.split = list(classes.names), role
+    return cal
+
+
+def _honest(cs: CalibrationSettings, report: dict[str, Any], out: dict[str, Any], role: str) -> tuple[dict, Any, Any]:
+    """The gain on data the thresholds were not fitted on: the test split, else cross-fitting on ``role``."""
+    if "test" in report["splits"] and role != "test":
+        test = report["splits"]["test"]
+        honest = {"how": "test split", "fixed": test["summary"], "calibrated": test["calibrated"]["summary"]}
+        return honest, [r["f1"] for r in test["per_class"]], [r["f1_cal"] for r in test["per_class"]]
+    per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+    honest = {
+        "how": f"{min(cs.folds, len(per_row))}-fold cross-fitting on {role}",
+        "fixed": summarize(out["targets"], out["probs"], cs.fixed),
+        "calibrated": summarize(out["targets"], out["probs"], per_row),
+    }
+    return honest, prf(out["targets"], out["probs"], cs.fixed)["f1"], prf(out["targets"], out["probs"], per_row)["f1"]
+
+
+def _add_calibration(
+    run: Path, report: dict[str, Any], cs: CalibrationSettings, cal: Calibration, outs: dict, classes: ClassMap
+) -> None:
+    role = cal.split
+    honest, f1_fixed, f1_cal = _honest(cs, report, outs[role], role)
+    report["calibration"] = {
+        "fitted_on": role,
+        "metric": cal.metric,
+        "beta": cal.beta,
+        "min_positives": cs.min_positives,
+        "shrink": cs.shrink,
+        "global_threshold": cal.global_threshold,
+        "honest": honest,
+    }
+    save_thresholds(run, cal)
+    out = outs[role]
+    plotted = plots.pr_curves(out["targets"], out["probs"], cal.thresholds, classes.names, run / "pr_curves.png", role)
+    title = f"per-class F1, {honest['how']}: fixed {cs.fixed:g} vs calibrated"
+    plots.f1_bars(np.asarray(f1_fixed), np.asarray(f1_cal), classes.names, run / "f1_per_class.png", title)
+    report["calibration"]["plots"] = {"pr_curves.png": plotted, "f1_per_class.png": honest["how"]}
+
+
+def write_report(
+    run: Path,
+    task: Task,
+    classes: ClassMap,
+    outs: dict[str, dict[str, Any]],
+    *,
+    cs: CalibrationSettings,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Calibrate (when the task has thresholds and ``cs.enabled``), then write report.json and the task's files."""
+    calibration, shrink_scores = None, None
+    if task.calibrates and cs.enabled:
+        cs, shrink_scores = resolve_shrink(cs, outs[cs.split])
+        calibration = fit_calibration(cs, outs[cs.split], classes, cs.split)
+    thr = calibration.thresholds if calibration is not None else None
+    report: dict[str, Any] = {"run": str(run), "task": task.name, **(extra or {}), "splits": {}}
+    if task.calibrates:
+        report.update(threshold=cs.fixed, calibration=None)
+    for name, out in outs.items():
+        if name != "train":
+            report["splits"][name] = task.split_report(out["targets"], out["probs"], classes, cs.fixed, thr)
+    if calibration is not None:
+        _add_calibration(run, report, cs, calibration, outs, classes)
+        if shrink_scores is not None:
+            report["calibration"]["shrink_auto"] = shrink_scores
+    task.write_extras(report, classes, run)
+    atomic_write_json(run / "report.json", report)
+    return report
+
+
+def save_thresholds(run: Path, calibration: Calibration) -> None:
+    """Write ``thresholds.json``; an existing one is kept as ``thresholds.prev.json`` (nothing is lost).
+
+    The training run also keeps its own as ``thresholds.run.json`` (see ``training``), which ``calibrate`` never
+    touches: a second ``calibrate`` replaces ``thresholds.prev.json``, not those.
+    """
+    path = run / "thresholds.json"
+    if path.exists():
+        atomic_write_bytes(run / "thresholds.prev.json", path.read_bytes())
+    atomic_write_json(path, calibration.to_json())
+
+
+def load_thresholds(run: Path, threshold: float | None, fixed: float) -> tuple[np.ndarray | float, str]:
+    """The thresholds to apply: ``threshold`` if given, else the run's thresholds.json, else ``fixed``."""
+    if threshold is not None:
+        return threshold, f"fixed {threshold:g}"
+    if (run / "thresholds.json").is_file():
+        cal = Calibration.from_json(json.loads((run / "thresholds.json").read_text()))
+        return cal.thresholds, f"calibrated on {cal.split or 'val'} (thresholds.json)"
+    return fixed, f"fixed {fixed:g}"

@@ -1,0 +1,170 @@
+"""Tasks: what differs between multi-label and single-label runs, in one place.
+
+A :class:`Task` owns the activation (sigmoid or softmax), the losses and selection metrics it accepts, the metrics
+logged every epoch, the per-split report (building, printing, plots) and how a probability row becomes labels. Which
+losses and selection metrics a task accepts is a recipe rule, kept (torch-free) in :mod:`finetune.rules`.
+Nothing else in the package asks which kind of run it is: it asks the run's task. Data formats map to tasks in
+:data:`TASK_OF_FORMAT`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from finetune.data.split import ClassMap
+from finetune.labels import label_indices
+from finetune.rules import LOSSES, SELECTS
+from finetune.rules import TASK_OF_FORMAT as TASK_NAME_OF_FORMAT
+
+
+class Task:
+    """The base: subclasses fill in every method."""
+
+    name = ""
+    losses: tuple[str, ...] = ()
+    selects: tuple[str, ...] = ()
+    default_select = "map"
+    calibrates = False  # per-class decision thresholds are fitted after training
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities from logits (``[n, classes]``)."""
+        raise NotImplementedError
+
+    def metrics(self, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+        """Per-epoch validation metrics."""
+        raise NotImplementedError
+
+    def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The convex loss a linear head is solved for (summed over classes, mean over samples)."""
+        raise NotImplementedError
+
+    def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:
+        """Predicted class indices per row of ``probs``, most probable first."""
+        raise NotImplementedError
+
+    def split_report(
+        self, targets: np.ndarray, probs: np.ndarray, classes: ClassMap, threshold: float, calibrated: Any = None
+    ) -> dict[str, Any]:
+        """Summary and per-class numbers of one split."""
+        raise NotImplementedError
+
+    def print_report(self, report: dict[str, Any], console: Console) -> None:
+        """The report's tables on the console."""
+        raise NotImplementedError
+
+    def write_extras(self, report: dict[str, Any], classes: ClassMap, run_dir: Path) -> None:
+        """Task-specific files beside ``report.json`` (plots, Markdown)."""
+
+    def threshold_note(self, how: str) -> str:
+        """How labels are chosen, for a prediction's output."""
+        return how
+
+    def select(self, select: str) -> str:
+        """The selection metric: the recipe's, or the task's default for ``auto``."""
+        return self.default_select if select == "auto" else select
+
+
+class MultiLabel(Task):
+    """Several labels per image: sigmoid, mAP and F1 at a threshold, per-class calibrated thresholds."""
+
+    name = "multi_label"
+    losses = LOSSES["multi_label"]
+    selects = SELECTS["multi_label"]
+    default_select = "map"
+    calibrates = True
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.sigmoid(logits)
+
+    def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        # One logistic regression per class, as scikit-learn's LogisticRegression fits them one by one.
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+
+    def metrics(self, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:  # noqa: D102
+        from finetune.eval.metrics import summarize
+
+        return summarize(targets, probs, threshold)
+
+    def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:  # noqa: D102
+        return label_indices(probs, True, thresholds)
+
+    def split_report(  # noqa: D102
+        self, targets: np.ndarray, probs: np.ndarray, classes: ClassMap, threshold: float, calibrated: Any = None
+    ) -> dict[str, Any]:
+        from finetune.eval.report import split_report
+
+        return split_report(targets, probs, classes, threshold, calibrated)
+
+    def print_report(self, report: dict[str, Any], console: Console) -> None:  # noqa: D102
+        from finetune.eval.report import print_report
+
+        print_report(report, console)
+
+    def write_extras(self, report: dict[str, Any], classes: ClassMap, run_dir: Path) -> None:  # noqa: D102
+        from finetune.eval.report import markdown_report
+        from finetune.io import atomic_write_text
+
+        atomic_write_text(run_dir / "report.md", markdown_report(report))
+
+
+class SingleLabel(Task):
+    """One label per image: softmax, top-1/top-5, per-class recall and a confusion matrix; the arg-max is the label."""
+
+    name = "single_label"
+    losses = LOSSES["single_label"]
+    selects = SELECTS["single_label"]
+    default_select = "top1"
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.softmax(logits, 1)
+
+    def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.cross_entropy(logits, targets)  # multinomial logistic regression
+
+    def metrics(self, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:  # noqa: D102
+        from finetune.eval.metrics import summarize_single
+
+        return summarize_single(targets, probs)
+
+    def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:  # noqa: D102
+        return label_indices(probs, False, thresholds)
+
+    def split_report(  # noqa: D102
+        self, targets: np.ndarray, probs: np.ndarray, classes: ClassMap, threshold: float, calibrated: Any = None
+    ) -> dict[str, Any]:
+        from finetune.eval.report import single_label_report
+
+        return single_label_report(targets, probs, classes)
+
+    def print_report(self, report: dict[str, Any], console: Console) -> None:  # noqa: D102
+        from finetune.eval.report import print_single_report
+
+        print_single_report(report, console)
+
+    def write_extras(self, report: dict[str, Any], classes: ClassMap, run_dir: Path) -> None:  # noqa: D102
+        from finetune.eval import plots
+
+        shown = "test" if "test" in report["splits"] else next(iter(report["splits"]))
+        cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        for t, p, count in report["splits"][shown]["confusion"]:
+            cm[t, p] = count
+        plots.confusion_png(cm, list(classes.names), run_dir / "confusion_matrix.png", f"{shown}: confusion matrix")
+
+    def threshold_note(self, how: str) -> str:  # noqa: D102
+        return "the highest-scoring class (single-label)"
+
+
+MULTI_LABEL, SINGLE_LABEL = MultiLabel(), SingleLabel()
+TASKS = {t.name: t for t in (MULTI_LABEL, SINGLE_LABEL)}
+TASK_OF_FORMAT = {fmt: TASKS[name] for fmt, name in TASK_NAME_OF_FORMAT.items()}
+
+
+def task_for(fmt: str) -> Task:
+    """The task of a data format (``coco`` -> multi-label, ``folder``/``cifar10`` -> single-label)."""
+    return TASK_OF_FORMAT[fmt]

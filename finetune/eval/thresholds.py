@@ -1,0 +1,269 @@
+"""Per-class decision thresholds that maximise F1 (or F-beta), as pure functions of arrays.
+
+A fixed 0.5 threshold is why the seed blog's MobileNetV2 on COCO had precision 87 but recall 46: a sigmoid trained
+on rare positives rarely passes 0.5. Per class, the threshold here is the candidate (a predicted probability; a
+sample is positive when ``p >= t``) with the highest F-beta on the calibration data, the same search as taking the
+arg-max of F over scikit-learn's ``precision_recall_curve`` but for every class in one vectorised pass. Among
+equal scores the highest threshold wins. The tests check it against a brute-force search and against scikit-learn.
+
+Rules, in order:
+- a class with fewer than ``min_positives`` positives (no positives at all included: F is 0 at every threshold)
+  takes the global threshold, the one that maximises micro-F-beta over all classes pooled;
+- with ``shrink = k > 0``, a fitted threshold moves toward the global one by ``k / (positives + k)``, so rare
+  classes move most;
+- NaN or inf probabilities are an error.
+
+Cross-fitting (:func:`cross_fit`) scores every sample with thresholds fitted on the other folds only, so the gain it
+reports is not measured on the data the thresholds were fitted on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import KFold
+
+
+def _check(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    targets, probs = np.asarray(targets), np.asarray(probs, dtype=np.float64)
+    if targets.ndim != 2 or targets.shape != probs.shape:
+        raise ValueError(f"expected two [samples, classes] arrays of one shape, got {targets.shape} and {probs.shape}")
+    if not np.isfinite(probs).all():
+        bad = np.argwhere(~np.isfinite(probs))[0]
+        raise ValueError(f"probabilities contain NaN or inf (first at sample {bad[0]}, class {bad[1]})")
+    if len(probs) == 0:
+        raise ValueError("no samples to calibrate on")
+    return targets.astype(bool), probs
+
+
+def best_thresholds(targets: np.ndarray, probs: np.ndarray, beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the threshold with the highest F-beta and that F-beta.
+
+    Args:
+        targets: ``[n, c]`` multi-hot ground truth.
+        probs: ``[n, c]`` probabilities (any finite scores work).
+        beta: F-beta's beta (1 = F1; > 1 favours recall).
+
+    Returns:
+        ``[c]`` thresholds (predict ``p >= t``) and ``[c]`` F-beta values reached; a class without positives gets
+        threshold ``inf`` (predict nothing) and score 0.
+    """
+    y, p = _check(targets, probs)
+    n, c = p.shape
+    # Any sort order works: within a tie group only the group's last row is scored, and its counts do not depend on
+    # the order inside the group; numpy's default introsort is ~4x faster here than a stable sort.
+    order = np.argsort(-p, axis=0)
+    s = np.take_along_axis(p, order, axis=0)
+    t = np.take_along_axis(y, order, axis=0)
+    tp = np.cumsum(t, axis=0, dtype=np.float64)
+    fp = np.arange(1, n + 1, dtype=np.float64)[:, None] - tp
+    fn = tp[-1:] - tp
+    b2 = beta * beta
+    den = (1 + b2) * tp + b2 * fn + fp
+    f = np.divide((1 + b2) * tp, den, out=np.zeros_like(tp), where=den > 0)
+    # Tied probabilities are one threshold: only the last row of a tie group is a real operating point.
+    last_of_tie = np.ones_like(s, dtype=bool)
+    last_of_tie[:-1] = s[:-1] != s[1:]
+    f[~last_of_tie] = -1.0
+    best = np.argmax(f, axis=0)  # first maximum = the highest threshold among equal F
+    cols = np.arange(c)
+    thr, score = s[best, cols], np.maximum(f[best, cols], 0.0)
+    no_pos = tp[-1] == 0
+    thr[no_pos], score[no_pos] = np.inf, 0.0
+    return thr, score
+
+
+def global_threshold(targets: np.ndarray, probs: np.ndarray, beta: float = 1.0) -> tuple[float, float]:
+    """The single threshold with the highest micro-F-beta over all classes pooled, and that score."""
+    y, p = _check(targets, probs)
+    thr, score = best_thresholds(y.reshape(-1, 1), p.reshape(-1, 1), beta)
+    return (0.5 if np.isinf(thr[0]) else float(thr[0])), float(score[0])
+
+
+@dataclass
+class Calibration:
+    """Fitted thresholds and how each was chosen."""
+
+    thresholds: np.ndarray
+    global_threshold: float
+    support: np.ndarray
+    score: np.ndarray  # F-beta each class reached on the calibration data at its own fitted threshold
+    source: list[str]  # "fitted" or "global" per class
+    metric: str = "f1"
+    beta: float = 1.0
+    names: list[str] = field(default_factory=list)
+    split: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form for ``thresholds.json``."""
+        return {
+            "metric": self.metric,
+            "beta": self.beta,
+            "split": self.split,
+            "global_threshold": self.global_threshold,
+            "classes": [
+                {
+                    "name": self.names[i] if self.names else str(i),
+                    "threshold": float(self.thresholds[i]),
+                    "support": int(self.support[i]),
+                    "score": float(self.score[i]),
+                    "source": self.source[i],
+                }
+                for i in range(len(self.thresholds))
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Calibration:
+        """Read what :meth:`to_json` wrote."""
+        rows = doc["classes"]
+        return cls(
+            thresholds=np.array([r["threshold"] for r in rows]),
+            global_threshold=doc["global_threshold"],
+            support=np.array([r["support"] for r in rows]),
+            score=np.array([r["score"] for r in rows]),
+            source=[r["source"] for r in rows],
+            metric=doc["metric"],
+            beta=doc["beta"],
+            names=[r["name"] for r in rows],
+            split=doc.get("split", ""),
+        )
+
+
+@dataclass(kw_only=True)
+class CalibrationSettings:
+    """``[calibrate]`` as plain values, with the fixed threshold it is compared against."""
+
+    enabled: bool = True
+    split: str = "val"
+    metric: str = "f1"
+    beta: float = 1.0
+    min_positives: int = 5
+    shrink: float | str = 0.0  # or "auto"
+    folds: int = 5
+    seed: int = 0
+    fixed: float = 0.5
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~finetune.thresholds.fit_thresholds`."""
+        return {"metric": self.metric, "beta": self.beta, "min_positives": self.min_positives, "shrink": self.shrink}
+
+    def for_split(self, split: str) -> CalibrationSettings:
+        """These settings fitted on ``split`` and switched on (a re-calibration asked for it)."""
+        return replace(self, enabled=True, split=split)
+
+
+def fit_thresholds(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    metric: str = "f1",
+    beta: float = 1.0,
+    min_positives: int = 1,
+    shrink: float = 0.0,
+) -> Calibration:
+    """Per-class thresholds with the min-positives fallback and shrinkage toward the global threshold.
+
+    Args:
+        targets: ``[n, c]`` multi-hot ground truth of the calibration split.
+        probs: ``[n, c]`` predicted probabilities.
+        metric: ``f1`` or ``fbeta``.
+        beta: Used when ``metric = "fbeta"``.
+        min_positives: Classes with fewer positives take the global threshold (at least 1).
+        shrink: Pseudo-count pulling thresholds toward the global one (0 = off).
+
+    Returns:
+        The calibration.
+    """
+    if metric not in ("f1", "fbeta"):
+        raise ValueError(f"metric must be f1 or fbeta, not {metric!r}")
+    b = 1.0 if metric == "f1" else beta
+    y, p = _check(targets, probs)
+    thr, score = best_thresholds(y, p, b)
+    g, _ = global_threshold(y, p, b)
+    support = y.sum(0)
+    fitted = support >= max(1, min_positives)
+    out = np.where(fitted, thr, g)
+    if shrink > 0:
+        out = np.where(fitted, (support * out + shrink * g) / (support + shrink), out)
+    return Calibration(
+        thresholds=out,
+        global_threshold=g,
+        support=support,
+        score=score,
+        source=["fitted" if f else "global" for f in fitted],
+        metric=metric,
+        beta=b,
+    )
+
+
+def cross_fit(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
+    fit: Callable[..., Calibration] = fit_thresholds,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold thresholds: row ``i`` gets thresholds fitted on the folds that do not contain it.
+
+    Args:
+        targets: ``[n, c]`` ground truth.
+        probs: ``[n, c]`` probabilities.
+        folds: Number of folds (at most ``n``).
+        seed: Shuffling seed for the fold split.
+        fit: The fitting function (``fit_thresholds``; tests pass a spy).
+        **options: Passed to ``fit``.
+
+    Returns:
+        ``[n, c]`` per-row thresholds and ``[n]`` fold index of each row.
+    """
+    y, p = _check(targets, probs)
+    n = len(p)
+    if n < 2:
+        raise ValueError("cross-fitting needs at least 2 samples")
+    k = min(folds, n)
+    per_row = np.empty_like(p)
+    fold_of = np.empty(n, dtype=int)
+    for f, (fit_idx, score_idx) in enumerate(KFold(k, shuffle=True, random_state=seed).split(p)):
+        per_row[score_idx] = fit(y[fit_idx], p[fit_idx], **options).thresholds
+        fold_of[score_idx] = f
+    return per_row, fold_of
+
+
+SHRINK_CANDIDATES = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 1e6)  # 1e6: every class at the global threshold
+
+
+def choose_shrink(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    fixed: float,
+    folds: int = 5,
+    seed: int = 0,
+    candidates: tuple[float, ...] = SHRINK_CANDIDATES,
+    **options: Any,
+) -> tuple[float, dict[float, dict[str, float]]]:
+    """The shrinkage to use, by cross-fitting on the calibration split itself (no other data is looked at).
+
+    Among the candidates whose out-of-fold micro-F1 is at least the fixed threshold's (less 0.005), the one with the
+    best out-of-fold macro-F1 (ties: the stronger shrinkage); when none keeps micro-F1, the best micro-F1.
+
+    Returns:
+        The chosen shrinkage and, per candidate, its out-of-fold ``macro_f1`` and ``micro_f1``.
+    """
+    from finetune.eval.metrics import summarize
+
+    y, p = _check(targets, probs)
+    floor = summarize(y, p, fixed)["micro_f1"] - 0.005
+    scores = {}
+    for k in candidates:
+        per_row, _ = cross_fit(y, p, folds, seed, **{**options, "shrink": k})
+        s = summarize(y, p, per_row)
+        scores[k] = {"macro_f1": s["macro_f1"], "micro_f1": s["micro_f1"]}
+    keeping = [k for k in candidates if scores[k]["micro_f1"] >= floor]
+    if keeping:
+        return max(keeping, key=lambda k: (scores[k]["macro_f1"], k)), scores
+    return max(candidates, key=lambda k: (scores[k]["micro_f1"], k)), scores

@@ -1,0 +1,33 @@
+"""What each kind of run accepts: the recipe rules that span sections (data format, loss, selection metric).
+
+:mod:`finetune.config` checks them when it validates a recipe, and :mod:`finetune.eval.tasks` reads its lists from
+here, so the rules live in one place and a recipe is checked without importing torch.
+"""
+
+from __future__ import annotations
+
+from finetune.errors import UserError
+
+TASK_OF_FORMAT = {"coco": "multi_label", "csv": "multi_label", "folder": "single_label", "cifar10": "single_label"}
+LOSSES = {"multi_label": ("bce", "focal", "asl"), "single_label": ("ce",)}
+SELECTS = {"multi_label": ("map", "macro_f1", "micro_f1", "loss"), "single_label": ("top1", "map", "loss")}
+
+
+def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
+    """``loss.name`` and ``train.select`` must suit the task of ``data.format``; ``source`` names the recipe."""
+    task = TASK_OF_FORMAT[fmt]
+    if loss not in LOSSES[task]:
+        if task == "single_label":
+            raise UserError(f'{source}: loss.name: data.format = "{fmt}" is single-label; use "ce"')
+        if loss == "ce":
+            raise UserError(
+                f'{source}: loss.name: "ce" is for single-label data; {fmt.upper()} is multi-label: use "bce", '
+                '"focal" or "asl"'
+            )
+        raise UserError(f"{source}: loss.name: use one of {', '.join(LOSSES[task])}")
+    if select != "auto" and select not in SELECTS[task]:
+        if task == "multi_label" and select == "top1":
+            why = f'"{select}" is for single-label data'
+        else:
+            why = f"{task.replace('_', '-')} runs select by " + ", ".join(f'"{s}"' for s in SELECTS[task])
+        raise UserError(f"{source}: train.select: {why}")

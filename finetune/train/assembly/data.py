@@ -1,0 +1,230 @@
+"""The assembly's data parts from ``[data]`` and ``[train]``: device, splits, datasets, loaders, settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from finetune.config import DataConfig, Recipe, TrainConfig
+from finetune.data.coco import read_coco_split
+from finetune.data.csvfile import read_csv_split
+from finetune.data.dataset import ImageDataset, collate
+from finetune.data.folder import read_cifar10_split, read_folder_split
+from finetune.data.samplers import EpochSampler, ShardSampler
+from finetune.data.split import ClassMap, Split, check_images
+from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from finetune.distributed import Dist, setup
+from finetune.errors import UserError
+from finetune.eval.predict import EvalSettings
+from finetune.eval.tasks import Task, task_for
+from finetune.eval.thresholds import CalibrationSettings
+from finetune.train.loop import FitSettings
+
+ROLES = ("train", "val", "test")
+
+
+def _has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Linux /proc/cpuinfo; False elsewhere)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def build_device(cfg: TrainConfig) -> tuple[torch.device, str]:
+    """Resolve ``train.device`` and ``train.precision``.
+
+    ``precision = "auto"`` means bf16 on CUDA GPUs that support it, else fp16 (with GradScaler); on CPU, bf16 only
+    with AMX tiles (``amx_bf16``): bf16 autocast training measured 6-10x slower than fp32 on an AVX2 CPU and still
+    2x slower on an AVX512-BF16 CPU (MobileNetV2, batch 32), so without AMX fp32 is the fast choice.
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError('train.device: "cuda" requested but no CUDA GPU is visible; use "auto" or "cpu"')
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    precision = cfg.precision
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if _has_amx() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError('train.precision: "fp16" needs a CUDA GPU; use "bf16" or "fp32" on CPU')
+    return device, precision
+
+
+def build_task(recipe: Recipe) -> Task:
+    """The run's task, from ``data.format``."""
+    return task_for(recipe.data.format)
+
+
+def build_eval_settings(recipe: Recipe, device: torch.device, precision: str) -> EvalSettings:
+    """How batches run through the model, from ``[train]`` and ``[data]``."""
+    t = recipe.train
+    return EvalSettings(
+        device=device,
+        precision=precision,
+        channels_last=t.channels_last,
+        on_bad_image=recipe.data.on_bad_image,
+        task=build_task(recipe),
+        tta=t.tta,
+    )
+
+
+def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> FitSettings:
+    """The trainer's plain settings from ``[train]`` and ``[data]``."""
+    t, task = recipe.train, build_task(recipe)
+    return FitSettings(
+        **vars(build_eval_settings(recipe, device, precision)),
+        epochs=t.epochs,
+        accum_steps=t.accum_steps,
+        grad_clip=t.grad_clip,
+        threshold=t.threshold,
+        select=task.select(t.select),
+        mixup=recipe.data.augment.mixup,
+        seed=t.seed,
+    )
+
+
+def split_name(recipe: Recipe, role: str) -> str:
+    """The split name the recipe gives to ``role`` (train/val/test)."""
+    if role not in ROLES:
+        raise UserError(f"--split {role!r}: expected one of {', '.join(ROLES)}")
+    name = getattr(recipe.data, role)
+    if not name:
+        raise UserError(f"data.{role} is empty in this recipe: it has no {role} split")
+    return name
+
+
+def build_splits(
+    recipe: Recipe, roles: tuple[str, ...] = ROLES, check: bool = True, classes: ClassMap | None = None
+) -> dict[str, Split]:
+    """Read the annotation files of ``roles`` (skipping an empty test split) and check that every image exists."""
+    splits: dict[str, Split] = {}
+    for role in roles:
+        if role == "test" and not recipe.data.test:
+            continue
+        splits[role] = build_split(recipe.data, split_name(recipe, role), classes)
+        classes = splits[role].classes
+        if not len(splits[role].targets):
+            raise UserError(f"data.{role}: the {split_name(recipe, role)!r} split has no images; check data.root")
+        if check:
+            missing = check_images(splits[role].image_paths)
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UserError(f"{missing[0]}{more}; check data.root and data.images")
+    return splits
+
+
+def norm_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for normalisation (ImageNet's, or the recipe's own)."""
+    norm = cfg.augment.normalize
+    if norm == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if norm == "dataset":  # a run resolves this to numbers before building datasets (build_resolved_recipe)
+        raise UserError('data.augment.normalize = "dataset" must be resolved first; run `finetune data stats RECIPE`')
+    return tuple(norm["mean"]), tuple(norm["std"])
+
+
+def build_split(cfg: DataConfig, split: str, classes: ClassMap | None = None) -> Split:
+    """Read one split's annotations or folder listing (no image is opened; CIFAR-10 batches are loaded)."""
+    if cfg.format == "folder":
+        return read_folder_split(cfg.root, split, classes)
+    if cfg.format == "cifar10":
+        return read_cifar10_split(cfg.root, split, classes)
+    if cfg.format == "csv":
+        return read_csv_split(cfg.root, split, cfg.csv, cfg.label_sep, cfg.classes or None, classes)
+    return read_coco_split(cfg.root, split, cfg.annotations, cfg.images, cfg.include_crowd, cfg.min_box_area, classes)
+
+
+def build_dataset(cfg: DataConfig, split: Split, train: bool, seed: int = 0) -> ImageDataset:
+    """A dataset with the train or eval pipeline."""
+    mean, std = norm_stats(cfg)
+    a = cfg.augment
+    cuda = torch.cuda.is_available()  # a run has resolved "auto" by its device (build_resolved_recipe)
+    on_device = train and a.color_jitter > 0 and (a.jitter_on == "device" or (a.jitter_on == "auto" and cuda))
+    if train:  # uint8 out of the workers; normalised (and, on_device, colour-jittered) on the device: batch_images
+        crop = (a.crop, tuple(a.scale), a.hflip, a.color_jitter)
+        geometry = {"vflip": a.vflip, "rot90": a.rot90}
+        tf = train_transform(cfg.image_size, *crop, normalize=False, jitter_in_workers=not on_device, **geometry)
+    else:
+        tf = eval_transform(cfg.image_size, normalize=False)
+    ids, jitter = split.image_ids, a.color_jitter if on_device else 0.0
+    return ImageDataset(split.image_paths, split.targets, split.classes, tf, seed, ids, (mean, std), jitter)
+
+
+def build_loader(
+    cfg: DataConfig, dataset: ImageDataset, train: bool, seed: int = 0, d: Dist | None = None
+) -> torch.utils.data.DataLoader:
+    """A DataLoader; training shuffles per epoch (seeded) and drops a last partial batch.
+
+    Under DDP (``d`` with more than one rank) it loads this rank's shard, ``data.batch_size / world`` at a time.
+    """
+    batch, sampler = cfg.batch_size, EpochSampler(len(dataset), seed) if train else None
+    if d is not None and d.enabled:
+        batch //= d.world
+        sampler = ShardSampler(len(dataset), seed, d.rank, d.world, shuffle=train, pad=train, batch=cfg.batch_size)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+        prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
+        drop_last=train and len(dataset) > cfg.batch_size,
+    )
+
+
+def build_dist(recipe: Recipe, device: torch.device) -> Dist:
+    """This process's place in a torchrun job (one process without torchrun); checks the batch divides."""
+    d = setup(device.type)
+    if d.enabled and recipe.data.batch_size % d.world:
+        raise UserError(
+            f"data.batch_size = {recipe.data.batch_size} is the global batch: it must divide by the {d.world} processes"
+        )
+    return d
+
+
+def build_resolved_recipe(recipe: Recipe, device: torch.device, train_split: Callable[[], Split]) -> tuple[Recipe, str]:
+    """The recipe with what depends on the data or the machine made explicit (``recipe.toml`` records it).
+
+    ``normalize = "dataset"`` becomes the train split's numbers (``train_split()`` is called only then);
+    ``jitter_on = "auto"`` becomes ``"device"`` when the run trains on CUDA, else ``"workers"``, so a resume on another
+    machine draws the same augmentation.
+
+    Returns:
+        The resolved copy (the same recipe when nothing needs resolving) and a line saying what was done ("" if none).
+    """
+    augment, note = recipe.data.augment, ""
+    if augment.jitter_on == "auto" and augment.color_jitter > 0:
+        augment = augment.model_copy(update={"jitter_on": "device" if device.type == "cuda" else "workers"})
+    if augment.normalize == "dataset":
+        from finetune.data.stats import load_or_compute
+
+        stats, cached = load_or_compute(
+            train_split(), recipe.data.format, recipe.data.image_size, on_bad_image=recipe.data.on_bad_image
+        )
+        augment = augment.model_copy(update={"normalize": {"mean": stats["mean"], "std": stats["std"]}})
+        note = f"normalize: train-split mean {stats['mean']} std {stats['std']} ({'cached' if cached else 'computed'})"
+    if augment is recipe.data.augment:
+        return recipe, ""
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"augment": augment})}), note
+
+
+def build_calibration(recipe: Recipe) -> CalibrationSettings:
+    """Build :class:`CalibrationSettings` from ``[calibrate]`` (and the fixed ``train.threshold``)."""
+    c = recipe.calibrate
+    return CalibrationSettings(
+        enabled=c.enabled,
+        split=c.split,
+        metric=c.metric,
+        beta=c.beta,
+        min_positives=c.min_positives,
+        shrink=c.shrink,
+        folds=c.folds,
+        seed=recipe.train.seed,
+        fixed=recipe.train.threshold,
+    )

@@ -1,0 +1,89 @@
+"""Scoring and re-calibrating a finished run: its best weights on its splits, from the assembly.
+
+``evaluate_run`` writes ``eval_<split>.json``; ``calibrate_run`` re-fits ``thresholds.json`` and the report. The
+numbers and files come from :mod:`finetune.eval.run_report`; the parts (recipe, classes, weights, loaders) from
+:func:`finetune.train.assembly.build_from_run`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from finetune.data.split import ClassMap
+from finetune.errors import UserError
+from finetune.eval.predict import predict_loader
+from finetune.eval.run_report import load_thresholds, write_report
+from finetune.train.assembly import RunParts, build_from_run, split_name
+from finetune.train.rundir import RunDir
+
+
+def predict_parts(parts: RunParts, roles: list[str]) -> dict[str, dict[str, Any]]:
+    """Probabilities and targets of the parts' model on each of ``roles``, unaugmented, in dataset order.
+
+    Returns:
+        Role -> ``{"targets", "probs", "index"}`` arrays.
+    """
+    for role in roles:
+        split_name(parts.recipe, role)  # a role the recipe has no split for is one clear line
+    settings = parts.eval_settings
+    settings.channels_last = False
+    model = parts.place()
+    return {role: predict_loader(model, parts.loader(role), settings, console=parts.console) for role in roles}
+
+
+def predict_run(
+    run_dir: str | Path, roles: list[str], overrides: list[str] | None = None, console: Console | None = None
+) -> tuple[dict[str, dict[str, Any]], ClassMap]:
+    """Probabilities and targets of a run's best checkpoint on each of ``roles`` (train/val/test), unaugmented.
+
+    Returns:
+        Role -> ``{"targets", "probs", "index"}`` arrays, and the run's classes.
+    """
+    parts = build_from_run(RunDir.open(run_dir), roles, overrides, console)
+    return predict_parts(parts, roles), parts.classes
+
+
+def calibrate_run(
+    run_dir: str | Path, role: str = "val", console: Console | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the report.
+
+    ``overrides`` (``calibrate.shrink=20``...) apply to this calibration only; the run's recipe.toml is unchanged.
+    """
+    run = RunDir.open(run_dir)
+    recipe = run.recipe(overrides)
+    if not RunParts(recipe).task.calibrates:
+        raise UserError(f"{run_dir}: a single-label run predicts the highest-scoring class; it has no thresholds")
+    roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.test]
+    parts = build_from_run(run, roles, overrides, console)
+    outs = predict_parts(parts, roles)
+    old = run.read_json("report.json") if (run / "report.json").is_file() else {}
+    extra = {k: v for k, v in old.items() if k in ("best_epoch", "select", "bad_images", "stop_reason")}
+    cs = parts.calibration.for_split(role)
+    return write_report(run.path, parts.task, parts.classes, outs, cs=cs, extra=extra)
+
+
+def evaluate_run(
+    run_dir: str | Path, role: str = "test", threshold: float | None = None, console: Console | None = None
+) -> dict[str, Any]:
+    """Score a run's best checkpoint on one split; writes ``eval_<role>.json`` in the run and returns the report."""
+    run = RunDir.open(run_dir)
+    parts = build_from_run(run, [role], console=console)
+    task, recipe, classes = parts.task, parts.recipe, parts.classes
+    out = predict_parts(parts, [role])[role]
+    targets, probs = out["targets"], out["probs"]
+    report: dict[str, Any] = {"run": str(run), "task": task.name}
+    if task.calibrates:
+        thr, how = load_thresholds(run.path, threshold, recipe.train.threshold)
+        fixed = thr if np.isscalar(thr) else recipe.train.threshold
+        report.update(threshold=fixed, thresholds=how)
+        split = task.split_report(targets, probs, classes, fixed, None if np.isscalar(thr) else thr)
+    else:
+        split = task.split_report(targets, probs, classes, recipe.train.threshold)
+    report["splits"] = {role: split}
+    run.write_json(f"eval_{role}.json", report)
+    return report

@@ -1,0 +1,241 @@
+"""The training loop: mixed precision, accumulation, clipping, per-epoch evaluation, atomic checkpoints.
+
+One plain loop that reads top to bottom (``fit`` -> ``train_one_epoch`` / ``predict_loader``). Behaviour comes in as
+objects (the :class:`~finetune.train.loop.Loop`, its settings and :class:`~finetune.train.loop.Hook` objects); nothing
+here reads a recipe or knows about freezing, cached features, logging or early stopping: those are hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from finetune.errors import UserError
+from finetune.eval.predict import handle_bad_images, image_inputs, predict_loader
+from finetune.io import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from finetune.optim import group_lrs
+from finetune.precision import autocast
+from finetune.train.loop import Hook, Loop, TrainState, hook_key
+
+
+def mix_batch(
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float, seed: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al., ICLR 2018) as timm's ``Mixup`` pairs images: each with the batch reversed.
+
+    ``lam ~ Beta(alpha, alpha)`` from a generator seeded by ``seed`` (the run's seed, epoch and batch, so a resumed
+    run draws the same); inputs and targets (multi-hot or one-hot) become ``lam * a + (1 - lam) * reversed``.
+    """
+    lam = float(np.random.default_rng(list(seed)).beta(alpha, alpha))
+    targets = targets.float()
+    mixed = inputs.mul(lam).add_(inputs.flip(0), alpha=1.0 - lam)
+    return mixed, targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+
+
+def _optimizer_step(loop: Loop) -> None:
+    s, opt = loop.settings, loop.optimizer
+    if s.grad_clip > 0:
+        loop.scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(loop.model.parameters(), s.grad_clip)
+    loop.scaler.step(opt)
+    loop.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    loop.scheduler.step()
+    loop.state.step += 1
+
+
+def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
+    """One pass over ``loop.loader`` with ``loop.forward``; returns mean loss, the top group's LR and images/s."""
+    model, s, state = loop.model, loop.settings, loop.state
+    loader, forward = loop.loader or loop.train_loader, loop.forward or model
+    inputs_of = loop.inputs or (lambda batch: image_inputs(batch, s))
+    model.train()
+    total_loss, seen, n_batches = 0.0, 0, len(loader)
+    start = time.perf_counter()
+    loop.optimizer.zero_grad(set_to_none=True)
+    with _progress(loop.console) as bar:
+        task = bar.add_task(f"epoch {state.epoch + 1}/{s.epochs}", total=n_batches, info="")
+        for i, batch in enumerate(loader):
+            handle_bad_images(batch["errors"], s.on_bad_image, state.bad_images, loop.console)
+            inputs = inputs_of(batch)
+            if inputs is not None:
+                targets = batch["target"].to(s.device, non_blocking=True)
+                if s.mixup > 0:
+                    inputs, targets = mix_batch(inputs, targets, s.mixup, (s.seed, state.epoch, i))
+                with autocast(s.device, s.precision):
+                    logits = forward(inputs)
+                # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16.
+                loss = loop.loss_fn(logits.float(), targets.float())
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}: training diverged; "
+                        'lower optim.lr, set train.grad_clip, or use train.precision = "fp32"'
+                    )
+                loop.scaler.scale(loss / s.accum_steps).backward()
+                total_loss += loss.item() * len(inputs)
+                seen += len(inputs)
+            if (i + 1) % s.accum_steps == 0 or i + 1 == n_batches:
+                _optimizer_step(loop)
+                for h in hooks:
+                    h.on_step_end(loop)
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            lr = loop.optimizer.param_groups[-1]["lr"]
+            bar.update(task, advance=1, info=f"loss {total_loss / max(seen, 1):.4f}  lr {lr:.2e}  {rate:.0f} img/s")
+    elapsed = time.perf_counter() - start
+    if not seen:
+        raise UserError(
+            f"epoch {state.epoch + 1}: not one training image could be read ({len(state.bad_images)} unreadable); "
+            "check data.root and the images"
+        )
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "lr": loop.optimizer.param_groups[-1]["lr"],
+        "images_per_s": seen / max(elapsed, 1e-9),
+        "train_time_s": elapsed,
+    }
+
+
+_SHOWN = {"map": "mAP", "macro_f1": "macro-F1", "micro_f1": "micro-F1", "top1": "top-1", "top5": "top-5"}
+
+
+def _is_better(score: float, best: float | None, select: str) -> bool:
+    """Whether ``score`` beats ``best``; with no real score yet (none, or NaN: no val positives) the newest wins."""
+    if best is None or math.isnan(best):
+        return True
+    if math.isnan(score):
+        return False
+    return score < best if select == "loss" else score > best
+
+
+def checkpoint_state(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Everything needed to continue a run, in types ``torch.load(weights_only=True)`` accepts."""
+    extra = {"eval_model": loop.eval_model.state_dict()} if loop.eval_model is not None else {}
+    return {
+        "model": loop.model.state_dict(),
+        **extra,
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "train_state": asdict(loop.state),
+        "hooks": {hook_key(h): h.state_dict() for h in hooks if h.state_dict()},
+        "rng": rng_state(),
+    }
+
+
+def selected_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint was selected on: the EMA's when the run kept one, else the model's."""
+    return checkpoint.get("eval_model", checkpoint["model"])
+
+
+def restore(path: Path, loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
+    """Load a checkpoint written by :func:`fit` into the loop's objects and hooks; sets and returns its state."""
+    saved = load_checkpoint(path)
+    try:
+        loop.model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        msg = f"{path}: its weights do not fit this model ({first[:150]}); is model.name the run's?"
+        raise UserError(msg) from None
+    loop.optimizer.load_state_dict(saved["optimizer"])
+    loop.scheduler.load_state_dict(saved["scheduler"])
+    loop.scaler.load_state_dict(saved["scaler"])
+    for h in hooks:
+        if hook_key(h) in saved.get("hooks", {}):
+            h.load_state_dict(saved["hooks"][hook_key(h)])
+    set_rng_state(saved["rng"])
+    loop.state = TrainState(**saved["train_state"])
+    return loop.state
+
+
+def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    for holder in (loader.sampler, loader.dataset):
+        if hasattr(holder, "set_epoch"):
+            holder.set_epoch(epoch)
+
+
+def _validate(loop: Loop, stats: dict[str, float]) -> tuple[dict[str, Any], bool]:
+    """Score the epoch on val, update the best score; the epoch's record and whether it improved."""
+    s, state = loop.settings, loop.state
+    model = loop.eval_model or loop.model
+    out = predict_loader(
+        model, loop.val_loader, s, loss_fn=loop.loss_fn, bad_images=state.bad_images, console=loop.console
+    )
+    if loop.gather is not None:
+        out = loop.gather(out)
+    metrics = s.task.metrics(out["targets"], out["probs"], s.threshold)
+    record = {"epoch": state.epoch, "step": state.step, **stats, "lr_groups": group_lrs(loop.optimizer)}
+    record["val_loss"] = out["loss"]
+    record.update({f"val_{k}": v for k, v in metrics.items()})
+    score = out["loss"] if s.select == "loss" else metrics[s.select]
+    improved = _is_better(score, state.best_score, s.select)
+    if improved:
+        state.best_score, state.best_epoch = score, state.epoch
+    return record, improved
+
+
+def _epoch_line(loop: Loop, stats: dict[str, float], record: dict[str, Any], improved: bool) -> str:
+    shown = "".join(f"{label} {record[f'val_{k}']:.3f}  " for k, label in _SHOWN.items() if f"val_{k}" in record)
+    return (
+        f"epoch {loop.state.epoch}/{loop.settings.epochs}  loss {stats['train_loss']:.4f}  "
+        f"val_loss {record['val_loss']:.4f}  {shown}{stats['images_per_s']:.0f} img/s" + ("  *best" if improved else "")
+    )
+
+
+def fit(loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
+    """Train from ``loop.state.epoch`` to ``settings.epochs``, evaluating and checkpointing after every epoch.
+
+    Writes ``last.pt`` every epoch and ``best.pt`` when the selected validation metric improves (atomically); what
+    else happens (freezing stages, metric logs, early stopping) is up to ``hooks``.
+    """
+    s = loop.settings
+    for h in hooks:
+        h.on_fit_start(loop)
+    try:
+        for epoch in range(loop.state.epoch, s.epochs):
+            if loop.state.stop_reason:
+                break
+            loop.epoch, loop.loader, loop.forward, loop.inputs = epoch, loop.train_loader, loop.model, None
+            _set_epoch(loop.train_loader, epoch)
+            for h in hooks:
+                h.on_epoch_start(loop)
+            stats = train_one_epoch(loop, hooks)
+            loop.state.epoch = epoch + 1
+            record, improved = _validate(loop, stats)
+            for h in hooks:
+                h.on_epoch_end(loop, record)
+            full = checkpoint_state(loop, hooks)
+            if improved and loop.is_main:
+                save_checkpoint(loop.run_dir / "best.pt", full)
+            if loop.is_main:
+                save_checkpoint(loop.run_dir / "last.pt", full)
+            loop.console.print(_epoch_line(loop, stats, record, improved))
+            if loop.state.stop_reason:
+                loop.console.print(loop.state.stop_reason)
+    finally:
+        for h in hooks:
+            h.on_fit_end(loop)
+    return loop.state

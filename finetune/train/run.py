@@ -1,0 +1,174 @@
+"""Training a run: take the parts from the assembly, open or resume the run directory, fit, then report.
+
+``run_recipe(recipe)`` is what ``finetune run`` calls; extra :class:`~finetune.train.loop.Hook` objects may be passed
+from Python.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from finetune.config import Recipe
+from finetune.console import LogConsole
+from finetune.distributed import barrier, gather_list
+from finetune.errors import UserError
+from finetune.eval.predict import predict_loader
+from finetune.eval.run_report import write_report
+from finetune.train.assembly import RunParts, build_run
+from finetune.train.fit import fit, restore, selected_weights
+from finetune.train.loop import Hook, Loop
+from finetune.train.rundir import RunDir
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
+    """Predict val/test (and train, to calibrate on it) with the best checkpoint; write and print the report."""
+    loop.model.load_state_dict(selected_weights(run.checkpoint("best")))
+    task, cs = parts.task, parts.calibration
+    roles = [r for r in ("val", "test") if r in parts.splits]
+    if task.calibrates and cs.enabled and cs.split == "train":  # unaugmented, in order, nothing dropped
+        roles.append("train")
+    outs = {  # rank 0 reports alone, on whole splits (the unsharded loaders)
+        role: predict_loader(
+            loop.model, parts.loader(role), loop.settings, bad_images=loop.state.bad_images, console=loop.console
+        )
+        for role in roles
+    }
+    s = loop.state
+    extra = {"best_epoch": s.best_epoch, "select": loop.settings.select, "bad_images": s.bad_images}
+    if s.stop_reason:
+        extra["stop_reason"] = s.stop_reason
+    report = write_report(run.path, task, parts.classes, outs, cs=cs, extra=extra)
+    if (run / "thresholds.json").is_file():  # the training run's own thresholds, which calibrate never replaces
+        run.write_bytes("thresholds.run.json", (run / "thresholds.json").read_bytes())
+    task.print_report(report, LogConsole())
+    return report
+
+
+def _check_data(parts: RunParts, run_dir: RunDir | None, console: Console) -> None:
+    recipe, splits = parts.recipe, parts.splits
+    if recipe.train.select != "loss" and not splits["val"].targets.any():
+        console.print(
+            f"[yellow]note[/] no image of the val split has a label: val {recipe.train.select} is undefined, "
+            "so the last epoch's weights are kept as best.pt"
+        )
+    if run_dir is not None and run_dir.classes() != parts.classes:
+        raise UserError(f"{run_dir}: the data's classes differ from the run's classes.json")
+
+
+def replan_schedule(loop: Loop, before: int, after: int) -> str:
+    """After a resume with another ``train.epochs``: put every group at the new schedule's LR for the current step.
+
+    The schedule (warmup, cosine, stages) is planned over the new number of epochs, so the LR at the resume point
+    jumps from the old plan's value to the new plan's; this is said, not hidden. Returns the line that says it.
+    """
+    step, sched = loop.state.step, loop.scheduler
+    old = [g["lr"] for g in loop.optimizer.param_groups]
+    for group, base, factor in zip(loop.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(step)
+    new = [g["lr"] for g in loop.optimizer.param_groups]
+    return (
+        f"train.epochs {before} -> {after}: the LR schedule is re-planned over {after} epochs, not continued; at step "
+        f"{step} the top group's LR goes from {old[-1]:.3g} to {new[-1]:.3g}"
+    )
+
+
+def _start(parts: RunParts, run_dir: RunDir, resume: bool, loop: Loop, hooks: list) -> None:
+    """Restore ``last.pt`` (all ranks) or create the run directory (rank 0); rank 0 saves the recipe."""
+    recipe, d = parts.recipe, parts.dist
+    if resume:
+        state = restore(run_dir / "last.pt", loop, hooks)
+        if recipe.train.epochs < state.epoch:
+            raise UserError(
+                f"train.epochs = {recipe.train.epochs}: {run_dir} has already trained {state.epoch} epochs; "
+                "give at least that many"
+            )
+        if d.main:
+            run_dir.trim_metrics(state.epoch)
+        loop.console.print(f"resuming {escape(str(run_dir))} after epoch {state.epoch} (step {state.step})")
+        before = run_dir.recipe().train.epochs
+        if before != recipe.train.epochs:
+            loop.console.print(replan_schedule(loop, before, recipe.train.epochs))
+    elif d.main:
+        RunDir.create(run_dir.path).save_classes(parts.classes)
+    if d.main:
+        run_dir.save_recipe(recipe)
+    barrier(d)
+
+
+def run_recipe(
+    recipe: Recipe, resume: str | Path | None = None, console: Console | None = None, hooks: Sequence[Hook] = ()
+) -> Path:
+    """Train a recipe end to end (or continue a run), then write and print the final report.
+
+    Under ``torchrun`` every process calls this; rank 0 alone writes the run directory, prints and reports.
+
+    Args:
+        recipe: The validated recipe (for a resume: the run's own, with any overrides).
+        resume: A run directory to continue from its ``last.pt``.
+        console: Where progress goes.
+        hooks: Extra hooks, called after the recipe's own (freezing, early stopping) and before the loggers.
+
+    Returns:
+        The run directory.
+    """
+    parts = build_run(recipe, distributed=True, extra_hooks=hooks)
+    d = parts.dist
+    console = (console or Console(stderr=True)) if d.main else Console(quiet=True)
+    parts.console = console
+    run_dir = (RunDir.for_resume(resume) if d.main else RunDir.open(resume)) if resume else None
+    if run_dir is not None and not (run_dir / "last.pt").is_file():
+        console.print(f"{escape(str(run_dir))}: stopped before its first checkpoint; starting it again from epoch 1")
+        resume = run_dir = None
+    seed_everything(recipe.train.seed, recipe.train.deterministic)
+    if resume:  # the weights come from last.pt: never touch the hub or the original checkpoint again
+        parts.weights = "none"
+    recipe = parts.recipe
+    if parts.note:
+        console.print(parts.note)
+    _check_data(parts, run_dir, console)
+    if run_dir is None:  # refused here, on every rank, before anything is built
+        run_dir = RunDir.check_new(Path(recipe.output.dir) / recipe.output.name)
+    loop, all_hooks = parts.training(run_dir.path)
+    console.print(
+        f"{run_dir}: {recipe.model.name}, {len(parts.classes)} classes, {len(parts.splits['train'].image_paths)} "
+        f"train / {len(parts.splits['val'].image_paths)} val images, {parts.plan.total_steps} steps, "
+        f"{parts.device.type} {parts.precision}"
+        + (
+            f"; DDP: {d.world} processes, {recipe.data.batch_size // d.world} images per process and step"
+            if d.enabled
+            else ""
+        )
+    )
+    _start(parts, run_dir, resume is not None, loop, all_hooks)
+    try:
+        fit(loop, all_hooks)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; continue with `finetune run --resume {run_dir}`") from None
+    finally:
+        if loop.state.bad_images and d.main:
+            run_dir.write_json("bad_images.json", loop.state.bad_images)
+    loop.state.bad_images = gather_list(loop.state.bad_images, d)
+    if loop.state.bad_images and d.main:
+        run_dir.write_json("bad_images.json", loop.state.bad_images)
+    barrier(d)
+    if d.main:
+        _report(parts, loop, run_dir)
+    return run_dir.path

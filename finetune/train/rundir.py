@@ -1,0 +1,180 @@
+"""The run directory: its paths, creating or reopening one, ``classes.json``, the saved recipe, atomic writes.
+
+A run directory holds ``recipe.toml`` (resolved), ``classes.json``, ``metrics.jsonl`` (and ``metrics.csv``,
+``tensorboard/``, ``mlruns/`` when ``[log] to`` asks), ``last.pt``, ``best.pt``, ``thresholds.json`` (per-class
+calibrated thresholds), ``report.json`` / ``report.md``, plots and, if any image could not be read,
+``bad_images.json``. Nothing here overwrites a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from finetune.config import Recipe, load_recipe, recipe_to_dict
+from finetune.data.split import ClassMap
+from finetune.errors import UserError
+from finetune.io import (
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temporaries,
+)
+from finetune.overrides import parse_override
+
+# What a run writes before its first last.pt; a directory holding only these can be rerun or resumed from scratch.
+_BEFORE_FIRST_CHECKPOINT = {
+    "recipe.toml",
+    "classes.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "bad_images.json",
+    "tensorboard",
+    "mlruns",
+}
+# The keys --resume --set may change: none changes what an epoch computes (epochs may only grow; checked on resume).
+RESUME_KEYS = {"train.epochs", "data.num_workers", "data.root", "log.to"}
+
+
+class RunDir:
+    """One run's directory.
+
+    Args:
+        path: The directory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def check_new(cls, path: str | Path) -> RunDir:
+        """The run directory a new run would create, refused (as :meth:`create` would) when it holds a run."""
+        run = cls(path)
+        if run.path.is_dir() and any(run.path.iterdir()) and not run.started_only():
+            raise UserError(
+                f"{run.path} already holds a run; continue it with `finetune run --resume {run.path}` "
+                "or start another with --set output.name=NEW_NAME"
+            )
+        return run
+
+    @classmethod
+    def create(cls, path: str | Path) -> RunDir:
+        """Make a new run directory; refuse one that already holds a run (nothing a user made is lost).
+
+        A directory left by a run stopped before its first checkpoint (only the files a run writes first, no
+        ``last.pt``) holds nothing worth keeping: it is cleared and reused.
+        """
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise UserError(f"{run.path}: is a file; choose another output.dir or output.name")
+        cls.check_new(path)
+        for entry in list(run.path.iterdir()) if run.path.exists() else []:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def started_only(self) -> bool:
+        """Whether the directory holds only what a run writes before its first checkpoint."""
+        if not self.path.is_dir() or (self.path / "last.pt").exists():
+            return False
+        return all(e.name in _BEFORE_FIRST_CHECKPOINT or e.name.endswith(TMP_SUFFIX) for e in self.path.iterdir())
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory (it has a ``recipe.toml``)."""
+        run = cls(path)
+        if not (run.path / "recipe.toml").is_file():
+            raise UserError(f"{path}: not a run directory (no recipe.toml)")
+        return run
+
+    @classmethod
+    def for_resume(cls, path: str | Path) -> RunDir:
+        """An existing run directory to continue; temporary files an interrupted write left are removed."""
+        run = cls.open(path)
+        if not (run.path / "last.pt").is_file() and not run.started_only():
+            raise UserError(f"{path}: no last.pt to resume from, and it holds more than a run stopped in epoch 1")
+        remove_stale_temporaries(run.path)
+        return run
+
+    def recipe(self, overrides: list[str] | None = None) -> Recipe:
+        """The resolved recipe saved in the run, with optional ``--set`` overrides."""
+        return load_recipe(self.path / "recipe.toml", overrides)
+
+    def resume_recipe(self, overrides: list[str] | None = None) -> Recipe:
+        """The run's recipe for ``--resume``: only keys that leave the trained weights' meaning intact may change.
+
+        Raises:
+            UserError: For any other ``--set`` (a new batch size or LR would make the resumed run another run).
+        """
+        for item in overrides or []:
+            key = ".".join(parse_override(item)[0])
+            if key not in RESUME_KEYS:
+                raise UserError(
+                    f"--set {key}: cannot change on --resume (allowed: {', '.join(sorted(RESUME_KEYS))}); "
+                    "start a new run to change it"
+                )
+        return self.recipe(overrides)
+
+    def save_recipe(self, recipe: Recipe) -> None:
+        """Write ``recipe.toml`` (the resolved recipe), with ``data.root`` made absolute so that it works anywhere."""
+        raw = recipe_to_dict(recipe)
+        raw["data"]["root"] = str(Path(raw["data"]["root"]).resolve())
+        checkpoint = raw["model"].get("checkpoint")
+        if checkpoint and Path(checkpoint).exists():
+            raw["model"]["checkpoint"] = str(Path(checkpoint).resolve())
+        self.write_text("recipe.toml", tomli_w.dumps(raw))
+
+    def classes(self) -> ClassMap:
+        """The run's classes (``classes.json``)."""
+        return ClassMap.from_json(self.read_json("classes.json"))
+
+    def save_classes(self, classes: ClassMap) -> None:
+        """Write ``classes.json``."""
+        self.write_json("classes.json", classes.to_json())
+
+    def checkpoint(self, which: str = "best") -> dict[str, Any]:
+        """A checkpoint of the run (``best`` or ``last``), loaded safely."""
+        path = self.path / f"{which}.pt"
+        if not path.is_file():
+            raise UserError(f"{path}: checkpoint not found")
+        return load_checkpoint(path)
+
+    def trim_metrics(self, epochs_done: int) -> None:
+        """Drop ``metrics.jsonl`` lines past the checkpoint's epoch, and a partial last line (a kill mid-write)."""
+        from finetune.io import read_jsonl
+
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return
+        rows = read_jsonl(path)
+        kept = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+        if len(kept) != len(path.read_text().splitlines()):
+            self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the run."""
+        return json.loads((self.path / name).read_text())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write a JSON file atomically."""
+        atomic_write_json(self.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a text file atomically."""
+        atomic_write_text(self.path / name, text)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a file atomically."""
+        atomic_write_bytes(self.path / name, data)

@@ -1,0 +1,56 @@
+"""A run directory written by finetune 0.1.0 (before the layout move) still evaluates, exports and resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune import Predictor
+from finetune.deploy.export import export_run
+from finetune.train.evaluate import evaluate_run
+from finetune.train.run import run_recipe
+from finetune.train.rundir import RunDir
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1_0"
+
+
+@pytest.fixture
+def old_run(tmp_path: Path, tiny_coco: Path) -> Path:
+    """A copy of the fixture run (made on ``tiny_coco``'s images) with its data root pointed at them."""
+    run = tmp_path / "old"
+    shutil.copytree(FIXTURE, run)
+    (run / "expected.json").unlink()
+    text = (run / "recipe.toml").read_text()
+    old_root = next(line for line in text.splitlines() if line.startswith("root = "))
+    (run / "recipe.toml").write_text(text.replace(old_root, f'root = "{tiny_coco.as_posix()}"'))
+    return run
+
+
+def _expected() -> dict:
+    return json.loads((FIXTURE / "expected.json").read_text())
+
+
+def test_an_old_run_evaluates_and_exports_as_it_did(old_run: Path, tiny_coco: Path) -> None:
+    report = evaluate_run(old_run, "test")
+    assert report["splits"]["test"]["summary"]["map"] == pytest.approx(_expected()["fixture_test_map"], abs=1e-9)
+    onnx = export_run(old_run)
+    probs = _expected()["onnx_probabilities"]
+    results = Predictor.from_onnx(onnx).predict([tiny_coco / "test" / name for name in probs])
+    for r in results:
+        want = probs[Path(r.source).name]
+        np.testing.assert_allclose([r.probabilities[c] for c in want], list(want.values()), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_an_old_run_resumes_then_evaluates_and_exports(old_run: Path) -> None:
+    recipe = RunDir.open(old_run).resume_recipe(["train.epochs=3"])
+    run_recipe(recipe, resume=old_run)
+    lines = (old_run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[-1])["step"] == 9  # 3 steps per epoch, continued from step 6
+    assert evaluate_run(old_run, "test")["splits"]["test"]["images"] == 12
+    assert export_run(old_run).is_file()
