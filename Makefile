@@ -35,13 +35,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check finetune tests benchmarks
 	$(VENV)/bin/ruff format --check finetune tests benchmarks
 
-# Two pytest workers (pytest-xdist): most of the suite's time is subprocesses importing torch, which overlap well.
 test: $(STAMP) lint
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest
 
 # Everything but the tests marked slow (subprocesses, torchrun, the notebook, whole training runs).
 test-fast: $(STAMP) lint
-	$(PY) -m pytest -n 2 -m "not slow"
+	$(PY) -m pytest -m "not slow"
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

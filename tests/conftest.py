@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +78,43 @@ def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the real ``finetune`` console script in a subprocess."""
-    exe = Path(sys.executable).parent / "finetune"
-    return subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=300
-    )
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, real: bool = False
+) -> subprocess.CompletedProcess:
+    """Run the ``finetune`` console entry point (``finetune.cli.app:main``) and capture what it prints.
+
+    In this process by default: the same entry point, argv, exit code and streams as the console script, without
+    paying a Python and torch start-up per call. ``real=True`` runs the installed console script in a subprocess
+    (for what only a fresh process shows: imports, signals, the script itself).
+    """
+    if real:
+        exe = Path(sys.executable).parent / "finetune"
+        return subprocess.run(
+            [str(exe), *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=300
+        )
+    from finetune.cli.app import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["finetune", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except BaseException:  # noqa: BLE001 - a crash is what a subprocess would show: a traceback, code 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(["finetune", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -124,3 +124,13 @@ def test_each_part_is_built_once(tiny_recipe: Path, tmp_path: Path, monkeypatch:
     stages = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["all"]}]'
     run_recipe(load_recipe(tiny_recipe, [stages, "train.epochs=2", f'output.dir="{tmp_path.as_posix()}"']))
     assert calls == {"build_device": 1, "build_groups": 1, "build_stages": 1}
+
+
+def test_the_augmented_feature_cache_reads_the_train_split_in_order(tiny_recipe: Path) -> None:
+    """``cache_augment = K``: the cache extracts augmented passes, every image once, in dataset order."""
+    parts = build_run(load_recipe(tiny_recipe, [*CACHE, "freeze.cache_augment=2"]))
+    source = parts.feature_cache.source
+    assert any(type(t).__name__ == "RandomResizedCrop" for t in source.dataset.transform.transforms)
+    assert torch.cat([b["index"] for b in source]).tolist() == list(range(24))  # no shuffle, nothing dropped
+    train = parts.loader("train", augment=True)
+    assert train is not source and torch.cat([b["index"] for b in train]).tolist() != list(range(24))

@@ -12,7 +12,7 @@ from .conftest import assert_user_error, run_cli
 
 @pytest.mark.slow
 def test_run_resume_eval_predict(tiny_recipe: Path, tiny_coco: Path, tmp_path: Path) -> None:
-    proc = run_cli("run", str(tiny_recipe))
+    proc = run_cli("run", str(tiny_recipe), real=True)  # the installed console script, end to end
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     names = {p.name for p in run_dir.iterdir()}
@@ -89,7 +89,7 @@ def test_validate_prints_a_plan(tiny_recipe: Path) -> None:
 def test_recipe_errors_are_one_line(tiny_recipe: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_recipe.read_text().replace("[train]", "[train]\nepochz = 3"))
-    assert_user_error(run_cli("validate", str(bad)), "bad.toml", "train.epochz: unknown key")
+    assert_user_error(run_cli("validate", str(bad), real=True), "bad.toml", "train.epochz: unknown key")
     assert_user_error(run_cli("run", str(tiny_recipe), "--set", "train.epochs=two"), "train.epochs", "integer")
     assert_user_error(
         run_cli("validate", str(tiny_recipe), "--set", f"data.root={tmp_path}"),

@@ -142,14 +142,25 @@ class RunParts:
         """How the run's thresholds are fitted."""
         return data.build_calibration(self.recipe)
 
-    def loader(self, role: str, augment: bool = False, shard: bool = False) -> torch.utils.data.DataLoader:
-        """The loader of one split: augmented and shuffled (training) or in order; this rank's shard under DDP."""
-        key = (role, augment, shard and self.dist.enabled)
+    def loader(
+        self, role: str, augment: bool = False, shard: bool = False, shuffle: bool | None = None
+    ) -> torch.utils.data.DataLoader:
+        """The loader of one split, built once per kind.
+
+        Args:
+            role: train, val or test.
+            augment: The training transform (else the evaluation one).
+            shard: Under DDP, this rank's share.
+            shuffle: Shuffled per epoch with the last partial batch dropped (training); default: ``augment``. The
+                feature cache reads augmented images in order (``shuffle=False``).
+        """
+        shuffle = augment if shuffle is None else shuffle
+        key = (role, augment, shard and self.dist.enabled, shuffle)
         if key not in self._loaders:
             r = self.recipe
             dataset = data.build_dataset(r.data, self.splits[role], augment, r.train.seed)
             d = self.dist if key[2] else None
-            self._loaders[key] = data.build_loader(r.data, dataset, augment, r.train.seed, d)
+            self._loaders[key] = data.build_loader(r.data, dataset, shuffle, r.train.seed, d)
         return self._loaders[key]
 
     # -- the model and what trains it --------------------------------------------------------------------------------
@@ -231,7 +242,7 @@ class RunParts:
     @cached_property
     def feature_cache(self) -> FeatureCache | None:
         """Cached features for head-only stages (``freeze.cache_features``); extracted when first used."""
-        source = lambda augment: self.loader("train", augment, shard=True)  # noqa: E731
+        source = lambda augment: self.loader("train", augment, shard=True, shuffle=False)  # noqa: E731
         return training.build_feature_cache(self.recipe, self.policy, source, self.dist)
 
     @cached_property

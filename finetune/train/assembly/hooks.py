@@ -31,17 +31,21 @@ ORDER: list[tuple[type, type, str]] = [
     (ProbeHook, DDPHook, "DDP is built after the probe has set the classifier"),
     (ProbeHook, EmaHook, "the EMA starts from the solved classifier, not the random one"),
     (ProbeHook, L2SPHook, "L2-SP anchors the weights training starts from"),
-    *[(Hook, logger, "loggers see the keys every other hook adds to the record") for logger in LOGGERS],
 ]
 
 
 def check_hooks(hooks: Sequence[Hook]) -> None:
-    """Check :data:`ORDER` on ``hooks`` (a logger counts as a Hook only when it is not itself a logger)."""
-    plain = [h for h in hooks if not isinstance(h, LOGGERS)]
-    loggers = [h for h in hooks if isinstance(h, LOGGERS)]
-    if plain and loggers and max(hooks.index(h) for h in plain) > min(hooks.index(h) for h in loggers):
+    """Check :data:`ORDER` on ``hooks``, and that the loggers come after every other hook.
+
+    Raises:
+        ValueError: Naming the rule that is broken and why it exists.
+    """
+    hooks = list(hooks)
+    plain = [i for i, h in enumerate(hooks) if not isinstance(h, LOGGERS)]
+    loggers = [i for i, h in enumerate(hooks) if isinstance(h, LOGGERS)]
+    if plain and loggers and max(plain) > min(loggers):
         raise ValueError("hook order: loggers go last (they see the keys every other hook adds to the record)")
-    check_order(list(hooks), [r for r in ORDER if r[0] is not Hook])
+    check_order(hooks, ORDER)
 
 
 def build_probe(recipe: Recipe, policy: FreezePolicy | None, loaders: Callable[[str], object]) -> ProbeHook | None:
