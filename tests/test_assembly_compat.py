@@ -15,6 +15,8 @@ from finetune.train.evaluate import evaluate_run
 from finetune.train.run import run_recipe
 from finetune.train.rundir import RunDir
 
+from .conftest import run_cli
+
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1_0"
 
 
@@ -54,3 +56,10 @@ def test_an_old_run_resumes_then_evaluates_and_exports(old_run: Path) -> None:
     assert json.loads(lines[-1])["step"] == 9  # 3 steps per epoch, continued from step 6
     assert evaluate_run(old_run, "test")["splits"]["test"]["images"] == 12
     assert export_run(old_run).is_file()
+
+
+def test_report_tables_are_not_cut_in_a_log(old_run: Path) -> None:
+    """Written to a pipe or file (not a terminal), the tables are as wide as they need, not 80 columns."""
+    proc = run_cli("eval", str(old_run), "--split", "test")
+    assert proc.returncode == 0, proc.stderr
+    assert "support" in proc.stdout and "threshold" in proc.stdout and "…" not in proc.stdout

@@ -226,3 +226,12 @@ def test_every_recipe_validates_on_tiny_generated_data(tiny_coco: Path) -> None:
         proc = run_cli("validate", str(path), *[a for s in sets for a in ("--set", s)])
         assert proc.returncode == 0, (path.name, proc.stderr)
         assert "valid" in proc.stdout and "10 classes" in proc.stdout, path.name
+
+
+def test_lr_find_help_shows_the_table_name_literally() -> None:
+    from typer.testing import CliRunner
+
+    from finetune.cli.app import app
+
+    result = CliRunner().invoke(app, ["lr-find", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "[[freeze.stages]] entry to sweep" in result.stdout

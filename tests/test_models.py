@@ -165,3 +165,16 @@ def test_a_run_directory_is_a_checkpoint_source(tmp_path: Path) -> None:
     model, report = create_model("mobilenetv2_035", 6, checkpoint=str(tmp_path))
     assert report.loaded == len(source.state_dict()) and report.path.endswith("best.pt")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_pretrained_without_a_reachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, huggingface_hub would retry for about a minute; the toolkit answers in well under 2 s."""
+    import time
+
+    import finetune.models as models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=1.5: False)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"model.pretrained: could not fetch mobilenetv2_100 .* model.checkpoint"):
+        create_model("mobilenetv2_100", 3, pretrained=True)
+    assert time.perf_counter() - start < 2.0

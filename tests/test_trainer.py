@@ -152,3 +152,31 @@ def test_hflip_tta_averages_the_logits_of_the_image_and_its_mirror() -> None:
     out = predict_loader(model, [batch], settings)
     np.testing.assert_allclose(out["probs"], torch.sigmoid((plain + mirrored) / 2).numpy(), atol=1e-6)
     assert not np.allclose(torch.sigmoid(plain).numpy(), out["probs"], atol=1e-4)  # the mirror changed something
+
+
+class _FirstLr(Hook):
+    """The top group's LR when training starts (after a resume has restored and re-planned the schedule)."""
+
+    lr = None
+
+    def on_fit_start(self, loop) -> None:  # noqa: ANN001
+        self.lr = loop.optimizer.param_groups[-1]["lr"]
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_replans_the_schedule_and_says_so(tiny_recipe: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from finetune.optim import warmup_cosine_factor
+
+    run_dir = run_recipe(load_recipe(tiny_recipe, ["output.name=short", "optim.warmup_epochs=0"]))
+    buf, first = io.StringIO(), _FirstLr()
+    recipe = RunDir.open(run_dir).resume_recipe(["train.epochs=3"])
+    run_recipe(recipe, resume=run_dir, console=Console(file=buf, width=300), hooks=[first])
+    text = buf.getvalue()
+    # 24 images / 8 = 3 steps per epoch: the old plan ended at step 3 (LR 0), the new one is 9 steps long.
+    assert "train.epochs 1 -> 3: the LR schedule is re-planned over 3 epochs, not continued" in text
+    assert first.lr == pytest.approx(1e-3 * warmup_cosine_factor(3, 9, 0, 0.01, 0.0), rel=1e-12)
+    assert "goes from 0 to" in text
