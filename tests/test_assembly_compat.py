@@ -63,3 +63,27 @@ def test_report_tables_are_not_cut_in_a_log(old_run: Path) -> None:
     proc = run_cli("eval", str(old_run), "--split", "test")
     assert proc.returncode == 0, proc.stderr
     assert "support" in proc.stdout and "threshold" in proc.stdout and "…" not in proc.stdout
+
+
+def test_an_old_run_trained_on_cuda_exports_on_a_cpu_machine(old_run: Path) -> None:
+    """Export needs no device: a recipe that says train.device = "cuda" exports where there is none."""
+    text = (old_run / "recipe.toml").read_text()
+    (old_run / "recipe.toml").write_text(text.replace('device = "auto"', 'device = "cuda"'))
+    assert 'device = "cuda"' in (old_run / "recipe.toml").read_text()
+    assert export_run(old_run).is_file()
+
+
+@pytest.mark.slow
+def test_an_optimizer_of_another_layout_is_one_line_on_resume(tiny_recipe: Path) -> None:
+    """A 0.1.0 run with L2-SP on a model without layer groups had two optimizer groups fewer: one clear line."""
+    import torch
+
+    from finetune.config import load_recipe
+    from finetune.errors import UserError
+
+    run = run_recipe(load_recipe(tiny_recipe, ['model.name="resnet10t"', "optim.l2sp=0.01", "train.epochs=1"]))
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:2]
+    torch.save(state, run / "last.pt")
+    with pytest.raises(UserError, match="optimizer state has 2 parameter groups where this run has 4"):
+        run_recipe(RunDir.open(run).resume_recipe(["train.epochs=2"]), resume=run)

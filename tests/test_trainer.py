@@ -17,7 +17,11 @@ from finetune.train.rundir import RunDir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["data.augment.mixup=0.4", "model.drop_path_rate=0.2"]], ids=["plain", "mixup"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["data.augment.mixup=0.4", "model.drop_path_rate=0.2", "train.ema=0.9"]],  # EMA: its copy must not draw RNG
+    ids=["plain", "mixup-droppath-ema"],
+)
 def test_resume_is_exact(extra: list[str], tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     straight = run_recipe(load_recipe(tiny_recipe, ["train.epochs=2", "output.name=straight", *extra]))
 
@@ -177,6 +181,6 @@ def test_resume_with_more_epochs_replans_the_schedule_and_says_so(tiny_recipe: P
     run_recipe(recipe, resume=run_dir, console=Console(file=buf, width=300), hooks=[first])
     text = buf.getvalue()
     # 24 images / 8 = 3 steps per epoch: the old plan ended at step 3 (LR 0), the new one is 9 steps long.
-    assert "train.epochs 1 -> 3: the LR schedule is re-planned over 3 epochs, not continued" in text
+    assert "train.epochs = 3: the LR schedule is re-planned over 3 epochs, not continued" in text
     assert first.lr == pytest.approx(1e-3 * warmup_cosine_factor(3, 9, 0, 0.01, 0.0), rel=1e-12)
     assert "goes from 0 to" in text

@@ -31,7 +31,7 @@ from finetune.errors import UserError
 from finetune.eval.run_report import load_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json
 from finetune.models import hflip_average
-from finetune.train.assembly import build_from_run, norm_stats
+from finetune.train.assembly import build_from_run
 from finetune.train.rundir import RunDir
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -77,11 +77,10 @@ class ImageClassifier(nn.Module):
 def run_classifier(run: RunDir) -> tuple[ImageClassifier, dict[str, Any]]:
     """The run's best (EMA when kept) weights wrapped as an :class:`ImageClassifier`, and its ``model.json`` fields."""
     parts = build_from_run(run)
-    recipe, task, classes, checkpoint = parts.recipe, parts.task, parts.classes, parts.checkpoint
+    task, classes, checkpoint = parts.task, parts.classes, parts.checkpoint
     model = parts.model.eval()
-    mean, std = norm_stats(recipe.data)
-    size = recipe.data.image_size
-    thresholds, how = load_thresholds(run.path, None, recipe.train.threshold)
+    (mean, std), size = parts.normalization, parts.image_size
+    thresholds, how = load_thresholds(run.path, None, parts.fixed_threshold)
     per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), len(classes)).tolist()
     info = {
         "format_version": 1,
@@ -102,11 +101,11 @@ def run_classifier(run: RunDir) -> tuple[ImageClassifier, dict[str, Any]]:
         "normalization": {"mean": list(mean), "std": list(std), "scale": "0..1, applied inside the graph"},
         "output": {"name": OUTPUT_NAME, "activation": "sigmoid" if task.calibrates else "softmax"},
         "weights": "ema" if "eval_model" in checkpoint else "model",
-        "tta": recipe.train.tta,
-        "model_name": recipe.model.name,
+        "tta": parts.tta,
+        "model_name": parts.model_name,
         "recipe_sha256": hashlib.sha256((run / "recipe.toml").read_bytes()).hexdigest(),
     }
-    hflip = recipe.train.tta == "hflip"
+    hflip = parts.tta == "hflip"
     wrapped = ImageClassifier(model, size, tuple(mean), tuple(std), task.calibrates, hflip).eval()
     return wrapped, info
 

@@ -160,6 +160,12 @@ def restore(path: Path, loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
         first = str(err).splitlines()[0]
         msg = f"{path}: its weights do not fit this model ({first[:150]}); is model.name the run's?"
         raise UserError(msg) from None
+    saved_groups, groups = len(saved["optimizer"]["param_groups"]), len(loop.optimizer.param_groups)
+    if saved_groups != groups:  # e.g. 0.1.0 gave L2-SP on a model without layer groups no head groups of its own
+        raise UserError(
+            f"{path}: its optimizer state has {saved_groups} parameter groups where this run has {groups} (written by "
+            "an older finetune for this recipe); it cannot continue exactly: start the run again"
+        )
     loop.optimizer.load_state_dict(saved["optimizer"])
     loop.scheduler.load_state_dict(saved["scheduler"])
     loop.scaler.load_state_dict(saved["scaler"])

@@ -73,20 +73,27 @@ def _check_data(parts: RunParts, run_dir: RunDir | None, console: Console) -> No
         raise UserError(f"{run_dir}: the data's classes differ from the run's classes.json")
 
 
-def replan_schedule(loop: Loop, before: int, after: int) -> str:
-    """After a resume with another ``train.epochs``: put every group at the new schedule's LR for the current step.
+def replan_schedule(loop: Loop, epochs: int) -> str:
+    """After a restore: every group at the LR this run's schedule plans for the current step.
 
-    The schedule (warmup, cosine, stages) is planned over the new number of epochs, so the LR at the resume point
-    jumps from the old plan's value to the new plan's; this is said, not hidden. Returns the line that says it.
+    On an exact resume that is the checkpoint's own LR, bitwise (the same base times the same factor), and nothing
+    changes. With a larger ``train.epochs`` the schedule (warmup, cosine, stages) is planned over the new length, so
+    the LR at the resume point jumps from the old plan's value to the new plan's: that is said, not hidden. Every rank
+    computes the same values from the checkpoint, so DDP ranks agree.
+
+    Returns:
+        The line that says what moved ("" when nothing did).
     """
     step, sched = loop.state.step, loop.scheduler
     old = [g["lr"] for g in loop.optimizer.param_groups]
     for group, base, factor in zip(loop.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["lr"] = base * factor(step)
     new = [g["lr"] for g in loop.optimizer.param_groups]
+    if new == old:
+        return ""
     return (
-        f"train.epochs {before} -> {after}: the LR schedule is re-planned over {after} epochs, not continued; at step "
-        f"{step} the top group's LR goes from {old[-1]:.3g} to {new[-1]:.3g}"
+        f"train.epochs = {epochs}: the LR schedule is re-planned over {epochs} epochs, not continued; at step {step} "
+        f"the top group's LR goes from {old[-1]:.3g} to {new[-1]:.3g}"
     )
 
 
@@ -103,9 +110,9 @@ def _start(parts: RunParts, run_dir: RunDir, resume: bool, loop: Loop, hooks: li
         if d.main:
             run_dir.trim_metrics(state.epoch)
         loop.console.print(f"resuming {escape(str(run_dir))} after epoch {state.epoch} (step {state.step})")
-        before = run_dir.recipe().train.epochs
-        if before != recipe.train.epochs:
-            loop.console.print(replan_schedule(loop, before, recipe.train.epochs))
+        moved = replan_schedule(loop, recipe.train.epochs)
+        if moved:
+            loop.console.print(moved)
     elif d.main:
         RunDir.create(run_dir.path).save_classes(parts.classes)
     if d.main:
@@ -136,7 +143,7 @@ def run_recipe(
     run_dir = (RunDir.for_resume(resume) if d.main else RunDir.open(resume)) if resume else None
     if run_dir is not None and not (run_dir / "last.pt").is_file():
         console.print(f"{escape(str(run_dir))}: stopped before its first checkpoint; starting it again from epoch 1")
-        resume = run_dir = None
+        resume = None
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     if resume:  # the weights come from last.pt: never touch the hub or the original checkpoint again
         parts.weights = "none"

@@ -6,7 +6,8 @@ Every command takes its parts from here: ``run`` and ``validate`` the training p
 and kept, so a command builds exactly what it touches, in the same way every time; ``validate`` touches everything
 ``run`` builds before its first step, which is why it refuses exactly what ``run`` refuses.
 
-The modules beside this one (``data``, ``training``, ``hooks``) are the only code that reads a recipe.
+The modules beside this one (``data``, ``training``, ``hooks``) are the only code that turns a recipe into objects;
+below the assembly, components take plain arguments (commands may still print a recipe's values).
 """
 
 from __future__ import annotations
@@ -109,8 +110,13 @@ class RunParts:
 
     @cached_property
     def recipe(self) -> Recipe:
-        """The recipe with what depends on the data or the machine made explicit (what ``recipe.toml`` records)."""
-        resolved, self.note = data.build_resolved_recipe(self.raw, self.device, lambda: self.splits["train"])
+        """The recipe with what depends on the data or the machine made explicit (what ``recipe.toml`` records).
+
+        Resolving changes ``[data.augment]`` only, so the model and its groups are built from :attr:`raw`: a command
+        that needs no data (``groups``, ``summary``, ``export``) neither computes dataset statistics nor checks the
+        machine's device.
+        """
+        resolved, self.note = data.build_resolved_recipe(self.raw, lambda: self.device, lambda: self.splits["train"])
         return resolved
 
     @cached_property
@@ -163,6 +169,31 @@ class RunParts:
             self._loaders[key] = data.build_loader(r.data, dataset, shuffle, r.train.seed, d)
         return self._loaders[key]
 
+    @property
+    def image_size(self) -> int:
+        """The network's input side in pixels."""
+        return self.raw.data.image_size
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std (0..1 scale) the inputs are normalised with."""
+        return norm_stats(self.recipe.data)
+
+    @property
+    def tta(self) -> str:
+        """``none`` or ``hflip``: what every prediction of the run averages over."""
+        return self.raw.train.tta
+
+    @property
+    def fixed_threshold(self) -> float:
+        """The fixed decision threshold calibration is compared with."""
+        return self.raw.train.threshold
+
+    @property
+    def model_name(self) -> str:
+        """The timm (or preset) architecture name."""
+        return self.raw.model.name
+
     # -- the model and what trains it --------------------------------------------------------------------------------
 
     @cached_property
@@ -176,8 +207,8 @@ class RunParts:
     def model_and_report(self) -> tuple[nn.Module, LoadReport | None]:
         """The network with its new head, and what loading the recipe's weights did (None: nothing loaded)."""
         if self.weights == "recipe":
-            return training.build_model(self.recipe, len(self.classes))
-        model = training.build_bare_model(self.recipe, len(self.classes))
+            return training.build_model(self.raw, len(self.classes))
+        model = training.build_bare_model(self.raw, len(self.classes))
         if self.weights == "best":
             model.load_state_dict(selected_weights(self.checkpoint))
         return model, None
@@ -200,19 +231,24 @@ class RunParts:
         return model
 
     def make_model(self) -> nn.Module:
-        """A fresh model of the run's architecture (no weights loaded), on the device, as the run's is laid out."""
-        model = training.build_bare_model(self.recipe, len(self.classes)).to(self.device)
+        """A fresh model of the run's architecture (no weights loaded), on the device, as the run's is laid out.
+
+        Its random initialisation draws from a forked RNG: building it leaves the run's random stream where it was, so
+        a resumed run (which builds it after restoring the RNG) continues bitwise.
+        """
+        with torch.random.fork_rng(devices=[]):
+            model = training.build_bare_model(self.raw, len(self.classes)).to(self.device)
         return model.to(memory_format=torch.channels_last) if self.recipe.train.channels_last else model
 
     @cached_property
     def groups(self) -> list | None:
         """The model's layer groups (None for a model without them, when the recipe does not need them)."""
-        return training.build_groups(self.recipe, self.model)
+        return training.build_groups(self.raw, self.model)
 
     @cached_property
     def policy(self) -> FreezePolicy | None:
         """The freezing schedule and BN policy (None without layer groups)."""
-        return training.build_policy(self.recipe, self.model, self.groups)
+        return training.build_policy(self.raw, self.model, self.groups)
 
     @property
     def stages(self) -> list[Stage] | None:
@@ -257,21 +293,21 @@ class RunParts:
 
     def trained_stage(self, stage: int) -> int:
         """The 0-based trained-stage index of ``[[freeze.stages]]`` entry ``stage`` (1-based, the probe counted)."""
-        return training.build_trained_stage_index(self.recipe, stage)
+        return training.build_trained_stage_index(self.raw, stage)
 
     def stage_multipliers(self, index: int) -> dict[str, float]:
         """LR multiplier per layer group in trained stage ``index`` (``{"all": 1.0}`` without groups)."""
-        return training.build_stage_multipliers(self.recipe, self.groups, index) if self.groups else {"all": 1.0}
+        return training.build_stage_multipliers(self.raw, self.groups, index) if self.groups else {"all": 1.0}
 
     def stage_lr(self, index: int) -> float:
         """The peak LR of trained stage ``index``."""
-        return training.build_stage_lr(self.recipe, index)
+        return training.build_stage_lr(self.raw, index)
 
     def stage_views(self) -> list[training.StageView]:
         """Every ``[[freeze.stages]]`` entry (the probe included) with each group's real peak LR in it."""
         if self.groups is None:
-            raise UserError(f"model.name: {self.recipe.model.name} has no layer groups; it trains as a whole")
-        return training.stage_views(self.recipe, self.groups, self.stages)
+            raise UserError(f"model.name: {self.raw.model.name} has no layer groups; it trains as a whole")
+        return training.stage_views(self.raw, self.groups, self.stages)
 
     def hooks(self, run_dir: Path) -> list[Hook]:
         """The loop's hooks in their checked order; loggers write under ``run_dir`` (once training starts)."""

@@ -188,19 +188,21 @@ def build_dist(recipe: Recipe, device: torch.device) -> Dist:
     return d
 
 
-def build_resolved_recipe(recipe: Recipe, device: torch.device, train_split: Callable[[], Split]) -> tuple[Recipe, str]:
+def build_resolved_recipe(
+    recipe: Recipe, device: Callable[[], torch.device], train_split: Callable[[], Split]
+) -> tuple[Recipe, str]:
     """The recipe with what depends on the data or the machine made explicit (``recipe.toml`` records it).
 
     ``normalize = "dataset"`` becomes the train split's numbers (``train_split()`` is called only then);
-    ``jitter_on = "auto"`` becomes ``"device"`` when the run trains on CUDA, else ``"workers"``, so a resume on another
-    machine draws the same augmentation.
+    ``jitter_on = "auto"`` (``device()`` is called only then) becomes ``"device"`` when the run trains on CUDA, else
+    ``"workers"``, so a resume on another machine draws the same augmentation.
 
     Returns:
         The resolved copy (the same recipe when nothing needs resolving) and a line saying what was done ("" if none).
     """
     augment, note = recipe.data.augment, ""
     if augment.jitter_on == "auto" and augment.color_jitter > 0:
-        augment = augment.model_copy(update={"jitter_on": "device" if device.type == "cuda" else "workers"})
+        augment = augment.model_copy(update={"jitter_on": "device" if device().type == "cuda" else "workers"})
     if augment.normalize == "dataset":
         from finetune.data.stats import load_or_compute
 
