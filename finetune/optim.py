@@ -41,6 +41,11 @@ def group_multipliers(
     return mult
 
 
+def is_decayed(name: str, param: torch.Tensor) -> bool:
+    """Whether a parameter takes weight decay: weights do; norms and biases (1-d tensors, ``.bias``) do not."""
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
 def param_groups(
     model: nn.Module, groups: list[LayerGroup], multipliers: dict[str, float], lr: float, weight_decay: float
 ) -> list[dict]:
@@ -50,7 +55,7 @@ def param_groups(
         decay, no_decay = [], []
         for name in g.params:
             p = model.get_parameter(name)
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+            (decay if is_decayed(name, p) else no_decay).append(p)
         for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
             if params:
                 out.append(
@@ -71,17 +76,21 @@ def whole_model_groups(model: nn.Module, lr: float, weight_decay: float, head: S
     ``head`` (parameter names) gets groups of its own (``classifier``, ``classifier.no_decay``), for a hook that
     treats the head differently (L2-SP).
     """
-    out = []
-    for name, members in (("all", lambda n: n not in set(head)), ("classifier", lambda n: n in set(head))):
-        params = [(n, p) for n, p in model.named_parameters() if members(n)]
-        decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
-        no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]
-        for group, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
-            if group or (name == "all" and not head):  # without a head split: always the two groups, as before
-                out.append(
-                    {"params": group, "lr": lr, "weight_decay": wd, "lr_scale": 1.0, "group_name": name + suffix}
-                )
-    return out
+    in_head = set(head)
+    parts: dict[str, list[torch.Tensor]] = {"all": [], "all.no_decay": [], "classifier": [], "classifier.no_decay": []}
+    for n, p in model.named_parameters():
+        parts[("classifier" if n in in_head else "all") + ("" if is_decayed(n, p) else ".no_decay")].append(p)
+    return [
+        {
+            "params": params,
+            "lr": lr,
+            "weight_decay": 0.0 if name.endswith(".no_decay") else weight_decay,
+            "lr_scale": 1.0,
+            "group_name": name,
+        }
+        for name, params in parts.items()
+        if params or (not in_head and name.startswith("all"))  # without a head split: always the two, as before
+    ]
 
 
 def create_optimizer(

@@ -63,6 +63,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _class_cells(row: dict[str, Any], calibrated: bool, threshold_digits: int) -> list[str]:
+    """One per-class row as text: name, support, AP, P/R/F1, then threshold and P/R/F1 after calibration."""
+    prf_keys = ("precision", "recall", "f1")
+    cells = [escape(row["name"]), str(row["support"]), _pct(row["ap"]), *(_pct(row[k]) for k in prf_keys)]
+    if calibrated:
+        cells += [f"{row['threshold_cal']:.{threshold_digits}f}", *(_pct(row[f"{k}_cal"]) for k in prf_keys)]
+    return cells
+
+
 def print_report(report: dict[str, Any], console: Console, per_class: bool = True) -> None:
     """Print a summary table (one row per split and threshold kind), the calibration gain and per-class tables."""
     table = Table(title=escape(str(report.get("run", "evaluation"))))
@@ -96,15 +105,7 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
         for col in cols:
             t.add_column(col, justify="left" if col == "class" else "right")
         for r in split["per_class"]:
-            cells = [
-                escape(r["name"]),
-                str(r["support"]),
-                _pct(r["ap"]),
-                *(_pct(r[k]) for k in ("precision", "recall", "f1")),
-            ]
-            if has_cal:
-                cells += [f"{r['threshold_cal']:.2f}", *(_pct(r[f"{k}_cal"]) for k in ("precision", "recall", "f1"))]
-            t.add_row(*cells)
+            t.add_row(*_class_cells(r, has_cal, threshold_digits=2))
         console.print(t)
 
 
@@ -137,15 +138,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         )
         lines += ["", f"## {name}: per class", "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
         for r in split["per_class"]:
-            cells = [
-                escape(r["name"]),
-                str(r["support"]),
-                _pct(r["ap"]),
-                *(_pct(r[k]) for k in ("precision", "recall", "f1")),
-            ]
-            if has_cal:
-                cells += [f"{r['threshold_cal']:.3f}", *(_pct(r[f"{k}_cal"]) for k in ("precision", "recall", "f1"))]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_class_cells(r, has_cal, threshold_digits=3)) + " |")
     return "\n".join(lines) + "\n"
 
 

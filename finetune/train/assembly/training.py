@@ -29,6 +29,7 @@ from finetune.optim import (
     create_scheduler,
     create_staged_scheduler,
     group_multipliers,
+    is_decayed,
     param_groups,
     whole_model_groups,
 )
@@ -169,7 +170,7 @@ def head_params(model: nn.Module, groups: list[LayerGroup] | None) -> list[str]:
 def l2sp_params(model: nn.Module, head: list[str]) -> list[str]:
     """What L2-SP pulls toward its starting value: every decayed weight (not norms, not biases) outside the head."""
     skip = set(head)
-    return [n for n, p in model.named_parameters() if n not in skip and p.ndim > 1 and not n.endswith(".bias")]
+    return [n for n, p in model.named_parameters() if n not in skip and is_decayed(n, p)]
 
 
 def build_optimizer(
