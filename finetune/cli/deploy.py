@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,10 @@ from finetune.errors import UserError
 def predict_command(
     source: Annotated[Path, typer.Argument(help="A run directory, or a model.onnx / model.pt from `finetune export`.")],
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array at the end.")] = False,
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help="Stream one JSON object per image to stdout as each is predicted.")
+    ] = False,
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write one row per image: path, labels, a probability per class.")
     ] = None,
@@ -26,12 +30,19 @@ def predict_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 2,
-    top: Annotated[int, typer.Option(help="Probabilities to show per image in the table.")] = 3,
+    top_k: Annotated[
+        int,
+        typer.Option("--top-k", "--top", help="The K most probable classes per image (table, and top_k in JSON)."),
+    ] = 3,
 ) -> None:
     """Predict labels for images with a run (its best checkpoint) or an exported model; unreadable files are skipped."""
     check_threshold(threshold)
     if batch_size < 1 or workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
+    if top_k < 1:
+        raise UserError(f"--top-k {top_k}: give 1 or more")
+    if as_json and jsonl:
+        raise UserError("--json and --jsonl: choose one")
     from finetune.deploy.output import print_predictions, write_csv
     from finetune.deploy.predictor import Predictor, Skipped, expand_paths
 
@@ -40,13 +51,18 @@ def predict_command(
         raise UserError(f"{missing[0] if missing else 'PATH'}; nothing to predict")
     predictor = Predictor.load(source, device, threshold)
     skipped = Skipped(list(missing))
-    results = list(predictor.predict_files(files, batch_size, workers, skipped))
+    results = []
+    for r in predictor.predict_files(files, batch_size, workers, skipped):
+        results.append(r)
+        if jsonl:
+            sys.stdout.write(json.dumps(r.to_json(top_k)) + "\n")
+            sys.stdout.flush()
     if csv_out is not None:
         write_csv(csv_out, results, predictor.classes)
     if as_json:
-        print(json.dumps([r.to_json() for r in results], indent=2))
-    elif csv_out is None:
-        print_predictions(results, out, top)
+        print(json.dumps([r.to_json(top_k) for r in results], indent=2))
+    elif csv_out is None and not jsonl:
+        print_predictions(results, out, top_k)
     for line in skipped.items:
         err.print(f"[yellow]skipped[/] {escape(line)}")
     where = f"; wrote {escape(str(csv_out))}" if csv_out else ""
@@ -55,11 +71,47 @@ def predict_command(
 
 def export_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    fmt: Annotated[
+        str, typer.Option("--format", help="onnx, torchscript, litert (.tflite; extra) or openvino (IR; extra).")
+    ] = "onnx",
     output: Annotated[Path | None, typer.Option("--out", help="File to write (default RUN/export/model.*).")] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8", help="Also write an INT8 model (static, calibrated on train images) with re-fitted thresholds."
+        ),
+    ] = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="int8: the same as --int8.")] = None,
+    calibration_images: Annotated[
+        int | None,
+        typer.Option(
+            help="Train images (unaugmented, a seeded random subset) for the INT8 ranges; default 300 or all."
+        ),
+    ] = None,
+    card: Annotated[bool, typer.Option(help="Write the model card, README.md, beside the model.")] = True,
 ) -> None:
-    """Export a run's model (uint8 NHWC images in, probabilities out) with model.json: classes, thresholds, input."""
+    """Export a run's model (uint8 NHWC images in, probabilities out) with its sidecar JSON and a model card."""
     from finetune.deploy.export import export_run
 
-    path = export_run(run_dir, fmt, output)
-    out.print(f"wrote {escape(str(path))} and {escape(str(path.with_name('model.json')))}")
+    if quantize not in (None, "int8"):
+        raise UserError(f"--quantize {quantize!r}: only int8 is supported")
+    int8 = int8 or quantize == "int8"
+    if not int8 and calibration_images is not None:
+        raise UserError("--calibration-images: only used with --int8")
+    result = export_run(run_dir, fmt, output, int8=int8, calibration_images=calibration_images, card=card)
+    for path in result.files:
+        out.print(f"wrote {escape(str(path))}")
+    if result.comparison is not None:
+        from finetune.deploy.quantize import comparison_markdown
+
+        out.print(escape(comparison_markdown(result.comparison)))
+
+
+def card_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    output: Annotated[Path | None, typer.Option("--out", help="File to write (default RUN/README.md).")] = None,
+) -> None:
+    """Write a run's model card (README.md with YAML front matter: task, classes, thresholds, metrics, data)."""
+    from finetune.deploy.card import card_run
+
+    out.print(f"wrote {escape(str(card_run(run_dir, output)))}")

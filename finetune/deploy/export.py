@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune import __version__
+from finetune.deploy import mobile
+from finetune.deploy.quantize import (
+    QUANTIZED_OPS,
+    Backend,
+    backend_outputs,
+    calibration_loader,
+    compare,
+    nhwc_batches,
+    quantize_onnx,
+    refit,
+)
 from finetune.errors import UserError
 from finetune.eval.run_report import load_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json
 from finetune.models import hflip_average
-from finetune.train.assembly import build_from_run
+from finetune.train.assembly import RunParts, build_from_run
 from finetune.train.rundir import RunDir
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "litert": ".tflite", "openvino": ".xml"}
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 OPSET = 17
 
@@ -74,9 +86,9 @@ class ImageClassifier(nn.Module):
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
-def run_classifier(run: RunDir) -> tuple[ImageClassifier, dict[str, Any]]:
+def run_classifier(run: RunDir, parts: RunParts | None = None) -> tuple[ImageClassifier, dict[str, Any]]:
     """The run's best (EMA when kept) weights wrapped as an :class:`ImageClassifier`, and its ``model.json`` fields."""
-    parts = build_from_run(run)
+    parts = parts or build_from_run(run)
     task, classes, checkpoint = parts.task, parts.classes, parts.checkpoint
     model = parts.model.eval()
     (mean, std), size = parts.normalization, parts.image_size
@@ -101,6 +113,7 @@ def run_classifier(run: RunDir) -> tuple[ImageClassifier, dict[str, Any]]:
         "normalization": {"mean": list(mean), "std": list(std), "scale": "0..1, applied inside the graph"},
         "output": {"name": OUTPUT_NAME, "activation": "sigmoid" if task.calibrates else "softmax"},
         "weights": "ema" if "eval_model" in checkpoint else "model",
+        "precision": "fp32",
         "tta": parts.tta,
         "model_name": parts.model_name,
         "recipe_sha256": hashlib.sha256((run / "recipe.toml").read_bytes()).hexdigest(),
@@ -110,13 +123,16 @@ def run_classifier(run: RunDir) -> tuple[ImageClassifier, dict[str, Any]]:
     return wrapped, info
 
 
+def sidecar(path: Path) -> Path:
+    """The JSON beside an export: ``model.onnx`` -> ``model.json``, ``model.int8.onnx`` -> ``model.int8.json``."""
+    return path.with_suffix(".json")
+
+
 def _example(size: int) -> torch.Tensor:
     return torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
 def _onnx_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
-    import onnx
-
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated; it needs no onnxscript
@@ -130,11 +146,7 @@ def _onnx_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
             dynamic_axes={INPUT_NAME: {0: "batch", 1: "height", 2: "width"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=OPSET,
         )
-    proto = onnx.load_from_string(buf.getvalue())
-    for key, value in info.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    return proto.SerializeToString()
+    return with_metadata(buf.getvalue(), info)
 
 
 def _torchscript_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
@@ -146,20 +158,142 @@ def _torchscript_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> Path:
-    """Export a run's model to ``out`` (default ``<run>/export/model.onnx`` or ``model.pt``) and ``model.json``.
+@dataclass
+class Exported:
+    """What an export wrote: the model file, every file beside it, and the fp32/INT8 comparison (with ``int8``)."""
 
-    Returns:
-        The exported file; ``model.json`` is written beside it.
-    """
+    path: Path
+    files: list[Path] = field(default_factory=list)
+    comparison: dict[str, Any] | None = None
+
+
+def _default_out(run: RunDir, fmt: str) -> Path:
+    return run / "export" / (f"{fmt}/model{FORMATS[fmt]}" if fmt == "openvino" else f"model{FORMATS[fmt]}")
+
+
+def _check_request(fmt: str, int8: bool) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if int8 and fmt == "torchscript":
+        raise UserError("--int8: TorchScript has no INT8 export here; use --format onnx, openvino or litert")
+    if fmt in ("litert", "openvino"):
+        mobile.require(fmt)
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    *,
+    int8: bool = False,
+    calibration_images: int | None = None,
+    card: bool = True,
+) -> Exported:
+    """Export a run's model to ``out`` (default ``<run>/export/model.<ext>``), its JSON sidecar and a model card.
+
+    Args:
+        run_dir: The run directory.
+        fmt: ``onnx``, ``torchscript``, ``litert`` (``.tflite``) or ``openvino`` (IR ``.xml`` + ``.bin``).
+        out: The model file to write.
+        int8: Also write an INT8 model (``model.int8.<ext>``) with thresholds re-fitted on its probabilities.
+        calibration_images: Train images the INT8 ranges are collected on (default 300, or all when fewer).
+        card: Write ``README.md`` (the model card) beside the model.
+
+    Returns:
+        The files written and, with ``int8``, the fp32/INT8 comparison.
+    """
+    _check_request(fmt, int8)
     run = RunDir.open(run_dir)
-    model, info = run_classifier(run)
-    out = Path(out) if out else run / "export" / f"model{FORMATS[fmt]}"
+    out = Path(out) if out else _default_out(run, fmt)
     if out.exists() and out.is_dir():
         raise UserError(f"{out}: is a folder; give a file name for the exported model")
-    data = _onnx_bytes(model, info) if fmt == "onnx" else _torchscript_bytes(model, info)
-    atomic_write_bytes(out, data)
-    atomic_write_json(out.with_name("model.json"), info)
-    return out
+    parts = build_from_run(run, ("train", "val", "test") if int8 or fmt == "openvino" else ())
+    cal_loader = calibration_loader(parts, calibration_images) if int8 else None  # a bad count fails before work
+    model, info = run_classifier(run, parts)
+    if fmt == "torchscript":
+        atomic_write_bytes(out, _torchscript_bytes(model, info))
+        result = Exported(out, [out])
+    elif fmt == "litert":
+        result = mobile.export_litert(model, info, out, parts, cal_loader)
+    else:
+        result = _export_onnx(model, info, out.with_suffix(".onnx"), parts, cal_loader)
+        if fmt == "openvino":
+            result = mobile.export_openvino(result, out, info, parts)
+    atomic_write_json(sidecar(out), info)
+    result.files.insert(1, sidecar(out))
+    if card:
+        from finetune.deploy.card import write_card
+
+        result.files.append(write_card(run, parts, info, result, out.parent))
+    return result
+
+
+def _export_onnx(
+    model: ImageClassifier,
+    info: dict[str, Any],
+    out: Path,
+    parts: RunParts,
+    cal_loader: torch.utils.data.DataLoader | None,
+) -> Exported:
+    """``model.onnx`` and, with a calibration loader, ``model.int8.onnx`` (QDQ) with re-fitted thresholds."""
+    fp32 = _onnx_bytes(model, info)
+    atomic_write_bytes(out, fp32)
+    result = Exported(out, [out])
+    if cal_loader is None:
+        return result
+    batches = (images for images, _ in nhwc_batches(cal_loader))
+    int8 = with_metadata(quantize_onnx(fp32, batches, INPUT_NAME), {})
+    int8_info, comparison = check_int8(parts, info, onnx_backend(fp32), onnx_backend(int8), len(cal_loader.dataset))
+    path = out.with_name(f"{out.stem}.int8{out.suffix}")
+    atomic_write_bytes(path, with_metadata(int8, int8_info))
+    atomic_write_json(sidecar(path), int8_info)
+    info["int8"] = {"file": path.name, "comparison": comparison}
+    result.files += [path, sidecar(path)]
+    result.comparison = comparison
+    return result
+
+
+def check_int8(
+    parts: RunParts, info: dict[str, Any], fp32: Backend, int8: Backend, calibration_images: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The INT8 model's sidecar fields (re-fitted thresholds) and its comparison with fp32 on held-out data."""
+    roles = [r for r in dict.fromkeys([parts.calibration.split, "val", "test"]) if r in parts.splits]
+    outs32, outs8 = backend_outputs(fp32, parts, roles), backend_outputs(int8, parts, roles)
+    int8_info = {**info, "precision": "int8"}
+    fp32_thr = int8_thr = None
+    if parts.task.calibrates:
+        fp32_thr = np.asarray(info["thresholds"])
+        int8_thr, how = refit(parts, outs8)
+        int8_info.update(thresholds=int8_thr.tolist(), thresholds_from=how)
+    comparison = compare(parts, outs32, outs8, fp32_thr, int8_thr)
+    int8_info["quantization"] = {
+        "tool": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "weights": "int8, per channel",
+        "activations": "uint8, per tensor, MinMax",
+        "ops": QUANTIZED_OPS,
+        "calibration_images": calibration_images,
+    }
+    int8_info["comparison"] = comparison
+    return int8_info, comparison
+
+
+def with_metadata(data: bytes, info: dict[str, Any]) -> bytes:
+    """An ONNX model's bytes with ``info`` as its ``metadata_props`` (one key per field, JSON-encoded)."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    del proto.metadata_props[:]
+    for key, value in info.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    return proto.SerializeToString()
+
+
+def onnx_backend(data: bytes) -> Backend:
+    """An onnxruntime CPU session over an ONNX model's bytes, as a uint8 NHWC -> probabilities function."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]

@@ -1,13 +1,15 @@
-"""The Python API for prediction: ``Predictor.from_run(dir)``, ``.from_onnx(path)`` or ``.from_torchscript(path)``.
+"""The Python API for prediction: ``Predictor.load(path)`` for a run directory or any exported file.
 
-Every backend runs the same graph (:class:`finetune.export.ImageClassifier`: uint8 NHWC images in, probabilities
-out), so a run directory, its ONNX export and its TorchScript export give the same probabilities. Files are decoded
-and resized to the model's input size in DataLoader workers (the evaluation pipeline's resize: OpenCV bilinear),
-then batched.
+Every backend runs the same graph (:class:`finetune.deploy.export.ImageClassifier`: uint8 NHWC images in,
+probabilities out): a run directory, its ONNX (fp32 or INT8), TorchScript, LiteRT and OpenVINO exports answer
+through the same API, each where its runtime is installed (one line naming the ``pip install`` where not). Files
+are decoded and resized to the model's input size in DataLoader workers (the evaluation pipeline's resize: OpenCV
+bilinear), then batched.
 
     from finetune import Predictor
-    p = Predictor.from_run("runs/coco_multilabel_focal")
-    for r in p.predict(["a.jpg", "photos/"]):
+    p = Predictor.load("runs/coco_multilabel_focal")   # or .../export/model.int8.onnx, model.tflite, model.xml
+    print(p("a.jpg").labels)                           # one image -> one Prediction
+    for r in p(["b.jpg", "photos/"]):                  # a list, a folder or a glob -> a list
         print(r.source, r.labels, r.probabilities["dog"])
 """
 
@@ -40,14 +42,17 @@ class Prediction:
     probabilities: dict[str, float]
     thresholds: str = ""  # where the thresholds came from
 
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "image": self.source,
-            "labels": self.labels,
-            "probabilities": self.probabilities,
-            "thresholds": self.thresholds,
-        }
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most probable classes with their probabilities, most probable first."""
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+    def to_json(self, top_k: int | None = None) -> dict[str, Any]:
+        """A JSON-ready dict; with ``top_k``, also the ``top_k`` most probable classes (``label``, ``score``)."""
+        out = {"image": self.source, "labels": self.labels, "probabilities": self.probabilities}
+        if top_k:
+            out["top_k"] = [{"label": c, "score": p} for c, p in self.top(top_k)]
+        out["thresholds"] = self.thresholds
+        return out
 
 
 @dataclass
@@ -119,12 +124,14 @@ def _device(name: str) -> torch.device:
 
 
 def _read_info(path: Path, embedded: dict[str, Any] | None = None) -> dict[str, Any]:
-    beside = path.with_name("model.json")
+    """The model's fields: its embedded metadata, else its sidecar (``model.int8.json``), else ``model.json``."""
     if embedded:
         return embedded
-    if beside.is_file():
-        return json.loads(beside.read_text())
-    raise UserError(f"{path}: no model.json beside it and no metadata inside; export it with `finetune export`")
+    for beside in dict.fromkeys([path.with_suffix(".json"), path.with_name("model.json")]):
+        if beside.is_file():
+            return json.loads(beside.read_text())
+    name = path.with_suffix(".json").name
+    raise UserError(f"{path}: no {name} beside it and no metadata inside; export it with `finetune export`")
 
 
 class Predictor:
@@ -189,8 +196,25 @@ class Predictor:
         return cls(lambda x: session.run(None, {name: x})[0], info, threshold)
 
     @classmethod
+    def from_litert(cls, path: str | Path, threshold: float | None = None) -> Predictor:
+        """A ``finetune export --format litert`` file, run by the LiteRT interpreter (the ``litert`` extra)."""
+        from finetune.deploy import mobile
+
+        mobile.require("litert", runtime=True)
+        return cls(mobile.litert_backend(Path(path)), _read_info(Path(path)), threshold)
+
+    @classmethod
+    def from_openvino(cls, path: str | Path, device: str = "CPU", threshold: float | None = None) -> Predictor:
+        """A ``finetune export --format openvino`` IR file (``.xml``), run by OpenVINO (the ``openvino`` extra)."""
+        from finetune.deploy import mobile
+
+        mobile.require("openvino", runtime=True)
+        backend, info = mobile.openvino_backend(Path(path), "CPU" if device in ("auto", "cpu") else device.upper())
+        return cls(backend, _read_info(Path(path), info), threshold)
+
+    @classmethod
     def load(cls, source: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
-        """A run directory, an ``.onnx`` file or a TorchScript ``.pt`` file."""
+        """A run directory or an exported file: ``.onnx``, TorchScript ``.pt``, LiteRT ``.tflite`` OpenVINO ``.xml``."""
         source = Path(source)
         if source.is_dir():
             return cls.from_run(source, device, threshold)
@@ -198,7 +222,24 @@ class Predictor:
             raise UserError(f"{source}: no such run directory or exported model")
         if source.suffix == ".onnx":
             return cls.from_onnx(source, device, threshold)
+        if source.suffix == ".tflite":
+            return cls.from_litert(source, threshold)
+        if source.suffix == ".xml":
+            return cls.from_openvino(source, device, threshold)
         return cls.from_torchscript(source, device, threshold)
+
+    def __call__(
+        self, inputs: str | Path | np.ndarray | Iterable[Any], batch_size: int = 32, num_workers: int = 0
+    ) -> Prediction | list[Prediction]:
+        """``predictor(image)`` is one :class:`Prediction`; ``predictor([a, b])`` (or a folder, a glob) is a list.
+
+        As a Hugging Face pipeline or an Ultralytics model is called; see :meth:`predict` for what an input can be.
+        """
+        results = self.predict(inputs, batch_size, num_workers)
+        single = isinstance(inputs, np.ndarray) or hasattr(inputs, "convert")
+        if isinstance(inputs, str | Path):
+            single = Path(inputs).is_file()
+        return results[0] if single else results
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[n, classes]`` of a uint8 ``[n, h, w, 3]`` batch (any h, w: resized in the graph)."""

@@ -1,0 +1,215 @@
+"""The model card: ``README.md`` beside every export (and ``finetune card RUN``), with front matter the Hub reads.
+
+The YAML front matter carries what a program needs (``pipeline_tag``, ``tags``, and a ``finetune`` block with the
+task, the activation, every class with its threshold, the input contract and the held-out metrics); the body says
+the same for a person, with the training data, the recipe's hash, the base weights and the limitations. A
+multi-label model served with softmax is a known failure when a card has no task field (huggingface.js#429), so the
+card says which activation to apply and that softmax is wrong for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+
+from finetune.errors import UserError
+from finetune.io import atomic_write_text
+from finetune.train.assembly import data as assembly_data
+from finetune.train.rundir import RunDir
+
+if TYPE_CHECKING:
+    from finetune.deploy.export import Exported
+    from finetune.train.assembly import RunParts
+
+FEW_POSITIVES = 5  # a class with fewer train positives than this is named under the limitations
+
+
+def _data(parts: RunParts) -> dict[str, Any]:
+    """Split sizes and per-class train positives, read from the annotations (no image is opened)."""
+    r = parts.raw
+    about: dict[str, Any] = {"format": r.data.format, "root": str(r.data.root)}
+    try:
+        splits = assembly_data.build_splits(r, ("train", "val", "test"), False, parts.classes)
+    except UserError as err:
+        return {**about, "unavailable": str(err)}
+    about["splits"] = {role: len(s.targets) for role, s in splits.items()}
+    about["train_positives"] = dict(zip(parts.classes.names, (splits["train"].targets > 0.5).sum(0).tolist()))
+    return about
+
+
+def _metrics(run: RunDir) -> dict[str, Any]:
+    """The held-out headline numbers from ``report.json``: fixed vs calibrated thresholds, and where measured."""
+    if not (run / "report.json").is_file():
+        return {}
+    report = run.read_json("report.json")
+    cal = report.get("calibration") or {}
+    honest = cal.get("honest")
+    if honest:
+        keys = ("map", "macro_f1", "micro_f1")
+        return {
+            "measured_on": honest["how"],
+            "fixed_threshold": report.get("threshold"),
+            "at_fixed_threshold": {k: round(honest["fixed"][k], 4) for k in keys},
+            "at_calibrated_thresholds": {k: round(honest["calibrated"][k], 4) for k in keys},
+        }
+    role = "test" if "test" in report["splits"] else "val"
+    summary = report["splits"][role]["summary"]
+    return {"measured_on": f"{role} split", **{k: round(v, 4) for k, v in summary.items() if isinstance(v, float)}}
+
+
+def card_fields(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exported | None = None) -> dict:
+    """The front matter as a dict."""
+    multi = info["task"] == "multilabel"
+    thresholds = info["thresholds"] or [None] * len(info["classes"])
+    recipe = parts.raw
+    fields: dict[str, Any] = {
+        "library_name": "finetune",
+        "pipeline_tag": "image-classification",
+        "tags": ["finetune", "image-classification", "multi-label-classification" if multi else "single-label"]
+        + [recipe.model.name]
+        + ([f.suffix.lstrip(".") for f in [exported.path]] if exported else []),
+        "finetune": {
+            "task": info["task"],
+            "activation": info["output"]["activation"],
+            "apply_softmax": False if multi else "already applied inside the graph",
+            "decision": "class present when probability >= its threshold" if multi else "the highest-probability class",
+            "classes": [{"name": n, "threshold": t} for n, t in zip(info["classes"], thresholds)],
+            "input": info["input"],
+            "normalization": info["normalization"],
+            "metrics": _metrics(run),
+            "data": _data(parts),
+            "recipe_sha256": info["recipe_sha256"],
+            "base_model": {"name": recipe.model.name, "pretrained": recipe.model.pretrained},
+            "base_weights": str(recipe.model.checkpoint) or ("timm hub" if recipe.model.pretrained else "random init"),
+        },
+    }
+    if exported is not None:
+        fields["finetune"]["files"] = [f.name for f in exported.files]
+        if exported.comparison is not None:
+            fields["finetune"]["int8"] = exported.comparison
+    return fields
+
+
+def _body(fields: dict[str, Any], info: dict[str, Any], run: RunDir) -> list[str]:
+    f = fields["finetune"]
+    multi = f["task"] == "multilabel"
+    lines = [f"# {run.path.name}: {f['base_model']['name']}, {len(f['classes'])} classes", ""]
+    if multi:
+        lines += [
+            "**Multi-label.** The model outputs one independent **sigmoid** probability per class (already applied "
+            "in the graph). A class is present when its probability is at least its threshold below. **Do not apply "
+            "softmax**: the probabilities do not sum to 1, and several classes can be present at once.",
+        ]
+    else:
+        lines += ["**Single-label.** Softmax probabilities (applied in the graph); the label is the arg-max."]
+    size = f["input"]["size"]
+    lines += [
+        "",
+        "## Input",
+        "",
+        f"uint8 RGB images, NHWC `[batch, height, width, 3]`; resized to {size[0]}x{size[1]} "
+        f"({f['input']['resize']}) and normalised (mean {f['normalization']['mean']}, std "
+        f"{f['normalization']['std']}, 0..1 scale) **inside the graph**: feed decoded pixels, nothing else.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from finetune import Predictor",
+        'predict = Predictor.load("model.onnx")   # or the run directory, model.int8.onnx, .tflite, .xml',
+        'print(predict("photo.jpg").labels)',
+        "```",
+        "",
+        "## Classes and thresholds",
+        "",
+    ]
+    positives = f["data"].get("train_positives", {})
+    lines += ["| class | threshold | train positives |", "|---|---|---|"]
+    for c in f["classes"]:
+        thr = "arg-max" if c["threshold"] is None else f"{c['threshold']:.4f}"
+        lines.append(f"| {c['name']} | {thr} | {positives.get(c['name'], '?')} |")
+    lines += ["", f"Thresholds: {info['thresholds_from']}.", ""]
+    return lines
+
+
+def _tail(fields: dict[str, Any], run: RunDir) -> list[str]:
+    f = fields["finetune"]
+    m, lines = f["metrics"], ["## Metrics", ""]
+    if "at_calibrated_thresholds" in m:
+        lines += [f"Measured on {m['measured_on']} (images the thresholds were not fitted on).", ""]
+        lines += ["| thresholds | mAP | macro-F1 | micro-F1 |", "|---|---|---|---|"]
+        rows = ((f"fixed {m['fixed_threshold']}", "at_fixed_threshold"), ("calibrated", "at_calibrated_thresholds"))
+        for name, key in rows:
+            v = m[key]
+            lines.append(f"| {name} | {100 * v['map']:.1f} | {100 * v['macro_f1']:.1f} | {100 * v['micro_f1']:.1f} |")
+    elif m:
+        shown = ", ".join(f"{k} {v}" for k, v in m.items() if k != "measured_on")
+        lines += [f"Measured on {m['measured_on']}: {shown}."]
+    else:
+        lines += ["No report.json in the run: no metrics."]
+    if "int8" in f:
+        from finetune.deploy.quantize import comparison_markdown
+
+        lines += ["", "## fp32 and INT8", "", comparison_markdown(f["int8"])]
+    d = f["data"]
+    lines += ["", "## Training data", "", f"{d['format']} at `{d['root']}`."]
+    if "splits" in d:
+        lines.append("Split sizes (images): " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()) + ".")
+    else:
+        lines.append(f"The data could not be read when this card was written ({d['unavailable']}).")
+    lines += [
+        "",
+        "## Recipe and base weights",
+        "",
+        f"Recipe: `recipe.toml` of the run, SHA-256 `{f['recipe_sha256']}`. Base model `{f['base_model']['name']}`, "
+        f"weights: {f['base_weights']}.",
+        "",
+        "## Limitations",
+        "",
+    ]
+    few = [f"{n} ({k})" for n, k in d.get("train_positives", {}).items() if k < FEW_POSITIVES]
+    if few:
+        lines.append(
+            f"Classes with fewer than {FEW_POSITIVES} training positives; their thresholds and scores rest "
+            f"on very few examples: {', '.join(few)}."
+        )
+    else:
+        lines.append(f"Every class has at least {FEW_POSITIVES} training positives.")
+    lines.append("Trained on the data above only: images unlike it (other cameras, domains, classes) are out of scope.")
+    return lines
+
+
+def card_text(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exported | None = None) -> str:
+    """The card: YAML front matter between ``---`` lines, then markdown."""
+    fields = json.loads(json.dumps(card_fields(run, parts, info, exported), default=_plain))
+    front = yaml.safe_dump(fields, sort_keys=False, allow_unicode=True, width=1000)
+    return "\n".join(["---", front.rstrip(), "---", "", *_body(fields, info, run), *_tail(fields, run), ""])
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def write_card(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exported | None, folder: Path) -> Path:
+    """Write ``folder/README.md``; returns its path."""
+    path = Path(folder) / "README.md"
+    atomic_write_text(path, card_text(run, parts, info, exported))
+    return path
+
+
+def card_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``finetune card RUN``: the card of a run directory, written to ``out`` (default ``RUN/README.md``)."""
+    from finetune.deploy.export import run_classifier
+    from finetune.train.assembly import build_from_run
+
+    run = RunDir.open(run_dir)
+    parts = build_from_run(run)
+    _, info = run_classifier(run, parts)
+    path = Path(out) if out else run / "README.md"
+    atomic_write_text(path, card_text(run, parts, info))
+    return path

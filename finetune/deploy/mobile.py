@@ -1,0 +1,212 @@
+"""LiteRT (``.tflite``) and OpenVINO (IR) exports and runtimes, from the optional extras ``litert`` and ``openvino``.
+
+- **LiteRT** through litert-torch (Google's maintained PyTorch -> LiteRT converter, formerly ai-edge-torch), straight
+  from the PyTorch graph: uint8 NHWC ``[1, size, size, 3]`` in (the batch can be resized), probabilities out. INT8:
+  Google's ai-edge-quantizer (installed with litert-torch) on the fp32 file, int8 weights and activations, ranges
+  from the same calibration images as the ONNX INT8, thresholds re-fitted on the LiteRT INT8 model's probabilities.
+  Classes and thresholds travel in the sidecar JSON (``model.json`` / ``model.int8.json``): the LiteRT runtime has
+  no key-value metadata API.
+- **OpenVINO** from the exported ONNX files (fp32, and the QDQ INT8 one, which OpenVINO runs as INT8), with the
+  sidecar's fields in the IR's ``rt_info`` (``finetune/model_json``). The export checks OpenVINO's CPU runtime
+  against onnxruntime on the calibration split and records the difference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from finetune.errors import UserError
+from finetune.io import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from finetune.deploy.export import Exported, ImageClassifier
+    from finetune.deploy.quantize import Backend
+    from finetune.train.assembly import RunParts
+
+EXTRAS = {  # format -> (module to export with, module to run with, extra)
+    "litert": ("litert_torch", "ai_edge_litert", "litert"),
+    "openvino": ("openvino", "openvino", "openvino"),
+}
+RT_INFO = ["finetune", "model_json"]
+
+
+def require(fmt: str, runtime: bool = False) -> None:
+    """One line naming the ``pip install`` to run when ``fmt``'s package is missing."""
+    module = EXTRAS[fmt][1 if runtime else 0]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{fmt} needs the {module} package, which is not installed: pip install 'finetune[{fmt}]'")
+
+
+def _quiet_tf() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the converter's TensorFlow logs every pass otherwise
+
+
+def _litert_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
+    _quiet_tf()
+    import litert_torch
+
+    edge = litert_torch.convert(model.eval(), (example,))
+    return edge.model_content()
+
+
+def _litert_int8_bytes(fp32: bytes, batches: list[np.ndarray]) -> bytes:
+    """Static INT8 (int8 weights and activations) by Google's ai-edge-quantizer, calibrated image by image.
+
+    litert-torch's own PT2E route was tried first: with ``fold_quantize=True`` its converter fails on per-channel
+    weights, and with ``fold_quantize=False`` the file kept its float weights and its outputs moved by 0.4.
+    """
+    _quiet_tf()
+    from ai_edge_quantizer import quantizer, recipe
+
+    q = quantizer.Quantizer(bytearray(fp32), recipe.static_wi8_ai8())
+    ((name, key),) = _signatures(fp32)
+    data = {name: [{key: image[None]} for batch in batches for image in batch]}
+    ranges = q.calibrate(data, num_threads=os.cpu_count() or 1)
+    return bytes(q.quantize(ranges, enable_progress_report=False).quantized_model)
+
+
+def _signatures(model: bytes) -> list[tuple[str, str]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return [(name, sig["inputs"][0]) for name, sig in Interpreter(model_content=model).get_signature_list().items()]
+
+
+def export_litert(
+    model: ImageClassifier,
+    info: dict[str, Any],
+    out: Path,
+    parts: RunParts,
+    cal_loader: torch.utils.data.DataLoader | None,
+) -> Exported:
+    """``model.tflite`` and, with a calibration loader, ``model.int8.tflite`` with re-fitted thresholds."""
+    from finetune.deploy.export import Exported, check_int8, sidecar
+    from finetune.deploy.quantize import nhwc_batches
+
+    example = torch.zeros(1, model.size, model.size, 3, dtype=torch.uint8)
+    fp32 = _litert_bytes(model, example)
+    atomic_write_bytes(out, fp32)
+    result = Exported(out, [out])
+    if cal_loader is None:
+        return result
+    batches = [images for images, _ in nhwc_batches(cal_loader)]
+    path = out.with_name(f"{out.stem}.int8{out.suffix}")
+    atomic_write_bytes(path, _litert_int8_bytes(fp32, batches))
+    int8_info, comparison = check_int8(parts, info, litert_backend(out), litert_backend(path), len(cal_loader.dataset))
+    int8_info["quantization"] = {
+        "tool": "ai_edge_quantizer static_wi8_ai8",
+        "weights": "int8, per channel",
+        "activations": "int8, per tensor, min/max (the output is dequantized by the runtime wrapper)",
+        "calibration_images": len(cal_loader.dataset),
+    }
+    atomic_write_json(sidecar(path), int8_info)
+    info["int8"] = {"file": path.name, "comparison": comparison}
+    result.files += [path, sidecar(path)]
+    result.comparison = comparison
+    return result
+
+
+def litert_backend(path: Path) -> Backend:
+    """The LiteRT interpreter (XNNPACK on the CPU) as a uint8 NHWC -> probabilities function.
+
+    The input is resized to each batch's size; where the delegate cannot re-plan for a new batch size (seen with
+    INT8 files), images run one at a time.
+    """
+    _quiet_tf()
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_path=str(path))
+    except ValueError as err:
+        raise UserError(f"{path}: not a LiteRT model ({(str(err).splitlines() or [''])[0][:120]})") from None
+    interpreter.allocate_tensors()
+    output = interpreter.get_output_details()[0]
+    src, dst = interpreter.get_input_details()[0]["index"], output["index"]
+    scale, zero = output["quantization"]  # an INT8 file's int8 probabilities: p = scale * (q - zero)
+    state = {"batch": 1, "resizable": True}
+
+    def invoke(images: np.ndarray) -> np.ndarray:
+        interpreter.set_tensor(src, images)
+        interpreter.invoke()
+        out = interpreter.get_tensor(dst)
+        return scale * (out.astype(np.float32) - zero) if output["dtype"] != np.float32 else out.copy()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        if n != state["batch"] and state["resizable"]:
+            try:
+                interpreter.resize_tensor_input(src, [n, *images.shape[1:]])
+                interpreter.allocate_tensors()
+                state["batch"] = n
+            except RuntimeError:
+                state["resizable"] = False
+                interpreter.resize_tensor_input(src, [1, *images.shape[1:]])
+                interpreter.allocate_tensors()
+                state["batch"] = 1
+        if n == state["batch"]:
+            return invoke(images)
+        return np.concatenate([invoke(images[i : i + 1]) for i in range(n)])
+
+    return run
+
+
+def _save_ir(onnx_path: Path, xml: Path, info: dict[str, Any]) -> None:
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    model.set_rt_info(json.dumps(info), RT_INFO)
+    tmp = xml.with_name(f".{xml.stem}.tmp.xml")
+    ov.save_model(model, str(tmp), compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+    os.replace(tmp, xml)
+
+
+def export_openvino(result: Exported, out: Path, info: dict[str, Any], parts: RunParts) -> Exported:
+    """OpenVINO IR of the exported ONNX file(s), and a parity check of OpenVINO's CPU runtime against onnxruntime."""
+    from finetune.deploy.export import Exported, onnx_backend, sidecar
+    from finetune.deploy.quantize import backend_outputs
+
+    files = [out, out.with_suffix(".bin"), *result.files]
+    pairs = [(result.path, out, info)]
+    if result.comparison is not None:
+        int8_onnx = result.path.with_name(f"{result.path.stem}.int8.onnx")
+        int8_xml = out.with_name(f"{out.stem}.int8.xml")
+        pairs.append((int8_onnx, int8_xml, json.loads(sidecar(int8_onnx).read_text())))
+        files += [int8_xml, int8_xml.with_suffix(".bin")]
+    parity = {}
+    role = parts.calibration.split if parts.task.calibrates else "val"
+    for onnx_path, xml, fields in pairs:
+        _save_ir(onnx_path, xml, fields)
+        if role in parts.splits:
+            ours = backend_outputs(openvino_backend(xml)[0], parts, [role])[role]["probs"]
+            ref = backend_outputs(onnx_backend(onnx_path.read_bytes()), parts, [role])[role]["probs"]
+            thr = np.asarray(fields["thresholds"]) if fields["thresholds"] else None
+            flips = (
+                int(((ours >= thr) != (ref >= thr)).sum())
+                if thr is not None
+                else int((ours.argmax(1) != ref.argmax(1)).sum())
+            )
+            parity[xml.name] = {"split": role, "max_abs_prob_diff": float(np.abs(ours - ref).max()), "flips": flips}
+    info["openvino"] = {"parity_vs_onnxruntime": parity}
+    return Exported(out, files, result.comparison)
+
+
+def openvino_backend(path: Path, device: str = "CPU") -> tuple[Backend, dict[str, Any] | None]:
+    """OpenVINO's runtime on an IR file, and the sidecar fields from its ``rt_info`` (None when it has none)."""
+    import openvino as ov
+
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+    except RuntimeError as err:
+        raise UserError(f"{path}: not an OpenVINO IR file ({(str(err).splitlines() or [''])[0][:120]})") from None
+    info = json.loads(model.get_rt_info(RT_INFO).astype(str)) if model.has_rt_info(RT_INFO) else None
+    compiled = core.compile_model(model, device)
+    output = compiled.output(0)
+    return (lambda x: compiled([x])[output]), info
