@@ -39,7 +39,7 @@ def _expected() -> dict:
 def test_an_old_run_evaluates_and_exports_as_it_did(old_run: Path, tiny_coco: Path) -> None:
     report = evaluate_run(old_run, "test")
     assert report["splits"]["test"]["summary"]["map"] == pytest.approx(_expected()["fixture_test_map"], abs=1e-9)
-    onnx = export_run(old_run)
+    onnx = export_run(old_run).path
     probs = _expected()["onnx_probabilities"]
     results = Predictor.from_onnx(onnx).predict([tiny_coco / "test" / name for name in probs])
     for r in results:
@@ -55,7 +55,7 @@ def test_an_old_run_resumes_then_evaluates_and_exports(old_run: Path) -> None:
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert json.loads(lines[-1])["step"] == 9  # 3 steps per epoch, continued from step 6
     assert evaluate_run(old_run, "test")["splits"]["test"]["images"] == 12
-    assert export_run(old_run).is_file()
+    assert export_run(old_run).path.is_file()
 
 
 def test_report_tables_are_not_cut_in_a_log(old_run: Path) -> None:
@@ -70,7 +70,7 @@ def test_an_old_run_trained_on_cuda_exports_on_a_cpu_machine(old_run: Path) -> N
     text = (old_run / "recipe.toml").read_text()
     (old_run / "recipe.toml").write_text(text.replace('device = "auto"', 'device = "cuda"'))
     assert 'device = "cuda"' in (old_run / "recipe.toml").read_text()
-    assert export_run(old_run).is_file()
+    assert export_run(old_run).path.is_file()
 
 
 @pytest.mark.slow

@@ -15,7 +15,12 @@ from finetune.errors import UserError
 
 
 def predict_command(
-    source: Annotated[Path, typer.Argument(help="A run directory, or a model.onnx / model.pt from `finetune export`.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory, or a file from `finetune export`: .onnx (fp32, INT8), .pt, .tflite, .xml."
+        ),
+    ],
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array at the end.")] = False,
     jsonl: Annotated[
@@ -25,7 +30,7 @@ def predict_command(
         Path | None, typer.Option("--csv", help="Write one row per image: path, labels, a probability per class.")
     ] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="One decision threshold for every class (default: the run's thresholds.json).")
+        float | None, typer.Option(help="One decision threshold for every class (default: the ones the model carries).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
@@ -74,7 +79,12 @@ def export_command(
     fmt: Annotated[
         str, typer.Option("--format", help="onnx, torchscript, litert (.tflite; extra) or openvino (IR; extra).")
     ] = "onnx",
-    output: Annotated[Path | None, typer.Option("--out", help="File to write (default RUN/export/model.*).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Model file (default RUN/export/model.onnx, .pt, litert/model.tflite, openvino/model.xml)."
+        ),
+    ] = None,
     int8: Annotated[
         bool,
         typer.Option(

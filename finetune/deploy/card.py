@@ -119,7 +119,7 @@ def _body(fields: dict[str, Any], info: dict[str, Any], run: RunDir) -> list[str
         "",
         "```python",
         "from finetune import Predictor",
-        'predict = Predictor.load("model.onnx")   # or the run directory, model.int8.onnx, .tflite, .xml',
+        f"predict = Predictor.load({(f.get('files') or ['RUN_DIR'])[0]!r})   # the file carries its thresholds",
         'print(predict("photo.jpg").labels)',
         "```",
         "",
@@ -153,7 +153,8 @@ def _tail(fields: dict[str, Any], run: RunDir) -> list[str]:
     if "int8" in f:
         from finetune.deploy.quantize import comparison_markdown
 
-        lines += ["", "## fp32 and INT8", "", comparison_markdown(f["int8"])]
+        lines += ["", "## fp32 and INT8", "", comparison_markdown(f["int8"]), ""]
+        lines += ["The INT8 file carries its own thresholds, re-fitted on its probabilities (`model.int8.json`)."]
     d = f["data"]
     lines += ["", "## Training data", "", f"{d['format']} at `{d['root']}`."]
     if "splits" in d:
@@ -195,6 +196,24 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def check_card_folder(folder: Path) -> None:
+    """Refuse to write a card over a ``README.md`` that is not one (a repository's own README, say).
+
+    Raises:
+        UserError: When ``folder/README.md`` exists and its front matter is not a finetune model card's.
+    """
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return
+    text = path.read_text(errors="replace")
+    try:
+        ours = text.startswith("---\n") and yaml.safe_load(text.split("---\n")[1]).get("library_name") == "finetune"
+    except (yaml.YAMLError, AttributeError, IndexError):
+        ours = False
+    if not ours:
+        raise UserError(f"{path}: exists and is not a finetune model card; export to another folder or pass --no-card")
+
+
 def write_card(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exported | None, folder: Path) -> Path:
     """Write ``folder/README.md``; returns its path."""
     path = Path(folder) / "README.md"
@@ -208,8 +227,10 @@ def card_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from finetune.train.assembly import build_from_run
 
     run = RunDir.open(run_dir)
+    path = Path(out) if out else run / "README.md"
+    if path.name == "README.md":
+        check_card_folder(path.parent)
     parts = build_from_run(run)
     _, info = run_classifier(run, parts)
-    path = Path(out) if out else run / "README.md"
     atomic_write_text(path, card_text(run, parts, info))
     return path

@@ -1,4 +1,4 @@
-"""Exporting a run: one ONNX or TorchScript file that takes the image, plus ``model.json`` beside it.
+"""Exporting a run: an ONNX, TorchScript, LiteRT or OpenVINO file that takes the image, its sidecar JSON, a card.
 
 The exported graph takes **uint8 RGB images, NHWC** (``[batch, height, width, 3]``, as PIL or OpenCV decode them;
 the batch axis is dynamic, and so are height and width) and returns **probabilities** ``[batch, classes]``. Inside
@@ -168,14 +168,20 @@ class Exported:
 
 
 def _default_out(run: RunDir, fmt: str) -> Path:
-    return run / "export" / (f"{fmt}/model{FORMATS[fmt]}" if fmt == "openvino" else f"model{FORMATS[fmt]}")
+    """``RUN/export/model.onnx`` or ``.pt``; LiteRT and OpenVINO in folders of their own (sidecars, card)."""
+    name = f"model{FORMATS[fmt]}"
+    return run / "export" / (f"{fmt}/{name}" if fmt in ("litert", "openvino") else name)
 
 
-def _check_request(fmt: str, int8: bool) -> None:
+def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if int8 and fmt == "torchscript":
         raise UserError("--int8: TorchScript has no INT8 export here; use --format onnx, openvino or litert")
+    if out is not None and (out.suffix != FORMATS[fmt] or out.stem.endswith(".int8")):
+        raise UserError(f"--out {out}: a {fmt} file is named like model{FORMATS[fmt]}")
+    if out is not None and out.exists() and out.is_dir():
+        raise UserError(f"{out}: is a folder; give a file name for the exported model")
     if fmt in ("litert", "openvino"):
         mobile.require(fmt)
 
@@ -201,13 +207,21 @@ def export_run(
 
     Returns:
         The files written and, with ``int8``, the fp32/INT8 comparison.
+
+    Raises:
+        UserError: For an unknown format, ``--int8`` with TorchScript, an ``out`` of another suffix, a missing extra,
+            a bad calibration count, or a folder whose ``README.md`` is not a finetune model card.
     """
-    _check_request(fmt, int8)
+    _check_request(fmt, int8, Path(out) if out else None)
     run = RunDir.open(run_dir)
     out = Path(out) if out else _default_out(run, fmt)
-    if out.exists() and out.is_dir():
-        raise UserError(f"{out}: is a folder; give a file name for the exported model")
-    parts = build_from_run(run, ("train", "val", "test") if int8 or fmt == "openvino" else ())
+    if card:
+        from finetune.deploy.card import check_card_folder
+
+        check_card_folder(out.parent)
+    # No DataLoader workers: forking after the LiteRT converter (JAX, TensorFlow) has started its threads crashed.
+    overrides = ["data.num_workers=0"] if fmt == "litert" else None
+    parts = build_from_run(run, ("train", "val", "test") if int8 else (), overrides)
     cal_loader = calibration_loader(parts, calibration_images) if int8 else None  # a bad count fails before work
     model, info = run_classifier(run, parts)
     if fmt == "torchscript":
@@ -263,8 +277,10 @@ def check_int8(
     fp32_thr = int8_thr = None
     if parts.task.calibrates:
         fp32_thr = np.asarray(info["thresholds"])
-        int8_thr, how = refit(parts, outs8)
-        int8_info.update(thresholds=int8_thr.tolist(), thresholds_from=how)
+        int8_thr = fp32_thr
+        if (parts.run / "thresholds.json").is_file() and parts.calibration.enabled:
+            int8_thr, how = refit(parts, outs8)  # a run that never calibrated keeps its fixed threshold
+            int8_info.update(thresholds=int8_thr.tolist(), thresholds_from=how)
     comparison = compare(parts, outs32, outs8, fp32_thr, int8_thr)
     int8_info["quantization"] = {
         "tool": "onnxruntime.quantization.quantize_static",

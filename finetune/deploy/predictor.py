@@ -127,7 +127,9 @@ def _read_info(path: Path, embedded: dict[str, Any] | None = None) -> dict[str, 
     """The model's fields: its embedded metadata, else its sidecar (``model.int8.json``), else ``model.json``."""
     if embedded:
         return embedded
-    for beside in dict.fromkeys([path.with_suffix(".json"), path.with_name("model.json")]):
+    # An INT8 file never falls back to model.json: those are the fp32 model's thresholds.
+    fallback = [] if path.stem.endswith(".int8") else [path.with_name("model.json")]
+    for beside in dict.fromkeys([path.with_suffix(".json"), *fallback]):
         if beside.is_file():
             return json.loads(beside.read_text())
     name = path.with_suffix(".json").name
@@ -209,12 +211,14 @@ class Predictor:
         from finetune.deploy import mobile
 
         mobile.require("openvino", runtime=True)
-        backend, info = mobile.openvino_backend(Path(path), "CPU" if device in ("auto", "cpu") else device.upper())
+        if device not in ("auto", "cpu", "CPU", "GPU", "NPU"):
+            raise UserError(f"--device {device!r}: OpenVINO runs on auto/cpu here (or its own GPU / NPU names)")
+        backend, info = mobile.openvino_backend(Path(path), "CPU" if device in ("auto", "cpu") else device)
         return cls(backend, _read_info(Path(path), info), threshold)
 
     @classmethod
     def load(cls, source: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
-        """A run directory or an exported file: ``.onnx``, TorchScript ``.pt``, LiteRT ``.tflite`` OpenVINO ``.xml``."""
+        """A run directory or an exported file: ``.onnx``, TorchScript ``.pt``, ``.tflite``, ``.xml``."""
         source = Path(source)
         if source.is_dir():
             return cls.from_run(source, device, threshold)

@@ -2,11 +2,16 @@
 
 The quantizer is onnxruntime's (``quantize_static``): QDQ format, per-channel int8 weights, uint8 activations (the
 combination onnxruntime recommends on x86-64), MinMax ranges collected on a seeded random subset of the run's train
-images through the evaluation pipeline (no augmentation). Only the network's Conv/Gemm/MatMul ops are quantized:
-the graph's preprocessing (cast, resize, normalisation), the residual Adds and the sigmoid/softmax stay in float.
-On efficientnet_lite0 / coco-small (224 px, test split) the variants measured gave test mAP (fp32 49.6): Conv+Gemm
-47.8, with the Adds 47.2, Percentile ranges 46.0, Entropy 47.2, int8 activations 47.2, reduce_range 46.4, uint8
-weights 45.6, depthwise convs kept in float 47.0 (and the stem too 47.6): the one kept is the best of them.
+images through the evaluation pipeline (no augmentation). The network's ops are quantized (:data:`QUANTIZED_OPS`:
+convolutions, the classifier, the ReLU6 clips and the pooling, so onnxruntime fuses them); the graph's
+preprocessing (cast, resize, normalisation), the residual Adds and the sigmoid/softmax stay in float, so the
+probabilities the thresholds cut are not rounded to 256 levels.
+
+On efficientnet_lite0 / coco-small (224 px, test split; fp32 test mAP 49.6, batch-1 17.6 ms) the variants measured:
+these ops 48.8 (17.0 ms); with the Adds too 48.2 (14.9 ms); Conv + Gemm only 47.8; every op onnxruntime can
+quantize (the sigmoid included) was fastest on mobilenetv2_100 (0.67x fp32) but rounds the probabilities; Percentile
+ranges 46.0; Entropy 47.2; int8 activations 47.2; reduce_range 46.4; uint8 weights 45.6; depthwise convs kept in
+float 47.0 and twice slower. The one kept is the most accurate.
 
 Quantization moves the probabilities, so per-class thresholds fitted on the fp32 model are no longer the F1-optimal
 ones for the INT8 model. :func:`refit` fits them again on the INT8 model's probabilities, with the run's own
@@ -32,7 +37,7 @@ from finetune.eval.thresholds import cross_fit
 from finetune.train.assembly import RunParts
 
 DEFAULT_CALIBRATION_IMAGES = 300
-QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Clip", "Relu", "GlobalAveragePool", "Flatten"]
 Backend = Callable[[np.ndarray], np.ndarray]
 
 
@@ -132,7 +137,10 @@ def _held_out(parts: RunParts, outs: dict, thresholds: np.ndarray) -> tuple[dict
     cs = parts.calibration
     out = outs[cs.split]
     cs, _ = resolve_shrink(cs, out)
-    per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+    try:
+        per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+    except ValueError as err:
+        raise UserError(f"INT8 check on {cs.split}: {err}") from None
     return out, per_row, f"{min(cs.folds, len(per_row))}-fold cross-fitting on {cs.split}"
 
 
@@ -157,13 +165,13 @@ def compare(parts: RunParts, fp32: dict, int8: dict, fp32_thr: np.ndarray | None
     Single-label rows: top-1 accuracy and how many images' top class changed.
     """
     if fp32_thr is None or int8_thr is None:
-        out32, out8 = (o.get("test", o[parts.calibration.split]) for o in (fp32, int8))
+        out32, out8 = (o["test"] if "test" in o else o["val"] for o in (fp32, int8))
         top32, top8 = out32["probs"].argmax(1), out8["probs"].argmax(1)
         rows = [
             {"model": m, "top1": summarize_single(o["targets"], o["probs"])["top1"], "images_changed": n}
             for m, o, n in (("fp32", out32, 0), ("int8", out8, int((top32 != top8).sum())))
         ]
-        how = "test split" if "test" in fp32 else parts.calibration.split
+        how = "test split" if "test" in fp32 else "val split"
     else:
         held32, thr32, how = _held_out(parts, fp32, fp32_thr)
         held8, thr8, _ = _held_out(parts, int8, int8_thr)
