@@ -128,7 +128,7 @@ def quality(fn: Any, parts: Any, carried: np.ndarray) -> dict[str, float]:
 
 def bench_run(run_dir: Path, reps: int) -> list[dict[str, Any]]:
     """One row per backend."""
-    parts = build_from_run(RunDir.open(run_dir), ("val", "test"))
+    parts = build_from_run(RunDir.open(run_dir), ("val", "test"), ["data.num_workers=0"])  # no fork after JAX
     carried = np.array([c["threshold"] for c in RunDir.open(run_dir).read_json("thresholds.json")["classes"]])
     images = np.concatenate(list(_first_batches(parts, 32)))[:32]
     rows = []

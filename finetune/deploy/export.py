@@ -219,9 +219,9 @@ def export_run(
         from finetune.deploy.card import check_card_folder
 
         check_card_folder(out.parent)
-    # No DataLoader workers: forking after the LiteRT converter (JAX, TensorFlow) has started its threads crashed.
-    overrides = ["data.num_workers=0"] if fmt == "litert" else None
-    parts = build_from_run(run, ("train", "val", "test") if int8 else (), overrides)
+    # No DataLoader workers: a fork after the LiteRT converter (JAX, TensorFlow) has started its threads, in this
+    # export or an earlier one in the same process, crashed (a segfault). Decoding a few hundred images costs seconds.
+    parts = build_from_run(run, ("train", "val", "test") if int8 else (), ["data.num_workers=0"])
     cal_loader = calibration_loader(parts, calibration_images) if int8 else None  # a bad count fails before work
     model, info = run_classifier(run, parts)
     if fmt == "torchscript":
