@@ -122,6 +122,6 @@ def card_command(
     output: Annotated[Path | None, typer.Option("--out", help="File to write (default RUN/README.md).")] = None,
 ) -> None:
     """Write a run's model card (README.md with YAML front matter: task, classes, thresholds, metrics, data)."""
-    from finetune.deploy.card import card_run
+    from finetune.deploy.export import card_run
 
     out.print(f"wrote {escape(str(card_run(run_dir, output)))}")

@@ -22,7 +22,7 @@ from finetune.train.assembly import data as assembly_data
 from finetune.train.rundir import RunDir
 
 if TYPE_CHECKING:
-    from finetune.deploy.export import Exported
+    from finetune.deploy.exported import Exported
     from finetune.train.assembly import RunParts
 
 FEW_POSITIVES = 5  # a class with fewer train positives than this is named under the limitations
@@ -218,19 +218,4 @@ def write_card(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exp
     """Write ``folder/README.md``; returns its path."""
     path = Path(folder) / "README.md"
     atomic_write_text(path, card_text(run, parts, info, exported))
-    return path
-
-
-def card_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """``finetune card RUN``: the card of a run directory, written to ``out`` (default ``RUN/README.md``)."""
-    from finetune.deploy.export import run_classifier
-    from finetune.train.assembly import build_from_run
-
-    run = RunDir.open(run_dir)
-    path = Path(out) if out else run / "README.md"
-    if path.name == "README.md":
-        check_card_folder(path.parent)
-    parts = build_from_run(run)
-    _, info = run_classifier(run, parts)
-    atomic_write_text(path, card_text(run, parts, info))
     return path

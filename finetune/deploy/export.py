@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +28,11 @@ from torch import nn
 
 from finetune import __version__
 from finetune.deploy import mobile
-from finetune.deploy.quantize import (
-    QUANTIZED_OPS,
-    Backend,
-    backend_outputs,
-    calibration_loader,
-    compare,
-    nhwc_batches,
-    quantize_onnx,
-    refit,
-)
+from finetune.deploy.exported import Exported, onnx_backend, sidecar, with_metadata
+from finetune.deploy.quantize import calibration_loader, check_int8, nhwc_batches, quantize_onnx
 from finetune.errors import UserError
 from finetune.eval.run_report import load_thresholds
-from finetune.io import atomic_write_bytes, atomic_write_json
+from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from finetune.models import hflip_average
 from finetune.train.assembly import RunParts, build_from_run
 from finetune.train.rundir import RunDir
@@ -123,11 +114,6 @@ def run_classifier(run: RunDir, parts: RunParts | None = None) -> tuple[ImageCla
     return wrapped, info
 
 
-def sidecar(path: Path) -> Path:
-    """The JSON beside an export: ``model.onnx`` -> ``model.json``, ``model.int8.onnx`` -> ``model.int8.json``."""
-    return path.with_suffix(".json")
-
-
 def _example(size: int) -> torch.Tensor:
     return torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
@@ -156,15 +142,6 @@ def _torchscript_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
         traced = torch.jit.trace(model, (_example(model.size),), check_trace=False)
         torch.jit.save(traced, buf, _extra_files={"model.json": json.dumps(info)})
     return buf.getvalue()
-
-
-@dataclass
-class Exported:
-    """What an export wrote: the model file, every file beside it, and the fp32/INT8 comparison (with ``int8``)."""
-
-    path: Path
-    files: list[Path] = field(default_factory=list)
-    comparison: dict[str, Any] | None = None
 
 
 def _default_out(run: RunDir, fmt: str) -> Path:
@@ -267,49 +244,15 @@ def _export_onnx(
     return result
 
 
-def check_int8(
-    parts: RunParts, info: dict[str, Any], fp32: Backend, int8: Backend, calibration_images: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The INT8 model's sidecar fields (re-fitted thresholds) and its comparison with fp32 on held-out data."""
-    roles = [r for r in dict.fromkeys([parts.calibration.split, "val", "test"]) if r in parts.splits]
-    outs32, outs8 = backend_outputs(fp32, parts, roles), backend_outputs(int8, parts, roles)
-    int8_info = {**info, "precision": "int8"}
-    fp32_thr = int8_thr = None
-    if parts.task.calibrates:
-        fp32_thr = np.asarray(info["thresholds"])
-        int8_thr = fp32_thr
-        if (parts.run / "thresholds.json").is_file() and parts.calibration.enabled:
-            int8_thr, how = refit(parts, outs8)  # a run that never calibrated keeps its fixed threshold
-            int8_info.update(thresholds=int8_thr.tolist(), thresholds_from=how)
-    comparison = compare(parts, outs32, outs8, fp32_thr, int8_thr)
-    int8_info["quantization"] = {
-        "tool": "onnxruntime.quantization.quantize_static",
-        "format": "QDQ",
-        "weights": "int8, per channel",
-        "activations": "uint8, per tensor, MinMax",
-        "ops": QUANTIZED_OPS,
-        "calibration_images": calibration_images,
-    }
-    int8_info["comparison"] = comparison
-    return int8_info, comparison
+def card_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``finetune card RUN``: the card of a run directory, written to ``out`` (default ``RUN/README.md``)."""
+    from finetune.deploy.card import card_text, check_card_folder
 
-
-def with_metadata(data: bytes, info: dict[str, Any]) -> bytes:
-    """An ONNX model's bytes with ``info`` as its ``metadata_props`` (one key per field, JSON-encoded)."""
-    import onnx
-
-    proto = onnx.load_from_string(data)
-    del proto.metadata_props[:]
-    for key, value in info.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    return proto.SerializeToString()
-
-
-def onnx_backend(data: bytes) -> Backend:
-    """An onnxruntime CPU session over an ONNX model's bytes, as a uint8 NHWC -> probabilities function."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    run = RunDir.open(run_dir)
+    path = Path(out) if out else run / "README.md"
+    if path.name == "README.md":
+        check_card_folder(path.parent)
+    parts = build_from_run(run)
+    _, info = run_classifier(run, parts)
+    atomic_write_text(path, card_text(run, parts, info))
+    return path

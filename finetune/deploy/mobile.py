@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from finetune.deploy.exported import Exported, onnx_backend, sidecar
 from finetune.errors import UserError
 from finetune.io import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
-    from finetune.deploy.export import Exported, ImageClassifier
-    from finetune.deploy.quantize import Backend
+    from finetune.deploy.exported import Backend
     from finetune.train.assembly import RunParts
 
 EXTRAS = {  # format -> (modules to export with, module to run with)
@@ -82,15 +82,14 @@ def _signatures(model: bytes) -> list[tuple[str, str]]:
 
 
 def export_litert(
-    model: ImageClassifier,
+    model: torch.nn.Module,
     info: dict[str, Any],
     out: Path,
     parts: RunParts,
     cal_loader: torch.utils.data.DataLoader | None,
 ) -> Exported:
     """``model.tflite`` and, with a calibration loader, ``model.int8.tflite`` with re-fitted thresholds."""
-    from finetune.deploy.export import Exported, check_int8, sidecar
-    from finetune.deploy.quantize import nhwc_batches
+    from finetune.deploy.quantize import check_int8, nhwc_batches
 
     example = torch.zeros(1, model.size, model.size, 3, dtype=torch.uint8)
     fp32 = _litert_bytes(model, example)
@@ -176,8 +175,6 @@ def _save_ir(onnx_path: Path, xml: Path, info: dict[str, Any]) -> None:
 
 def export_openvino(result: Exported, out: Path, info: dict[str, Any], parts: RunParts) -> Exported:
     """OpenVINO IR of the exported ONNX file(s), and a parity check of OpenVINO's CPU runtime against onnxruntime."""
-    from finetune.deploy.export import Exported, sidecar
-
     files = [out, out.with_suffix(".bin"), *result.files]
     pairs = [(result.path, out, info)]
     if result.comparison is not None:
@@ -197,7 +194,6 @@ def export_openvino(result: Exported, out: Path, info: dict[str, Any], parts: Ru
 
 def _parity(xml: Path, onnx_path: Path, fields: dict[str, Any], parts: RunParts) -> dict[str, Any]:
     """OpenVINO's CPU runtime vs onnxruntime on the val split: largest probability difference, decisions flipped."""
-    from finetune.deploy.export import onnx_backend
     from finetune.deploy.quantize import backend_outputs
     from finetune.train.assembly import build_from_run
 

@@ -22,13 +22,14 @@ calibration settings and split; :func:`compare` scores fp32 and INT8 side by sid
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from finetune.deploy.exported import Backend
 from finetune.errors import UserError
 from finetune.eval.metrics import summarize, summarize_single
 from finetune.eval.predict import handle_bad_images
@@ -38,7 +39,6 @@ from finetune.train.assembly import RunParts
 
 DEFAULT_CALIBRATION_IMAGES = 300
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Clip", "Relu", "GlobalAveragePool", "Flatten"]
-Backend = Callable[[np.ndarray], np.ndarray]
 
 
 def nhwc_batches(loader: torch.utils.data.DataLoader, policy: str = "skip") -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -203,3 +203,30 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     diff = f"max |p_fp32 - p_int8| {comparison['max_abs_prob_diff']:.4f}"
     return "\n".join([f"Scored on: {comparison['scored_on']}; {diff}.", "", *lines])
+
+
+def check_int8(
+    parts: RunParts, info: dict[str, Any], fp32: Backend, int8: Backend, calibration_images: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The INT8 model's sidecar fields (re-fitted thresholds) and its comparison with fp32 on held-out data."""
+    roles = [r for r in dict.fromkeys([parts.calibration.split, "val", "test"]) if r in parts.splits]
+    outs32, outs8 = backend_outputs(fp32, parts, roles), backend_outputs(int8, parts, roles)
+    int8_info = {**info, "precision": "int8"}
+    fp32_thr = int8_thr = None
+    if parts.task.calibrates:
+        fp32_thr = np.asarray(info["thresholds"])
+        int8_thr = fp32_thr
+        if (parts.run / "thresholds.json").is_file() and parts.calibration.enabled:
+            int8_thr, how = refit(parts, outs8)  # a run that never calibrated keeps its fixed threshold
+            int8_info.update(thresholds=int8_thr.tolist(), thresholds_from=how)
+    comparison = compare(parts, outs32, outs8, fp32_thr, int8_thr)
+    int8_info["quantization"] = {
+        "tool": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "weights": "int8, per channel",
+        "activations": "uint8, per tensor, MinMax",
+        "ops": QUANTIZED_OPS,
+        "calibration_images": calibration_images,
+    }
+    int8_info["comparison"] = comparison
+    return int8_info, comparison

@@ -1,0 +1,52 @@
+"""What an export produces and reads back, below every exporter: the result, sidecar names, ONNX metadata, a session.
+
+Kept apart from :mod:`finetune.deploy.export` so that the exporters for other formats and the INT8 check, which
+the export module calls, can use these without importing it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Backend = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC images -> probabilities
+
+
+@dataclass
+class Exported:
+    """What an export wrote: the model file, every file beside it, and the fp32/INT8 comparison (with ``int8``)."""
+
+    path: Path
+    files: list[Path] = field(default_factory=list)
+    comparison: dict[str, Any] | None = None
+
+
+def sidecar(path: Path) -> Path:
+    """The JSON beside an export: ``model.onnx`` -> ``model.json``, ``model.int8.onnx`` -> ``model.int8.json``."""
+    return path.with_suffix(".json")
+
+
+def with_metadata(data: bytes, info: dict[str, Any]) -> bytes:
+    """An ONNX model's bytes with ``info`` as its ``metadata_props`` (one key per field, JSON-encoded)."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    del proto.metadata_props[:]
+    for key, value in info.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    return proto.SerializeToString()
+
+
+def onnx_backend(data: bytes) -> Backend:
+    """An onnxruntime CPU session over an ONNX model's bytes, as a uint8 NHWC -> probabilities function."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
