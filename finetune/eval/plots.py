@@ -36,17 +36,19 @@ def pr_curves(
     order = [c for c in np.argsort(-support, kind="stable") if support[c] > 0]
     picked = order[:k] + [c for c in order[-k:] if c not in order[:k]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, group, title in ((axes[0], order[:k], "most frequent"), (axes[1], picked[len(order[:k]) :], "least")):
+    groups = ((axes[0], order[:k], "most frequent"), (axes[1], picked[len(order[:k]) :], "least frequent"))
+    for ax, group, title in groups:
         for c in group:
             prec, rec, _ = precision_recall_curve(targets[:, c], probs[:, c])
-            (line,) = ax.step(rec, prec, where="post", label=f"{names[c]} (n={support[c]})")
+            # The threshold goes in the legend: annotations at neighbouring operating points ran into one string.
+            label = f"{names[c]} (n={int(support[c])}, t={thresholds[c]:.2f})"
+            (line,) = ax.step(rec, prec, where="post", label=label)
             pred = probs[:, c] >= thresholds[c]
             tp = (pred & (targets[:, c] > 0)).sum()
             p_at = tp / max(pred.sum(), 1)
             r_at = tp / support[c]
             ax.plot([r_at], [p_at], "o", color=line.get_color(), markersize=8, markeredgecolor="black")
-            ax.annotate(f"t={thresholds[c]:.2f}", (r_at, p_at), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set(title=f"{title} classes ({split})", xlabel="recall", xlim=(0, 1.02), ylim=(0, 1.02))
+        ax.set(title=f"{title} classes ({split})", xlabel="recall", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
         if group:
             ax.legend(loc="lower left", fontsize=8)

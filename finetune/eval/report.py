@@ -130,7 +130,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     for name, split in report["splits"].items():
         for kind, s in (("fixed", split["summary"]), ("calibrated", split.get("calibrated", {}).get("summary"))):
             if s is not None:
-                lines.append(f"| {name} | {kind} | {split['images']} | " + " | ".join(_pct(s[k]) for k in SUMMARY_KEYS))
+                cells = [name, kind, str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS)]
+                lines.append("| " + " | ".join(cells) + " |")
     for name, split in report["splits"].items():
         has_cal = "calibrated" in split
         cols = ["class", "support", "AP", "P", "R", "F1"] + (

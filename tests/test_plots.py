@@ -1,0 +1,41 @@
+"""Issue 21, item 4: the PNG plots and Markdown tables a user reads, mended (what a person saw in them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.data.split import ClassMap
+from finetune.eval import plots
+from finetune.eval.report import markdown_report
+from finetune.eval.tasks import MULTI_LABEL
+
+
+def test_pr_plot_titles_counts_and_thresholds_read_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    targets = (rng.random((200, 8)) < np.linspace(0.5, 0.02, 8)).astype(np.float32)
+    probs = np.clip(targets * 0.6 + rng.random((200, 8)) * 0.5, 0, 1)
+    thresholds = np.array([0.39, 0.33, 0.4, 0.41, 0.3, 0.32, 0.35, 0.38])
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.pr_curves(targets, probs, thresholds, [f"c{i}" for i in range(8)], tmp_path / "pr.png", "val")
+    (fig,) = figures
+    left, right = fig.axes[:2]
+    assert left.get_title() == "most frequent classes (val)" and right.get_title() == "least frequent classes (val)"
+    labels = [t.get_text() for ax in (left, right) for t in ax.get_legend().get_texts()]
+    support = targets.sum(0).astype(int)
+    assert labels[0] == f"c0 (n={support[0]}, t=0.39)" and all(".0," not in label for label in labels)
+    assert not [t for ax in (left, right) for t in ax.texts]  # no free-floating threshold labels to collide
+
+
+def test_markdown_summary_rows_are_closed() -> None:
+    rng = np.random.default_rng(1)
+    targets = (rng.random((40, 3)) < 0.4).astype(np.float32)
+    probs = rng.random((40, 3))
+    classes = ClassMap((1, 2, 3), ("a", "b", "c"))
+    split = MULTI_LABEL.split_report(targets, probs, classes, 0.5, np.full(3, 0.4))
+    text = markdown_report({"task": "multi_label", "threshold": 0.5, "calibration": None, "splits": {"val": split}})
+    rows = [line for line in text.splitlines() if line.startswith("| val |")]
+    assert len(rows) == 2 and all(row.endswith(" |") for row in rows)
