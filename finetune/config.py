@@ -74,6 +74,9 @@ class DataConfig(_Section):
     include_crowd: bool = True
     min_box_area: float = Field(0.0, ge=0.0)
     on_bad_image: Literal["skip", "error"] = "skip"
+    on_leak: Literal["warn", "error"] = Field(
+        "warn", description="validate --check-images: an image in two splits (exact or near duplicate) warns or errs"
+    )
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")

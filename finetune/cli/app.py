@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -60,6 +60,22 @@ def run(
         teardown()  # under torchrun: leave the process group
 
 
+def _report_duplicates(parts: Any) -> None:
+    """Exact and near duplicates within and across the splits; a leak across splits errs with data.on_leak."""
+    from finetune.data.leaks import find_duplicates
+
+    found = find_duplicates(parts.splits)
+    leaks = [d for d in found if d.leak]
+    if leaks and parts.recipe.data.on_leak == "error":
+        more = f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else ""
+        raise UserError(f'{leaks[0].line()}{more}; remove one of each pair, or set data.on_leak = "warn"')
+    for d in found[:20]:
+        err.print(f"[yellow]{'leak' if d.leak else 'duplicate'}[/] {escape(d.line())}")
+    if len(found) > 20:
+        err.print(f"... and {len(found) - 20} more")
+    err.print(f"duplicates: {len(found) - len(leaks)} within splits, {len(leaks)} across splits")
+
+
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
@@ -82,6 +98,7 @@ def validate(
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise UserError(problems[0] + more)
+        _report_duplicates(parts)
     parts.training(run_dir)  # what `run` builds before its first step: validate refuses what run refuses
     classes, steps, load_report = parts.classes, parts.plan, parts.model_and_report[1]
     n_params = sum(p.numel() for p in parts.model.parameters())

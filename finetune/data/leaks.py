@@ -1,0 +1,100 @@
+"""Duplicate and leaked images: the same picture twice in a split, or in two splits (train and test, say).
+
+A leak across splits silently inflates every number a report prints: the model has seen the test image. Two kinds:
+
+- **exact**: the same file content (SHA-256 of the bytes; of the pixels for in-memory images);
+- **near**: the same picture re-encoded, resized or lightly edited: perceptual hashes (imagehash's DCT ``phash``,
+  64 bits) at most ``max_distance`` bits apart. Hashes are compared in vectorised chunks (n x n / 2 XOR-popcounts:
+  about a second for 10,000 images), not in a Python double loop.
+
+``finetune validate --check-images`` reports both, within and across splits; a leak across splits is a warning
+unless ``data.on_leak = "error"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from finetune.data.split import DECODE_ERRORS, Split, read_rgb
+
+NEAR_DISTANCE = 6  # bits of 64: a JPEG re-encode or a resize moves a phash by 0-4 bits; unrelated photos by ~32
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """Two images that are the same picture."""
+
+    kind: str  # "exact" or "near"
+    a: tuple[str, str]  # (split role, path)
+    b: tuple[str, str]
+    distance: int  # phash bits apart (0 for exact)
+
+    @property
+    def leak(self) -> bool:
+        """The pair spans two splits."""
+        return self.a[0] != self.b[0]
+
+    def line(self) -> str:
+        """One readable line."""
+        where = f"{self.a[0]}<->{self.b[0]}" if self.leak else f"within {self.a[0]}"
+        return f"{self.kind} duplicate ({where}, {self.distance} bits): {self.a[1]} and {self.b[1]}"
+
+
+def _fingerprints(split: Split) -> tuple[list[str], list[str], np.ndarray]:
+    """Per readable image: its name, its content digest and its 64-bit phash as 8 bytes."""
+    import imagehash
+
+    names, digests, hashes = [], [], []
+    items = split.image_paths
+    for i in range(len(items)):
+        item = items[i]
+        try:
+            if isinstance(items, np.ndarray):
+                pixels, digest = item, hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest()
+            else:
+                digest = hashlib.sha256(Path(item).read_bytes()).hexdigest()
+                pixels = read_rgb(Path(item))
+        except DECODE_ERRORS:
+            continue  # unreadable images are check_images' to report
+        bits = imagehash.phash(Image.fromarray(pixels)).hash.flatten()
+        names.append(str(item) if not isinstance(items, np.ndarray) else f"#{i}")
+        digests.append(digest)
+        hashes.append(np.packbits(bits))
+    return names, digests, np.array(hashes, dtype=np.uint8).reshape(-1, 8)
+
+
+def _near_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 512) -> list[tuple[int, int, int]]:
+    """Index pairs ``i < j`` whose hashes are at most ``max_distance`` bits apart, with the distance."""
+    pairs = []
+    for start in range(0, len(hashes), chunk):
+        block = hashes[start : start + chunk]
+        dist = _POPCOUNT[block[:, None, :] ^ hashes[None, :, :]].sum(-1, dtype=np.int32)
+        rows, cols = np.nonzero(dist <= max_distance)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            if start + r < c:
+                pairs.append((start + r, c, int(dist[r, c])))
+    return pairs
+
+
+def find_duplicates(splits: dict[str, Split], max_distance: int = NEAR_DISTANCE) -> list[Duplicate]:
+    """Exact and near duplicates within and across ``splits`` (role -> split); leaks across splits first."""
+    roles, names, digests, hashes = [], [], [], []
+    for role, split in splits.items():
+        n, d, h = _fingerprints(split)
+        roles += [role] * len(n)
+        names += n
+        digests += d
+        hashes.append(h)
+    if not names:
+        return []
+    found = []
+    for i, j, dist in _near_pairs(np.concatenate(hashes), max_distance):
+        kind = "exact" if digests[i] == digests[j] else "near"
+        found.append(Duplicate(kind, (roles[i], names[i]), (roles[j], names[j]), 0 if kind == "exact" else dist))
+    return sorted(found, key=lambda d: (not d.leak, d.kind != "exact", d.distance))
