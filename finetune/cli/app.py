@@ -60,11 +60,14 @@ def run(
         teardown()  # under torchrun: leave the process group
 
 
-def _report_duplicates(parts: Any) -> None:
-    """Exact and near duplicates within and across the splits; a leak across splits errs with data.on_leak."""
-    from finetune.data.leaks import find_duplicates
+def _check_images(parts: Any) -> None:
+    """Decode every image once: an unreadable one errs; duplicates are listed, and a leak errs with data.on_leak."""
+    from finetune.data.leaks import scan_images
 
-    found = find_duplicates(parts.splits)
+    problems, found = scan_images(parts.splits)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
     leaks = [d for d in found if d.leak]
     if leaks and parts.recipe.data.on_leak == "error":
         more = f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else ""
@@ -86,19 +89,13 @@ def validate(
     from finetune.config import load_recipe
 
     cfg = load_recipe(recipe, overrides)
-    from finetune.data.split import check_images as check
     from finetune.train.assembly import build_run
     from finetune.train.rundir import RunDir
 
     parts = build_run(cfg)
     run_dir = Path(parts.recipe.output.dir) / parts.recipe.output.name
     if check_images:
-        for s in parts.splits.values():
-            problems = check(s.image_paths, decode=True)
-            if problems:
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise UserError(problems[0] + more)
-        _report_duplicates(parts)
+        _check_images(parts)
     parts.training(run_dir)  # what `run` builds before its first step: validate refuses what run refuses
     classes, steps, load_report = parts.classes, parts.plan, parts.model_and_report[1]
     n_params = sum(p.numel() for p in parts.model.parameters())

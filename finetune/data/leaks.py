@@ -2,7 +2,7 @@
 
 A leak across splits silently inflates every number a report prints: the model has seen the test image. Two kinds:
 
-- **exact**: the same file content (SHA-256 of the bytes; of the pixels for in-memory images);
+- **exact**: the same decoded pixels (SHA-256 of them: a file re-saved losslessly is the same picture);
 - **near**: the same picture re-encoded, resized or lightly edited: perceptual hashes (imagehash's DCT ``phash``,
   64 bits) at most ``max_distance`` bits apart. Hashes are compared in vectorised chunks (n x n / 2 XOR-popcounts:
   about a second for 10,000 images), not in a Python double loop.
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from finetune.data.split import DECODE_ERRORS, Split, read_rgb
+from finetune.data.split import Split, check_images
 
 NEAR_DISTANCE = 6  # bits of 64: a JPEG re-encode or a resize moves a phash by 0-4 bits; unrelated photos by ~32
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -46,27 +45,23 @@ class Duplicate:
         return f"{self.kind} duplicate ({where}, {self.distance} bits): {self.a[1]} and {self.b[1]}"
 
 
-def _fingerprints(split: Split) -> tuple[list[str], list[str], np.ndarray]:
-    """Per readable image: its name, its content digest and its 64-bit phash as 8 bytes."""
+def _fingerprints(split: Split) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """Per readable image: its name, a digest of its pixels and its 64-bit phash as 8 bytes; and the problems.
+
+    The images are decoded once, by :func:`~finetune.data.split.check_images` (which reports the unreadable ones).
+    """
     import imagehash
 
     names, digests, hashes = [], [], []
-    items = split.image_paths
-    for i in range(len(items)):
-        item = items[i]
-        try:
-            if isinstance(items, np.ndarray):
-                pixels, digest = item, hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest()
-            else:
-                digest = hashlib.sha256(Path(item).read_bytes()).hexdigest()
-                pixels = read_rgb(Path(item))
-        except DECODE_ERRORS:
-            continue  # unreadable images are check_images' to report
-        bits = imagehash.phash(Image.fromarray(pixels)).hash.flatten()
-        names.append(str(item) if not isinstance(items, np.ndarray) else f"#{i}")
-        digests.append(digest)
-        hashes.append(np.packbits(bits))
-    return names, digests, np.array(hashes, dtype=np.uint8).reshape(-1, 8)
+
+    def fingerprint(i: int, pixels: np.ndarray) -> None:
+        in_memory = isinstance(split.image_paths, np.ndarray)
+        names.append(f"#{i}" if in_memory else str(split.image_paths[i]))
+        digests.append(hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
+        hashes.append(np.packbits(imagehash.phash(Image.fromarray(pixels)).hash.flatten()))
+
+    problems = check_images(split.image_paths, decode=True, each=fingerprint)
+    return names, digests, np.array(hashes, dtype=np.uint8).reshape(-1, 8), problems
 
 
 def _near_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 512) -> list[tuple[int, int, int]]:
@@ -82,19 +77,29 @@ def _near_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 512) -> list
     return pairs
 
 
-def find_duplicates(splits: dict[str, Split], max_distance: int = NEAR_DISTANCE) -> list[Duplicate]:
-    """Exact and near duplicates within and across ``splits`` (role -> split); leaks across splits first."""
-    roles, names, digests, hashes = [], [], [], []
+def scan_images(splits: dict[str, Split], max_distance: int = NEAR_DISTANCE) -> tuple[list[str], list[Duplicate]]:
+    """Decode every image of ``splits`` (role -> split) once: the unreadable ones, and the duplicates among the rest.
+
+    Returns:
+        ``check_images``' problems, and the exact and near duplicates within and across splits (leaks first).
+    """
+    roles, names, digests, hashes, problems = [], [], [], [], []
     for role, split in splits.items():
-        n, d, h = _fingerprints(split)
+        n, d, h, p = _fingerprints(split)
         roles += [role] * len(n)
         names += n
         digests += d
         hashes.append(h)
+        problems += p
     if not names:
-        return []
+        return problems, []
     found = []
     for i, j, dist in _near_pairs(np.concatenate(hashes), max_distance):
         kind = "exact" if digests[i] == digests[j] else "near"
         found.append(Duplicate(kind, (roles[i], names[i]), (roles[j], names[j]), 0 if kind == "exact" else dist))
-    return sorted(found, key=lambda d: (not d.leak, d.kind != "exact", d.distance))
+    return problems, sorted(found, key=lambda d: (not d.leak, d.kind != "exact", d.distance))
+
+
+def find_duplicates(splits: dict[str, Split], max_distance: int = NEAR_DISTANCE) -> list[Duplicate]:
+    """Exact and near duplicates within and across ``splits``; leaks across splits first."""
+    return scan_images(splits, max_distance)[1]

@@ -6,6 +6,7 @@ target matrix over a :class:`ClassMap`, read before any image is opened. :func:`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,17 +118,28 @@ def read_rgb(path: str | Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def check_images(paths: list[Path], decode: bool = False) -> list[str]:
-    """Problems with image files: missing ones (a cheap stat), and with ``decode`` undecodable ones."""
+def check_images(
+    paths: list[Path], decode: bool = False, each: Callable[[int, np.ndarray], None] | None = None
+) -> list[str]:
+    """Problems with image files: missing ones (a cheap stat), and with ``decode`` undecodable ones.
+
+    ``each(index, pixels)`` is called for every image decoded (in-memory images included), so that a pass that
+    needs the pixels (duplicate finding) shares the one decode.
+    """
     problems: list[str] = []
     if isinstance(paths, np.ndarray):  # in-memory images: nothing on disk to check
+        for i in range(len(paths) if each is not None else 0):
+            each(i, paths[i])
         return problems
-    for path in paths:
+    for i, path in enumerate(paths):
         if not path.is_file():
             problems.append(f"{path}: image file not found")
         elif decode:
             try:
-                read_rgb(path)
+                pixels = read_rgb(path)
             except DECODE_ERRORS as err:
                 problems.append(f"{path}: cannot decode image ({type(err).__name__}: {err})")
+                continue
+            if each is not None:
+                each(i, pixels)
     return problems

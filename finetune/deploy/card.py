@@ -32,8 +32,9 @@ def _data(parts: RunParts) -> dict[str, Any]:
     """Split sizes and per-class train positives, read from the annotations (no image is opened)."""
     r = parts.raw
     about: dict[str, Any] = {"format": r.data.format, "root": str(r.data.root)}
-    try:
-        splits = assembly_data.build_splits(r, ("train", "val", "test"), False, parts.classes)
+    try:  # the splits an INT8 export has read already, else the annotations (no image is opened)
+        splits = parts.splits if "train" in parts.splits else None
+        splits = splits or assembly_data.build_splits(r, ("train", "val", "test"), False, parts.classes)
     except UserError as err:
         return {**about, "unavailable": str(err)}
     about["splits"] = {role: len(s.targets) for role, s in splits.items()}

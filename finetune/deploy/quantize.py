@@ -71,18 +71,6 @@ def calibration_loader(parts: RunParts, count: int | None = None) -> torch.utils
     return torch.utils.data.DataLoader(subset, batch_size=16, collate_fn=collate, num_workers=0)
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over uint8 NHWC batches."""
-
-    def __init__(self, name: str, batches: Iterator[np.ndarray]) -> None:
-        self.name, self.batches = name, batches
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        """The next feed, or None when the images are used up."""
-        batch = next(self.batches, None)
-        return None if batch is None else {self.name: batch}
-
-
 def quantize_onnx(fp32: bytes, batches: Iterator[np.ndarray], input_name: str) -> bytes:
     """Static INT8 (QDQ, per-channel weights) quantization of an fp32 ONNX model; returns the INT8 model's bytes.
 
@@ -92,7 +80,14 @@ def quantize_onnx(fp32: bytes, batches: Iterator[np.ndarray], input_name: str) -
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(input_name, batches)
+    class Reader(CalibrationDataReader):
+        """The uint8 NHWC batches as onnxruntime's calibration feeds."""
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(batches, None)
+            return None if batch is None else {input_name: batch}
+
+    reader = Reader()
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, dst = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(fp32)
