@@ -19,6 +19,7 @@ from rich.table import Table
 from finetune.cli import inspect
 from finetune.cli.data import data_app
 from finetune.cli.deploy import card_command, export_command, predict_command
+from finetune.cli.explain import inspect_command, report_command
 from finetune.cli.options import SetOption, check_threshold, err, out
 from finetune.errors import UserError, os_error_line
 
@@ -27,6 +28,8 @@ app.add_typer(data_app, name="data")
 app.command("predict")(predict_command)
 app.command("export")(export_command)
 app.command("card")(card_command)
+app.command("report")(report_command)
+app.command("inspect")(inspect_command)
 app.command("groups")(inspect.groups)
 app.command("summary")(inspect.summary)
 app.command("lr-find")(inspect.lr_find)

@@ -135,3 +135,44 @@ def lr_find_png(
     ax.set_title(title)
     ax.legend()
     _save(fig, path)
+
+
+def _stage_starts(records: list[dict]) -> list[float]:
+    """The epochs at which a new freeze stage began (drawn as dashed lines between epochs)."""
+    stages = [r.get("stage") for r in records]
+    return [records[i]["epoch"] - 0.5 for i in range(1, len(records)) if stages[i] != stages[i - 1]]
+
+
+def training_curves(records: list[dict], path: Path, title: str) -> None:
+    """Per epoch: train/val loss, the val metrics, each layer group's LR (log scale); stage starts dashed.
+
+    ``records`` are ``metrics.jsonl`` rows. At most :data:`MAX_PLOTTED` groups get a line of their own.
+    """
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    panels = (
+        (axes[0], ("train_loss", "val_loss"), "loss"),
+        (axes[1], ("val_map", "val_macro_f1", "val_micro_f1", "val_top1", "val_mean_recall"), "val metric"),
+    )
+    for ax, keys, label in panels:
+        for key in keys:
+            pts = [(e, r[key]) for e, r in zip(epochs, records) if isinstance(r.get(key), int | float)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=key)
+        ax.set(xlabel="epoch", ylabel=label)
+    groups = list(dict.fromkeys(g for r in records for g in r.get("lr_groups", {})))[:MAX_PLOTTED]
+    for g in groups:
+        pts = [(e, r["lr_groups"][g]) for e, r in zip(epochs, records) if r.get("lr_groups", {}).get(g)]
+        if pts:
+            axes[2].plot(*zip(*pts), marker=".", label=g)
+    if not groups:
+        axes[2].plot(epochs, [r.get("lr", np.nan) for r in records], marker=".", label="lr")
+    axes[2].set(xlabel="epoch", ylabel="learning rate (end of epoch)", yscale="log")
+    for ax in axes:
+        for x in _stage_starts(records):
+            ax.axvline(x, color="grey", linestyle="--", linewidth=1)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2 if ax is axes[2] else 1)
+    fig.suptitle(title + ("; dashed: a new freeze stage begins" if _stage_starts(records) else ""))
+    _save(fig, path)

@@ -21,7 +21,7 @@ from finetune.train.assembly import RunParts, build_from_run, split_name
 from finetune.train.rundir import RunDir
 
 
-def _predictions(parts: RunParts, roles: list[str]) -> dict[str, dict[str, Any]]:
+def predictions(parts: RunParts, roles: list[str]) -> dict[str, dict[str, Any]]:
     """Probabilities and targets of the parts' model on each of ``roles``, unaugmented, in dataset order.
 
     Returns:
@@ -44,7 +44,7 @@ def predict_run(
         Role -> ``{"targets", "probs", "index"}`` arrays, and the run's classes.
     """
     parts = build_from_run(RunDir.open(run_dir), roles, overrides, console)
-    return _predictions(parts, roles), parts.classes
+    return predictions(parts, roles), parts.classes
 
 
 def calibrate_run(
@@ -60,7 +60,7 @@ def calibrate_run(
         raise UserError(f"{run_dir}: a single-label run predicts the highest-scoring class; it has no thresholds")
     roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.test]
     parts = build_from_run(run, roles, overrides, console)
-    outs = _predictions(parts, roles)
+    outs = predictions(parts, roles)
     old = run.read_json("report.json") if (run / "report.json").is_file() else {}
     extra = {k: v for k, v in old.items() if k in ("best_epoch", "select", "bad_images", "stop_reason")}
     cs = parts.calibration.for_split(role)
@@ -74,7 +74,7 @@ def evaluate_run(
     run = RunDir.open(run_dir)
     parts = build_from_run(run, [role], console=console)
     task, recipe, classes = parts.task, parts.recipe, parts.classes
-    out = _predictions(parts, [role])[role]
+    out = predictions(parts, [role])[role]
     targets, probs = out["targets"], out["probs"]
     report: dict[str, Any] = {"run": str(run), "task": task.name}
     if task.calibrates:

@@ -59,6 +59,9 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     if (run / "thresholds.json").is_file():  # the training run's own thresholds, which calibrate never replaces
         run.write_bytes("thresholds.run.json", (run / "thresholds.json").read_bytes())
     task.print_report(report, LogConsole())
+    from finetune.train.explain import HtmlOptions, write_html  # explain builds on this layer's parts
+
+    write_html(run.path, parts, loop.model, report, outs, HtmlOptions())
     return report
 
 
