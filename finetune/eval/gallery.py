@@ -24,6 +24,7 @@ class Mistakes:
     threshold: float
     false_positives: list[int] = field(default_factory=list)  # negatives scored highest, at or above the threshold
     false_negatives: list[int] = field(default_factory=list)  # positives scored lowest, below the threshold
+    counts: tuple[int, int] = (0, 0)  # all false positives and false negatives, shown or not
 
 
 def class_mistakes(targets: np.ndarray, probs: np.ndarray, cls: int, threshold: float, k: int) -> Mistakes:
@@ -31,9 +32,10 @@ def class_mistakes(targets: np.ndarray, probs: np.ndarray, cls: int, threshold: 
     p, t = probs[:, cls], targets[:, cls] > 0
     fp = np.flatnonzero(~t & (p >= threshold))
     fn = np.flatnonzero(t & (p < threshold))
+    counts = (len(fp), len(fn))
     fp = fp[np.argsort(-p[fp], kind="stable")][:k]
     fn = fn[np.argsort(p[fn], kind="stable")][:k]
-    return Mistakes(cls, float(threshold), fp.tolist(), fn.tolist())
+    return Mistakes(cls, float(threshold), fp.tolist(), fn.tolist(), counts)
 
 
 def classes_to_show(targets: np.ndarray, probs: np.ndarray, worst: int, requested: list[int]) -> list[int]:

@@ -16,7 +16,8 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1280px;padding:0 16px;color:#1b1b1b}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 h3{font-size:15px;margin:18px 0 4px}h4{font-size:13px;margin:8px 0 4px;color:#555}
-table{border-collapse:collapse;font-size:13px;margin:6px 0 16px}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
+table{border-collapse:collapse;font-size:13px;margin:6px 0 16px}
+td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f4f4f4;position:sticky;top:0}
 th.sort{cursor:pointer}th.sort:after{content:" \\2195";color:#999}.up{color:#1a7f37}.down{color:#b42318}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0}
@@ -116,22 +117,27 @@ def _summary(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _per_class(report: dict[str, Any], split: str) -> str:
-    """The sortable per-class table of one split, with links to the galleries shown."""
+def _per_class(report: dict[str, Any], split: str, linked: set[str]) -> str:
+    """The sortable per-class table of one split; a class with a gallery (its id in ``linked``) links to it."""
     rows = report["splits"][split]["per_class"]
+
+    def name(r: dict[str, Any]) -> str:
+        key = f"class-{r['index']}"
+        return f'<a href="#{key}">{_e(r["name"])}</a>' if key in linked else _e(r["name"])
+
     has_cal = rows and "threshold_cal" in rows[0]
     if rows and "ap" not in rows[0]:  # single-label
         header = ["class", "support", "recall", "precision"]
-        body = [[r["name"], str(r["support"]), _pct(r["recall"]), _pct(r["precision"])] for r in rows]
-        return table(header, body, sortable=True)
+        body = [[name(r), str(r["support"]), _pct(r["recall"]), _pct(r["precision"])] for r in rows]
+        return table(header, body, sortable=True, raw=True)
     header = ["class", "support", "AP", "P", "R", "F1"] + (["threshold", "P cal", "R cal", "F1 cal"] if has_cal else [])
     body = []
     for r in rows:
-        cells = [r["name"], str(r["support"]), _pct(r["ap"]), _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"])]
+        cells = [name(r), str(r["support"]), _pct(r["ap"]), _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"])]
         if has_cal:
             cells += [f"{r['threshold_cal']:.3f}", _pct(r["precision_cal"]), _pct(r["recall_cal"]), _pct(r["f1_cal"])]
         body.append(cells)
-    return table(header, body, sortable=True)
+    return table(header, body, sortable=True, raw=True)
 
 
 def _tile(t: Tile) -> str:
@@ -154,13 +160,13 @@ def render(page: Page, split: str) -> str:
     """The whole page as one HTML string; ``split`` is the one the per-class table and galleries show."""
     nav = ["summary", "classes", "plots", "galleries"] + [f"table-{i}" for i in range(len(page.tables))]
     names = ["summary", "per class", "plots", "galleries"] + [t[0] for t in page.tables]
+    per_class = _per_class(page.report, split, {g.key for g in page.galleries})
     body = [
         f"<h1>{_e(page.title)}</h1>",
         "<nav>" + "".join(f'<a href="#{n}">{_e(label)}</a>' for n, label in zip(nav, names)) + "</nav>",
         *(f'<p class="note">{_e(n)}</p>' for n in page.notes),
         f'<section id="summary"><h2>Summary</h2>{_summary(page.report)}</section>',
-        f'<section id="classes"><h2>Per class ({_e(split)})</h2><div class="scroll">{_per_class(page.report, split)}'
-        "</div></section>",
+        f'<section id="classes"><h2>Per class ({_e(split)})</h2><div class="scroll">{per_class}</div></section>',
         '<section id="plots"><h2>Plots</h2>'
         + "".join(f'<h3>{_e(c)}</h3><img class="plot" src="{uri}" alt="{_e(c)}">' for c, uri in page.plots)
         + "</section>",

@@ -31,7 +31,7 @@ from finetune.train.assembly import RunParts
 
 MAX_GALLERIES = 100  # classes with a gallery, whatever is requested: the file stays bounded (~10 MB at 100)
 MAX_DUPLICATE_SCAN = 20_000  # images: above this the report leaves the scan to `finetune validate --check-images`
-PROBE_CS = (0.03, 0.1, 0.3, 1.0)
+PROBE_CS = (0.1, 0.3, 1.0)
 
 
 @dataclass
@@ -62,9 +62,15 @@ def out_of_fold(
     ``C`` is chosen among :data:`PROBE_CS` by out-of-fold mAP, as the probe stage chooses it (``choose_c``); the
     out-of-fold probabilities of every ``C`` are kept on the way, so each fold is solved once per ``C``, warm-started.
 
+    With fewer images than feature dimensions the features are first rotated onto their row space (an SVD): the
+    L2-penalised optimum lies in that span, so the solution is the same and each solve ~2x faster (318 x 1280
+    lite0 features: 5.4 s -> 2.5 s a solve, probabilities within 0.004, the solver's tolerance).
+
     Returns:
         ``[n, classes]`` probabilities and the ``C`` used.
     """
+    if len(feats) < feats.shape[1]:
+        feats = feats.double() @ torch.linalg.svd(feats.double(), full_matrices=False)[2].T
     probs = {c: torch.zeros_like(targets, dtype=torch.float64) for c in PROBE_CS}
     for fit_idx, score_idx in KFold(min(folds, len(feats)), shuffle=True, random_state=seed).split(feats):
         init = None
@@ -154,10 +160,12 @@ def _multi_label_galleries(s: _Split, thr: np.ndarray) -> list[Gallery]:
     for c in gallery.classes_to_show(out["targets"], out["probs"], worst, requested):
         m = gallery.class_mistakes(out["targets"], out["probs"], c, float(thr[c]), opts.per_class)
         support = int(out["targets"][:, c].sum())
-        g = Gallery(f"class-{c}", f"{names[c]}: {support} positives in {s.role}, threshold {thr[c]:.3f}")
+        title = f"{names[c]}: {support} positive{'s' * (support != 1)} in {s.role}, threshold {thr[c]:.3f}"
+        g = Gallery(f"class-{c}", title)
         heads = ("false positives (highest scores first)", "false negatives (lowest scores first)")
-        for head, rows in zip(heads, (m.false_positives, m.false_negatives)):
-            g.rows.append((f"{head}: {len(rows)}", s.tiles(rows, [c] * len(rows), [s.caption(r, c) for r in rows])))
+        for head, rows, n in zip(heads, (m.false_positives, m.false_negatives), m.counts):
+            caps = [s.caption(r, c) for r in rows]
+            g.rows.append((f"{head}: {len(rows)} shown of {n}", s.tiles(rows, [c] * len(rows), caps)))
         galleries.append(g)
     return galleries
 
