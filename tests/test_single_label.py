@@ -109,6 +109,10 @@ def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path
         and (run_dir / "confusion_matrix.png").is_file()
     )
     assert '"dataset"' not in (run_dir / "recipe.toml").read_text()  # the numbers used are recorded
+    page = (run_dir / "report.html").read_text()  # the single-label report: confusions and confident mistakes
+    assert "most confused pairs" in page and 'id="mistakes"' in page
+    top1 = report["splits"]["test"]["summary"]["top1"]
+    assert ("data:image/jpeg;base64," in page) == (top1 < 1)  # thumbnails of the mistakes, when there are any
     image = next((folder_data / "test" / "red").glob("*.png"))
     proc = run_cli("predict", str(run_dir), str(image), "--json", env=env)
     (result,) = json.loads(proc.stdout)

@@ -201,7 +201,7 @@ PLOTS = (
     ("curves.png", "training curves"),
     ("pr_curves.png", "precision-recall curves, each class's operating point marked"),
     ("f1_per_class.png", "per-class F1: fixed vs calibrated threshold"),
-    ("confusion.png", "confusion matrix"),
+    ("confusion_matrix.png", "confusion matrix (most-confused classes)"),
 )
 
 
