@@ -63,14 +63,38 @@ def run(
         teardown()  # under torchrun: leave the process group
 
 
-def _check_images(parts: Any) -> None:
+def _similar(parts: Any, min_cosine: float) -> list:
+    """Pairs of images whose pooled features (the recipe's pretrained backbone) have a cosine >= ``min_cosine``."""
+    import numpy as np
+    import torch
+
+    from finetune.data.leaks import similar_pairs
+    from finetune.hooks.feature_cache import extract_features
+    from finetune.train.explain import Pooled
+
+    m = parts.recipe.model
+    if not (m.pretrained or m.checkpoint):
+        raise UserError("--features: a scratch model's features say nothing; set model.pretrained or model.checkpoint")
+    model, feats, where = parts.place(), [], []
+    for role, split in parts.splits.items():
+        index: list[torch.Tensor] = []
+        f, _ = extract_features(Pooled(model), parts.loader(role), device=parts.device, index=index)
+        feats.append(f.cpu().numpy())
+        in_memory = isinstance(split.image_paths, np.ndarray)
+        where += [(role, f"#{i}" if in_memory else str(split.image_paths[i])) for i in torch.cat(index).tolist()]
+    return similar_pairs(np.concatenate(feats), where, min_cosine)
+
+
+def _check_images(parts: Any, features: bool = False, min_cosine: float = 0.85) -> None:
     """Decode every image once: an unreadable one errs; duplicates are listed, and a leak errs with data.on_leak."""
-    from finetune.data.leaks import scan_images
+    from finetune.data.leaks import merge, scan_images
 
     problems, found = scan_images(parts.splits)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(problems[0] + more)
+    if features:
+        found = merge(found, _similar(parts, min_cosine))
     leaks = [d for d in found if d.leak]
     if leaks and parts.recipe.data.on_leak == "error":
         more = f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else ""
@@ -87,6 +111,10 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
     overrides: SetOption = None,
     check_images: Annotated[bool, typer.Option(help="Decode every image (slow on big datasets).")] = False,
+    features: Annotated[
+        bool, typer.Option(help="With --check-images: also pairs alike in the pretrained backbone's features.")
+    ] = False,
+    min_cosine: Annotated[float, typer.Option(help="With --features: the cosine from which a pair is listed.")] = 0.85,
 ) -> None:
     """Check a recipe: build everything a run builds before its first step, without training; print the plan."""
     from finetune.config import load_recipe
@@ -97,8 +125,12 @@ def validate(
 
     parts = build_run(cfg)
     run_dir = Path(parts.recipe.output.dir) / parts.recipe.output.name
+    if features and not check_images:
+        raise UserError("--features goes with --check-images")
+    if not -1 <= min_cosine <= 1:
+        raise UserError(f"--min-cosine {min_cosine}: a cosine is between -1 and 1")
     if check_images:
-        _check_images(parts)
+        _check_images(parts, features, min_cosine)
     parts.training(run_dir)  # what `run` builds before its first step: validate refuses what run refuses
     classes, steps, load_report = parts.classes, parts.plan, parts.model_and_report[1]
     n_params = sum(p.numel() for p in parts.model.parameters())

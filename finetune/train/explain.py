@@ -44,13 +44,14 @@ class HtmlOptions:
     cams: bool = True  # class-activation maps beside the thumbnails (needs the inspect extra)
 
 
-class _Pooled:
+class Pooled:
     """A run's model as a feature source: timm's pooled pre-classifier features."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``global_pool(forward_features(x))``: what the classifier sees, before dropout."""
         return self.model.global_pool(self.model.forward_features(x))
 
 
@@ -93,7 +94,7 @@ def label_pass(parts: RunParts, run: Path, console: Console) -> dict[str, Any]:
     feats, targets, where = [], [], []
     for role in [r for r in ("train", "val", "test") if r in parts.splits]:
         index: list[torch.Tensor] = []
-        f, t = extract_features(_Pooled(model), parts.loader(role), device=parts.device, index=index)
+        f, t = extract_features(Pooled(model), parts.loader(role), device=parts.device, index=index)
         paths = parts.splits[role].image_paths
         feats.append(f.cpu())
         targets.append(t.cpu())
