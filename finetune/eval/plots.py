@@ -143,10 +143,14 @@ def _stage_starts(records: list[dict]) -> list[float]:
     return [records[i]["epoch"] - 0.5 for i in range(1, len(records)) if stages[i] != stages[i - 1]]
 
 
-def training_curves(records: list[dict], path: Path, title: str) -> None:
+def training_curves(
+    records: list[dict], path: Path, title: str, trained: dict[int, tuple[str, ...]] | None = None
+) -> None:
     """Per epoch: train/val loss, the val metrics, each layer group's LR (log scale); stage starts dashed.
 
-    ``records`` are ``metrics.jsonl`` rows. At most :data:`MAX_PLOTTED` groups get a line of their own.
+    ``records`` are ``metrics.jsonl`` rows. ``trained`` (freeze stage number -> the groups that train in it) leaves a
+    frozen group's LR out of the epochs it is frozen: the optimizer keeps a rate for it, but nothing moves. At most
+    :data:`MAX_PLOTTED` groups get a line of their own.
     """
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
@@ -162,12 +166,16 @@ def training_curves(records: list[dict], path: Path, title: str) -> None:
         ax.set(xlabel="epoch", ylabel=label)
     groups = list(dict.fromkeys(g for r in records for g in r.get("lr_groups", {})))[:MAX_PLOTTED]
     for g in groups:
-        pts = [(e, r["lr_groups"][g]) for e, r in zip(epochs, records) if r.get("lr_groups", {}).get(g)]
+        pts = [
+            (e, r["lr_groups"][g])
+            for e, r in zip(epochs, records)
+            if r.get("lr_groups", {}).get(g) and (trained is None or g in trained.get(r.get("stage"), (g,)))
+        ]
         if pts:
             axes[2].plot(*zip(*pts), marker=".", label=g)
     if not groups:
         axes[2].plot(epochs, [r.get("lr", np.nan) for r in records], marker=".", label="lr")
-    axes[2].set(xlabel="epoch", ylabel="learning rate (end of epoch)", yscale="log")
+    axes[2].set(xlabel="epoch", ylabel="LR of the groups that train (end of epoch)", yscale="log")
     for ax in axes:
         for x in _stage_starts(records):
             ax.axvline(x, color="grey", linestyle="--", linewidth=1)

@@ -206,12 +206,14 @@ PLOTS = (
 )
 
 
-def _plots(run: Path) -> list[tuple[str, str]]:
+def _plots(run: Path, parts: RunParts) -> list[tuple[str, str]]:
     """``curves.png`` drawn from ``metrics.jsonl``, then every plot of the run, as embedded PNGs."""
     if (run / "metrics.jsonl").is_file():
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        policy = parts.policy
+        trained = {i + 1: s.train for i, s in enumerate(policy.stages)} if policy is not None else None
         if records:
-            plots.training_curves(records, run / "curves.png", f"{run.name}: per epoch")
+            plots.training_curves(records, run / "curves.png", f"{run.name}: per epoch", trained)
     return [(caption, gallery.png_uri((run / name).read_bytes())) for name, caption in PLOTS if (run / name).is_file()]
 
 
@@ -260,7 +262,7 @@ def write_html(
     """
     role = "test" if "test" in report["splits"] else "val"
     page = Page(f"{run.name}: {parts.model_name}, {len(parts.classes)} classes, {parts.task.name}", report)
-    page.plots = _plots(run)
+    page.plots = _plots(run, parts)
     if outs is None:
         page.gallery_note = f"no galleries: {why_no_images}"
     else:
