@@ -7,20 +7,20 @@ file, the key path and what is expected. Only the assembly (:mod:`finetune.train
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import UserError
+from finetune.objectives import CalibrateConfig
 from finetune.overrides import apply_overrides, parse_override, read_toml
-from finetune.rules import check_task_rules
+from finetune.rules import check_calibration_rules, check_task_rules
+from finetune.schema import Section
 
 __all__ = ["Recipe", "apply_overrides", "load_recipe", "parse_override", "recipe_to_dict", "validate_recipe"]
 
 
-class _Section(BaseModel):
-    # strict: TOML values are already typed, so "3" for an int is a mistake, not something to coerce.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
+_Section = Section  # the base of every section (finetune/schema.py)
 
 
 class AugmentConfig(_Section):
@@ -264,20 +264,6 @@ class TrainConfig(_Section):
     tta: Literal["none", "hflip"] = Field("none", description="hflip: logits averaged with the mirrored image's")
 
 
-class CalibrateConfig(_Section):
-    """Per-class decision thresholds fitted after training (finetune/thresholds.py)."""
-
-    enabled: bool = True
-    split: Literal["val", "train"] = "val"
-    metric: Literal["f1", "fbeta"] = "f1"
-    beta: float = Field(1.0, gt=0.0)
-    min_positives: int = Field(5, ge=1, description="fewer positives: the class takes the global threshold")
-    shrink: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
-        "auto", description='pseudo-count pulling thresholds toward the global one; "auto" = chosen by cross-fitting'
-    )
-    folds: int = Field(5, ge=2, description="cross-fitting folds when there is no test split")
-
-
 class LogConfig(_Section):
     """Where each epoch's metrics go besides ``metrics.jsonl`` (always written)."""
 
@@ -375,6 +361,7 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
     check_task_rules(recipe.data.format, recipe.loss.name, recipe.train.select, source)
+    check_calibration_rules(recipe.data.format, recipe.calibrate.constrained, source)
     return recipe
 
 

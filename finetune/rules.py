@@ -31,3 +31,12 @@ def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
         else:
             why = f"{task.replace('_', '-')} runs select by " + ", ".join(f'"{s}"' for s in SELECTS[task])
         raise UserError(f"{source}: train.select: {why}")
+
+
+def check_calibration_rules(fmt: str, constrained: bool, source: str) -> None:
+    """A single-label run predicts its top class: it has no per-class thresholds to aim at a target."""
+    if constrained and TASK_OF_FORMAT[fmt] == "single_label":
+        raise UserError(
+            f'{source}: calibrate.objective: data.format = "{fmt}" is single-label (the top class is the answer); '
+            "precision_at_least / recall_at_least are for multi-label data"
+        )

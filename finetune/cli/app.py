@@ -132,6 +132,7 @@ def validate(
     if check_images:
         _check_images(parts, features, min_cosine)
     parts.training(run_dir)  # what `run` builds before its first step: validate refuses what run refuses
+    parts.calibration  # noqa: B018 - and what it would refuse after training (calibrate.classes names)
     classes, steps, load_report = parts.classes, parts.plan, parts.model_and_report[1]
     n_params = sum(p.numel() for p in parts.model.parameters())
     table = Table(title=escape(f"{recipe}: valid"), show_header=False)
@@ -181,7 +182,7 @@ def calibrate(
     split: Annotated[str, typer.Option(help="The split to fit thresholds on: val or train.")] = "val",
     overrides: SetOption = None,
 ) -> None:
-    """Re-fit a run's per-class thresholds; rewrites thresholds.json (the old one kept as thresholds.prev.json)."""
+    """Re-fit per-class thresholds; rewrites thresholds.json (the old kept as thresholds.prev.json) and the reports."""
     from finetune.eval.tasks import TASKS
     from finetune.train.evaluate import calibrate_run
 
@@ -189,6 +190,10 @@ def calibrate(
         raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
     report = calibrate_run(run_dir, split, err, overrides)
     TASKS[report["task"]].print_report(report, out)
+    if (Path(run_dir) / "report.html").is_file():  # the page shows the thresholds: keep it in step
+        from finetune.train.explain import report_run
+
+        report_run(run_dir, console=err)
 
 
 def _version(value: bool) -> None:

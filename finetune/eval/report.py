@@ -72,6 +72,39 @@ def _class_cells(row: dict[str, Any], calibrated: bool, threshold_digits: int) -
     return cells
 
 
+def targets_line(t: dict[str, Any]) -> str:
+    """One line on the operating points: how many classes met their target, where."""
+    return (
+        f"operating points: {t['met_fitting']} of {t['classes']} classes meet their target on the fitting split, "
+        f"{t['met_held_out']} of {t['scored_held_out']} with held-out positives on data it was not fitted on "
+        f"({t['how']})"
+    )
+
+
+TARGET_COLUMNS = ["class", "objective", "target", "threshold", "from", "fitting", "held-out", "other held-out", "met"]
+
+
+def target_rows(t: dict[str, Any]) -> list[list[str]]:
+    """The operating-point table as text: the constrained value reached on each side, the other one held out."""
+    rows = []
+    for r in t["rows"]:
+        met = "-" if r["met_held_out"] is None else ("yes" if r["met_held_out"] else "no")
+        rows.append(
+            [
+                r["name"],
+                r["objective"].replace("_at_least", " >="),
+                f"{r['target']:g}",
+                f"{r['threshold']:.3f}",
+                r["source"],
+                _pct(r["fitting"]),
+                _pct(r["held_out"]),
+                _pct(r["held_out_other"]),
+                met,
+            ]
+        )
+    return rows
+
+
 def print_report(report: dict[str, Any], console: Console, per_class: bool = True) -> None:
     """Print a summary table (one row per split and threshold kind), the calibration gain and per-class tables."""
     table = Table(title=escape(str(report.get("run", "evaluation"))))
@@ -96,6 +129,8 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
             f"{_pct(h['fixed']['macro_f1'])} -> {_pct(h['calibrated']['macro_f1'])}, micro-F1 "
             f"{_pct(h['fixed']['micro_f1'])} -> {_pct(h['calibrated']['micro_f1'])}"
         )
+        if cal.get("targets"):
+            console.print(targets_line(cal["targets"]))
     if not per_class:
         return
     for name, split in report["splits"].items():
@@ -125,6 +160,11 @@ def markdown_report(report: dict[str, Any]) -> str:
             *(f"| {k} | {_pct(h['fixed'][k])} | {_pct(h['calibrated'][k])} |" for k in HEADLINE),
             "",
         ]
+        if cal.get("targets"):
+            t = cal["targets"]
+            rule = "|---|---|" + "---:|" * 2 + "---|" + "---:|" * 4
+            lines += [targets_line(t), "", "| " + " | ".join(TARGET_COLUMNS) + " |", rule]
+            lines += ["| " + " | ".join(r) + " |" for r in target_rows(t)] + [""]
     lines += ["## Summary", "", "| split | thresholds | images | " + " | ".join(SUMMARY_KEYS) + " |"]
     lines.append("|---|---|---:|" + "---:|" * len(SUMMARY_KEYS))
     for name, split in report["splits"].items():

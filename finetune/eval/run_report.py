@@ -24,6 +24,7 @@ from finetune.eval.metrics import prf, summarize
 from finetune.eval.tasks import Task
 from finetune.eval.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json
+from finetune.objectives import CONSTRAINED
 
 
 def resolve_shrink(cs: CalibrationSettings, out: dict[str, Any]) -> tuple[CalibrationSettings, dict | None]:
@@ -46,26 +47,77 @@ def fit_calibration(cs: CalibrationSettings, out: dict[str, Any], classes: Class
     return cal
 
 
-def _honest(cs: CalibrationSettings, report: dict[str, Any], out: dict[str, Any], role: str) -> tuple[dict, Any, Any]:
-    """The gain on data the thresholds were not fitted on: the test split, else cross-fitting on ``role``."""
+def _honest(
+    cs: CalibrationSettings, report: dict[str, Any], out: dict[str, Any], role: str
+) -> tuple[dict, Any, dict[str, Any]]:
+    """The gain on data the thresholds were not fitted on: the test split, else cross-fitting on ``role``.
+
+    Returns:
+        The summary, per-class F1 at the fixed threshold, and per-class precision/recall/F1/support calibrated.
+    """
     if "test" in report["splits"] and role != "test":
         test = report["splits"]["test"]
         honest = {"how": "test split", "fixed": test["summary"], "calibrated": test["calibrated"]["summary"]}
-        return honest, [r["f1"] for r in test["per_class"]], [r["f1_cal"] for r in test["per_class"]]
+        rows = test["per_class"]
+        held = {k: np.array([r[f"{k}_cal"] for r in rows]) for k in ("precision", "recall", "f1")}
+        held["support"] = np.array([r["support"] for r in rows])
+        return honest, [r["f1"] for r in rows], held
     per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
     honest = {
         "how": f"{min(cs.folds, len(per_row))}-fold cross-fitting on {role}",
         "fixed": summarize(out["targets"], out["probs"], cs.fixed),
         "calibrated": summarize(out["targets"], out["probs"], per_row),
     }
-    return honest, prf(out["targets"], out["probs"], cs.fixed)["f1"], prf(out["targets"], out["probs"], per_row)["f1"]
+    return honest, prf(out["targets"], out["probs"], cs.fixed)["f1"], prf(out["targets"], out["probs"], per_row)
+
+
+def operating_points(cal: Calibration, out: dict[str, Any], held: dict[str, Any], how: str) -> dict[str, Any] | None:
+    """Per constrained class: its target, what it reached on the fitting split and on held-out data, and the counts.
+
+    A class without a held-out positive has no held-out recall; it is listed, and left out of the held-out count.
+    """
+    fit = prf(out["targets"], out["probs"], cal.thresholds)
+    rows = []
+    for i, (obj, target) in enumerate(zip(cal.objective, cal.target)):
+        if obj not in CONSTRAINED:
+            continue
+        key, other = ("recall", "precision") if obj == "recall_at_least" else ("precision", "recall")
+        scored = held["support"][i] > 0
+        rows.append(
+            {
+                "name": cal.names[i] if cal.names else str(i),
+                "objective": obj,
+                "target": target,
+                "threshold": float(cal.thresholds[i]),
+                "source": cal.source[i],
+                "fitting": float(fit[key][i]),
+                "fitting_other": float(fit[other][i]),
+                "held_out": float(held[key][i]) if scored else None,
+                "held_out_other": float(held[other][i]) if scored else None,
+                "held_out_positives": int(held["support"][i]),
+                "met_fitting": bool(fit[key][i] >= target - 1e-9),
+                "met_held_out": bool(held[key][i] >= target - 1e-9) if scored else None,
+            }
+        )
+    if not rows:
+        return None
+    scored = [r for r in rows if r["met_held_out"] is not None]
+    return {
+        "how": how,
+        "classes": len(rows),
+        "met_fitting": sum(r["met_fitting"] for r in rows),
+        "scored_held_out": len(scored),
+        "met_held_out": sum(bool(r["met_held_out"]) for r in scored),
+        "rows": rows,
+    }
 
 
 def _add_calibration(
     run: Path, report: dict[str, Any], cs: CalibrationSettings, cal: Calibration, outs: dict, classes: ClassMap
 ) -> None:
     role = cal.split
-    honest, f1_fixed, f1_cal = _honest(cs, report, outs[role], role)
+    honest, f1_fixed, held = _honest(cs, report, outs[role], role)
+    f1_cal = held["f1"]
     report["calibration"] = {
         "fitted_on": role,
         "metric": cal.metric,
@@ -73,7 +125,9 @@ def _add_calibration(
         "min_positives": cs.min_positives,
         "shrink": cs.shrink,
         "global_threshold": cal.global_threshold,
+        "margin": cs.margin,
         "honest": honest,
+        "targets": operating_points(cal, outs[role], held, honest["how"]),
     }
     save_thresholds(run, cal)
     out = outs[role]

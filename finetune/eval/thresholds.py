@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
+from finetune.objectives import CONSTRAINED
+
 
 def _check(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     targets, probs = np.asarray(targets), np.asarray(probs, dtype=np.float64)
@@ -76,6 +78,61 @@ def best_thresholds(targets: np.ndarray, probs: np.ndarray, beta: float = 1.0) -
     return thr, score
 
 
+OBJECTIVES = ("f1", "fbeta", *CONSTRAINED)
+_EPS = 1e-9  # counts are compared as tp >= target * n - eps: 9 of 10 meets a 0.9 target whatever the rounding
+
+
+def constrained_thresholds(
+    targets: np.ndarray, probs: np.ndarray, objective: str, target: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, the operating point that meets a precision or recall target at the best value of the other.
+
+    Every distinct score is a candidate threshold (predict ``p >= t``):
+
+    - ``recall_at_least``: among thresholds with recall >= ``target``, the one with the highest precision;
+    - ``precision_at_least``: among thresholds with precision >= ``target``, the one with the highest recall (then
+      the highest precision). When no threshold reaches the target, the stated fallback is the threshold with the
+      highest precision there is (then the highest recall): the point closest to the target.
+
+    Among equal points the highest threshold wins. A class without positives gets ``inf`` (predict nothing).
+
+    Returns:
+        ``[c]`` thresholds, ``[c]`` the constrained quantity reached there (recall or precision), ``[c]`` whether
+        the target was met.
+    """
+    if objective not in CONSTRAINED:
+        raise ValueError(f"objective must be one of {', '.join(CONSTRAINED)}, not {objective!r}")
+    y, p = _check(targets, probs)
+    n, c = p.shape
+    order = np.argsort(-p, axis=0)
+    s = np.take_along_axis(p, order, axis=0)
+    tp = np.cumsum(np.take_along_axis(y, order, axis=0), axis=0, dtype=np.float64)
+    k = np.arange(1, n + 1, dtype=np.float64)[:, None]
+    positives = tp[-1:]
+    valid = np.ones_like(s, dtype=bool)
+    valid[:-1] = s[:-1] != s[1:]  # only the last row of a tie group is an operating point
+    precision, recall = tp / k, np.divide(tp, positives, out=np.zeros_like(tp), where=positives > 0)
+    if objective == "recall_at_least":
+        ok = valid & (tp >= target * positives - _EPS)
+        key = np.where(ok, precision, -1.0)
+        reached_all = recall
+    else:
+        ok = valid & (tp > 0) & (tp >= target * k - _EPS)
+        key = np.where(ok, 2.0 * tp + precision, -1.0)  # the most positives found, then the best precision
+        reached_all = precision
+    met = ok.any(axis=0)
+    best = np.argmax(key, axis=0)  # first maximum = the highest threshold among equal points
+    if not met.all():  # precision target out of reach: the highest precision, then the most positives
+        top = np.where(valid & (tp > 0), precision, -1.0)
+        closest = np.where(np.abs(top - top.max(0, keepdims=True)) < 1e-12, tp, -1.0)
+        best = np.where(met, best, np.argmax(closest, axis=0))
+    cols = np.arange(c)
+    thr, reached = s[best, cols], reached_all[best, cols]
+    no_pos = positives[0] == 0
+    thr[no_pos], reached[no_pos], met[no_pos] = np.inf, 0.0, False
+    return thr, reached, met
+
+
 def global_threshold(targets: np.ndarray, probs: np.ndarray, beta: float = 1.0) -> tuple[float, float]:
     """The single threshold with the highest micro-F-beta over all classes pooled, and that score."""
     y, p = _check(targets, probs)
@@ -90,12 +147,14 @@ class Calibration:
     thresholds: np.ndarray
     global_threshold: float
     support: np.ndarray
-    score: np.ndarray  # F-beta each class reached on the calibration data at its own fitted threshold
-    source: list[str]  # "fitted" or "global" per class
+    score: np.ndarray  # per class on the calibration data: its F-beta, or the constrained precision/recall reached
+    source: list[str]  # "fitted", "global" (too few positives) or "unmet" (a precision target out of reach)
     metric: str = "f1"
     beta: float = 1.0
     names: list[str] = field(default_factory=list)
     split: str = ""
+    objective: list[str] = field(default_factory=list)  # per class (empty: every class has ``metric``)
+    target: list[float | None] = field(default_factory=list)  # per class, for the constrained objectives
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form for ``thresholds.json``."""
@@ -111,6 +170,8 @@ class Calibration:
                     "support": int(self.support[i]),
                     "score": float(self.score[i]),
                     "source": self.source[i],
+                    "objective": self.objective[i] if self.objective else self.metric,
+                    "target": self.target[i] if self.target else None,
                 }
                 for i in range(len(self.thresholds))
             ],
@@ -130,6 +191,8 @@ class Calibration:
             beta=doc["beta"],
             names=[r["name"] for r in rows],
             split=doc.get("split", ""),
+            objective=[r.get("objective", doc["metric"]) for r in rows],
+            target=[r.get("target") for r in rows],
         )
 
 
@@ -146,15 +209,39 @@ class CalibrationSettings:
     folds: int = 5
     seed: int = 0
     fixed: float = 0.5
+    target: float | None = None  # for precision_at_least / recall_at_least
+    margin: float = 0.0  # constrained objectives aim at target + margin on the fitting split
+    overrides: dict[int, tuple[str, float | None]] = field(default_factory=dict)  # class index -> (objective, target)
 
     @property
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~finetune.thresholds.fit_thresholds`."""
-        return {"metric": self.metric, "beta": self.beta, "min_positives": self.min_positives, "shrink": self.shrink}
+        return {
+            "metric": self.metric,
+            "beta": self.beta,
+            "min_positives": self.min_positives,
+            "shrink": self.shrink,
+            "target": self.target,
+            "margin": self.margin,
+            "overrides": self.overrides,
+        }
 
     def for_split(self, split: str) -> CalibrationSettings:
         """These settings fitted on ``split`` and switched on (a re-calibration asked for it)."""
         return replace(self, enabled=True, split=split)
+
+
+def _objectives(c: int, metric: str, target: float | None, overrides: dict | None) -> list[tuple[str, float | None]]:
+    """Each class's (objective, target): the section's, or its override."""
+    if metric not in OBJECTIVES:
+        raise ValueError(f"metric must be one of {', '.join(OBJECTIVES)}, not {metric!r}")
+    out = [(metric, target)] * c
+    for i, (obj, t) in (overrides or {}).items():
+        out[i] = (obj, t)
+    for obj, t in set(out):
+        if obj in CONSTRAINED and (t is None or not 0 < t <= 1):
+            raise ValueError(f"{obj} needs a target in (0, 1], not {t}")
+    return out
 
 
 def fit_thresholds(
@@ -164,39 +251,64 @@ def fit_thresholds(
     beta: float = 1.0,
     min_positives: int = 1,
     shrink: float = 0.0,
+    target: float | None = None,
+    margin: float = 0.0,
+    overrides: dict[int, tuple[str, float | None]] | None = None,
 ) -> Calibration:
-    """Per-class thresholds with the min-positives fallback and shrinkage toward the global threshold.
+    """Per-class thresholds for each class's objective, with the min-positives fallback and shrinkage.
 
     Args:
         targets: ``[n, c]`` multi-hot ground truth of the calibration split.
         probs: ``[n, c]`` predicted probabilities.
-        metric: ``f1`` or ``fbeta``.
+        metric: The objective: ``f1``, ``fbeta``, ``precision_at_least`` or ``recall_at_least``.
         beta: Used when ``metric = "fbeta"``.
-        min_positives: Classes with fewer positives take the global threshold (at least 1).
-        shrink: Pseudo-count pulling thresholds toward the global one (0 = off).
+        min_positives: Classes with fewer positives take the global threshold of their objective (at least 1).
+        shrink: Pseudo-count pulling F-type thresholds toward the global one (0 = off); a constrained threshold is
+            not moved (it would no longer meet its target).
+        target: The precision or recall a constrained objective must reach.
+        margin: A constrained objective aims at ``min(1, target + margin)`` here, so that it still meets ``target``
+            on new data more often.
+        overrides: Class index -> (objective, target), in place of ``metric`` / ``target`` for that class.
 
     Returns:
         The calibration.
     """
-    if metric not in ("f1", "fbeta"):
-        raise ValueError(f"metric must be f1 or fbeta, not {metric!r}")
-    b = 1.0 if metric == "f1" else beta
     y, p = _check(targets, probs)
-    thr, score = best_thresholds(y, p, b)
-    g, _ = global_threshold(y, p, b)
+    objectives = _objectives(p.shape[1], metric, target, overrides)
     support = y.sum(0)
     fitted = support >= max(1, min_positives)
-    out = np.where(fitted, thr, g)
+    thr, score = np.zeros(p.shape[1]), np.zeros(p.shape[1])
+    glob = np.zeros(p.shape[1])
+    source = ["fitted" if f else "global" for f in fitted]
+    b = 1.0 if metric == "f1" else beta
+    for obj, t in set(objectives):
+        cols = np.array([i for i, o in enumerate(objectives) if o == (obj, t)])
+        if obj in CONSTRAINED:
+            aim = min(1.0, t + margin)
+            thr[cols], score[cols], met = constrained_thresholds(y[:, cols], p[:, cols], obj, aim)
+            g, _, _ = constrained_thresholds(y[:, cols].reshape(-1, 1), p[:, cols].reshape(-1, 1), obj, aim)
+            glob[cols] = 0.5 if np.isinf(g[0]) else g[0]
+            for i in cols[~met & fitted[cols]]:
+                source[i] = "unmet"
+        else:
+            fb = 1.0 if obj == "f1" else beta
+            thr[cols], score[cols] = best_thresholds(y[:, cols], p[:, cols], fb)
+            glob[cols], _ = global_threshold(y, p, fb)
+    out = np.where(fitted, thr, glob)
+    is_f = np.array([o[0] not in CONSTRAINED for o in objectives])
     if shrink > 0:
-        out = np.where(fitted, (support * out + shrink * g) / (support + shrink), out)
+        out = np.where(fitted & is_f, (support * out + shrink * glob) / (support + shrink), out)
+    g_main = float(glob[is_f][0]) if is_f.any() else float(glob[0])
     return Calibration(
         thresholds=out,
-        global_threshold=g,
+        global_threshold=g_main,
         support=support,
         score=score,
-        source=["fitted" if f else "global" for f in fitted],
+        source=source,
         metric=metric,
         beta=b,
+        objective=[o[0] for o in objectives],
+        target=[o[1] if o[0] in CONSTRAINED else None for o in objectives],
     )
 
 

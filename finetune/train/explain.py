@@ -23,6 +23,7 @@ from finetune.data.leaks import find_duplicates
 from finetune.errors import UserError
 from finetune.eval import cam, gallery, label_issues, plots
 from finetune.eval.html import Gallery, Page, Tile, render
+from finetune.eval.report import TARGET_COLUMNS, target_rows, targets_line
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
 from finetune.hooks.probe import solve_linear_head
@@ -277,6 +278,10 @@ def write_html(
         else:
             page.galleries, confused = _single_label_galleries(s)
             page.tables.append(confused)
+    targets = (report.get("calibration") or {}).get("targets")
+    if targets:
+        page.notes.append(targets_line(targets))
+        page.tables.append(("operating points", TARGET_COLUMNS, target_rows(targets)))
     labels = _label_table(run)
     if labels is None:
         missing = label_issues.cleanlab_missing()

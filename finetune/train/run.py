@@ -74,6 +74,7 @@ def _check_data(parts: RunParts, run_dir: RunDir | None, console: Console) -> No
         )
     if run_dir is not None and run_dir.classes() != parts.classes:
         raise UserError(f"{run_dir}: the data's classes differ from the run's classes.json")
+    parts.calibration  # noqa: B018 - calibrate.classes names real classes: refused now, not after training
 
 
 def replan_schedule(loop: Loop, epochs: int) -> str:

@@ -145,8 +145,8 @@ class RunParts:
 
     @cached_property
     def calibration(self) -> CalibrationSettings:
-        """How the run's thresholds are fitted."""
-        return data.build_calibration(self.recipe)
+        """How the run's thresholds are fitted (``calibrate.classes`` checked against the run's classes)."""
+        return data.build_calibration(self.recipe, self.classes)
 
     def loader(
         self, role: str, augment: bool = False, shard: bool = False, shuffle: bool | None = None

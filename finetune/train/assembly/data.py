@@ -216,10 +216,24 @@ def build_resolved_recipe(
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"augment": augment})}), note
 
 
-def build_calibration(recipe: Recipe) -> CalibrationSettings:
-    """Build :class:`CalibrationSettings` from ``[calibrate]`` (and the fixed ``train.threshold``)."""
+def build_calibration(recipe: Recipe, classes: ClassMap | None = None) -> CalibrationSettings:
+    """Build :class:`CalibrationSettings` from ``[calibrate]`` (and the fixed ``train.threshold``).
+
+    ``calibrate.classes`` names classes: each must be one of ``classes`` (checked when they are given).
+    """
     c = recipe.calibrate
+    overrides = {}
+    if classes is not None:
+        names = list(classes.names)
+        for name, o in c.classes.items():
+            if name not in names:
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                raise UserError(f"calibrate.classes.{name}: not a class of this data (the classes are {shown})")
+            overrides[names.index(name)] = (o.metric, o.target)
     return CalibrationSettings(
+        target=c.target,
+        margin=c.margin,
+        overrides=overrides,
         enabled=c.enabled,
         split=c.split,
         metric=c.metric,

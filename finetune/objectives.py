@@ -1,0 +1,83 @@
+"""What the decision thresholds aim at: the ``[calibrate]`` section and its per-class operating points.
+
+    [calibrate]
+    objective = "recall_at_least"     # or "f1" (default), "fbeta", "precision_at_least"; "metric" is the old name
+    target = 0.9
+    margin = 0.02                     # aim at target + margin on the fitting split
+    classes = { person = { objective = "precision_at_least", target = 0.95 } }
+
+The search itself is :func:`finetune.eval.thresholds.fit_thresholds`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, model_validator
+
+from finetune.schema import Section
+
+Objective = Literal["f1", "fbeta", "precision_at_least", "recall_at_least"]
+CONSTRAINED = ("precision_at_least", "recall_at_least")
+_OBJECTIVE = {"validation_alias": AliasChoices("objective", "metric")}
+Target = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+def _one_name(data: object) -> object:
+    """``objective`` and its old name ``metric`` both given: the one given last counts.
+
+    A ``--set`` of either is applied after the file is read, so it comes last and replaces the file's value.
+    """
+    if isinstance(data, dict) and "objective" in data and "metric" in data:
+        keys = list(data)
+        last = "objective" if keys.index("objective") > keys.index("metric") else "metric"
+        data = {k: v for k, v in data.items() if k != ("metric" if last == "objective" else "objective")}
+    return data
+
+
+def _needs_target(objective: str, target: float | None, where: str) -> None:
+    if objective in CONSTRAINED and target is None:
+        raise ValueError(f'{where}objective = "{objective}" needs a target in (0, 1], e.g. target = 0.9')
+
+
+class ClassObjective(Section):
+    """One class's operating point, in place of the section's."""
+
+    metric: Objective = Field("f1", **_OBJECTIVE)
+    target: Target | None = None
+
+    _names = model_validator(mode="before")(_one_name)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassObjective:
+        _needs_target(self.metric, self.target, "")
+        return self
+
+
+class CalibrateConfig(Section):
+    """Per-class decision thresholds fitted after training (finetune/eval/thresholds.py)."""
+
+    enabled: bool = True
+    split: Literal["val", "train"] = "val"
+    metric: Objective = Field("f1", description="what each threshold aims at (key: objective or metric)", **_OBJECTIVE)
+    beta: float = Field(1.0, gt=0.0)
+    target: Target | None = Field(None, description="the precision or recall a constrained objective must reach")
+    margin: float = Field(0.0, ge=0.0, lt=1.0, description="constrained objectives aim at target + margin")
+    classes: dict[str, ClassObjective] = Field(default_factory=dict, description="per-class objective and target")
+    min_positives: int = Field(5, ge=1, description="fewer positives: the class takes the global threshold")
+    shrink: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
+        "auto", description='pseudo-count pulling thresholds toward the global one; "auto" = chosen by cross-fitting'
+    )
+    folds: int = Field(5, ge=2, description="cross-fitting folds when there is no test split")
+
+    _names = model_validator(mode="before")(_one_name)
+
+    @model_validator(mode="after")
+    def _check(self) -> CalibrateConfig:
+        _needs_target(self.metric, self.target, "")
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        """Some class aims at a precision or recall target."""
+        return self.metric in CONSTRAINED or any(c.metric in CONSTRAINED for c in self.classes.values())
