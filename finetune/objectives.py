@@ -64,6 +64,9 @@ class CalibrateConfig(Section):
     target: Target | None = Field(None, description="the precision or recall a constrained objective must reach")
     margin: float = Field(0.0, ge=0.0, lt=1.0, description="constrained objectives aim at target + margin")
     classes: dict[str, ClassObjective] = Field(default_factory=dict, description="per-class objective and target")
+    probabilities: Literal["none", "temperature", "platt"] = Field(
+        "none", description="per-class scaling of the probabilities, fitted before the thresholds"
+    )
     min_positives: int = Field(5, ge=1, description="fewer positives: the class takes the global threshold")
     shrink: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
         "auto", description='pseudo-count pulling thresholds toward the global one; "auto" = chosen by cross-fitting'

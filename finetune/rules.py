@@ -33,8 +33,13 @@ def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
         raise UserError(f"{source}: train.select: {why}")
 
 
-def check_calibration_rules(fmt: str, constrained: bool, source: str) -> None:
-    """A single-label run predicts its top class: it has no per-class thresholds to aim at a target."""
+def check_calibration_rules(fmt: str, constrained: bool, probabilities: str, source: str) -> None:
+    """A single-label run predicts its top class: it has no per-class thresholds or sigmoids to calibrate."""
+    if probabilities != "none" and TASK_OF_FORMAT[fmt] == "single_label":
+        raise UserError(
+            f'{source}: calibrate.probabilities: data.format = "{fmt}" is single-label (softmax); per-class '
+            '"temperature" / "platt" scaling is for multi-label data'
+        )
     if constrained and TASK_OF_FORMAT[fmt] == "single_label":
         raise UserError(
             f'{source}: calibrate.objective: data.format = "{fmt}" is single-label (the top class is the answer); '

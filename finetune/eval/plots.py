@@ -184,3 +184,24 @@ def training_curves(
             ax.legend(fontsize=7, ncol=2 if ax is axes[2] else 1)
     fig.suptitle(title + ("; dashed: a new freeze stage begins" if _stage_starts(records) else ""))
     _save(fig, path)
+
+
+def reliability_png(
+    targets: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path, title: str, bins: int = 15
+) -> None:
+    """Reliability diagram over every (image, class) entry: observed frequency vs mean probability per bin."""
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    y = (np.asarray(targets) > 0).ravel()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for probs, label in ((before, "before"), (after, "after")):
+        p = np.asarray(probs, dtype=np.float64).ravel()
+        which = np.minimum((p * bins).astype(int), bins - 1)
+        count = np.bincount(which, minlength=bins)
+        filled = count > 0
+        conf = np.bincount(which, weights=p, minlength=bins)[filled] / count[filled]
+        freq = np.bincount(which, weights=y.astype(np.float64), minlength=bins)[filled] / count[filled]
+        ax.plot(conf, freq, marker="o", label=label)
+    ax.set(xlabel="mean predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

@@ -72,6 +72,15 @@ def _class_cells(row: dict[str, Any], calibrated: bool, threshold_digits: int) -
     return cells
 
 
+def probabilities_line(s: dict[str, Any]) -> str:
+    """One line on the probability scaling: ECE and Brier before -> after, on held-out data."""
+    b, a = s["before"], s["after"]
+    return (
+        f"probabilities: {s['method']} scaling fitted on {s['fitted_on']}; on data it was not fitted on ({s['how']}) "
+        f"ECE {b['ece']:.4f} -> {a['ece']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}"
+    )
+
+
 def targets_line(t: dict[str, Any]) -> str:
     """One line on the operating points: how many classes met their target, where."""
     return (
@@ -131,6 +140,8 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
         )
         if cal.get("targets"):
             console.print(targets_line(cal["targets"]))
+    if report.get("probabilities"):
+        console.print(probabilities_line(report["probabilities"]))
     if not per_class:
         return
     for name, split in report["splits"].items():
@@ -160,6 +171,8 @@ def markdown_report(report: dict[str, Any]) -> str:
             *(f"| {k} | {_pct(h['fixed'][k])} | {_pct(h['calibrated'][k])} |" for k in HEADLINE),
             "",
         ]
+        if report.get("probabilities"):
+            lines += [probabilities_line(report["probabilities"]) + " (reliability.png)", ""]
         if cal.get("targets"):
             t = cal["targets"]
             rule = "|---|---|" + "---:|" * 2 + "---|" + "---:|" * 4

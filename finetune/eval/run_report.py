@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.model_selection import KFold
 
 from finetune.data.split import ClassMap
 from finetune.errors import UserError
 from finetune.eval import plots
 from finetune.eval.metrics import prf, summarize
+from finetune.eval.probabilities import Scaling, brier, ece, fit_scaling
 from finetune.eval.tasks import Task
 from finetune.eval.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json
@@ -137,6 +139,52 @@ def _add_calibration(
     report["calibration"]["plots"] = {"pr_curves.png": plotted, "f1_per_class.png": honest["how"]}
 
 
+def _held_out_scaling(cs: CalibrationSettings, outs: dict[str, dict[str, Any]], scaling: Scaling) -> tuple:
+    """Targets and probabilities before/after scaling on data it was not fitted on: test, else cross-fitting."""
+    if "test" in outs and cs.split != "test":
+        y, before = outs["test"]["targets"], outs["test"]["probs"]
+        return "test split", y, before, scaling.apply(before)
+    y, before = outs[cs.split]["targets"], outs[cs.split]["probs"]
+    after = np.empty_like(before, dtype=np.float64)
+    folds = KFold(min(cs.folds, len(before)), shuffle=True, random_state=cs.seed)
+    for fit_idx, score_idx in folds.split(before):
+        s = fit_scaling(y[fit_idx], before[fit_idx], cs.probabilities, cs.min_positives)
+        after[score_idx] = s.apply(before[score_idx])
+    return f"{folds.n_splits}-fold cross-fitting on {cs.split}", y, before, after
+
+
+def scale_probabilities(
+    run: Path, cs: CalibrationSettings, outs: dict[str, dict[str, Any]], classes: ClassMap
+) -> dict[str, Any] | None:
+    """Fit ``calibrate.probabilities`` on the calibration split; replace every split's probabilities by the scaled.
+
+    Writes ``probabilities.json`` (which folds into the run's model from then on) and ``reliability.png``; returns
+    ECE and Brier before/after on held-out data. With ``"none"`` an earlier ``probabilities.json`` is retired to
+    ``probabilities.prev.json`` (nothing is lost) and None is returned.
+    """
+    path = run / "probabilities.json"
+    if cs.probabilities == "none":
+        if path.is_file():
+            atomic_write_bytes(run / "probabilities.prev.json", path.read_bytes())
+            path.unlink()
+        return None
+    fit_on = outs[cs.split]
+    scaling = fit_scaling(fit_on["targets"], fit_on["probs"], cs.probabilities, cs.min_positives)
+    scaling.names, scaling.split = list(classes.names), cs.split
+    how, y, before, after = _held_out_scaling(cs, outs, scaling)
+    plots.reliability_png(y, before, after, run / "reliability.png", f"{cs.probabilities} scaling, {how}")
+    for out in outs.values():
+        out["probs"] = scaling.apply(out["probs"])
+    atomic_write_json(path, scaling.to_json())
+    return {
+        "method": cs.probabilities,
+        "fitted_on": cs.split,
+        "how": how,
+        "before": {"ece": ece(y, before), "brier": brier(y, before)},
+        "after": {"ece": ece(y, after), "brier": brier(y, after)},
+    }
+
+
 def write_report(
     run: Path,
     task: Task,
@@ -146,15 +194,22 @@ def write_report(
     cs: CalibrationSettings,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate (when the task has thresholds and ``cs.enabled``), then write report.json and the task's files."""
-    calibration, shrink_scores = None, None
+    """Calibrate (when the task has thresholds and ``cs.enabled``), then write report.json and the task's files.
+
+    With ``calibrate.probabilities``, the probabilities of ``outs`` are replaced by the scaled ones first (in place:
+    the caller's galleries then show what the report scored).
+    """
+    calibration, shrink_scores, scaled = None, None, None
     if task.calibrates and cs.enabled:
+        scaled = scale_probabilities(run, cs, outs, classes)
         cs, shrink_scores = resolve_shrink(cs, outs[cs.split])
         calibration = fit_calibration(cs, outs[cs.split], classes, cs.split)
     thr = calibration.thresholds if calibration is not None else None
     report: dict[str, Any] = {"run": str(run), "task": task.name, **(extra or {}), "splits": {}}
     if task.calibrates:
         report.update(threshold=cs.fixed, calibration=None)
+        if scaled is not None:
+            report["probabilities"] = scaled
     for name, out in outs.items():
         if name != "train":
             report["splits"][name] = task.split_report(out["targets"], out["probs"], classes, cs.fixed, thr)

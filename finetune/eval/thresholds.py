@@ -211,6 +211,7 @@ class CalibrationSettings:
     fixed: float = 0.5
     target: float | None = None  # for precision_at_least / recall_at_least
     margin: float = 0.0  # constrained objectives aim at target + margin on the fitting split
+    probabilities: str = "none"  # per-class scaling fitted before the thresholds: none | temperature | platt
     overrides: dict[int, tuple[str, float | None]] = field(default_factory=dict)  # class index -> (objective, target)
 
     @property

@@ -59,7 +59,7 @@ def calibrate_run(
     if not RunParts(recipe).task.calibrates:
         raise UserError(f"{run_dir}: a single-label run predicts the highest-scoring class; it has no thresholds")
     roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.test]
-    parts = build_from_run(run, roles, overrides, console)
+    parts = build_from_run(run, roles, overrides, console, scaled=False)  # the scaling is re-fitted on raw scores
     outs = predictions(parts, roles)
     old = run.read_json("report.json") if (run / "report.json").is_file() else {}
     extra = {k: v for k, v in old.items() if k in ("best_epoch", "select", "bad_images", "stop_reason")}

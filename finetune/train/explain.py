@@ -23,7 +23,7 @@ from finetune.data.leaks import find_duplicates
 from finetune.errors import UserError
 from finetune.eval import cam, gallery, label_issues, plots
 from finetune.eval.html import Gallery, Page, Tile, render
-from finetune.eval.report import TARGET_COLUMNS, target_rows, targets_line
+from finetune.eval.report import TARGET_COLUMNS, probabilities_line, target_rows, targets_line
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
 from finetune.hooks.probe import solve_linear_head
@@ -205,6 +205,7 @@ PLOTS = (
     ("pr_curves.png", "precision-recall curves, each class's operating point marked"),
     ("f1_per_class.png", "per-class F1: fixed vs calibrated threshold"),
     ("confusion_matrix.png", "confusion matrix (most-confused classes)"),
+    ("reliability.png", "reliability diagram: the probabilities before and after scaling, on held-out data"),
 )
 
 
@@ -278,6 +279,8 @@ def write_html(
         else:
             page.galleries, confused = _single_label_galleries(s)
             page.tables.append(confused)
+    if report.get("probabilities"):
+        page.notes.append(probabilities_line(report["probabilities"]))
     targets = (report.get("calibration") or {}).get("targets")
     if targets:
         page.notes.append(targets_line(targets))

@@ -73,10 +73,12 @@ class RunParts:
         distributed: bool = False,
         console: Console | None = None,
         extra_hooks: Sequence[Hook] = (),
+        scaled: bool = True,
     ) -> None:
         self.raw, self.weights, self.roles, self.check = recipe, weights, tuple(roles), check_images
         self.given_classes, self.run, self.console = classes, run, console or Console(stderr=True, quiet=True)
         self.distributed = distributed
+        self.scaled = scaled  # weights = "best": the run's probabilities.json folded into the classifier
         self.extra_hooks = list(extra_hooks)
         self.note = ""  # what resolving the recipe did, for the caller to print
         self._loaders: dict[tuple[str, bool, bool], torch.utils.data.DataLoader] = {}
@@ -211,6 +213,8 @@ class RunParts:
         model = training.build_bare_model(self.raw, len(self.classes))
         if self.weights == "best":
             model.load_state_dict(selected_weights(self.checkpoint))
+            if self.scaled and (self.run / "probabilities.json").is_file():
+                training.fold_probabilities(model, self.run.read_json("probabilities.json"))
         return model, None
 
     @property
@@ -361,6 +365,12 @@ def build_from_run(
     roles: Sequence[str] = (),
     overrides: list[str] | None = None,
     console: Console | None = None,
+    scaled: bool = True,
 ) -> RunParts:
-    """The parts of a finished run: its recipe (with ``overrides``), classes, best weights and ``roles``' splits."""
-    return RunParts(run.recipe(overrides), weights="best", roles=roles, classes=run.classes(), run=run, console=console)
+    """The parts of a finished run: its recipe (with ``overrides``), classes, best weights and ``roles``' splits.
+
+    ``scaled``: the run's probability scaling (``probabilities.json``) folded into the classifier, as every consumer
+    of the run's model sees it; ``calibrate`` re-fits it on the raw model (``False``).
+    """
+    recipe, classes = run.recipe(overrides), run.classes()
+    return RunParts(recipe, weights="best", roles=roles, classes=classes, run=run, console=console, scaled=scaled)

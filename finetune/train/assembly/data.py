@@ -233,6 +233,7 @@ def build_calibration(recipe: Recipe, classes: ClassMap | None = None) -> Calibr
     return CalibrationSettings(
         target=c.target,
         margin=c.margin,
+        probabilities=c.probabilities,
         overrides=overrides,
         enabled=c.enabled,
         split=c.split,

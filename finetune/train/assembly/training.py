@@ -274,3 +274,14 @@ def stage_views(recipe: Recipe, groups: list[LayerGroup], stages: list[Stage]) -
         views.append(StageView(number, f"stage {number}\nepochs {st.start + 1}-{st.end}", lrs))
         trained += 1
     return views
+
+
+def fold_probabilities(model: nn.Module, doc: dict) -> None:
+    """Fold a run's ``probabilities.json`` (per-class ``sigmoid(a z + b)``) into the model's last linear layer."""
+    from finetune.eval.probabilities import Scaling, fold_into
+
+    head = model.get_classifier() if hasattr(model, "get_classifier") else model
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError("probabilities.json: the model has no linear classifier to fold the scaling into")
+    fold_into(linears[-1], Scaling.from_json(doc))

@@ -1,0 +1,141 @@
+"""Probabilities that mean what they say: per-class temperature or Platt scaling, ECE and Brier score.
+
+A sigmoid trained on rare positives is rarely calibrated: a score of 0.8 is not right 80% of the time. Per class,
+on the calibration split's logits ``z`` (recovered from the probabilities), the scaled probability is
+``sigmoid(a * z + b)``:
+
+- ``temperature``: ``b = 0``, ``a = 1 / T``;
+- ``platt``: ``a`` and ``b`` both fitted (Platt 1999).
+
+Both minimise the binary cross-entropy against Platt's smoothed targets (``(N+ + 1) / (N+ + 2)`` for a positive,
+``1 / (N- + 2)`` for a negative), which keeps the optimum finite when a class is separable, with ``a > 0`` so the
+ranking (AP) is unchanged; L-BFGS in float64 over every class at once (the losses are separable). A class without a
+positive or without a negative keeps ``a = 1, b = 0``. The tests check Platt against scikit-learn's
+``LogisticRegression`` on the logit, temperature against a brute-force 1-D search, and ECE / Brier against
+``calibration_curve`` / ``brier_score_loss``.
+
+The scaling is linear in the logit, so it folds into the classifier layer (``W' = a W``, ``b' = a b0 + b``): every
+consumer of the run's model (``eval``, ``predict``, every export) gives the scaled probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+METHODS = ("none", "temperature", "platt")
+_CLIP = 1e-7
+
+
+def logits_of(probs: np.ndarray) -> np.ndarray:
+    """The logits behind sigmoid probabilities (clipped to 1e-7 .. 1 - 1e-7: about +-16)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), _CLIP, 1 - _CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def smoothed_targets(targets: np.ndarray) -> np.ndarray:
+    """Platt's targets: ``(N+ + 1) / (N+ + 2)`` for a positive, ``1 / (N- + 2)`` for a negative, per class."""
+    y = np.asarray(targets) > 0
+    pos, neg = y.sum(0), (~y).sum(0)
+    return np.where(y, (pos + 1.0) / (pos + 2.0), 1.0 / (neg + 2.0))
+
+
+@dataclass
+class Scaling:
+    """Per-class ``sigmoid(a * logit + b)``."""
+
+    method: str
+    a: np.ndarray
+    b: np.ndarray
+    names: list[str] = field(default_factory=list)
+    split: str = ""
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """Scaled probabilities of ``[n, classes]`` sigmoid probabilities."""
+        z = self.a * logits_of(probs) + self.b
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form for ``probabilities.json``."""
+        names = self.names or [str(i) for i in range(len(self.a))]
+        rows = [{"name": n, "a": float(a), "b": float(b)} for n, a, b in zip(names, self.a, self.b)]
+        return {"method": self.method, "split": self.split, "classes": rows}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Scaling:
+        """Read what :meth:`to_json` wrote."""
+        rows = doc["classes"]
+        a, b = np.array([r["a"] for r in rows]), np.array([r["b"] for r in rows])
+        return cls(doc["method"], a, b, [r["name"] for r in rows], doc.get("split", ""))
+
+
+def fit_scaling(
+    targets: np.ndarray, probs: np.ndarray, method: str, min_positives: int = 1, max_iter: int = 200
+) -> Scaling:
+    """Fit per-class temperature or Platt scaling on one split's probabilities (see the module docstring).
+
+    A class with fewer than ``min_positives`` positives (or negatives) keeps its probabilities (``a = 1, b = 0``):
+    a fit on a handful of positives would pull its scores toward that handful's share, below the pooled threshold
+    such a class takes (on coco-small Platt on every class cost 8 points of held-out macro-F1, see the README).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    c = np.asarray(probs).shape[1]
+    if method == "none":
+        return Scaling(method, np.ones(c), np.zeros(c))
+    y = np.asarray(targets) > 0
+    m = max(1, min_positives)
+    active = torch.from_numpy((y.sum(0) >= m) & ((~y).sum(0) >= m))
+    z = torch.from_numpy(logits_of(probs))
+    t = torch.from_numpy(smoothed_targets(y))
+    log_a = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(c, dtype=torch.float64, requires_grad=(method == "platt"))
+    params = [log_a, b] if method == "platt" else [log_a]
+    opt = torch.optim.LBFGS(
+        params, lr=1, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logit = torch.exp(log_a) * z + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, t, reduction="none").mean(0)
+        total = (loss * active).sum()
+        total.backward()
+        return total
+
+    opt.step(closure)
+    a = torch.where(active, torch.exp(log_a), torch.ones_like(log_a)).detach().numpy()
+    bias = torch.where(active, b, torch.zeros_like(b)).detach().numpy()
+    return Scaling(method, a, bias)
+
+
+def ece(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error over every (image, class) entry pooled: equal-width bins, weighted by count."""
+    y, p = (np.asarray(targets) > 0).ravel(), np.asarray(probs, dtype=np.float64).ravel()
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    conf = np.bincount(which, weights=p, minlength=bins)
+    hits = np.bincount(which, weights=y.astype(np.float64), minlength=bins)
+    filled = count > 0
+    return float((np.abs(hits[filled] - conf[filled])).sum() / len(p))
+
+
+def brier(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Brier score over every (image, class) entry pooled: the mean squared error of the probabilities."""
+    y, p = (np.asarray(targets) > 0).astype(np.float64), np.asarray(probs, dtype=np.float64)
+    return float(((p - y) ** 2).mean())
+
+
+def fold_into(linear: torch.nn.Linear, scaling: Scaling) -> None:
+    """Fold ``sigmoid(a * z + b)`` into the classifier layer that computes ``z``, in place."""
+    a = torch.as_tensor(scaling.a, dtype=linear.weight.dtype, device=linear.weight.device)
+    b = torch.as_tensor(scaling.b, dtype=linear.weight.dtype, device=linear.weight.device)
+    with torch.no_grad():
+        linear.weight.mul_(a[:, None])
+        if linear.bias is None:
+            linear.bias = torch.nn.Parameter(b.clone())
+        else:
+            linear.bias.mul_(a).add_(b)

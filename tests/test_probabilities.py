@@ -1,0 +1,132 @@
+"""Issue 22, item 2: per-class temperature and Platt scaling, ECE and Brier, against independent references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.calibration import calibration_curve
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import brier_score_loss
+
+from finetune.eval.probabilities import brier, ece, fit_scaling, fold_into, logits_of, smoothed_targets
+
+
+def _data(seed: int, n: int = 300, c: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.random((n, c)) < rng.uniform(0.1, 0.5, c)
+    z = rng.normal(0, 1, (n, c)) + 3.0 * y - 1.5  # overconfident logits: scaled by 2.5 below
+    return y, 1 / (1 + np.exp(-2.5 * z))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_platt_equals_logistic_regression_on_the_logit(seed: int) -> None:
+    y, p = _data(seed)
+    s = fit_scaling(y, p, "platt")
+    z, t = logits_of(p), smoothed_targets(y)
+    for j in range(y.shape[1]):  # soft targets as two weighted copies of every row
+        x = np.concatenate([z[:, j], z[:, j]])[:, None]
+        labels = np.concatenate([np.ones(len(z)), np.zeros(len(z))])
+        weights = np.concatenate([t[:, j], 1 - t[:, j]])
+        lr = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(x, labels, sample_weight=weights)
+        assert s.a[j] == pytest.approx(lr.coef_[0, 0], abs=1e-4)
+        assert s.b[j] == pytest.approx(lr.intercept_[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_temperature_equals_a_brute_force_search(seed: int) -> None:
+    y, p = _data(seed)
+    s = fit_scaling(y, p, "temperature")
+    z, t = logits_of(p), smoothed_targets(y)
+
+    def loss(a: float, j: int) -> float:
+        q = np.clip(1 / (1 + np.exp(-a * z[:, j])), 1e-15, 1 - 1e-15)
+        return float(-(t[:, j] * np.log(q) + (1 - t[:, j]) * np.log(1 - q)).mean())
+
+    for j in range(y.shape[1]):
+        grid = np.exp(np.linspace(np.log(0.01), np.log(10), 2001))
+        lo, hi = (
+            grid[max(np.argmin([loss(a, j) for a in grid]) - 1, 0)],
+            grid[np.argmin([loss(a, j) for a in grid]) + 1],
+        )
+        for _ in range(100):  # golden-section refinement of the grid's bracket
+            m1, m2 = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+            lo, hi = (lo, m2) if loss(m1, j) < loss(m2, j) else (m1, hi)
+        assert s.a[j] == pytest.approx((lo + hi) / 2, abs=1e-4) and s.b[j] == 0
+
+
+def test_scaling_lowers_ece_and_brier_and_keeps_the_ranking() -> None:
+    y, p = _data(0, n=2000)
+    s = fit_scaling(y[:1000], p[:1000], "platt")
+    after = s.apply(p[1000:])
+    assert ece(y[1000:], after) < 0.5 * ece(y[1000:], p[1000:])
+    assert brier(y[1000:], after) < brier(y[1000:], p[1000:])
+    assert (np.argsort(after, 0, kind="stable") == np.argsort(p[1000:], 0, kind="stable")).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ece_and_brier_equal_scikit_learn(seed: int) -> None:
+    y, p = _data(seed)
+    flat_y, flat_p = y.ravel(), p.ravel()
+    true, pred = calibration_curve(flat_y, flat_p, n_bins=15, strategy="uniform")
+    counts = np.histogram(flat_p, bins=np.linspace(0, 1, 16))[0]
+    want = (counts[counts > 0] / len(flat_p) * np.abs(true - pred)).sum()
+    assert ece(y, p) == pytest.approx(want, abs=1e-12)
+    assert brier(y, p) == pytest.approx(brier_score_loss(flat_y, flat_p), abs=1e-12)
+
+
+def test_the_scaling_folds_into_the_classifier() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 3).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    probs = torch.sigmoid(layer(x)).detach().numpy()
+    s = fit_scaling(np.random.default_rng(0).random((20, 3)) < 0.4, probs, "platt")
+    fold_into(layer, s)
+    np.testing.assert_allclose(torch.sigmoid(layer(x)).detach().numpy(), s.apply(probs), atol=1e-9)
+
+
+def test_a_class_without_positives_is_left_alone() -> None:
+    y, p = _data(1)
+    y[:, 2] = False
+    s = fit_scaling(y, p, "platt")
+    assert (s.a[2], s.b[2]) == (1.0, 0.0)
+
+
+@pytest.mark.slow
+def test_a_scaled_run_and_its_exports_give_the_calibrated_probabilities(tiny_recipe: Path, tiny_coco: Path) -> None:
+    from finetune.config import load_recipe
+    from finetune.deploy.export import export_run
+    from finetune.deploy.predictor import Predictor
+    from finetune.eval.probabilities import Scaling
+    from finetune.train.assembly import build_from_run
+    from finetune.train.evaluate import evaluate_run, predictions
+    from finetune.train.run import run_recipe
+    from finetune.train.rundir import RunDir
+
+    run_dir = run_recipe(load_recipe(tiny_recipe, ['calibrate.probabilities="platt"']))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["probabilities"]["how"] == "test split" and (run_dir / "reliability.png").is_file()
+    scaling = Scaling.from_json(json.loads((run_dir / "probabilities.json").read_text()))
+    run = RunDir.open(run_dir)
+    raw = predictions(build_from_run(run, ["test"], scaled=False), ["test"])["test"]["probs"]
+    folded = predictions(build_from_run(run, ["test"]), ["test"])["test"]["probs"]
+    np.testing.assert_allclose(folded, scaling.apply(raw), atol=1e-5, rtol=0)  # the model itself is scaled
+    # the report scored the scaled probabilities: its calibrated test numbers are what `eval` gets from the model, up
+    # to a probability within float32 rounding of a threshold (a 1-epoch model's scaled scores sit close together)
+    evaluated = evaluate_run(run_dir, "test")["splits"]["test"]["calibrated"]["summary"]
+    assert evaluated["micro_f1"] == pytest.approx(
+        report["splits"]["test"]["calibrated"]["summary"]["micro_f1"], abs=0.01
+    )
+    export_run(run_dir, "onnx")
+    export_run(run_dir, "torchscript")
+    images = sorted((tiny_coco / "train").iterdir())[:16]
+    ours = Predictor.from_run(run_dir).predict(images)
+    want = np.array([list(r.probabilities.values()) for r in ours])
+    for path in ("model.onnx", "model.pt"):
+        got = np.array(
+            [list(r.probabilities.values()) for r in Predictor.load(run_dir / "export" / path).predict(images)]
+        )
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
