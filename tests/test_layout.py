@@ -64,7 +64,8 @@ def test_no_import_cycle() -> None:
 LAYERS = [
     (
         "shared ground",
-        ["errors", "io", "config", "rules", "overrides", "precision", "labels", "console", "distributed"],
+        ["errors", "io", "schema", "objectives", "config", "rules", "overrides", "precision", "labels", "console"]
+        + ["distributed"],
     ),
     ("models", ["models", "mobilenet", "groups", "optim", "losses", "summary"]),
     ("data", ["data"]),

@@ -130,3 +130,14 @@ def test_a_scaled_run_and_its_exports_give_the_calibrated_probabilities(tiny_rec
             [list(r.probabilities.values()) for r in Predictor.load(run_dir / "export" / path).predict(images)]
         )
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # INT8 is quantized from the scaled ONNX: within the INT8 export's own tolerance of the scaled fp32 model
+    from finetune.deploy.quantize import backend_outputs
+
+    from .test_device_export import INT8_MAX, INT8_MEAN, _onnx
+
+    export_run(run_dir, "onnx", int8=True)
+    test = build_from_run(run, ("test",))
+    int8, fp32 = (_onnx(run_dir / "export" / name)[0] for name in ("model.int8.onnx", "model.onnx"))
+    diff = np.abs(backend_outputs(int8, test, ["test"])["test"]["probs"] - folded)
+    assert np.abs(backend_outputs(fp32, test, ["test"])["test"]["probs"] - folded).max() < 1e-5
+    assert diff.max() <= INT8_MAX and diff.mean() <= INT8_MEAN, (diff.max(), diff.mean())

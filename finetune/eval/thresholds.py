@@ -245,6 +245,26 @@ def _objectives(c: int, metric: str, target: float | None, overrides: dict | Non
     return out
 
 
+def _fit_each(
+    y: np.ndarray, p: np.ndarray, objectives: list[tuple[str, float | None]], beta: float, margin: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, for its objective: the fitted threshold, its score, the objective's pooled threshold, target met."""
+    c = p.shape[1]
+    thr, score, glob, met = np.zeros(c), np.zeros(c), np.zeros(c), np.ones(c, dtype=bool)
+    for obj, t in set(objectives):
+        cols = np.array([i for i, o in enumerate(objectives) if o == (obj, t)])
+        if obj in CONSTRAINED:
+            aim = min(1.0, t + margin)
+            thr[cols], score[cols], met[cols] = constrained_thresholds(y[:, cols], p[:, cols], obj, aim)
+            g, _, _ = constrained_thresholds(y[:, cols].reshape(-1, 1), p[:, cols].reshape(-1, 1), obj, aim)
+            glob[cols] = 0.5 if np.isinf(g[0]) else g[0]
+        else:
+            fb = 1.0 if obj == "f1" else beta
+            thr[cols], score[cols] = best_thresholds(y[:, cols], p[:, cols], fb)
+            glob[cols], _ = global_threshold(y, p, fb)
+    return thr, score, glob, met
+
+
 def fit_thresholds(
     targets: np.ndarray,
     probs: np.ndarray,
@@ -278,23 +298,9 @@ def fit_thresholds(
     objectives = _objectives(p.shape[1], metric, target, overrides)
     support = y.sum(0)
     fitted = support >= max(1, min_positives)
-    thr, score = np.zeros(p.shape[1]), np.zeros(p.shape[1])
-    glob = np.zeros(p.shape[1])
-    source = ["fitted" if f else "global" for f in fitted]
+    thr, score, glob, met = _fit_each(y, p, objectives, beta, margin)
+    source = ["global" if not f else "fitted" if m else "unmet" for f, m in zip(fitted, met)]
     b = 1.0 if metric == "f1" else beta
-    for obj, t in set(objectives):
-        cols = np.array([i for i, o in enumerate(objectives) if o == (obj, t)])
-        if obj in CONSTRAINED:
-            aim = min(1.0, t + margin)
-            thr[cols], score[cols], met = constrained_thresholds(y[:, cols], p[:, cols], obj, aim)
-            g, _, _ = constrained_thresholds(y[:, cols].reshape(-1, 1), p[:, cols].reshape(-1, 1), obj, aim)
-            glob[cols] = 0.5 if np.isinf(g[0]) else g[0]
-            for i in cols[~met & fitted[cols]]:
-                source[i] = "unmet"
-        else:
-            fb = 1.0 if obj == "f1" else beta
-            thr[cols], score[cols] = best_thresholds(y[:, cols], p[:, cols], fb)
-            glob[cols], _ = global_threshold(y, p, fb)
     out = np.where(fitted, thr, glob)
     is_f = np.array([o[0] not in CONSTRAINED for o in objectives])
     if shrink > 0:
