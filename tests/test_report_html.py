@@ -17,6 +17,7 @@ from torch import nn
 from finetune.eval import cam
 from finetune.eval.label_issues import cleanlab_missing, find_issues
 from finetune.eval.tasks import MULTI_LABEL
+from finetune.train.explain import MAX_GALLERIES
 
 from .conftest import TINY_RECIPE, assert_user_error, run_cli
 
@@ -101,6 +102,9 @@ def test_report_on_bad_input_is_a_line_or_a_note(tiny_run: Path, tmp_path: Path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     page = (moved / "report.html").read_text()
     assert "no galleries:" in page and "/nowhere" in page and 'class="gallery"' not in page
+    data_root = tiny_run.parents[1] / "data"  # and --set data.root= brings them back without editing recipe.toml
+    assert run_cli("report", str(moved), "--no-cams", "--set", f'data.root="{data_root.as_posix()}"').returncode == 0
+    assert 'class="gallery"' in (moved / "report.html").read_text()
     data = tmp_path / "data"  # one val image unreadable: skipped, said, and the rest of the report is written
     shutil.copytree(tiny_run.parents[1] / "data", data)
     broken = sorted((data / "test").glob("*.jpg"))[0]
@@ -109,7 +113,8 @@ def test_report_on_bad_input_is_a_line_or_a_note(tiny_run: Path, tmp_path: Path)
     proc = run_cli("report", str(bad))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "skipped" in proc.stderr and broken.name in proc.stderr
-    assert broken.name not in (bad / "report.html").read_text().split('id="galleries"')[1]
+    galleries = (bad / "report.html").read_text().split('id="galleries"')[1]
+    assert 'class="gallery"' in galleries and broken.name not in galleries
 
 
 @pytest.mark.slow
@@ -133,8 +138,13 @@ def test_a_1000_class_run_writes_a_bounded_report(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "runs" / "tiny" / "report.html").read_text()
     page = Page(text)
-    assert len(page.galleries) <= 8 and len(text) < 3_000_000  # 1,000 table rows; galleries and plots capped
+    assert len(page.galleries) == 8 and len(text) < 3_000_000  # 1,000 table rows; galleries and plots capped
     assert text.count("<tr>") >= 1000
+    run = tmp_path / "runs" / "tiny"  # asked for 150 classes' galleries and 500 worst: MAX_GALLERIES are drawn
+    asked = [a for name in names[:150] for a in ("--class", name)]
+    assert run_cli("report", str(run), *asked, "--worst", "500", "--per-class", "1", "--no-cams").returncode == 0
+    text = (run / "report.html").read_text()
+    assert len(Page(text).galleries) == MAX_GALLERIES and len(text) < 10_000_000
 
 
 class Corners(nn.Module):
@@ -177,6 +187,10 @@ def test_a_cam_peaks_where_its_class_is() -> None:
     image[:, :, 4:24, 4:24] = torch.tensor([0.0, 0, 1]).view(3, 1, 1)  # blue, top left
     layer = cam.target_layer(model, 64)[1]
     red, blue = cam.activation_maps(model, image, [0, 1], layer)
+    for p in model.parameters():  # a run whose last stage froze everything: the same maps
+        p.requires_grad_(False)
+    frozen = cam.activation_maps(model, image, [0, 1], layer)
+    np.testing.assert_allclose(frozen, np.stack([red, blue]), atol=1e-6)
     for heat, (rows, cols) in ((red, (slice(32, 64), slice(32, 64))), (blue, (slice(0, 32), slice(0, 32)))):
         inside = heat[rows, cols].mean()
         outside = (heat.sum() - heat[rows, cols].sum()) / (heat.size - heat[rows, cols].size)

@@ -193,7 +193,7 @@ def calibrate(
     if (Path(run_dir) / "report.html").is_file():  # the page shows the thresholds: keep it in step
         from finetune.train.explain import report_run
 
-        report_run(run_dir, console=err)
+        report_run(run_dir, console=err, overrides=overrides)
 
 
 def _version(value: bool) -> None:

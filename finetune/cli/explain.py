@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from finetune.cli.options import err
+from finetune.cli.options import SetOption, err
 from finetune.errors import UserError
 
 RunArg = Annotated[Path, typer.Argument(help="A run directory.")]
@@ -33,11 +33,12 @@ def report_command(
     worst: WorstOption = 8,
     per_class: PerClassOption = 6,
     cams: CamsOption = True,
+    overrides: SetOption = None,
 ) -> None:
     """Rewrite a run's report.html: summary, per-class table, curves, galleries of mistakes with CAMs."""
     from finetune.train.explain import report_run
 
-    report_run(run_dir, _options(classes, worst, per_class, cams), err)
+    report_run(run_dir, _options(classes, worst, per_class, cams), err, overrides=overrides)
 
 
 def inspect_command(
@@ -46,8 +47,9 @@ def inspect_command(
     worst: WorstOption = 8,
     per_class: PerClassOption = 6,
     cams: CamsOption = True,
+    overrides: SetOption = None,
 ) -> None:
     """Rank suspected label errors (label_issues.csv: cleanlab on k-fold probe probabilities); rewrite report.html."""
     from finetune.train.explain import inspect_run
 
-    inspect_run(run_dir, _options(classes, worst, per_class, cams), err)
+    inspect_run(run_dir, _options(classes, worst, per_class, cams), err, overrides)

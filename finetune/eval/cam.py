@@ -69,8 +69,11 @@ def activation_maps(model: nn.Module, inputs: torch.Tensor, classes: list[int], 
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     was_training = model.training
+    # The input requires grad (BaseCAM's compute_input_gradient, which GradCAM does not pass on): a run whose last
+    # stage left the backbone, or every layer, frozen still has a gradient path from the logit to the target layer.
+    x = inputs.detach().float().requires_grad_(True)
     with GradCAM(model=model, target_layers=[layer]) as cam:
-        maps = cam(input_tensor=inputs.float(), targets=[ClassifierOutputTarget(int(c)) for c in classes])
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
     model.train(was_training)
     return np.asarray(maps, dtype=np.float32)
 

@@ -55,8 +55,7 @@ def _multi_label(targets: np.ndarray, probs: np.ndarray, min_positives: int) -> 
     labels = [np.flatnonzero(row).tolist() for row in t]
     flagged = np.flatnonzero(find_label_issues(labels, p, n_jobs=1))
     quality = get_label_quality_scores(labels, p)
-    per_class = np.asarray(find_multilabel_issues_per_class(labels, p, n_jobs=1))
-    per_class = per_class if per_class.shape == t.shape else per_class.T  # [n, kept classes] (cleanlab 2.9 gives it)
+    per_class = np.asarray(find_multilabel_issues_per_class(labels, p, n_jobs=1))  # [n, kept classes] boolean
     out = []
     for i in flagged[np.argsort(quality[flagged], kind="stable")]:
         suspects = np.flatnonzero(per_class[i])

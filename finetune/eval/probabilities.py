@@ -27,12 +27,14 @@ import numpy as np
 import torch
 
 METHODS = ("none", "temperature", "platt")
-_CLIP = 1e-7
+# float32 probabilities resolve 1 - p down to ~6e-8 (a logit of ~16.6) but p itself down to ~1e-38 (-87): the clip
+# keeps what float32 can tell apart, so a low threshold sees the scaled score the folded model gives
+_LOW, _HIGH = 1e-37, 1 - 6e-8
 
 
 def logits_of(probs: np.ndarray) -> np.ndarray:
-    """The logits behind sigmoid probabilities (clipped to 1e-7 .. 1 - 1e-7: about +-16)."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), _CLIP, 1 - _CLIP)
+    """The logits behind sigmoid probabilities (clipped to what float32 resolves: about -85 .. +16.6)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), _LOW, _HIGH)
     return np.log(p) - np.log1p(-p)
 
 

@@ -153,21 +153,33 @@ def _held_out_scaling(cs: CalibrationSettings, outs: dict[str, dict[str, Any]], 
     return f"{folds.n_splits}-fold cross-fitting on {cs.split}", y, before, after
 
 
-def scale_probabilities(
-    run: Path, cs: CalibrationSettings, outs: dict[str, dict[str, Any]], classes: ClassMap
-) -> dict[str, Any] | None:
-    """Fit ``calibrate.probabilities`` on the calibration split; replace every split's probabilities by the scaled.
+def save_scaling(run: Path, scaling: Scaling | None) -> None:
+    """Write ``probabilities.json`` (which folds into the run's model from then on), or retire it with None.
 
-    Writes ``probabilities.json`` (which folds into the run's model from then on) and ``reliability.png``; returns
-    ECE and Brier before/after on held-out data. With ``"none"`` an earlier ``probabilities.json`` is retired to
-    ``probabilities.prev.json`` (nothing is lost) and None is returned.
+    Called once the thresholds fitted on that scale are saved, so the model and ``thresholds.json`` never disagree.
+    The file it replaces (and a reliability diagram without a scaling behind it) is kept as ``*.prev.*``.
     """
     path = run / "probabilities.json"
+    if path.is_file():
+        atomic_write_bytes(run / "probabilities.prev.json", path.read_bytes())
+    if scaling is not None:
+        atomic_write_json(path, scaling.to_json())
+        return
+    path.unlink(missing_ok=True)
+    if (run / "reliability.png").is_file():
+        (run / "reliability.png").replace(run / "reliability.prev.png")
+
+
+def scale_probabilities(
+    run: Path, cs: CalibrationSettings, outs: dict[str, dict[str, Any]], classes: ClassMap
+) -> tuple[dict[str, Any] | None, Scaling | None]:
+    """Fit ``calibrate.probabilities`` on the calibration split; replace every split's probabilities by the scaled.
+
+    Writes ``reliability.png``; returns ECE and Brier before/after on held-out data and the scaling (for
+    :func:`save_scaling`). With ``"none"``: nothing to fit, ``(None, None)``.
+    """
     if cs.probabilities == "none":
-        if path.is_file():
-            atomic_write_bytes(run / "probabilities.prev.json", path.read_bytes())
-            path.unlink()
-        return None
+        return None, None
     fit_on = outs[cs.split]
     scaling = fit_scaling(fit_on["targets"], fit_on["probs"], cs.probabilities, cs.min_positives)
     scaling.names, scaling.split = list(classes.names), cs.split
@@ -175,14 +187,14 @@ def scale_probabilities(
     plots.reliability_png(y, before, after, run / "reliability.png", f"{cs.probabilities} scaling, {how}")
     for out in outs.values():
         out["probs"] = scaling.apply(out["probs"])
-    atomic_write_json(path, scaling.to_json())
-    return {
+    stats = {
         "method": cs.probabilities,
         "fitted_on": cs.split,
         "how": how,
         "before": {"ece": ece(y, before), "brier": brier(y, before)},
         "after": {"ece": ece(y, after), "brier": brier(y, after)},
     }
+    return stats, scaling
 
 
 def write_report(
@@ -199,9 +211,9 @@ def write_report(
     With ``calibrate.probabilities``, the probabilities of ``outs`` are replaced by the scaled ones first (in place:
     the caller's galleries then show what the report scored).
     """
-    calibration, shrink_scores, scaled = None, None, None
+    calibration, shrink_scores, scaled, scaling = None, None, None, None
     if task.calibrates and cs.enabled:
-        scaled = scale_probabilities(run, cs, outs, classes)
+        scaled, scaling = scale_probabilities(run, cs, outs, classes)
         cs, shrink_scores = resolve_shrink(cs, outs[cs.split])
         calibration = fit_calibration(cs, outs[cs.split], classes, cs.split)
     thr = calibration.thresholds if calibration is not None else None
@@ -217,6 +229,8 @@ def write_report(
         _add_calibration(run, report, cs, calibration, outs, classes)
         if shrink_scores is not None:
             report["calibration"]["shrink_auto"] = shrink_scores
+    if task.calibrates:  # after thresholds.json: a run without calibration (or "none") keeps no scaling
+        save_scaling(run, scaling)
     task.write_extras(report, classes, run)
     atomic_write_json(run / "report.json", report)
     return report

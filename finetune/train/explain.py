@@ -87,6 +87,11 @@ def out_of_fold(
     return probs[best].numpy(), best
 
 
+def image_name(split: Any, i: int) -> str:
+    """How the report names image ``i`` of a split: its path, or ``#i`` for in-memory images (CIFAR-10)."""
+    return f"#{i}" if isinstance(split.image_paths, np.ndarray) else str(split.image_paths[i])
+
+
 def label_pass(parts: RunParts, run: Path, console: Console) -> dict[str, Any]:
     """Suspected label errors on train + val (+ test): writes ``label_issues.csv`` in the run; returns a summary."""
     missing = label_issues.cleanlab_missing()
@@ -97,10 +102,9 @@ def label_pass(parts: RunParts, run: Path, console: Console) -> dict[str, Any]:
     for role in [r for r in ("train", "val", "test") if r in parts.splits]:
         index: list[torch.Tensor] = []
         f, t = extract_features(Pooled(model), parts.loader(role), device=parts.device, index=index)
-        paths = parts.splits[role].image_paths
         feats.append(f.cpu())
         targets.append(t.cpu())
-        where += [(role, str(paths[i])) for i in torch.cat(index).tolist()]
+        where += [(role, image_name(parts.splits[role], i)) for i in torch.cat(index).tolist()]
     x, y = torch.cat(feats), torch.cat(targets).float()
     probs, c = out_of_fold(x, y, parts.task)
     y_np = y.numpy()
@@ -148,15 +152,12 @@ class _Split:
         """Score of ``cls``, the given labels and the file name of one prediction row."""
         names, out = self.parts.classes.names, self.out
         given = ", ".join(names[c] for c in np.flatnonzero(out["targets"][row] > 0)) or "no label"
-        path = Path(self.parts.splits[self.role].image_paths[int(out["index"][row])]).name
+        path = Path(image_name(self.parts.splits[self.role], int(out["index"][row]))).name
         return f"p({names[cls]}) = {out['probs'][row, cls]:.2f}; labels: {given}; {path}"
 
 
 def _multi_label_galleries(s: _Split, thr: np.ndarray) -> list[Gallery]:
-    names, out, opts = list(s.parts.classes.names), s.out, s.opts
-    unknown = [c for c in opts.classes if c not in names]
-    if unknown:
-        raise UserError(f"--class {unknown[0]!r}: not a class of this run (see classes.json)")
+    names, out, opts = list(s.parts.classes.names), s.out, s.opts  # --class names checked by _check_run
     requested = [names.index(c) for c in opts.classes][:MAX_GALLERIES]
     worst = max(0, min(opts.worst, MAX_GALLERIES - len(requested)))
     galleries = []
@@ -297,8 +298,27 @@ def write_html(
     return run / "report.html"
 
 
+def _check_run(run_dir: str | Path, opts: HtmlOptions) -> Any:
+    """The run, refused in one line without ``best.pt`` / ``report.json`` or with a ``--class`` it does not have."""
+    from finetune.train.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    for name, why in (("best.pt", "it has not finished an epoch"), ("report.json", "it has not finished")):
+        if not (run / name).is_file():
+            raise UserError(f"{run_dir}: no {name} ({why}); finish it with finetune run --resume {run_dir}")
+    names = list(run.classes().names)
+    unknown = [c for c in opts.classes if c not in names]
+    if unknown:
+        raise UserError(f"--class {unknown[0]!r}: not a class of this run (see classes.json)")
+    return run
+
+
 def report_run(
-    run_dir: str | Path, opts: HtmlOptions | None = None, console: Console | None = None, parts: RunParts | None = None
+    run_dir: str | Path,
+    opts: HtmlOptions | None = None,
+    console: Console | None = None,
+    parts: RunParts | None = None,
+    overrides: list[str] | None = None,
 ) -> Path:
     """``finetune report RUN``: re-predict val/test with ``best.pt`` and rewrite ``report.html``.
 
@@ -307,37 +327,37 @@ def report_run(
     """
     from finetune.train.assembly import build_from_run
     from finetune.train.evaluate import predictions
-    from finetune.train.rundir import RunDir
 
-    run = RunDir.open(run_dir)
-    for name, why in (("best.pt", "it has not finished an epoch"), ("report.json", "it has not finished")):
-        if not (run / name).is_file():
-            raise UserError(f"{run_dir}: no {name} ({why}); finish it with finetune run --resume {run_dir}")
+    opts = opts or HtmlOptions()
+    run = _check_run(run_dir, opts)
     console = console or Console(stderr=True)
     report = run.read_json("report.json")
-    roles = [r for r in ("train", "val", "test") if r != "test" or run.recipe().data.test]
-    parts = parts or build_from_run(run, roles, console=console)
+    roles = [r for r in ("train", "val", "test") if r != "test" or run.recipe(overrides).data.test]
+    parts = parts or build_from_run(run, roles, overrides, console)
     outs, why = None, ""
     try:
         outs = predictions(parts, [r for r in report["splits"] if r in ("val", "test")])
     except UserError as err:
         why = str(err)
         console.print(f"[yellow]note[/] report.html without galleries: {why}")
-    path = write_html(run.path, parts, parts.place(), report, outs, opts or HtmlOptions(), why)
+    path = write_html(run.path, parts, parts.place(), report, outs, opts, why)
     console.print(f"wrote {path}")
     return path
 
 
-def inspect_run(run_dir: str | Path, opts: HtmlOptions | None = None, console: Console | None = None) -> Path:
+def inspect_run(
+    run_dir: str | Path,
+    opts: HtmlOptions | None = None,
+    console: Console | None = None,
+    overrides: list[str] | None = None,
+) -> Path:
     """``finetune inspect RUN``: the label-issue pass (``label_issues.csv``), then ``report.html`` with it."""
     from finetune.train.assembly import build_from_run
-    from finetune.train.rundir import RunDir
 
-    run = RunDir.open(run_dir)
-    if not (run / "best.pt").is_file():
-        raise UserError(f"{run_dir}: no best.pt (it has not finished an epoch); finish it first")
+    opts = opts or HtmlOptions()
+    run = _check_run(run_dir, opts)  # before the long pass, not after it
     console = console or Console(stderr=True)
-    roles = [r for r in ("train", "val", "test") if r != "test" or run.recipe().data.test]
-    parts = build_from_run(run, roles, console=console)
+    roles = [r for r in ("train", "val", "test") if r != "test" or run.recipe(overrides).data.test]
+    parts = build_from_run(run, roles, overrides, console)
     label_pass(parts, run.path, console)
-    return report_run(run_dir, opts, console, parts)
+    return report_run(run_dir, opts, console, parts, overrides)

@@ -61,7 +61,13 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     task.print_report(report, LogConsole())
     from finetune.train.explain import HtmlOptions, write_html  # explain builds on this layer's parts
 
-    write_html(run.path, parts, loop.model, report, outs, HtmlOptions())
+    try:
+        write_html(run.path, parts, loop.model, report, outs, HtmlOptions())
+    except Exception as err:  # noqa: BLE001 - the run is trained and reported; the page is not worth a traceback
+        loop.console.print(
+            f"[yellow]note[/] report.html not written ({type(err).__name__}: {escape(str(err))}); "
+            f"try finetune report {escape(str(run.path))}"
+        )
     return report
 
 
