@@ -275,6 +275,7 @@ class OutputConfig(_Section):
 
     dir: str = "runs"
     name: str = ""
+    html: bool = Field(True, description="write report.html after training (finetune report writes it any time)")
 
 
 class Recipe(_Section):

@@ -42,6 +42,7 @@ precision = "fp32"
 [output]
 dir = "{runs}"
 name = "tiny"
+html = false
 """
 
 

@@ -80,6 +80,7 @@ def test_a_run_aims_at_its_targets_and_reports_them_held_out(tiny_recipe: Path, 
     proc = run_cli("run", str(tiny_recipe), *(a for s in sets for a in ("--set", s)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "tiny"
+    assert not (run / "report.html").exists()  # the tests' recipe sets output.html = false
     doc = json.loads((run / "thresholds.json").read_text())
     by_name = {c["name"]: c for c in doc["classes"]}
     assert by_name["circle"]["objective"] == "precision_at_least" and by_name["square"]["target"] == 0.8

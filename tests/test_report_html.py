@@ -59,7 +59,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_demo(base / "data", {"train": 24, "val": 12, "test": 12}, size=48, seed=1)
     recipe = base / "tiny.toml"
     recipe.write_text(TINY_RECIPE.format(root=(base / "data").as_posix(), runs=(base / "runs").as_posix()))
-    proc = run_cli("run", str(recipe), "--set", "train.epochs=2")
+    proc = run_cli("run", str(recipe), "--set", "train.epochs=2", "--set", "output.html=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return base / "runs" / "tiny"
 
@@ -133,7 +133,7 @@ def test_a_1000_class_run_writes_a_bounded_report(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     text = TINY_RECIPE.format(root=tmp_path.as_posix(), runs=(tmp_path / "runs").as_posix())
     recipe.write_text(text.replace("[data]\n", f"[data]\nclasses = {json.dumps(names)}\n", 1))
-    sets = ['data.format="csv"', 'data.csv="labels.csv"', "calibrate.folds=2"]
+    sets = ['data.format="csv"', 'data.csv="labels.csv"', "calibrate.folds=2", "output.html=true"]
     proc = run_cli("run", str(recipe), *(a for s in sets for a in ("--set", s)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "runs" / "tiny" / "report.html").read_text()

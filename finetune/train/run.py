@@ -61,6 +61,8 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     task.print_report(report, LogConsole())
     from finetune.train.explain import HtmlOptions, write_html  # explain builds on this layer's parts
 
+    if not parts.recipe.output.html:
+        return report
     try:
         write_html(run.path, parts, loop.model, report, outs, HtmlOptions())
     except Exception as err:  # noqa: BLE001 - the run is trained and reported; the page is not worth a traceback
