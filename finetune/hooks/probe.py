@@ -81,6 +81,25 @@ def _map(task: Task, feats: torch.Tensor, targets: torch.Tensor, weight: torch.T
     return task.metrics(targets.numpy(), probs, 0.5)["map"]
 
 
+def out_of_fold_probs(
+    task: Task, x: torch.Tensor, y: torch.Tensor, cs: list[float], folds: int = 5, seed: int = 0
+) -> dict[float, torch.Tensor]:
+    """Per ``C``: every row scored by the head solved on the other folds (each fold warm-started through the Cs)."""
+    order = sorted(cs)  # increasing C, each solve warm-started from the last
+    probs = {c: torch.zeros_like(y, dtype=torch.float64) for c in order}
+    for fit_idx, score_idx in KFold(min(folds, len(x)), shuffle=True, random_state=seed).split(x):
+        init = None
+        for c in order:
+            init = solve_linear_head(x[fit_idx], y[fit_idx], task, c, init=init)
+            probs[c][score_idx] = task.activation(x[score_idx].double() @ init[0].T + init[1])
+    return probs
+
+
+def best_c(cs: list[float], scores: dict[float, float]) -> float:
+    """The ``C`` with the best score (NaN counts as worst); ties: the stronger regularization."""
+    return max(cs, key=lambda c: (np.nan_to_num(scores[c], nan=-1.0), -c))
+
+
 def choose_c(
     task: Task,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -104,15 +123,9 @@ def choose_c(
             init = solved[c] = solve_linear_head(x, y, task, c, init=init)
             scores[c] = _map(task, *val, *init)
     else:
-        probs = {c: torch.zeros_like(y, dtype=torch.float64) for c in order}
-        for fit_idx, score_idx in KFold(min(folds, len(x)), shuffle=True, random_state=seed).split(x):
-            init = None
-            for c in order:
-                init = solve_linear_head(x[fit_idx], y[fit_idx], task, c, init=init)
-                probs[c][score_idx] = task.activation(x[score_idx].double() @ init[0].T + init[1])
+        probs = out_of_fold_probs(task, x, y, cs, folds, seed)
         scores = {c: task.metrics(y.numpy(), probs[c].numpy(), 0.5)["map"] for c in order}
-    best = max(cs, key=lambda c: (np.nan_to_num(scores[c], nan=-1.0), -c))  # ties: the stronger regularization
-    return best, scores, solved
+    return best_c(cs, scores), scores, solved
 
 
 class ProbeHook(Hook):

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from sklearn.model_selection import KFold
 
 from finetune.data.dataset import batch_images, collate
 from finetune.data.leaks import find_duplicates
@@ -26,7 +25,7 @@ from finetune.eval.html import Gallery, Page, Tile, render
 from finetune.eval.report import TARGET_COLUMNS, probabilities_line, target_rows, targets_line
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
-from finetune.hooks.probe import solve_linear_head
+from finetune.hooks.probe import best_c, out_of_fold_probs
 from finetune.io import atomic_write_text
 from finetune.train.assembly import RunParts
 
@@ -74,16 +73,8 @@ def out_of_fold(
     """
     if len(feats) < feats.shape[1]:
         feats = feats.double() @ torch.linalg.svd(feats.double(), full_matrices=False)[2].T
-    probs = {c: torch.zeros_like(targets, dtype=torch.float64) for c in PROBE_CS}
-    for fit_idx, score_idx in KFold(min(folds, len(feats)), shuffle=True, random_state=seed).split(feats):
-        init = None
-        for c in PROBE_CS:
-            init = solve_linear_head(feats[fit_idx], targets[fit_idx], task, c, init=init)
-            probs[c][score_idx] = task.activation(feats[score_idx].double() @ init[0].T + init[1])
-    scores = {
-        c: np.nan_to_num(task.metrics(targets.numpy(), p.numpy(), 0.5)["map"], nan=-1.0) for c, p in probs.items()
-    }
-    best = max(PROBE_CS, key=lambda c: (scores[c], -c))  # ties: the stronger regularization, as choose_c
+    probs = out_of_fold_probs(task, feats, targets, list(PROBE_CS), folds, seed)
+    best = best_c(list(PROBE_CS), {c: task.metrics(targets.numpy(), p.numpy(), 0.5)["map"] for c, p in probs.items()})
     return probs[best].numpy(), best
 
 
