@@ -12,3 +12,27 @@ def label_indices(probs: np.ndarray, multi_label: bool, thresholds: np.ndarray |
         return [[int(row.argmax())] for row in probs]
     per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), probs.shape[1:])
     return [[int(i) for i in np.argsort(-row, kind="stable") if row[i] >= per_class[i]] for row in probs]
+
+
+# Unknown labels ("not checked" for this image and class) are NaN in a target matrix; 1 is positive, 0 negative.
+UNKNOWN = float("nan")
+
+
+def known_of(targets: np.ndarray) -> np.ndarray:
+    """Which entries of a target matrix are checked (positive or negative): ``False`` where the label is unknown."""
+    return ~np.isnan(np.asarray(targets, dtype=np.float64))
+
+
+def positives_of(targets: np.ndarray) -> np.ndarray:
+    """Which entries are positive (``> 0.5``; an unknown entry is not)."""
+    return np.nan_to_num(np.asarray(targets, dtype=np.float64), nan=0.0) > 0.5
+
+
+def negatives_of(targets: np.ndarray) -> np.ndarray:
+    """Which entries are known negatives (``<= 0.5``; an unknown entry is not)."""
+    return np.nan_to_num(np.asarray(targets, dtype=np.float64), nan=1.0) <= 0.5
+
+
+def unknown_counts(targets: np.ndarray) -> np.ndarray:
+    """Per class, how many entries are unknown."""
+    return (~known_of(targets)).sum(0)

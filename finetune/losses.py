@@ -1,6 +1,9 @@
 """Multi-label losses: BCE with logits (optional ``pos_weight``), sigmoid focal loss and asymmetric loss (ASL).
 
 The trainer calls these on fp32 logits outside autocast: ``log(sigmoid(x))`` in fp16 underflows to NaN.
+
+Unknown labels ("not checked" for this image and class) are NaN targets: every loss here leaves them out and
+averages over the known entries only, so a batch without unknowns gets the plain mean.
 """
 
 from __future__ import annotations
@@ -9,6 +12,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from finetune.labels import negatives_of, positives_of
+
+
+def masked_mean(loss: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean of elementwise ``loss`` over the ``known`` entries (0 when none is)."""
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def _split_known(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets with unknown (NaN) entries set to 0, and the float mask of known entries."""
+    known = ~torch.isnan(targets)
+    return torch.where(known, targets, torch.zeros_like(targets)), known.to(targets.dtype)
+
+
+class BCELoss(nn.Module):
+    """Binary cross-entropy with logits (optional per-class ``pos_weight``), averaged over the known entries.
+
+    Without unknown labels it equals ``torch.nn.BCEWithLogitsLoss`` (the tests check both cases).
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean BCE of ``logits`` against multi-hot ``targets`` (same shape; NaN = unknown)."""
+        t, known = _split_known(targets)
+        loss = F.binary_cross_entropy_with_logits(logits, t, pos_weight=self.pos_weight, reduction="none")
+        return masked_mean(loss, known)
 
 
 class FocalLoss(nn.Module):
@@ -24,14 +57,15 @@ class FocalLoss(nn.Module):
         self.gamma = gamma
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean focal loss of ``logits`` against multi-hot ``targets`` (same shape)."""
+        """Mean focal loss of ``logits`` against multi-hot ``targets`` (same shape; NaN = unknown)."""
+        targets, known = _split_known(targets)
         p = torch.sigmoid(logits)
         ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         p_t = p * targets + (1 - p) * (1 - targets)
         loss = ce * (1 - p_t) ** self.gamma
         if self.alpha >= 0:
             loss = (self.alpha * targets + (1 - self.alpha) * (1 - targets)) * loss
-        return loss.mean()
+        return masked_mean(loss, known)
 
     def extra_repr(self) -> str:
         """Settings shown in ``repr``."""
@@ -42,10 +76,9 @@ def auto_pos_weight(targets: np.ndarray, max_weight: float = 100.0) -> torch.Ten
     """Per-class ``negatives / positives`` from training targets, clipped to ``[1, max_weight]``.
 
     A class with no positives gets 1 (there is nothing to up-weight). Clipping keeps very rare classes from
-    dominating the gradient.
+    dominating the gradient. Unknown (NaN) entries are neither.
     """
-    pos = targets.sum(0)
-    neg = targets.shape[0] - pos
+    pos, neg = positives_of(targets).sum(0), negatives_of(targets).sum(0)
     ratio = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
     return torch.tensor(np.clip(ratio, 1.0, max_weight), dtype=torch.float32)
 
@@ -64,7 +97,8 @@ class AsymmetricLoss(nn.Module):
         self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean ASL of ``logits`` against multi-hot ``targets`` (same shape)."""
+        """Mean ASL of ``logits`` against multi-hot ``targets`` (same shape; NaN = unknown)."""
+        targets, known = _split_known(targets)
         p = torch.sigmoid(logits)
         p_neg = 1 - p
         if self.clip > 0:
@@ -74,7 +108,7 @@ class AsymmetricLoss(nn.Module):
             p_t = p * targets + p_neg * (1 - targets)
             gamma = self.gamma_pos * targets + self.gamma_neg * (1 - targets)
             loss = loss * torch.pow(1 - p_t, gamma)
-        return -loss.mean()
+        return -masked_mean(loss, known)
 
     def extra_repr(self) -> str:
         """Settings shown in ``repr``."""
@@ -117,7 +151,7 @@ def create_loss(
     if name == "asl":
         return AsymmetricLoss(gamma_neg, gamma_pos, clip)
     if pos_weight == "none":
-        return nn.BCEWithLogitsLoss()
+        return BCELoss()
     if pos_weight == "auto":
         if train_targets is None:
             raise ValueError("pos_weight='auto' needs train_targets")
@@ -128,4 +162,4 @@ def create_loss(
         weight = torch.tensor(pos_weight, dtype=torch.float32)
     else:
         weight = torch.full((num_classes,), float(pos_weight))
-    return nn.BCEWithLogitsLoss(pos_weight=weight)
+    return BCELoss(pos_weight=weight)

@@ -208,7 +208,7 @@ def test_csv_from_coco_tiny_trains_through_the_cli(tiny_recipe: Path, tmp_path: 
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ("path,labels,split\ntrain/a.jpg,circle|unicorn,train\n", "labels.csv:2: unknown label 'unicorn'"),
+        ("path,labels,split\ntrain/a.jpg,circle|unicorn,train\n", "labels.csv:2: undeclared label 'unicorn'"),
         ("path,labels,split\ntrain/none.jpg,circle,train\n", "none.jpg: image file not found"),
         ("path,labels,split\n,,\n", "labels.csv:2: empty row"),
         ("path,labels,split\ntrain/a.jpg,circle,train\ntrain/a.jpg,square,train\n", "duplicate path 'train/a.jpg'"),
@@ -224,7 +224,7 @@ def test_bad_csv_is_one_line(tiny_recipe: Path, tmp_path: Path, body: str, needl
     sets = [f'data.root="{root.as_posix()}"', 'data.format="csv"', 'data.classes=["circle", "square"]']
     with pytest.raises(UserError, match=needle.replace("|", r"\|").replace(".", r"\.")):
         _ = build_run(load_recipe(tiny_recipe, sets), roles=("train",)).splits
-    if needle.startswith("labels.csv:2: unknown"):  # and through the CLI: exit 2, one line
+    if needle.startswith("labels.csv:2: undeclared"):  # and through the CLI: exit 2, one line
         assert_user_error(run_cli("validate", str(tiny_recipe), *[a for s in sets for a in ("--set", s)]), "unicorn")
 
 

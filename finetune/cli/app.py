@@ -141,8 +141,12 @@ def validate(
         table.add_row("weights", escape(load_report.summary()))
     names = ", ".join(classes.names[:8]) + (", ..." if len(classes) > 8 else "")
     table.add_row("classes", escape(f"{len(classes)}: {names}"))
+    from finetune.labels import unknown_counts
+
     for role, s in parts.splits.items():
-        table.add_row(role, escape(f"{len(s.image_paths)} images, {int(s.targets.sum())} labels, {s.annotation_file}"))
+        unknown = int(unknown_counts(s.targets).sum())
+        labels = f"{int((s.targets > 0.5).sum())} labels" + (f", {unknown} unknown" if unknown else "")
+        table.add_row(role, escape(f"{len(s.image_paths)} images, {labels}, {s.annotation_file}"))
     table.add_row(
         "steps",
         f"{steps.steps_per_epoch}/epoch x {cfg.train.epochs} epochs = {steps.total_steps} "

@@ -72,8 +72,11 @@ def data_stats(
     table = Table(title="labels")
     table.add_column("class")
     table.add_column("images", justify="right")
+    unknown = stats.get("unknown_counts")
+    if unknown:
+        table.add_column("unknown", justify="right")
     for name, count in stats["label_counts"].items():
-        table.add_row(escape(name), str(count))
+        table.add_row(escape(name), str(count), *([str(unknown[name])] if unknown else []))
     out.print(table)
     if "cooccurrence" in stats:
         names = list(stats["label_counts"])

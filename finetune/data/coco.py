@@ -2,6 +2,11 @@
 
 ``instances_*.json`` -> one multi-hot target per image over the file's categories, in category-id order
 (contiguous index <-> COCO id <-> name). Images without annotations are all-negative samples.
+
+Unknown labels, as LVIS's federated annotation has them: an image entry that carries ``neg_category_ids`` lists
+the classes verified absent; every class neither annotated nor listed there is unknown for that image (not
+checked, left out of the loss and the metrics). A class in ``not_exhaustive_category_ids`` without an annotation
+that counts is unknown too. An image entry without ``neg_category_ids`` is exhaustively labelled, as in COCO.
 """
 
 from __future__ import annotations
@@ -68,7 +73,31 @@ def multi_hot_targets(
         if c is None:
             raise UserError(f"annotation {ann.get('id')} has category_id {ann['category_id']} not in 'categories'")
         targets[r, c] = 1.0
+    _mark_unknown(coco, image_ids, column, targets)
     return targets
+
+
+def _mark_unknown(coco: COCO, image_ids: list[int], column: dict[int, int], targets: np.ndarray) -> None:
+    """Set the unknown entries (NaN) of images with LVIS's ``neg_category_ids`` / ``not_exhaustive_category_ids``."""
+    for r, img_id in enumerate(image_ids):
+        entry = coco.imgs[img_id]
+        lists = {}
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            ids = entry.get(key)
+            if ids is None:
+                continue
+            if not isinstance(ids, list) or any(i not in column for i in ids):
+                bad = ids if not isinstance(ids, list) else next(i for i in ids if i not in column)
+                raise UserError(f"image {img_id}: {key} holds {bad!r}, not a list of ids in 'categories'")
+            lists[key] = [column[i] for i in ids]
+        if "neg_category_ids" in lists:
+            unchecked = np.ones(targets.shape[1], dtype=bool)
+            unchecked[lists["neg_category_ids"]] = False
+            unchecked &= targets[r] == 0
+            targets[r, unchecked] = np.nan
+        for c in lists.get("not_exhaustive_category_ids", []):
+            if targets[r, c] == 0:
+                targets[r, c] = np.nan
 
 
 def read_coco_split(

@@ -10,8 +10,19 @@
 - ``split``: the row's split (``data.train`` / ``data.val`` / ``data.test``). Instead of a split column, ``data.csv``
   may contain ``{split}`` to name one file per split (``"{split}.csv"``).
 
+Unknown labels (a class not checked for an image: neither positive nor negative; Open Images' "not verified"):
+
+    path,labels,split                      path,cat,dog,split
+    img/003.jpg,cat|-dog,train             img/003.jpg,1,,train
+
+- labels form: the class name with a ``-`` prefix (``-dog``), or a separate ``unknown`` column listing the unknown
+  classes (``cat,dog``, separated like ``labels``): one syntax per file, a file using both is refused;
+- class-column form: an empty cell.
+Unknown entries are left out of the loss, the linear probe, every metric and calibration (see the README).
+
 The classes are ``data.classes`` when given, else the labels (or class columns) of the train split, sorted. An
-unknown label, an empty row, a duplicate path or a value other than 0/1 is a one-line error naming the file and line.
+undeclared label, an empty row, a duplicate path, a value other than 0/1/empty, a class both given and unknown, or
+a file mixing the two unknown syntaxes is a one-line error naming the file and line.
 """
 
 from __future__ import annotations
@@ -23,8 +34,9 @@ import numpy as np
 
 from finetune.data.split import ClassMap, Split
 from finetune.errors import UserError
+from finetune.labels import UNKNOWN
 
-RESERVED = ("path", "split", "labels")
+RESERVED = ("path", "split", "labels", "unknown")
 
 
 def _rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -50,18 +62,38 @@ def _rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     return header, rows
 
 
-def _labels_of(path: Path, line: int, row: dict[str, str], header: list[str], sep: str) -> list[str]:
+def _names(cell: str, sep: str) -> list[str]:
+    return [name.strip() for name in cell.split(sep) if name.strip()]
+
+
+def _labels_of(path: Path, line: int, row: dict[str, str], header: list[str], sep: str) -> tuple[list[str], list[str]]:
+    """The row's positive and unknown class names."""
     if "labels" in header:
-        return [name.strip() for name in row["labels"].split(sep) if name.strip()]
-    names = []
+        given = _names(row["labels"], sep)
+        prefixed = [name[1:].strip() for name in given if name.startswith("-")]
+        unknown = prefixed + (_names(row["unknown"], sep) if "unknown" in header else [])
+        if prefixed and "unknown" in header:
+            raise UserError(
+                f"{path}:{line}: unknown labels given both as '-name' and in the 'unknown' column; use one syntax"
+            )
+        positive = [name for name in given if not name.startswith("-")]
+        both = sorted(set(positive) & set(unknown))
+        if both:
+            raise UserError(f"{path}:{line}: {both[0]!r} is both a label and unknown; keep one")
+        return positive, unknown
+    names, unknown = [], []
     for column in header:
         if column in RESERVED:
             continue
-        if row[column] not in ("0", "1"):
-            raise UserError(f"{path}:{line}: column {column!r} holds {row[column]!r}; class columns hold 0 or 1")
+        if row[column] not in ("0", "1", ""):
+            raise UserError(
+                f"{path}:{line}: column {column!r} holds {row[column]!r}; class columns hold 0, 1 or empty (unknown)"
+            )
         if row[column] == "1":
             names.append(column)
-    return names
+        elif row[column] == "":
+            unknown.append(column)
+    return names, unknown
 
 
 def read_csv_split(
@@ -91,6 +123,8 @@ def read_csv_split(
     per_file = "{split}" in csv_file
     if not per_file and "split" not in header:
         raise UserError(f"{path}: no 'split' column; add one, or set data.csv to a name with {{split}} per split file")
+    if "unknown" in header and "labels" not in header:
+        raise UserError(f"{path}: an 'unknown' column needs a 'labels' column; in class-column form leave a cell empty")
     if "labels" not in header and not [h for h in header if h not in RESERVED]:
         raise UserError(f"{path}: no 'labels' column and no class columns")
     chosen = [(line, row) for line, row in rows if per_file or row["split"] == split]
@@ -105,16 +139,16 @@ def read_csv_split(
         paths.append(root / row["path"])
         labels.append((line, _labels_of(path, line, row, header, label_sep)))
     if classes is None:
-        names = class_names or sorted({name for _, names in labels for name in names})
+        names = class_names or sorted({name for _, (pos, unk) in labels for name in pos + unk})
         if not names:
             raise UserError(f"{path}: the {split!r} split has no labels; set data.classes or label its rows")
         classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
     index = {name: i for i, name in enumerate(classes.names)}
     targets = np.zeros((len(paths), len(classes)), dtype=np.float32)
-    for r, (line, names) in enumerate(labels):
-        for name in names:
+    for r, (line, (positive, unknown)) in enumerate(labels):
+        for name, value in [(name, 1.0) for name in positive] + [(name, UNKNOWN) for name in unknown]:
             if name not in index:
                 known = ", ".join(classes.names[:10]) + (", ..." if len(classes) > 10 else "")
-                raise UserError(f"{path}:{line}: unknown label {name!r}; the classes are {known} (data.classes)")
-            targets[r, index[name]] = 1.0
+                raise UserError(f"{path}:{line}: undeclared label {name!r}; the classes are {known} (data.classes)")
+            targets[r, index[name]] = value
     return Split(split, path, root, list(range(len(paths))), paths, targets, classes)

@@ -90,6 +90,9 @@ def compute_stats(
         "std": [round(float(v), 6) for v in std],
         "label_counts": {name: int(c) for name, c in zip(split.classes.names, y.sum(0))},
     }
+    unknown = np.isnan(np.asarray(split.targets, dtype=np.float64)).sum(0)
+    if unknown.any():
+        out["unknown_counts"] = {name: int(c) for name, c in zip(split.classes.names, unknown)}
     if multi_label:
         out["labels_per_image"] = float(y.sum(1).mean())
         out["cooccurrence"] = (y.T @ y).tolist()

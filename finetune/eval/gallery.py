@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.eval.metrics import average_precision
+from finetune.labels import negatives_of, positives_of
 
 
 @dataclass
@@ -28,9 +29,12 @@ class Mistakes:
 
 
 def class_mistakes(targets: np.ndarray, probs: np.ndarray, cls: int, threshold: float, k: int) -> Mistakes:
-    """The ``k`` most confident false positives and the ``k`` least confident false negatives of class ``cls``."""
-    p, t = probs[:, cls], targets[:, cls] > 0
-    fp = np.flatnonzero(~t & (p >= threshold))
+    """The ``k`` most confident false positives and the ``k`` least confident false negatives of class ``cls``.
+
+    An image whose label of ``cls`` is unknown is neither.
+    """
+    p, t, neg = probs[:, cls], positives_of(targets[:, cls]), negatives_of(targets[:, cls])
+    fp = np.flatnonzero(neg & (p >= threshold))
     fn = np.flatnonzero(t & (p < threshold))
     counts = (len(fp), len(fn))
     fp = fp[np.argsort(-p[fp], kind="stable")][:k]

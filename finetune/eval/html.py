@@ -10,7 +10,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.eval.report import HEADLINE, SUMMARY_KEYS
+from finetune.eval.report import HEADLINE, SUMMARY_KEYS, class_columns, unknown_line
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1280px;padding:0 16px;color:#1b1b1b}
@@ -114,6 +114,8 @@ def _summary(report: dict[str, Any]) -> str:
                 [name, "calibrated", str(split["images"])] + [_pct(split["calibrated"]["summary"][k]) for k in keys]
             )
     parts.append(table(["split", "thresholds", "images", *keys], rows))
+    if unknown_line(report):
+        parts.append(f"<p>{_e(str(unknown_line(report)))}</p>")
     return "\n".join(parts)
 
 
@@ -130,10 +132,12 @@ def _per_class(report: dict[str, Any], split: str, linked: set[str]) -> str:
         header = ["class", "support", "recall", "precision"]
         body = [[name(r), str(r["support"]), _pct(r["recall"]), _pct(r["precision"])] for r in rows]
         return table(header, body, sortable=True, raw=True)
-    header = ["class", "support", "AP", "P", "R", "F1"] + (["threshold", "P cal", "R cal", "F1 cal"] if has_cal else [])
+    unknown = bool(report["splits"][split].get("unknown"))
+    header = class_columns(report["splits"][split])
     body = []
     for r in rows:
-        cells = [name(r), str(r["support"]), _pct(r["ap"]), _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"])]
+        counts = [str(r["support"])] + ([str(r["unknown"])] if unknown else [])
+        cells = [name(r), *counts, _pct(r["ap"]), _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"])]
         if has_cal:
             cells += [f"{r['threshold_cal']:.3f}", _pct(r["precision_cal"]), _pct(r["recall_cal"]), _pct(r["f1_cal"])]
         body.append(cells)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune.errors import UserError
+from finetune.labels import negatives_of, positives_of
 
 INSTALL = "pip install 'finetune[inspect]'"
 
@@ -47,20 +48,26 @@ def _multi_label(targets: np.ndarray, probs: np.ndarray, min_positives: int) -> 
     from cleanlab.multilabel_classification.filter import find_label_issues, find_multilabel_issues_per_class
     from cleanlab.multilabel_classification.rank import get_label_quality_scores
 
-    count = targets.sum(0)
-    keep = np.flatnonzero((count >= min_positives) & (count <= len(targets) - min_positives))
+    pos, neg = positives_of(targets), negatives_of(targets)
+    keep = np.flatnonzero((pos.sum(0) >= min_positives) & (neg.sum(0) >= min_positives))
     if len(keep) < 2:
         raise UserError(f"label issues: fewer than 2 classes with {min_positives}+ positives and negatives")
-    t, p = targets[:, keep] > 0, np.clip(probs[:, keep], 1e-6, 1 - 1e-6)
+    p = np.clip(probs[:, keep], 1e-6, 1 - 1e-6)
+    known = pos[:, keep] | neg[:, keep]
+    # cleanlab needs every entry labelled: an unknown one gets the model's own guess, so it does not count against
+    # its image, and no suspect is ever named on it
+    t = np.where(known, pos[:, keep], p >= 0.5)
     labels = [np.flatnonzero(row).tolist() for row in t]
     flagged = np.flatnonzero(find_label_issues(labels, p, n_jobs=1))
     quality = get_label_quality_scores(labels, p)
-    per_class = np.asarray(find_multilabel_issues_per_class(labels, p, n_jobs=1))  # [n, kept classes] boolean
+    per_class = np.asarray(find_multilabel_issues_per_class(labels, p, n_jobs=1)) & known  # [n, kept classes]
     out = []
     for i in flagged[np.argsort(quality[flagged], kind="stable")]:
         suspects = np.flatnonzero(per_class[i])
-        if not len(suspects):  # flagged as a whole, no single class singled out: the least likely given label
-            suspects = [int(np.argmax(np.where(t[i], 1 - p[i], p[i])))]
+        if not len(suspects) and known[i].any():  # flagged as a whole: the least likely given (known) label
+            suspects = [int(np.argmax(np.where(known[i], np.where(t[i], 1 - p[i], p[i]), -1.0)))]
+        if not len(suspects):
+            continue
         missing = [int(keep[k]) for k in suspects if not t[i, k]]
         extra = [int(keep[k]) for k in suspects if t[i, k]]
         out.append(Issue(int(i), float(quality[i]), missing, extra))
@@ -104,7 +111,7 @@ def issue_rows(
     rows = []
     for rank, s in enumerate(issues, 1):
         top = np.argsort(-probs[s.row], kind="stable")[:3]
-        given = "; ".join(names[c] for c in np.flatnonzero(targets[s.row] > 0))
+        given = "; ".join(names[c] for c in np.flatnonzero(positives_of(targets[s.row])))
         predicted = "; ".join(f"{names[c]} {probs[s.row, c]:.2f}" for c in top)
         missing = "; ".join(f"{names[c]} {probs[s.row, c]:.2f}" for c in s.missing)
         extra = "; ".join(f"{names[c]} {probs[s.row, c]:.2f}" for c in s.extra)

@@ -3,6 +3,8 @@
 Definitions (the README repeats them):
 - AP per class is scikit-learn's ``average_precision_score`` (step-wise area under the PR curve, ties grouped);
   mAP is the mean over classes with at least one positive.
+- Unknown labels (NaN in the targets, "not checked") count nowhere: a class's AP, TP, FP, FN and support are over
+  the rows where that class is known (a prediction on an unknown entry is neither right nor wrong).
 - Per-class P = TP / (TP + FP) (0 when nothing is predicted), R = TP / (TP + FN), F1 = 2TP / (2TP + FP + FN).
 - Macro-F1 is the mean per-class F1 over classes with at least one positive; micro-F1 pools TP/FP/FN of all classes.
 - ML-GCN's (Chen et al., CVPR 2019) CP / CR are the macro precision / recall, and CF1 = 2 CP CR / (CP + CR) (the
@@ -16,15 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from finetune.labels import known_of, positives_of
 
-def _check(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+
+def _check(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positives, known entries and float64 scores, with the shapes checked."""
     y_true = np.asarray(y_true)
     scores = np.asarray(scores, dtype=np.float64)
     if y_true.shape != scores.shape or y_true.ndim != 2:
         raise ValueError(f"expected two [samples, classes] arrays of one shape, got {y_true.shape} and {scores.shape}")
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
-    return y_true.astype(bool), scores
+    if y_true.dtype == bool:
+        return y_true, np.ones_like(y_true), scores
+    return positives_of(y_true), known_of(y_true), scores
 
 
 def average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -37,15 +44,16 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
     Returns:
         ``[c]`` AP values.
     """
-    y_true, scores = _check(y_true, scores)
+    y_true, known, scores = _check(y_true, scores)
     ap = np.full(y_true.shape[1], np.nan)
     for c in range(y_true.shape[1]):
-        pos = y_true[:, c]
+        rows = known[:, c]
+        pos = y_true[rows, c]
         n_pos = pos.sum()
         if n_pos == 0:
             continue
-        order = np.argsort(-scores[:, c], kind="stable")
-        s, t = scores[order, c], pos[order]
+        order = np.argsort(-scores[rows, c], kind="stable")
+        s, t = scores[rows, c][order], pos[order]
         tp = np.cumsum(t)
         # Tied scores form one threshold: evaluate precision and recall only at the last sample of each tie group.
         ends = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
@@ -60,12 +68,13 @@ def counts_at(y_true: np.ndarray, scores: np.ndarray, thresholds: float | np.nda
     """Per-class TP, FP, FN and support when predicting ``score >= threshold``.
 
     ``thresholds`` is one value, one per class (``[c]``) or one per sample and class (``[n, c]``, cross-fitting).
+    Unknown entries count in none of them.
     """
-    y_true, scores = _check(y_true, scores)
+    y_true, known, scores = _check(y_true, scores)
     pred = scores >= np.broadcast_to(np.asarray(thresholds, dtype=np.float64), scores.shape)
     return {
         "tp": (pred & y_true).sum(0),
-        "fp": (pred & ~y_true).sum(0),
+        "fp": (pred & ~y_true & known).sum(0),
         "fn": (~pred & y_true).sum(0),
         "support": y_true.sum(0),
     }

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from finetune.io import atomic_write_bytes  # noqa: E402
+from finetune.labels import known_of, positives_of  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -32,19 +33,21 @@ def pr_curves(
     Returns:
         The names of the classes plotted.
     """
-    support = targets.sum(0)
+    pos, known = positives_of(targets), known_of(targets)
+    support = pos.sum(0)
     order = [c for c in np.argsort(-support, kind="stable") if support[c] > 0]
     picked = order[:k] + [c for c in order[-k:] if c not in order[:k]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     groups = ((axes[0], order[:k], "most frequent"), (axes[1], picked[len(order[:k]) :], "least frequent"))
     for ax, group, title in groups:
         for c in group:
-            prec, rec, _ = precision_recall_curve(targets[:, c], probs[:, c])
+            rows = known[:, c]  # unknown labels are left out
+            prec, rec, _ = precision_recall_curve(pos[rows, c], probs[rows, c])
             # The threshold goes in the legend: annotations at neighbouring operating points ran into one string.
             label = f"{names[c]} (n={int(support[c])}, t={thresholds[c]:.2f})"
             (line,) = ax.step(rec, prec, where="post", label=label)
-            pred = probs[:, c] >= thresholds[c]
-            tp = (pred & (targets[:, c] > 0)).sum()
+            pred = (probs[:, c] >= thresholds[c]) & known[:, c]
+            tp = (pred & pos[:, c]).sum()
             p_at = tp / max(pred.sum(), 1)
             r_at = tp / support[c]
             ax.plot([r_at], [p_at], "o", color=line.get_color(), markersize=8, markeredgecolor="black")
@@ -189,12 +192,13 @@ def training_curves(
 def reliability_png(
     targets: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path, title: str, bins: int = 15
 ) -> None:
-    """Reliability diagram over every (image, class) entry: observed frequency vs mean probability per bin."""
+    """Reliability diagram over every known (image, class) entry: observed frequency vs mean probability per bin."""
     fig, ax = plt.subplots(figsize=(5.2, 5))
-    y = (np.asarray(targets) > 0).ravel()
+    known = known_of(targets).ravel()
+    y = positives_of(targets).ravel()[known]
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
     for probs, label in ((before, "before"), (after, "after")):
-        p = np.asarray(probs, dtype=np.float64).ravel()
+        p = np.asarray(probs, dtype=np.float64).ravel()[known]
         which = np.minimum((p * bins).astype(int), bins - 1)
         count = np.bincount(which, minlength=bins)
         filled = count > 0

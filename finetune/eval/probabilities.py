@@ -15,7 +15,8 @@ positive or without a negative keeps ``a = 1, b = 0``. The tests check Platt aga
 ``calibration_curve`` / ``brier_score_loss``.
 
 The scaling is linear in the logit, so it folds into the classifier layer (``W' = a W``, ``b' = a b0 + b``): every
-consumer of the run's model (``eval``, ``predict``, every export) gives the scaled probabilities.
+consumer of the run's model (``eval``, ``predict``, every export) gives the scaled probabilities. Unknown labels
+(NaN targets) take no part in a fit, in ECE or in the Brier score.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from finetune.labels import known_of, negatives_of, positives_of
 
 METHODS = ("none", "temperature", "platt")
 # float32 probabilities resolve 1 - p down to ~6e-8 (a logit of ~16.6) but p itself down to ~1e-38 (-87): the clip
@@ -39,10 +42,13 @@ def logits_of(probs: np.ndarray) -> np.ndarray:
 
 
 def smoothed_targets(targets: np.ndarray) -> np.ndarray:
-    """Platt's targets: ``(N+ + 1) / (N+ + 2)`` for a positive, ``1 / (N- + 2)`` for a negative, per class."""
-    y = np.asarray(targets) > 0
-    pos, neg = y.sum(0), (~y).sum(0)
-    return np.where(y, (pos + 1.0) / (pos + 2.0), 1.0 / (neg + 2.0))
+    """Platt's targets: ``(N+ + 1) / (N+ + 2)`` for a positive, ``1 / (N- + 2)`` for a negative, per class.
+
+    Unknown entries get 0 (their weight in a fit is 0).
+    """
+    y, n = positives_of(targets), negatives_of(targets)
+    pos, neg = y.sum(0), n.sum(0)
+    return np.where(y, (pos + 1.0) / (pos + 2.0), np.where(n, 1.0 / (neg + 2.0), 0.0))
 
 
 @dataclass
@@ -88,11 +94,13 @@ def fit_scaling(
     c = np.asarray(probs).shape[1]
     if method == "none":
         return Scaling(method, np.ones(c), np.zeros(c))
-    y = np.asarray(targets) > 0
+    y, neg = positives_of(targets), negatives_of(targets)
     m = max(1, min_positives)
-    active = torch.from_numpy((y.sum(0) >= m) & ((~y).sum(0) >= m))
+    active = torch.from_numpy((y.sum(0) >= m) & (neg.sum(0) >= m))
     z = torch.from_numpy(logits_of(probs))
-    t = torch.from_numpy(smoothed_targets(y))
+    t = torch.from_numpy(smoothed_targets(targets))
+    known = torch.from_numpy(known_of(targets).astype(np.float64))
+    per_class = known.sum(0).clamp(min=1)
     log_a = torch.zeros(c, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(c, dtype=torch.float64, requires_grad=(method == "platt"))
     params = [log_a, b] if method == "platt" else [log_a]
@@ -103,7 +111,8 @@ def fit_scaling(
     def closure() -> torch.Tensor:
         opt.zero_grad()
         logit = torch.exp(log_a) * z + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, t, reduction="none").mean(0)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, t, reduction="none")
+        loss = (bce * known).sum(0) / per_class
         total = (loss * active).sum()
         total.backward()
         return total
@@ -115,8 +124,9 @@ def fit_scaling(
 
 
 def ece(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error over every (image, class) entry pooled: equal-width bins, weighted by count."""
-    y, p = (np.asarray(targets) > 0).ravel(), np.asarray(probs, dtype=np.float64).ravel()
+    """Expected calibration error over every known (image, class) entry pooled: equal-width bins, weighted by count."""
+    known = known_of(targets).ravel()
+    y, p = positives_of(targets).ravel()[known], np.asarray(probs, dtype=np.float64).ravel()[known]
     which = np.minimum((p * bins).astype(int), bins - 1)
     count = np.bincount(which, minlength=bins)
     conf = np.bincount(which, weights=p, minlength=bins)
@@ -126,8 +136,9 @@ def ece(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
 
 
 def brier(targets: np.ndarray, probs: np.ndarray) -> float:
-    """Brier score over every (image, class) entry pooled: the mean squared error of the probabilities."""
-    y, p = (np.asarray(targets) > 0).astype(np.float64), np.asarray(probs, dtype=np.float64)
+    """Brier score over every known (image, class) entry pooled: the mean squared error of the probabilities."""
+    known = known_of(targets)
+    y, p = positives_of(targets)[known].astype(np.float64), np.asarray(probs, dtype=np.float64)[known]
     return float(((p - y) ** 2).mean())
 
 

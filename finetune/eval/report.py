@@ -16,6 +16,7 @@ from rich.table import Table
 
 from finetune.data.split import ClassMap
 from finetune.eval.metrics import average_precision, prf, summarize
+from finetune.labels import unknown_counts
 
 SUMMARY_KEYS = ("map", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall", "micro_f1")
 HEADLINE = ("macro_f1", "micro_f1", "macro_precision", "macro_recall", "cf1", "of1")
@@ -28,8 +29,12 @@ def split_report(
     threshold: float = 0.5,
     calibrated: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Summary metrics and a per-class table for one split, at ``threshold`` and at ``calibrated`` thresholds."""
+    """Summary metrics and a per-class table for one split, at ``threshold`` and at ``calibrated`` thresholds.
+
+    Unknown labels (NaN targets) are counted per class (``unknown``) and left out of every number.
+    """
     ap = average_precision(targets, probs)
+    unknown = unknown_counts(targets)
     per = prf(targets, probs, threshold)
     cal = prf(targets, probs, calibrated) if calibrated is not None else None
     rows = []
@@ -39,6 +44,7 @@ def split_report(
             "id": classes.ids[i],
             "name": classes.names[i],
             "support": int(per["support"][i]),
+            "unknown": int(unknown[i]),
             "ap": None if np.isnan(ap[i]) else float(ap[i]),
             "precision": float(per["precision"][i]),
             "recall": float(per["recall"][i]),
@@ -50,6 +56,7 @@ def split_report(
         rows.append(row)
     out: dict[str, Any] = {
         "images": int(len(targets)),
+        "unknown": int(unknown.sum()),
         "threshold": threshold,
         "summary": summarize(targets, probs, threshold),
         "per_class": rows,
@@ -63,10 +70,18 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
 
-def _class_cells(row: dict[str, Any], calibrated: bool, threshold_digits: int) -> list[str]:
-    """One per-class row as text: name, support, AP, P/R/F1, then threshold and P/R/F1 after calibration."""
+def class_columns(split: dict[str, Any], threshold: str = "threshold") -> list[str]:
+    """The per-class table's columns: ``unknown`` only where the split has unknown labels, calibrated ones if any."""
+    unknown = ["unknown"] if split.get("unknown") else []
+    cal = [threshold, "P cal", "R cal", "F1 cal"] if "calibrated" in split else []
+    return ["class", "support", *unknown, "AP", "P", "R", "F1", *cal]
+
+
+def _class_cells(row: dict[str, Any], calibrated: bool, threshold_digits: int, unknown: bool = False) -> list[str]:
+    """One per-class row as text: name, support, (unknown,) AP, P/R/F1, then threshold and P/R/F1 calibrated."""
     prf_keys = ("precision", "recall", "f1")
-    cells = [escape(row["name"]), str(row["support"]), _pct(row["ap"]), *(_pct(row[k]) for k in prf_keys)]
+    counts = [str(row["support"])] + ([str(row.get("unknown", 0))] if unknown else [])
+    cells = [escape(row["name"]), *counts, _pct(row["ap"]), *(_pct(row[k]) for k in prf_keys)]
     if calibrated:
         cells += [f"{row['threshold_cal']:.{threshold_digits}f}", *(_pct(row[f"{k}_cal"]) for k in prf_keys)]
     return cells
@@ -79,6 +94,18 @@ def probabilities_line(s: dict[str, Any]) -> str:
         f"probabilities: {s['method']} scaling fitted on {s['fitted_on']}; on data it was not fitted on ({s['how']}) "
         f"ECE {b['ece']:.4f} -> {a['ece']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}"
     )
+
+
+def unknown_line(report: dict[str, Any]) -> str | None:
+    """One line on the unknown labels of each split (None when there are none)."""
+    parts = []
+    for name, split in report["splits"].items():
+        if split.get("unknown"):
+            total = split["images"] * len(split["per_class"])
+            parts.append(f"{name} {split['unknown']} of {total} entries ({100 * split['unknown'] / total:.0f}%)")
+    if not parts:
+        return None
+    return "unknown labels (not checked; left out of every number here): " + ", ".join(parts)
 
 
 def targets_line(t: dict[str, Any]) -> str:
@@ -129,6 +156,8 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
             c = split["calibrated"]["summary"]
             table.add_row(name, "calibrated", str(split["images"]), *(_pct(c[k]) for k in SUMMARY_KEYS))
     console.print(table)
+    if unknown_line(report):
+        console.print(unknown_line(report))
     cal = report.get("calibration")
     if cal:
         h = cal["honest"]
@@ -145,19 +174,20 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
     if not per_class:
         return
     for name, split in report["splits"].items():
-        has_cal = "calibrated" in split
+        has_cal, has_unknown = "calibrated" in split, bool(split.get("unknown"))
         t = Table(title=f"{name}: per class")
-        cols = ["class", "support", "AP", "P", "R", "F1"] + (["thr", "P cal", "R cal", "F1 cal"] if has_cal else [])
-        for col in cols:
+        for col in class_columns(split, "thr"):
             t.add_column(col, justify="left" if col == "class" else "right")
         for r in split["per_class"]:
-            t.add_row(*_class_cells(r, has_cal, threshold_digits=2))
+            t.add_row(*_class_cells(r, has_cal, 2, has_unknown))
         console.print(t)
 
 
 def markdown_report(report: dict[str, Any]) -> str:
     """The same report as Markdown (``report.md`` in the run)."""
     lines = [f"# {report.get('run', 'evaluation')}", ""]
+    if unknown_line(report):
+        lines += [str(unknown_line(report)), ""]
     cal = report.get("calibration")
     if cal:
         h = cal["honest"]
@@ -186,13 +216,11 @@ def markdown_report(report: dict[str, Any]) -> str:
                 cells = [name, kind, str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS)]
                 lines.append("| " + " | ".join(cells) + " |")
     for name, split in report["splits"].items():
-        has_cal = "calibrated" in split
-        cols = ["class", "support", "AP", "P", "R", "F1"] + (
-            ["threshold", "P cal", "R cal", "F1 cal"] if has_cal else []
-        )
+        has_cal, has_unknown = "calibrated" in split, bool(split.get("unknown"))
+        cols = class_columns(split)
         lines += ["", f"## {name}: per class", "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
         for r in split["per_class"]:
-            lines.append("| " + " | ".join(_class_cells(r, has_cal, threshold_digits=3)) + " |")
+            lines.append("| " + " | ".join(_class_cells(r, has_cal, 3, has_unknown)) + " |")
     return "\n".join(lines) + "\n"
 
 

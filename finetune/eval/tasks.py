@@ -41,7 +41,10 @@ class Task:
         raise NotImplementedError
 
     def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The convex loss a linear head is solved for (summed over classes, mean over samples)."""
+        """The convex loss a linear head is solved for (summed over classes, mean over samples).
+
+        Multi-label: each class's mean is over the samples where its label is known (not NaN).
+        """
         raise NotImplementedError
 
     def labels(self, probs: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:
@@ -83,8 +86,12 @@ class MultiLabel(Task):
         return torch.sigmoid(logits)
 
     def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        # One logistic regression per class, as scikit-learn's LogisticRegression fits them one by one.
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+        # One logistic regression per class, as scikit-learn's LogisticRegression fits them one by one, each on the
+        # samples where the class is known.
+        known = ~torch.isnan(targets)
+        t = torch.where(known, targets, torch.zeros_like(targets))
+        loss = F.binary_cross_entropy_with_logits(logits, t, reduction="none") * known
+        return (loss.sum(0) / known.sum(0).clamp(min=1)).sum()
 
     def metrics(self, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:  # noqa: D102
         from finetune.eval.metrics import summarize

@@ -11,7 +11,8 @@ Rules, in order:
   takes the global threshold, the one that maximises micro-F-beta over all classes pooled;
 - with ``shrink = k > 0``, a fitted threshold moves toward the global one by ``k / (positives + k)``, so rare
   classes move most;
-- NaN or inf probabilities are an error.
+- NaN or inf probabilities are an error;
+- an unknown label (NaN in the targets) counts as neither a positive nor a negative of its class.
 
 Cross-fitting (:func:`cross_fit`) scores every sample with thresholds fitted on the other folds only, so the gain it
 reports is not measured on the data the thresholds were fitted on.
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
+from finetune.labels import known_of, positives_of
 from finetune.objectives import CONSTRAINED
 
 
@@ -38,7 +40,21 @@ def _check(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"probabilities contain NaN or inf (first at sample {bad[0]}, class {bad[1]})")
     if len(probs) == 0:
         raise ValueError("no samples to calibrate on")
-    return targets.astype(bool), probs
+    return np.where(known_of(targets), positives_of(targets), np.nan), probs
+
+
+def _ranked(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, scores high to low, and the cumulative TP and FP (known positives / negatives) down that order."""
+    # Any sort order works: within a tie group only the group's last row is scored, and its counts do not depend on
+    # the order inside the group; numpy's default introsort is ~4x faster here than a stable sort.
+    order = np.argsort(-p, axis=0)
+    s = np.take_along_axis(p, order, axis=0)
+    t = np.take_along_axis(y, order, axis=0)
+    tp = np.cumsum(t == 1, axis=0, dtype=np.float64)
+    fp = np.cumsum(t == 0, axis=0, dtype=np.float64)
+    last_of_tie = np.ones_like(s, dtype=bool)  # tied probabilities are one threshold: only a group's last row counts
+    last_of_tie[:-1] = s[:-1] != s[1:]
+    return s, tp, fp, last_of_tie
 
 
 def best_thresholds(targets: np.ndarray, probs: np.ndarray, beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,21 +70,12 @@ def best_thresholds(targets: np.ndarray, probs: np.ndarray, beta: float = 1.0) -
         threshold ``inf`` (predict nothing) and score 0.
     """
     y, p = _check(targets, probs)
-    n, c = p.shape
-    # Any sort order works: within a tie group only the group's last row is scored, and its counts do not depend on
-    # the order inside the group; numpy's default introsort is ~4x faster here than a stable sort.
-    order = np.argsort(-p, axis=0)
-    s = np.take_along_axis(p, order, axis=0)
-    t = np.take_along_axis(y, order, axis=0)
-    tp = np.cumsum(t, axis=0, dtype=np.float64)
-    fp = np.arange(1, n + 1, dtype=np.float64)[:, None] - tp
+    c = p.shape[1]
+    s, tp, fp, last_of_tie = _ranked(y, p)
     fn = tp[-1:] - tp
     b2 = beta * beta
     den = (1 + b2) * tp + b2 * fn + fp
     f = np.divide((1 + b2) * tp, den, out=np.zeros_like(tp), where=den > 0)
-    # Tied probabilities are one threshold: only the last row of a tie group is a real operating point.
-    last_of_tie = np.ones_like(s, dtype=bool)
-    last_of_tie[:-1] = s[:-1] != s[1:]
     f[~last_of_tie] = -1.0
     best = np.argmax(f, axis=0)  # first maximum = the highest threshold among equal F
     cols = np.arange(c)
@@ -103,15 +110,12 @@ def constrained_thresholds(
     if objective not in CONSTRAINED:
         raise ValueError(f"objective must be one of {', '.join(CONSTRAINED)}, not {objective!r}")
     y, p = _check(targets, probs)
-    n, c = p.shape
-    order = np.argsort(-p, axis=0)
-    s = np.take_along_axis(p, order, axis=0)
-    tp = np.cumsum(np.take_along_axis(y, order, axis=0), axis=0, dtype=np.float64)
-    k = np.arange(1, n + 1, dtype=np.float64)[:, None]
+    c = p.shape[1]
+    s, tp, fp, valid = _ranked(y, p)
+    k = tp + fp  # known entries predicted positive
     positives = tp[-1:]
-    valid = np.ones_like(s, dtype=bool)
-    valid[:-1] = s[:-1] != s[1:]  # only the last row of a tie group is an operating point
-    precision, recall = tp / k, np.divide(tp, positives, out=np.zeros_like(tp), where=positives > 0)
+    precision = np.divide(tp, k, out=np.zeros_like(tp), where=k > 0)
+    recall = np.divide(tp, positives, out=np.zeros_like(tp), where=positives > 0)
     if objective == "recall_at_least":
         ok = valid & (tp >= target * positives - _EPS)
         key = np.where(ok, precision, -1.0)
@@ -296,7 +300,7 @@ def fit_thresholds(
     """
     y, p = _check(targets, probs)
     objectives = _objectives(p.shape[1], metric, target, overrides)
-    support = y.sum(0)
+    support = (y == 1).sum(0)
     fitted = support >= max(1, min_positives)
     thr, score, glob, met = _fit_each(y, p, objectives, beta, margin)
     source = ["global" if not f else "fitted" if m else "unmet" for f, m in zip(fitted, met)]

@@ -37,13 +37,17 @@ def solve_linear_head(
 
     A multi-label class with no positive (or no negative) in ``targets`` has no finite optimum; scikit-learn refuses
     it. Here it gets zero weights and the smoothed log-odds of its frequency as bias, and is left out of the solve.
+    An unknown label (NaN) leaves its image out of that class's problem: each class is scikit-learn's logistic
+    regression on the images where it is known (its loss and penalty averaged over those ``n_c``, not ``n``).
     ``init`` (a solution for another ``C``) warm-starts the solver.
     """
     x, y = feats.double(), targets.double()
     n, d = x.shape
-    count = y.sum(0)
-    active = (count > 0) & (count < n) if task.calibrates else torch.ones_like(count, dtype=torch.bool)
-    prior = (count + 0.5) / (n + 1.0)
+    known = ~torch.isnan(y)
+    per_class = known.sum(0).double() if task.calibrates else torch.full((y.shape[1],), float(n), dtype=torch.float64)
+    count = torch.where(known, y, torch.zeros_like(y)).sum(0)
+    active = (count > 0) & (count < per_class) if task.calibrates else torch.ones_like(count, dtype=torch.bool)
+    prior = (count + 0.5) / (per_class + 1.0)
     weight = torch.zeros(y.shape[1], d, dtype=torch.float64)
     bias = torch.log(prior / (1 - prior)) if task.calibrates else torch.zeros(y.shape[1], dtype=torch.float64)
     w = torch.zeros(int(active.sum()), d, dtype=torch.float64)
@@ -61,11 +65,11 @@ def solve_linear_head(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
-    ya = y[:, active]
+    ya, na = y[:, active], per_class[active]
 
     def closure() -> torch.Tensor:
         lbfgs.zero_grad()
-        loss = task.head_loss(x @ w.T + b, ya) + (w**2).sum() / (2 * c * n)
+        loss = task.head_loss(x @ w.T + b, ya) + ((w**2).sum(1) / na).sum() / (2 * c)
         loss.backward()
         return loss
 

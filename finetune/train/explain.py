@@ -27,6 +27,7 @@ from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
 from finetune.hooks.probe import best_c, out_of_fold_probs
 from finetune.io import atomic_write_text
+from finetune.labels import positives_of
 from finetune.train.assembly import RunParts
 
 MAX_GALLERIES = 100  # classes with a gallery, whatever is requested: the file stays bounded (~10 MB at 100)
@@ -142,7 +143,7 @@ class _Split:
     def caption(self, row: int, cls: int) -> str:
         """Score of ``cls``, the given labels and the file name of one prediction row."""
         names, out = self.parts.classes.names, self.out
-        given = ", ".join(names[c] for c in np.flatnonzero(out["targets"][row] > 0)) or "no label"
+        given = ", ".join(names[c] for c in np.flatnonzero(positives_of(out["targets"][row]))) or "no label"
         path = Path(image_name(self.parts.splits[self.role], int(out["index"][row]))).name
         return f"p({names[cls]}) = {out['probs'][row, cls]:.2f}; labels: {given}; {path}"
 
@@ -154,7 +155,7 @@ def _multi_label_galleries(s: _Split, thr: np.ndarray) -> list[Gallery]:
     galleries = []
     for c in gallery.classes_to_show(out["targets"], out["probs"], worst, requested):
         m = gallery.class_mistakes(out["targets"], out["probs"], c, float(thr[c]), opts.per_class)
-        support = int(out["targets"][:, c].sum())
+        support = int(positives_of(out["targets"][:, c]).sum())
         title = f"{names[c]}: {support} positive{'s' * (support != 1)} in {s.role}, threshold {thr[c]:.3f}"
         g = Gallery(f"class-{c}", title)
         heads = ("false positives (highest scores first)", "false negatives (lowest scores first)")

@@ -75,7 +75,7 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
 
 def _check_data(parts: RunParts, run_dir: RunDir | None, console: Console) -> None:
     recipe, splits = parts.recipe, parts.splits
-    if recipe.train.select != "loss" and not splits["val"].targets.any():
+    if recipe.train.select != "loss" and not (splits["val"].targets > 0.5).any():
         console.print(
             f"[yellow]note[/] no image of the val split has a label: val {recipe.train.select} is undefined, "
             "so the last epoch's weights are kept as best.pt"
