@@ -362,7 +362,8 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
     check_task_rules(recipe.data.format, recipe.loss.name, recipe.train.select, source)
-    check_calibration_rules(recipe.data.format, recipe.calibrate.constrained, recipe.calibrate.probabilities, source)
+    c = recipe.calibrate
+    check_calibration_rules(recipe.data.format, c.constrained, c.probabilities, source, c.reject)
     return recipe
 
 

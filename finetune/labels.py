@@ -6,10 +6,15 @@ import numpy as np
 
 
 def label_indices(probs: np.ndarray, multi_label: bool, thresholds: np.ndarray | float) -> list[list[int]]:
-    """Per row: classes at or above their threshold, most probable first (multi-label), or the arg-max."""
+    """Per row: classes at or above their threshold, most probable first (multi-label), or the arg-max.
+
+    Single-label: ``thresholds`` is the reject threshold on the top probability (0: always answer); below it the
+    answer is no class ("none of the above").
+    """
     probs = np.atleast_2d(probs)
     if not multi_label:
-        return [[int(row.argmax())] for row in probs]
+        reject = float(np.max(thresholds)) if np.size(thresholds) else 0.0
+        return [[int(row.argmax())] if row.max() >= reject else [] for row in probs]
     per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), probs.shape[1:])
     return [[int(i) for i in np.argsort(-row, kind="stable") if row[i] >= per_class[i]] for row in probs]
 

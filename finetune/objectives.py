@@ -6,6 +6,9 @@
     margin = 0.02                     # aim at target + margin on the fitting split
     classes = { person = { objective = "precision_at_least", target = 0.95 } }
 
+A single-label run has one threshold, on its top probability: ``objective = "accuracy_at_least"`` with ``target``
+answers "none of the above" below it (the reject option, finetune/eval/reject.py).
+
 The search itself is :func:`finetune.eval.thresholds.fit_thresholds`.
 """
 
@@ -17,8 +20,9 @@ from pydantic import AliasChoices, Field, model_validator
 
 from finetune.schema import Section
 
-Objective = Literal["f1", "fbeta", "precision_at_least", "recall_at_least"]
+Objective = Literal["f1", "fbeta", "precision_at_least", "recall_at_least", "accuracy_at_least"]
 CONSTRAINED = ("precision_at_least", "recall_at_least")
+REJECT = "accuracy_at_least"  # single-label: the top probability's threshold, below which no class is answered
 _OBJECTIVE = {"validation_alias": AliasChoices("objective", "metric")}
 Target = Annotated[float, Field(gt=0.0, le=1.0)]
 
@@ -36,7 +40,7 @@ def _one_name(data: object) -> object:
 
 
 def _needs_target(objective: str, target: float | None, where: str) -> None:
-    if objective in CONSTRAINED and target is None:
+    if (objective in CONSTRAINED or objective == REJECT) and target is None:
         raise ValueError(f'{where}objective = "{objective}" needs a target in (0, 1], e.g. target = 0.9')
 
 
@@ -50,6 +54,8 @@ class ClassObjective(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ClassObjective:
+        if self.metric == REJECT:
+            raise ValueError(f'objective = "{REJECT}" is for the whole of a single-label run, not one class')
         _needs_target(self.metric, self.target, "")
         return self
 
@@ -61,7 +67,9 @@ class CalibrateConfig(Section):
     split: Literal["val", "train"] = "val"
     metric: Objective = Field("f1", description="what each threshold aims at (key: objective or metric)", **_OBJECTIVE)
     beta: float = Field(1.0, gt=0.0)
-    target: Target | None = Field(None, description="the precision or recall a constrained objective must reach")
+    target: Target | None = Field(
+        None, description="the precision, recall or (single-label) accuracy a constrained objective must reach"
+    )
     margin: float = Field(0.0, ge=0.0, lt=1.0, description="constrained objectives aim at target + margin")
     classes: dict[str, ClassObjective] = Field(default_factory=dict, description="per-class objective and target")
     probabilities: Literal["none", "temperature", "platt"] = Field(
@@ -84,3 +92,8 @@ class CalibrateConfig(Section):
     def constrained(self) -> bool:
         """Some class aims at a precision or recall target."""
         return self.metric in CONSTRAINED or any(c.metric in CONSTRAINED for c in self.classes.values())
+
+    @property
+    def reject(self) -> bool:
+        """A single-label run answers "none of the above" below a threshold on its top probability."""
+        return self.metric == REJECT

@@ -33,15 +33,21 @@ def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
         raise UserError(f"{source}: train.select: {why}")
 
 
-def check_calibration_rules(fmt: str, constrained: bool, probabilities: str, source: str) -> None:
-    """A single-label run predicts its top class: it has no per-class thresholds or sigmoids to calibrate."""
-    if probabilities != "none" and TASK_OF_FORMAT[fmt] == "single_label":
+def check_calibration_rules(fmt: str, constrained: bool, probabilities: str, source: str, reject: bool = False) -> None:
+    """A single-label run predicts its top class: no per-class thresholds or sigmoids; a temperature and a reject."""
+    single = TASK_OF_FORMAT[fmt] == "single_label"
+    if probabilities == "platt" and single:
         raise UserError(
-            f'{source}: calibrate.probabilities: data.format = "{fmt}" is single-label (softmax); per-class '
-            '"temperature" / "platt" scaling is for multi-label data'
+            f'{source}: calibrate.probabilities: data.format = "{fmt}" is single-label (softmax): it takes one '
+            '"temperature"; per-class "platt" scaling is for multi-label data'
         )
-    if constrained and TASK_OF_FORMAT[fmt] == "single_label":
+    if constrained and single:
         raise UserError(
             f'{source}: calibrate.objective: data.format = "{fmt}" is single-label (the top class is the answer); '
-            "precision_at_least / recall_at_least are for multi-label data"
+            'precision_at_least / recall_at_least are for multi-label data; "accuracy_at_least" sets a reject option'
+        )
+    if reject and not single:
+        raise UserError(
+            f'{source}: calibrate.objective = "accuracy_at_least" is the single-label reject option; data.format = '
+            f'"{fmt}" is multi-label: use "precision_at_least" / "recall_at_least" per class'
         )

@@ -141,3 +141,60 @@ def test_a_scaled_run_and_its_exports_give_the_calibrated_probabilities(tiny_rec
     diff = np.abs(backend_outputs(int8, test, ["test"])["test"]["probs"] - folded)
     assert np.abs(backend_outputs(fp32, test, ["test"])["test"]["probs"] - folded).max() < 1e-5
     assert diff.max() <= INT8_MAX and diff.mean() <= INT8_MEAN, (diff.max(), diff.mean())
+
+
+def _softmax_data(seed: int, n: int = 400, c: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot labels and overconfident softmax probabilities (logits scaled by 3)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    z = 3.0 * (rng.normal(size=(n, c)) + 1.2 * np.eye(c)[labels])
+    p = np.exp(z - z.max(1, keepdims=True))
+    return np.eye(c)[labels], p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_single_label_temperature_equals_a_brute_force_search(seed: int) -> None:
+    y, p = _softmax_data(seed)
+    s = fit_scaling(y, p, "temperature", softmax=True)
+    logp = np.log(p)
+
+    def nll(a: float) -> float:
+        z = a * logp
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[y > 0] - np.log(np.exp(z).sum(1))).mean())
+
+    grid = np.exp(np.linspace(np.log(0.01), np.log(10), 4001))
+    best = int(np.argmin([nll(a) for a in grid]))
+    lo, hi = grid[max(best - 1, 0)], grid[best + 1]
+    for _ in range(100):
+        m1, m2 = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        lo, hi = (lo, m2) if nll(m1) < nll(m2) else (m1, hi)
+    assert np.allclose(s.a, (lo + hi) / 2, atol=1e-4) and (s.b == 0).all() and s.softmax
+    after = s.apply(p)
+    assert np.allclose(after.sum(1), 1) and (after.argmax(1) == p.argmax(1)).all()
+    assert s.a[0] < 1  # overconfident: the temperature softens
+    with pytest.raises(ValueError, match="temperature scaling only"):
+        fit_scaling(y, p, "platt", softmax=True)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_top_label_ece_and_multiclass_brier_equal_scikit_learn(seed: int) -> None:
+    y, p = _softmax_data(seed)
+    hit, conf = (p.argmax(1) == y.argmax(1)).astype(float), p.max(1)
+    true, pred = calibration_curve(hit, conf, n_bins=15, strategy="uniform")
+    counts = np.histogram(conf, bins=np.linspace(0, 1, 16))[0]
+    assert ece(y, p, softmax=True) == pytest.approx((counts[counts > 0] / len(conf) * np.abs(true - pred)).sum())
+    per_class = sum(brier_score_loss(y[:, k], p[:, k]) for k in range(y.shape[1]))
+    assert brier(y, p, softmax=True) == pytest.approx(per_class, abs=1e-12)
+
+
+def test_a_softmax_temperature_folds_into_the_classifier() -> None:
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(8, 4).double()
+    x = torch.randn(30, 8, dtype=torch.float64)
+    probs = torch.softmax(layer(x), 1).detach().numpy()
+    y = np.eye(4)[np.random.default_rng(1).integers(0, 4, 30)]
+    s = fit_scaling(y, probs, "temperature", softmax=True)
+    assert json.loads(json.dumps(s.to_json()))["activation"] == "softmax"
+    fold_into(layer, s)
+    np.testing.assert_allclose(torch.softmax(layer(x), 1).detach().numpy(), s.apply(probs), atol=1e-9)

@@ -13,6 +13,10 @@ from finetune.data.folder import read_cifar10_split, read_folder_split
 from finetune.data.stats import compute_stats
 from finetune.errors import UserError
 from finetune.eval.metrics import confusion, summarize_single, topk_accuracy
+from finetune.eval.probabilities import Scaling
+from finetune.train.assembly import build_from_run
+from finetune.train.evaluate import predict_run, predictions
+from finetune.train.rundir import RunDir
 
 from .conftest import assert_user_error, run_cli
 from .helpers import write_fake_cifar10
@@ -117,7 +121,25 @@ def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path
     proc = run_cli("predict", str(run_dir), str(image), "--json", env=env)
     (result,) = json.loads(proc.stdout)
     assert len(result["labels"]) == 1 and abs(sum(result["probabilities"].values()) - 1) < 1e-3
-    assert_user_error(run_cli("calibrate", str(run_dir), env=env), "single-label run")
+    assert_user_error(run_cli("calibrate", str(run_dir), env=env), "single-label run", "reject option")
+    reject_sets = ["--set", 'calibrate.objective="accuracy_at_least"', "--set", "calibrate.target=0.9"]
+    reject_sets += ["--set", 'calibrate.probabilities="temperature"']
+    proc = run_cli("calibrate", str(run_dir), *reject_sets, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reject = json.loads((run_dir / "reject.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
+    scaling = Scaling.from_json(json.loads((run_dir / "probabilities.json").read_text()))
+    assert scaling.softmax and "ECE" in proc.stdout and report["probabilities"]["method"] == "temperature"
+    raw = predictions(build_from_run(RunDir.open(run_dir), ["test"], scaled=False), ["test"])["test"]["probs"]
+    scaled, _ = predict_run(run_dir, ["test"])  # every consumer of the run gets the folded temperature
+    np.testing.assert_allclose(scaled["test"]["probs"], scaling.apply(raw), atol=1e-5)
+    assert report["reject"]["threshold"] == reject["threshold"] and (run_dir / "coverage_accuracy.png").is_file()
+    assert "reject option" in proc.stdout and "reject option" in (run_dir / "report.html").read_text()
+    proc = run_cli("predict", str(run_dir), str(folder_data / "test"), "--json", env=env)
+    results = json.loads(proc.stdout)
+    assert len(results) == 12 and "reject.json" in results[0]["thresholds"]
+    for r in results:  # "none of the above" exactly below the reject threshold
+        assert (r["labels"] == []) == (max(r["probabilities"].values()) < reject["threshold"])
 
 
 @pytest.mark.slow

@@ -62,6 +62,12 @@ def _metrics(run: RunDir) -> dict[str, Any]:
     return {"measured_on": f"{role} split", **{k: round(v, 4) for k, v in summary.items() if isinstance(v, float)}}
 
 
+def _single_decision(info: dict[str, Any]) -> str:
+    reject = info.get("reject_below")
+    top = "the highest-probability class"
+    return top if reject is None else f"{top}, none when its probability is below {reject:.4f} (reject option)"
+
+
 def card_fields(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exported | None = None) -> dict:
     """The front matter as a dict."""
     multi = info["task"] == "multilabel"
@@ -77,7 +83,7 @@ def card_fields(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Ex
             "task": info["task"],
             "activation": info["output"]["activation"],
             "apply_softmax": False if multi else "already applied inside the graph",
-            "decision": "class present when probability >= its threshold" if multi else "the highest-probability class",
+            "decision": "class present when probability >= its threshold" if multi else _single_decision(info),
             "classes": [{"name": n, "threshold": t} for n, t in zip(info["classes"], thresholds)],
             "input": info["input"],
             "normalization": info["normalization"],
@@ -106,7 +112,7 @@ def _body(fields: dict[str, Any], info: dict[str, Any], run: RunDir) -> list[str
             "softmax**: the probabilities do not sum to 1, and several classes can be present at once.",
         ]
     else:
-        lines += ["**Single-label.** Softmax probabilities (applied in the graph); the label is the arg-max."]
+        lines += [f"**Single-label.** Softmax probabilities (applied in the graph); the label is {f['decision']}."]
     size = f["input"]["size"]
     lines += [
         "",

@@ -31,6 +31,7 @@ from finetune.deploy import mobile
 from finetune.deploy.exported import Exported, onnx_backend, sidecar, with_metadata
 from finetune.deploy.quantize import calibration_loader, check_int8, nhwc_batches, quantize_onnx
 from finetune.errors import UserError
+from finetune.eval.reject import load_reject
 from finetune.eval.run_report import load_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from finetune.models import hflip_average
@@ -85,6 +86,8 @@ def run_classifier(run: RunDir, parts: RunParts | None = None) -> tuple[ImageCla
     (mean, std), size = parts.normalization, parts.image_size
     thresholds, how = load_thresholds(run.path, None, parts.fixed_threshold)
     per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), len(classes)).tolist()
+    reject = None if task.calibrates else load_reject(run.path)
+    top = "the highest-scoring class" + (f"; none below {reject:.4g} (reject.json)" if reject is not None else "")
     info = {
         "format_version": 1,
         "finetune_version": __version__,
@@ -92,7 +95,8 @@ def run_classifier(run: RunDir, parts: RunParts | None = None) -> tuple[ImageCla
         "classes": list(classes.names),
         "category_ids": list(classes.ids),
         "thresholds": per_class if task.calibrates else None,
-        "thresholds_from": how if task.calibrates else "the highest-scoring class",
+        "thresholds_from": how if task.calibrates else top,
+        "reject_below": reject,  # single-label: no class is answered when the top probability is lower
         "input": {
             "name": INPUT_NAME,
             "dtype": "uint8",

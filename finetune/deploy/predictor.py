@@ -154,7 +154,7 @@ class Predictor:
         self.classes: list[str] = list(info["classes"])
         self.size: int = int(info["input"]["size"][0])
         self.multi_label = info["task"] == "multilabel"
-        saved = info.get("thresholds") or 0.5
+        saved = (info.get("thresholds") or 0.5) if self.multi_label else (info.get("reject_below") or 0.0)
         self.thresholds = np.asarray(threshold if threshold is not None else saved, dtype=np.float64)
         self.threshold_note = f"fixed {threshold:g}" if threshold is not None else info.get("thresholds_from", "")
 

@@ -209,3 +209,19 @@ def reliability_png(
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)
+
+
+def coverage_accuracy_png(reject: dict, path: Path) -> None:
+    """The held-out coverage/accuracy curve of the reject option, with its target and chosen point marked."""
+    c, h = reject["curve"], reject["held_out"]
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    ax.plot(c["coverage"], c["accuracy"], label="threshold on the top probability")
+    ax.axhline(reject["target"], color="grey", linestyle="--", linewidth=1, label=f"target {reject['target']:g}")
+    if np.isfinite(h["accuracy"]):
+        label = f"chosen: t = {reject['threshold']:.3f}"
+        ax.plot([h["coverage"]], [h["accuracy"]], "o", markersize=8, markeredgecolor="black", label=label)
+    ax.set(xlabel="coverage (share of images answered)", ylabel="accuracy of the answered", xlim=(0, 1.02))
+    ax.set_title(f"reject option, {h['how']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)

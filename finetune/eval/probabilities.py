@@ -14,6 +14,10 @@ positive or without a negative keeps ``a = 1, b = 0``. The tests check Platt aga
 ``LogisticRegression`` on the logit, temperature against a brute-force 1-D search, and ECE / Brier against
 ``calibration_curve`` / ``brier_score_loss``.
 
+Single-label runs (softmax) take ``temperature`` only: one ``T`` for every class, ``softmax(z / T)``, fitted by the
+cross-entropy of the labels on the calibration split (Guo et al., 2017); ECE there is the top-label ECE (confidence
+= the top probability, hit = the top class is right) and Brier the multi-class one (summed over classes).
+
 The scaling is linear in the logit, so it folds into the classifier layer (``W' = a W``, ``b' = a b0 + b``): every
 consumer of the run's model (``eval``, ``predict``, every export) gives the scaled probabilities. Unknown labels
 (NaN targets) take no part in a fit, in ECE or in the Brier score.
@@ -53,16 +57,21 @@ def smoothed_targets(targets: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Scaling:
-    """Per-class ``sigmoid(a * logit + b)``."""
+    """Per-class ``sigmoid(a * logit + b)``, or (``softmax``) ``softmax(a * logits + b)`` over the classes."""
 
     method: str
     a: np.ndarray
     b: np.ndarray
     names: list[str] = field(default_factory=list)
     split: str = ""
+    softmax: bool = False
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
-        """Scaled probabilities of ``[n, classes]`` sigmoid probabilities."""
+        """Scaled probabilities of ``[n, classes]`` sigmoid (or softmax) probabilities."""
+        if self.softmax:
+            z = self.a * np.log(np.clip(np.asarray(probs, dtype=np.float64), _LOW, None)) + self.b
+            e = np.exp(z - z.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
         z = self.a * logits_of(probs) + self.b
         return 1.0 / (1.0 + np.exp(-z))
 
@@ -70,20 +79,55 @@ class Scaling:
         """JSON-ready form for ``probabilities.json``."""
         names = self.names or [str(i) for i in range(len(self.a))]
         rows = [{"name": n, "a": float(a), "b": float(b)} for n, a, b in zip(names, self.a, self.b)]
-        return {"method": self.method, "split": self.split, "classes": rows}
+        activation = "softmax" if self.softmax else "sigmoid"
+        return {"method": self.method, "activation": activation, "split": self.split, "classes": rows}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Scaling:
         """Read what :meth:`to_json` wrote."""
         rows = doc["classes"]
         a, b = np.array([r["a"] for r in rows]), np.array([r["b"] for r in rows])
-        return cls(doc["method"], a, b, [r["name"] for r in rows], doc.get("split", ""))
+        softmax = doc.get("activation") == "softmax"
+        return cls(doc["method"], a, b, [r["name"] for r in rows], doc.get("split", ""), softmax)
+
+
+def fit_softmax_temperature(targets: np.ndarray, probs: np.ndarray, max_iter: int = 200) -> Scaling:
+    """One temperature for a single-label run: ``softmax(log p / T)`` with the least cross-entropy of the labels."""
+    c = np.asarray(probs).shape[1]
+    z = torch.from_numpy(np.log(np.clip(np.asarray(probs, dtype=np.float64), _LOW, None)))
+    labels = torch.from_numpy(np.asarray(targets).argmax(1))
+    log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [log_a], lr=1, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(torch.exp(log_a) * z, labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Scaling("temperature", np.full(c, float(torch.exp(log_a.detach()))), np.zeros(c), softmax=True)
+
+
+def top_label(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Single-label: the top probability of each row, and whether the top class is the label (as 0/1)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return (probs.argmax(1) == np.asarray(targets).argmax(1)).astype(np.float64)[:, None], probs.max(1)[:, None]
 
 
 def fit_scaling(
-    targets: np.ndarray, probs: np.ndarray, method: str, min_positives: int = 1, max_iter: int = 200
+    targets: np.ndarray,
+    probs: np.ndarray,
+    method: str,
+    min_positives: int = 1,
+    max_iter: int = 200,
+    softmax: bool = False,
 ) -> Scaling:
     """Fit per-class temperature or Platt scaling on one split's probabilities (see the module docstring).
+
+    ``softmax``: a single-label run's probabilities, one temperature for all classes.
 
     A class with fewer than ``min_positives`` positives (or negatives) keeps its probabilities (``a = 1, b = 0``):
     a fit on a handful of positives would pull its scores toward that handful's share, below the pooled threshold
@@ -94,6 +138,10 @@ def fit_scaling(
     c = np.asarray(probs).shape[1]
     if method == "none":
         return Scaling(method, np.ones(c), np.zeros(c))
+    if softmax:
+        if method != "temperature":
+            raise ValueError(f"a softmax takes temperature scaling only, not {method!r}")
+        return fit_softmax_temperature(targets, probs, max_iter)
     y, neg = positives_of(targets), negatives_of(targets)
     m = max(1, min_positives)
     active = torch.from_numpy((y.sum(0) >= m) & (neg.sum(0) >= m))
@@ -123,8 +171,13 @@ def fit_scaling(
     return Scaling(method, a, bias)
 
 
-def ece(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error over every known (image, class) entry pooled: equal-width bins, weighted by count."""
+def ece(targets: np.ndarray, probs: np.ndarray, bins: int = 15, softmax: bool = False) -> float:
+    """Expected calibration error over every known (image, class) entry pooled: equal-width bins, weighted by count.
+
+    ``softmax``: the top-label ECE of single-label probabilities (one entry per image: its top probability).
+    """
+    if softmax:
+        return ece(*top_label(targets, probs), bins)
     known = known_of(targets).ravel()
     y, p = positives_of(targets).ravel()[known], np.asarray(probs, dtype=np.float64).ravel()[known]
     which = np.minimum((p * bins).astype(int), bins - 1)
@@ -135,8 +188,13 @@ def ece(targets: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     return float((np.abs(hits[filled] - conf[filled])).sum() / len(p))
 
 
-def brier(targets: np.ndarray, probs: np.ndarray) -> float:
-    """Brier score over every known (image, class) entry pooled: the mean squared error of the probabilities."""
+def brier(targets: np.ndarray, probs: np.ndarray, softmax: bool = False) -> float:
+    """Brier score over every known (image, class) entry pooled: the mean squared error of the probabilities.
+
+    ``softmax``: the multi-class Brier score (squared errors summed over classes, averaged over images).
+    """
+    if softmax:
+        return float(((np.asarray(probs, dtype=np.float64) - np.asarray(targets)) ** 2).sum(1).mean())
     known = known_of(targets)
     y, p = positives_of(targets)[known].astype(np.float64), np.asarray(probs, dtype=np.float64)[known]
     return float(((p - y) ** 2).mean())

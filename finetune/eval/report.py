@@ -260,6 +260,12 @@ def print_single_report(report: dict[str, Any], console: Console) -> None:
         s = split["summary"]
         table.add_row(name, str(split["images"]), *(_pct(s[k]) for k in ("top1", "top5", "mean_recall", "map")))
     console.print(table)
+    if report.get("probabilities"):
+        console.print(probabilities_line(report["probabilities"]))
+    if report.get("reject"):
+        from finetune.eval.reject import reject_line
+
+        console.print(reject_line(report["reject"]))
     for name, split in report["splits"].items():
         t = Table(title=f"{name}: per class")
         for col in ("class", "support", "recall", "precision"):

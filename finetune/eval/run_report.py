@@ -22,11 +22,12 @@ from finetune.data.split import ClassMap
 from finetune.errors import UserError
 from finetune.eval import plots
 from finetune.eval.metrics import prf, summarize
-from finetune.eval.probabilities import Scaling, brier, ece, fit_scaling
+from finetune.eval.probabilities import Scaling, brier, ece, fit_scaling, top_label
+from finetune.eval.reject import fit_reject, save_reject
 from finetune.eval.tasks import Task
 from finetune.eval.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json
-from finetune.objectives import CONSTRAINED
+from finetune.objectives import CONSTRAINED, REJECT
 
 
 def resolve_shrink(cs: CalibrationSettings, out: dict[str, Any]) -> tuple[CalibrationSettings, dict | None]:
@@ -148,7 +149,7 @@ def _held_out_scaling(cs: CalibrationSettings, outs: dict[str, dict[str, Any]], 
     after = np.empty_like(before, dtype=np.float64)
     folds = KFold(min(cs.folds, len(before)), shuffle=True, random_state=cs.seed)
     for fit_idx, score_idx in folds.split(before):
-        s = fit_scaling(y[fit_idx], before[fit_idx], cs.probabilities, cs.min_positives)
+        s = fit_scaling(y[fit_idx], before[fit_idx], cs.probabilities, cs.min_positives, softmax=scaling.softmax)
         after[score_idx] = s.apply(before[score_idx])
     return f"{folds.n_splits}-fold cross-fitting on {cs.split}", y, before, after
 
@@ -171,28 +172,30 @@ def save_scaling(run: Path, scaling: Scaling | None) -> None:
 
 
 def scale_probabilities(
-    run: Path, cs: CalibrationSettings, outs: dict[str, dict[str, Any]], classes: ClassMap
+    run: Path, cs: CalibrationSettings, outs: dict[str, dict[str, Any]], classes: ClassMap, softmax: bool = False
 ) -> tuple[dict[str, Any] | None, Scaling | None]:
     """Fit ``calibrate.probabilities`` on the calibration split; replace every split's probabilities by the scaled.
 
     Writes ``reliability.png``; returns ECE and Brier before/after on held-out data and the scaling (for
-    :func:`save_scaling`). With ``"none"``: nothing to fit, ``(None, None)``.
+    :func:`save_scaling`). With ``"none"``: nothing to fit, ``(None, None)``. ``softmax``: a single-label run (one
+    temperature; top-label ECE and the reliability of the top probability).
     """
     if cs.probabilities == "none":
         return None, None
     fit_on = outs[cs.split]
-    scaling = fit_scaling(fit_on["targets"], fit_on["probs"], cs.probabilities, cs.min_positives)
+    scaling = fit_scaling(fit_on["targets"], fit_on["probs"], cs.probabilities, cs.min_positives, softmax=softmax)
     scaling.names, scaling.split = list(classes.names), cs.split
     how, y, before, after = _held_out_scaling(cs, outs, scaling)
-    plots.reliability_png(y, before, after, run / "reliability.png", f"{cs.probabilities} scaling, {how}")
+    shown = (*top_label(y, before), top_label(y, after)[1]) if softmax else (y, before, after)
+    plots.reliability_png(*shown, run / "reliability.png", f"{cs.probabilities} scaling, {how}")
     for out in outs.values():
         out["probs"] = scaling.apply(out["probs"])
     stats = {
         "method": cs.probabilities,
         "fitted_on": cs.split,
         "how": how,
-        "before": {"ece": ece(y, before), "brier": brier(y, before)},
-        "after": {"ece": ece(y, after), "brier": brier(y, after)},
+        "before": {"ece": ece(y, before, softmax=softmax), "brier": brier(y, before, softmax=softmax)},
+        "after": {"ece": ece(y, after, softmax=softmax), "brier": brier(y, after, softmax=softmax)},
     }
     return stats, scaling
 
@@ -212,16 +215,17 @@ def write_report(
     the caller's galleries then show what the report scored).
     """
     calibration, shrink_scores, scaled, scaling = None, None, None, None
+    if cs.enabled:
+        scaled, scaling = scale_probabilities(run, cs, outs, classes, softmax=not task.calibrates)
     if task.calibrates and cs.enabled:
-        scaled, scaling = scale_probabilities(run, cs, outs, classes)
         cs, shrink_scores = resolve_shrink(cs, outs[cs.split])
         calibration = fit_calibration(cs, outs[cs.split], classes, cs.split)
     thr = calibration.thresholds if calibration is not None else None
     report: dict[str, Any] = {"run": str(run), "task": task.name, **(extra or {}), "splits": {}}
     if task.calibrates:
         report.update(threshold=cs.fixed, calibration=None)
-        if scaled is not None:
-            report["probabilities"] = scaled
+    if scaled is not None:
+        report["probabilities"] = scaled
     for name, out in outs.items():
         if name != "train":
             report["splits"][name] = task.split_report(out["targets"], out["probs"], classes, cs.fixed, thr)
@@ -229,8 +233,10 @@ def write_report(
         _add_calibration(run, report, cs, calibration, outs, classes)
         if shrink_scores is not None:
             report["calibration"]["shrink_auto"] = shrink_scores
-    if task.calibrates:  # after thresholds.json: a run without calibration (or "none") keeps no scaling
-        save_scaling(run, scaling)
+    if not task.calibrates:  # single-label: the reject option (on the scaled scores), or none (an old one retired)
+        report["reject"] = fit_reject(cs, outs) if cs.enabled and cs.metric == REJECT else None
+        save_reject(run, report["reject"])
+    save_scaling(run, scaling)  # after the thresholds: a run without calibration (or "none") keeps no scaling
     task.write_extras(report, classes, run)
     atomic_write_json(run / "report.json", report)
     return report

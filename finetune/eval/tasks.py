@@ -162,6 +162,8 @@ class SingleLabel(Task):
         for t, p, count in report["splits"][shown]["confusion"]:
             cm[t, p] = count
         plots.confusion_png(cm, list(classes.names), run_dir / "confusion_matrix.png", f"{shown}: confusion matrix")
+        if report.get("reject"):
+            plots.coverage_accuracy_png(report["reject"], run_dir / "coverage_accuracy.png")
 
     def threshold_note(self, how: str) -> str:  # noqa: D102
         return "the highest-scoring class (single-label)"

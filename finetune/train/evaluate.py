@@ -53,11 +53,15 @@ def calibrate_run(
     """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the report.
 
     ``overrides`` (``calibrate.shrink=20``...) apply to this calibration only; the run's recipe.toml is unchanged.
+    A single-label run has one threshold to fit: its reject option (``calibrate.objective = "accuracy_at_least"``).
     """
     run = RunDir.open(run_dir)
     recipe = run.recipe(overrides)
-    if not RunParts(recipe).task.calibrates:
-        raise UserError(f"{run_dir}: a single-label run predicts the highest-scoring class; it has no thresholds")
+    if not RunParts(recipe).task.calibrates and not recipe.calibrate.reject:
+        raise UserError(
+            f"{run_dir}: a single-label run predicts the highest-scoring class; its one threshold is the reject "
+            "option: --set calibrate.objective=accuracy_at_least --set calibrate.target=0.95"
+        )
     roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.test]
     parts = build_from_run(run, roles, overrides, console, scaled=False)  # the scaling is re-fitted on raw scores
     outs = predictions(parts, roles)

@@ -22,6 +22,7 @@ from finetune.data.leaks import find_duplicates
 from finetune.errors import UserError
 from finetune.eval import cam, gallery, label_issues, plots
 from finetune.eval.html import Gallery, Page, Tile, render
+from finetune.eval.reject import reject_line
 from finetune.eval.report import TARGET_COLUMNS, probabilities_line, target_rows, targets_line
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
@@ -199,6 +200,7 @@ PLOTS = (
     ("f1_per_class.png", "per-class F1: fixed vs calibrated threshold"),
     ("confusion_matrix.png", "confusion matrix (most-confused classes)"),
     ("reliability.png", "reliability diagram: the probabilities before and after scaling, on held-out data"),
+    ("coverage_accuracy.png", "reject option: coverage vs accuracy of the answered images, on held-out data"),
 )
 
 
@@ -274,6 +276,8 @@ def write_html(
             page.tables.append(confused)
     if report.get("probabilities"):
         page.notes.append(probabilities_line(report["probabilities"]))
+    if report.get("reject"):
+        page.notes.append(reject_line(report["reject"]))
     targets = (report.get("calibration") or {}).get("targets")
     if targets:
         page.notes.append(targets_line(targets))
