@@ -363,7 +363,7 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         raise UserError(_format_error(source, err)) from None
     check_task_rules(recipe.data.format, recipe.loss.name, recipe.train.select, source)
     c = recipe.calibrate
-    check_calibration_rules(recipe.data.format, c.constrained, c.probabilities, source, c.reject)
+    check_calibration_rules(recipe.data.format, c.constrained, c.probabilities, source, c.reject, c.enabled)
     return recipe
 
 

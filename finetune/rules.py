@@ -33,8 +33,19 @@ def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
         raise UserError(f"{source}: train.select: {why}")
 
 
-def check_calibration_rules(fmt: str, constrained: bool, probabilities: str, source: str, reject: bool = False) -> None:
-    """A single-label run predicts its top class: no per-class thresholds or sigmoids; a temperature and a reject."""
+def check_calibration_rules(
+    fmt: str, constrained: bool, probabilities: str, source: str, reject: bool = False, enabled: bool = True
+) -> None:
+    """A single-label run predicts its top class: no per-class thresholds or sigmoids; a temperature and a reject.
+
+    With calibration off, a setting only calibration acts on is refused rather than silently dropped.
+    """
+    if not enabled and (reject or probabilities != "none"):
+        key = "objective" if reject else "probabilities"
+        raise UserError(
+            f"{source}: calibrate.{key} does nothing with calibrate.enabled = false; set calibrate.enabled = true "
+            "or drop it"
+        )
     single = TASK_OF_FORMAT[fmt] == "single_label"
     if probabilities == "platt" and single:
         raise UserError(

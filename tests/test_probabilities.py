@@ -156,12 +156,13 @@ def _softmax_data(seed: int, n: int = 400, c: int = 5) -> tuple[np.ndarray, np.n
 def test_single_label_temperature_equals_a_brute_force_search(seed: int) -> None:
     y, p = _softmax_data(seed)
     s = fit_scaling(y, p, "temperature", softmax=True)
-    logp = np.log(p)
+    logp, n, c = np.log(p), len(y), y.shape[1]
+    t = np.where(y > 0, (n + 1) / (n + 2), 1 / ((n + 2) * (c - 1)))  # Platt's smoothing, as documented
 
     def nll(a: float) -> float:
         z = a * logp
         z = z - z.max(1, keepdims=True)
-        return float(-(z[y > 0] - np.log(np.exp(z).sum(1))).mean())
+        return float(-(t * (z - np.log(np.exp(z).sum(1, keepdims=True)))).sum(1).mean())
 
     grid = np.exp(np.linspace(np.log(0.01), np.log(10), 4001))
     best = int(np.argmin([nll(a) for a in grid]))
@@ -175,6 +176,8 @@ def test_single_label_temperature_equals_a_brute_force_search(seed: int) -> None
     assert s.a[0] < 1  # overconfident: the temperature softens
     with pytest.raises(ValueError, match="temperature scaling only"):
         fit_scaling(y, p, "platt", softmax=True)
+    right = np.eye(y.shape[1])[p.argmax(1)]  # a split the model gets all right: a finite temperature, no saturation
+    assert 0.05 < fit_scaling(right, p, "temperature", softmax=True).a[0] < 20
 
 
 @pytest.mark.parametrize("seed", range(2))

@@ -30,8 +30,8 @@ def _brute(targets: np.ndarray, probs: np.ndarray, target: float) -> float:
     return min(ok) if ok else np.inf
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("target", [0.6, 0.8, 0.95])
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("target", [0.5, 0.6, 0.8, 0.95])
 def test_reject_threshold_equals_a_brute_force_search(seed: int, target: float) -> None:
     y, p = _data(seed)
     thr, reached, met = reject_threshold(y, p, target)
@@ -43,6 +43,14 @@ def test_reject_threshold_equals_a_brute_force_search(seed: int, target: float) 
         assert not met
         top, correct = p.max(1), p.argmax(1) == y.argmax(1)
         assert reached == pytest.approx(max(correct[top >= t].mean() for t in np.unique(top)))
+
+
+def test_the_lowest_threshold_that_meets_the_target_wins() -> None:
+    y = np.eye(2)[[0, 0, 0, 0]]
+    p = np.array([[0.9, 0.1], [0.85, 0.15], [0.2, 0.8], [0.3, 0.7]])  # tops 0.9 right, 0.85 right, 0.8 / 0.7 wrong
+    assert reject_threshold(y, p, 0.5) == (0.7, 0.5, True)  # answering all four still meets 0.5
+    assert reject_threshold(y, p, 0.6)[0] == 0.8 and reject_threshold(y, p, 0.7)[0] == 0.85
+    assert reject_threshold(np.eye(2)[[1, 1]], p[:2], 0.9) == (np.nextafter(0.9, 1), 0.0, False)  # none right
 
 
 def test_the_curve_is_coverage_and_accuracy_at_each_threshold() -> None:
@@ -89,3 +97,19 @@ def test_single_label_labels_are_none_below_the_reject_threshold() -> None:
 def test_reject_option_rules_are_one_line_errors(recipe: str, sets: list[str], needle: str) -> None:
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(RECIPES / recipe, sets)
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (['calibrate.objective="accuracy_at_least"', "calibrate.target=0.9", "calibrate.enabled=false"],
+         "calibrate.objective does nothing with calibrate.enabled = false"),
+        (['calibrate.probabilities="temperature"', "calibrate.enabled=false"],
+         "calibrate.probabilities does nothing with calibrate.enabled = false"),
+        (['calibrate.probabilities="platt"'], 'it takes one "temperature"'),
+    ],
+)  # fmt: skip
+def test_calibration_settings_that_would_do_nothing_are_refused(sets: list[str], needle: str) -> None:
+    with pytest.raises(UserError, match=needle):
+        load_recipe(RECIPES / "imagenette_standard.toml", sets)
+    load_recipe(RECIPES / "imagenette_standard.toml", sets[:-1] if "enabled=false" in sets[-1] else [])

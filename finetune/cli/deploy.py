@@ -30,7 +30,11 @@ def predict_command(
         Path | None, typer.Option("--csv", help="Write one row per image: path, labels, a probability per class.")
     ] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="One decision threshold for every class (default: the ones the model carries).")
+        float | None,
+        typer.Option(
+            help="One decision threshold for every class (default: the ones the model carries); for a single-label "
+            "model, the reject threshold on the top probability."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,

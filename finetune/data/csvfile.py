@@ -18,6 +18,7 @@ Unknown labels (a class not checked for an image: neither positive nor negative;
 - labels form: the class name with a ``-`` prefix (``-dog``), or a separate ``unknown`` column listing the unknown
   classes (``cat,dog``, separated like ``labels``): one syntax per file, a file using both is refused;
 - class-column form: an empty cell.
+So in labels form a class name cannot start with ``-``, and ``unknown`` is a reserved column name in both forms.
 Unknown entries are left out of the loss, the linear probe, every metric and calibration (see the README).
 
 The classes are ``data.classes`` when given, else the labels (or class columns) of the train split, sorted. An
@@ -145,7 +146,9 @@ def read_csv_split(
         classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
     index = {name: i for i, name in enumerate(classes.names)}
     targets = np.zeros((len(paths), len(classes)), dtype=np.float32)
+    columns = "labels" not in header  # an empty cell of a column that is not a class is ignored, as a 0 there is
     for r, (line, (positive, unknown)) in enumerate(labels):
+        unknown = [name for name in unknown if name in index] if columns else unknown
         for name, value in [(name, 1.0) for name in positive] + [(name, UNKNOWN) for name in unknown]:
             if name not in index:
                 known = ", ".join(classes.names[:10]) + (", ..." if len(classes) > 10 else "")

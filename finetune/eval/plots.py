@@ -217,7 +217,7 @@ def coverage_accuracy_png(reject: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     ax.plot(c["coverage"], c["accuracy"], label="threshold on the top probability")
     ax.axhline(reject["target"], color="grey", linestyle="--", linewidth=1, label=f"target {reject['target']:g}")
-    if np.isfinite(h["accuracy"]):
+    if h["accuracy"] is not None:
         label = f"chosen: t = {reject['threshold']:.3f}"
         ax.plot([h["coverage"]], [h["accuracy"]], "o", markersize=8, markeredgecolor="black", label=label)
     ax.set(xlabel="coverage (share of images answered)", ylabel="accuracy of the answered", xlim=(0, 1.02))

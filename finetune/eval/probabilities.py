@@ -15,8 +15,9 @@ positive or without a negative keeps ``a = 1, b = 0``. The tests check Platt aga
 ``calibration_curve`` / ``brier_score_loss``.
 
 Single-label runs (softmax) take ``temperature`` only: one ``T`` for every class, ``softmax(z / T)``, fitted by the
-cross-entropy of the labels on the calibration split (Guo et al., 2017); ECE there is the top-label ECE (confidence
-= the top probability, hit = the top class is right) and Brier the multi-class one (summed over classes).
+cross-entropy of the labels (smoothed as Platt's) on the calibration split (Guo et al., 2017); ECE there is the
+top-label ECE (confidence = the top probability, hit = the top class is right) and Brier the multi-class one
+(summed over classes).
 
 The scaling is linear in the logit, so it folds into the classifier layer (``W' = a W``, ``b' = a b0 + b``): every
 consumer of the run's model (``eval``, ``predict``, every export) gives the scaled probabilities. Unknown labels
@@ -92,10 +93,15 @@ class Scaling:
 
 
 def fit_softmax_temperature(targets: np.ndarray, probs: np.ndarray, max_iter: int = 200) -> Scaling:
-    """One temperature for a single-label run: ``softmax(log p / T)`` with the least cross-entropy of the labels."""
+    """One temperature for a single-label run: ``softmax(log p / T)`` with the least cross-entropy.
+
+    The targets are smoothed as Platt's are (the label ``(n + 1) / (n + 2)``, the other classes share ``1 / (n + 2)``):
+    on a split the model gets all right the hard-label optimum is ``T -> 0``, every score saturated at 1.
+    """
     c = np.asarray(probs).shape[1]
+    n = len(probs)
     z = torch.from_numpy(np.log(np.clip(np.asarray(probs, dtype=np.float64), _LOW, None)))
-    labels = torch.from_numpy(np.asarray(targets).argmax(1))
+    t = torch.from_numpy(softmax_targets(targets))
     log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
         [log_a], lr=1, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe"
@@ -103,16 +109,24 @@ def fit_softmax_temperature(targets: np.ndarray, probs: np.ndarray, max_iter: in
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(torch.exp(log_a) * z, labels)
+        loss = -(t * torch.log_softmax(torch.exp(log_a) * z, 1)).sum(1).mean()
         loss.backward()
         return loss
 
-    opt.step(closure)
+    if n and c > 1:
+        opt.step(closure)
     return Scaling("temperature", np.full(c, float(torch.exp(log_a.detach()))), np.zeros(c), softmax=True)
 
 
+def softmax_targets(targets: np.ndarray) -> np.ndarray:
+    """Platt-smoothed one-hot targets of ``n`` rows: ``(n + 1) / (n + 2)`` on the label, ``1 / (n + 2)`` shared."""
+    y = np.asarray(targets, dtype=np.float64)
+    n, c = y.shape
+    return np.where(y > 0.5, (n + 1.0) / (n + 2.0), 1.0 / ((n + 2.0) * max(c - 1, 1)))
+
+
 def top_label(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Single-label: the top probability of each row, and whether the top class is the label (as 0/1)."""
+    """Single-label: whether the top class is the label (0/1), and the top probability, each ``[n, 1]``."""
     probs = np.asarray(probs, dtype=np.float64)
     return (probs.argmax(1) == np.asarray(targets).argmax(1)).astype(np.float64)[:, None], probs.max(1)[:, None]
 

@@ -4,7 +4,8 @@
 the top probability (answer when ``max p >= t``) that answers the most images while the answered ones are right at
 least ``target`` of the time (aiming at ``target + margin``). It is the precision-at-least search of
 :func:`~finetune.eval.thresholds.constrained_thresholds` on one column: "correct" as the label, the top probability
-as the score. When no threshold reaches the target, the stated fallback is the most accurate point there is.
+as the score, except that among the thresholds that meet the target it takes the lowest (the most answered). When
+no threshold reaches the target, the stated fallback is the most accurate point there is.
 
 What a user needs to know is what happens on new images, so the report gives the coverage (share answered) and the
 accuracy of the answered images on data the threshold was not fitted on (the test split, else cross-fitting on the
@@ -21,10 +22,11 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
-from finetune.eval.thresholds import CalibrationSettings, constrained_thresholds
+from finetune.eval.thresholds import CalibrationSettings
 from finetune.io import atomic_write_bytes, atomic_write_json
 
 REJECT_FILE = "reject.json"
+_EPS = 1e-9  # accuracy compared as acc >= target - eps: 9 of 10 meets a 0.9 target whatever the rounding
 CURVE_POINTS = 101
 
 
@@ -37,13 +39,26 @@ def _top(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def reject_threshold(targets: np.ndarray, probs: np.ndarray, target: float) -> tuple[float, float, bool]:
     """The lowest top-probability threshold whose answered rows are right at least ``target`` of the time.
 
+    Every distinct top probability is a candidate (answer when ``max p >= t``); the lowest one that meets the target
+    answers the most rows. When none does, the stated fallback is the most accurate point (then the one answering
+    the most). When no row is right at all, the threshold is just above the highest top probability: answer none.
+
     Returns:
-        The threshold (``inf``: answer nothing, when no row is right), the accuracy of the answered rows there, and
-        whether the target was met.
+        The threshold, the accuracy of the answered rows there, and whether the target was met.
     """
     top, correct = _top(targets, probs)
-    thr, reached, met = constrained_thresholds(correct[:, None], top[:, None], "precision_at_least", target)
-    return float(thr[0]), float(reached[0]), bool(met[0])
+    order = np.argsort(-top, kind="stable")
+    s = top[order]
+    answered = np.arange(1, len(s) + 1)
+    accuracy = np.cumsum(correct[order]) / answered
+    ends = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # a tie group is one threshold: its last row counts
+    ok = ends[accuracy[ends] >= target - _EPS]
+    if len(ok):
+        return float(s[ok[-1]]), float(accuracy[ok[-1]]), True
+    if not correct.any():
+        return float(np.nextafter(s[0], np.inf)), 0.0, False
+    best = ends[np.flatnonzero(accuracy[ends] >= accuracy[ends].max() - 1e-12)[-1]]
+    return float(s[best]), float(accuracy[best]), False
 
 
 def coverage_accuracy(targets: np.ndarray, probs: np.ndarray, threshold: float | np.ndarray) -> tuple[float, float]:
@@ -51,6 +66,11 @@ def coverage_accuracy(targets: np.ndarray, probs: np.ndarray, threshold: float |
     top, correct = _top(targets, probs)
     answered = top >= threshold
     return float(answered.mean()), float(correct[answered].mean()) if answered.any() else float("nan")
+
+
+def _finite(x: float) -> float | None:
+    """A number for JSON: NaN (nothing answered) becomes null."""
+    return None if not np.isfinite(x) else float(x)
 
 
 def curve(targets: np.ndarray, probs: np.ndarray, points: int = CURVE_POINTS) -> dict[str, list[float]]:
@@ -98,8 +118,15 @@ def fit_reject(cs: CalibrationSettings, outs: dict[str, dict[str, Any]]) -> dict
         "threshold": thr,
         "fitted_on": cs.split,
         "source": "fitted" if met else "unmet",
-        "fitting": dict(zip(("coverage", "accuracy"), coverage_accuracy(fit_on["targets"], fit_on["probs"], thr))),
-        "held_out": {"how": how, "coverage": coverage, "accuracy": accuracy, "met": bool(accuracy >= cs.target)},
+        "fitting": dict(
+            zip(("coverage", "accuracy"), map(_finite, coverage_accuracy(fit_on["targets"], fit_on["probs"], thr)))
+        ),
+        "held_out": {
+            "how": how,
+            "coverage": coverage,
+            "accuracy": _finite(accuracy),
+            "met": bool(accuracy >= cs.target),
+        },
         "answer_all": {"coverage": all_coverage, "accuracy": all_accuracy},
         "curve": curve(held["targets"], held["probs"]),
     }
@@ -108,11 +135,12 @@ def fit_reject(cs: CalibrationSettings, outs: dict[str, dict[str, Any]]) -> dict
 def reject_line(r: dict[str, Any]) -> str:
     """One line: the threshold, and coverage / accuracy on held-out data against answering every image."""
     h, a = r["held_out"], r["answer_all"]
+    shown = "-" if h["accuracy"] is None else f"{100 * h['accuracy']:.1f}%"
     unmet = "" if r["source"] == "fitted" else f" (the target is out of reach on {r['fitted_on']}: the most accurate)"
     return (
         f"reject option: answer when the top probability >= {r['threshold']:.3f}{unmet} (accuracy >= "
         f"{r['target']:g}, fitted on {r['fitted_on']}); on data it was not fitted on ({h['how']}) it answers "
-        f"{100 * h['coverage']:.1f}% of images at accuracy {100 * h['accuracy']:.1f}% (answering all: "
+        f"{100 * h['coverage']:.1f}% of images at accuracy {shown} (answering all: "
         f"{100 * a['accuracy']:.1f}%)"
     )
 
@@ -124,8 +152,10 @@ def save_reject(run: Path, reject: dict[str, Any] | None) -> None:
         atomic_write_bytes(run / "reject.prev.json", path.read_bytes())
     if reject is not None:
         atomic_write_json(path, {k: v for k, v in reject.items() if k != "curve"})
-    else:
-        path.unlink(missing_ok=True)
+        return
+    path.unlink(missing_ok=True)
+    if (run / "coverage_accuracy.png").is_file():  # no plot without a threshold behind it (the page embeds it)
+        (run / "coverage_accuracy.png").replace(run / "coverage_accuracy.prev.png")
 
 
 def load_reject(run: Path) -> float | None:

@@ -22,6 +22,7 @@ from finetune.distributed import barrier, gather_list
 from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
 from finetune.eval.run_report import write_report
+from finetune.objectives import REJECT
 from finetune.train.assembly import RunParts, build_run
 from finetune.train.fit import fit, restore, selected_weights
 from finetune.train.loop import Hook, Loop
@@ -43,7 +44,8 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     loop.model.load_state_dict(selected_weights(run.checkpoint("best")))
     task, cs = parts.task, parts.calibration
     roles = [r for r in ("val", "test") if r in parts.splits]
-    if task.calibrates and cs.enabled and cs.split == "train":  # unaugmented, in order, nothing dropped
+    fits = task.calibrates or cs.metric == REJECT or cs.probabilities != "none"
+    if fits and cs.enabled and cs.split == "train":  # unaugmented, in order, nothing dropped
         roles.append("train")
     outs = {  # rank 0 reports alone, on whole splits (the unsharded loaders)
         role: predict_loader(
