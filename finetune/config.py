@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import UserError
+from finetune.holdout import HoldoutConfig
 from finetune.objectives import CalibrateConfig
 from finetune.overrides import apply_overrides, parse_override, read_toml
 from finetune.rules import check_calibration_rules, check_task_rules
@@ -78,9 +79,17 @@ class DataConfig(_Section):
         "warn", description="validate --check-images: an image in two splits (exact or near duplicate) warns or errs"
     )
     augment: AugmentConfig = AugmentConfig()
+    holdout: HoldoutConfig = HoldoutConfig()
+
+    @property
+    def has_test(self) -> bool:
+        """Whether the run has a test role: a named test split, or the scoring half of ``[data.holdout]``."""
+        return bool(self.test) or self.holdout.seed is not None
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if self.holdout.seed is not None and self.test:
+            raise ValueError("holdout draws the test role from data.val; leave data.test empty")
         if "{split}" not in self.annotations:
             raise ValueError('annotations must contain "{split}", e.g. "annotations/instances_{split}.json"')
         if not self.train or not self.val:

@@ -64,7 +64,19 @@ def test_no_import_cycle() -> None:
 LAYERS = [
     (
         "shared ground",
-        ["errors", "io", "schema", "objectives", "config", "rules", "overrides", "precision", "labels", "console"]
+        [
+            "errors",
+            "io",
+            "schema",
+            "objectives",
+            "holdout",
+            "config",
+            "rules",
+            "overrides",
+            "precision",
+            "labels",
+            "console",
+        ]
         + ["distributed"],
     ),
     ("models", ["models", "mobilenet", "groups", "optim", "losses", "summary"]),

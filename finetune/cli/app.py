@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.cli import inspect
+from finetune.cli.compare import compare_command
 from finetune.cli.data import data_app
 from finetune.cli.deploy import card_command, export_command, predict_command
 from finetune.cli.explain import inspect_command, report_command
@@ -30,6 +31,7 @@ app.command("export")(export_command)
 app.command("card")(card_command)
 app.command("report")(report_command)
 app.command("inspect")(inspect_command)
+app.command("compare")(compare_command)
 app.command("groups")(inspect.groups)
 app.command("summary")(inspect.summary)
 app.command("lr-find")(inspect.lr_find)

@@ -62,7 +62,7 @@ def calibrate_run(
             f"{run_dir}: a single-label run predicts the highest-scoring class; its one threshold is the reject "
             "option: --set calibrate.objective=accuracy_at_least --set calibrate.target=0.95"
         )
-    roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.test]
+    roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.has_test]
     parts = build_from_run(run, roles, overrides, console, scaled=False)  # the scaling is re-fitted on raw scores
     outs = predictions(parts, roles)
     old = run.read_json("report.json") if (run / "report.json").is_file() else {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from finetune.config import DataConfig, Recipe, TrainConfig
@@ -20,6 +22,7 @@ from finetune.errors import UserError
 from finetune.eval.predict import EvalSettings
 from finetune.eval.tasks import Task, task_for
 from finetune.eval.thresholds import CalibrationSettings
+from finetune.holdout import HoldoutConfig, halves
 from finetune.train.loop import FitSettings
 
 ROLES = ("train", "val", "test")
@@ -91,6 +94,8 @@ def split_name(recipe: Recipe, role: str) -> str:
     """The split name the recipe gives to ``role`` (train/val/test)."""
     if role not in ROLES:
         raise UserError(f"--split {role!r}: expected one of {', '.join(ROLES)}")
+    if recipe.data.holdout.seed is not None and role in ("val", "test"):
+        return recipe.data.val  # both halves come from the pool
     name = getattr(recipe.data, role)
     if not name:
         raise UserError(f"data.{role} is empty in this recipe: it has no {role} split")
@@ -102,10 +107,15 @@ def build_splits(
 ) -> dict[str, Split]:
     """Read the annotation files of ``roles`` (skipping an empty test split) and check that every image exists."""
     splits: dict[str, Split] = {}
+    pool: Split | None = None
     for role in roles:
-        if role == "test" and not recipe.data.test:
+        if role == "test" and not recipe.data.has_test:
             continue
-        splits[role] = build_split(recipe.data, split_name(recipe, role), classes)
+        if recipe.data.holdout.seed is not None and role in ("val", "test"):
+            pool = pool or build_split(recipe.data, recipe.data.val, classes)
+            splits[role] = holdout_half(pool, recipe.data.holdout, role)
+        else:
+            splits[role] = build_split(recipe.data, split_name(recipe, role), classes)
         classes = splits[role].classes
         if not len(splits[role].targets):
             raise UserError(f"data.{role}: the {split_name(recipe, role)!r} split has no images; check data.root")
@@ -115,6 +125,25 @@ def build_splits(
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise UserError(f"{missing[0]}{more}; check data.root and data.images")
     return splits
+
+
+def holdout_half(pool: Split, cfg: HoldoutConfig, role: str) -> Split:
+    """The val (selection) or test (scoring) half of the pool ``[data.holdout]`` draws (finetune/holdout.py)."""
+    assert cfg.seed is not None
+    try:
+        selection, scoring = halves(len(pool.image_paths), cfg.seed, cfg.selection)
+    except ValueError as err:
+        raise UserError(f"data.holdout: the {pool.name!r} split has {len(pool.image_paths)} images: {err}") from None
+    keep = selection if role == "val" else scoring
+    paths = pool.image_paths[keep] if isinstance(pool.image_paths, np.ndarray) else [pool.image_paths[i] for i in keep]
+    half = "selection" if role == "val" else "scoring"
+    return replace(
+        pool,
+        name=f"{pool.name} ({half} half, seed {cfg.seed})",
+        image_ids=[pool.image_ids[i] for i in keep],
+        image_paths=paths,
+        targets=pool.targets[keep],
+    )
 
 
 def norm_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -1,0 +1,41 @@
+"""``finetune compare``: several recipes on the same paired held-out draws, with bootstrap intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finetune.cli.options import SetOption, err, out
+from finetune.errors import UserError
+
+
+def compare_command(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files (TOML) to compare.")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds: each is one paired draw and training seed.")] = (
+        "0,1,2"
+    ),
+    overrides: SetOption = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=KEY=VALUE: a row that is the first recipe with this override (repeat to add more)."),
+    ] = None,
+    probe: Annotated[bool, typer.Option(help="Add the linear-probe baseline at each compared resolution.")] = True,
+    output: Annotated[Path, typer.Option("--out", help="Folder for the runs, results and compare.md.")] = Path(
+        "compare"
+    ),
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
+) -> None:
+    """Train recipes on the same paired draws of the val split; print and write compare.md / compare.json."""
+    from finetune.train.compare import compare, markdown, parse_seeds, plan
+
+    if resamples < 100:
+        raise UserError(f"--resamples {resamples}: use at least 100 for a 95% interval")
+    for r in recipes:
+        if not r.is_file():
+            raise UserError(f"{r}: no such recipe file")
+    entries = plan(list(recipes), list(overrides or []), list(variant or []), probe)
+    result = compare(entries, parse_seeds(seeds), output, resamples, err)
+    out.print(markdown(result), markup=False, highlight=False)
+    err.print(f"wrote {output / 'compare.md'} and compare.json")
