@@ -84,7 +84,7 @@ class DataConfig(_Section):
     @property
     def has_test(self) -> bool:
         """Whether the run has a test role: a named test split, or the scoring half of ``[data.holdout]``."""
-        return bool(self.test) or self.holdout.seed is not None
+        return bool(self.test) or (self.holdout.seed is not None and self.holdout.scoring)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

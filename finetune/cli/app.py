@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.cli import inspect
-from finetune.cli.compare import compare_command
+from finetune.cli.compare import compare_command, sweep_command
 from finetune.cli.data import data_app
 from finetune.cli.deploy import card_command, export_command, predict_command
 from finetune.cli.explain import inspect_command, report_command
@@ -32,6 +32,7 @@ app.command("card")(card_command)
 app.command("report")(report_command)
 app.command("inspect")(inspect_command)
 app.command("compare")(compare_command)
+app.command("sweep")(sweep_command)
 app.command("groups")(inspect.groups)
 app.command("summary")(inspect.summary)
 app.command("lr-find")(inspect.lr_find)

@@ -1,4 +1,4 @@
-"""``finetune compare``: several recipes on the same paired held-out draws, with bootstrap intervals."""
+"""``finetune compare`` and ``finetune sweep``: recipes on the same paired held-out draws, bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -39,3 +39,30 @@ def compare_command(
     result = compare(entries, parse_seeds(seeds), output, resamples, err)
     out.print(markdown(result), markup=False, highlight=False)
     err.print(f"wrote {output / 'compare.md'} and compare.json")
+
+
+def sweep_command(
+    recipe: Annotated[Path, typer.Argument(help="The starting recipe (TOML).")],
+    space: Annotated[Path, typer.Option(help="The search space: one TOML table per recipe key.")],
+    trials: Annotated[int, typer.Option(help="Finished trials the study should have.")] = 20,
+    seed: Annotated[int, typer.Option(help="The holdout draw (and sampler seed): trials see its selection half.")] = 0,
+    compare_seeds: Annotated[
+        str | None, typer.Option(help="Seeds of the final compare of the start and the best (default: --seed).")
+    ] = None,
+    overrides: SetOption = None,
+    output: Annotated[Path, typer.Option("--out", help="Folder for the study, the trials and best.toml.")] = Path(
+        "sweep"
+    ),
+) -> None:
+    """Optuna TPE over recipe keys on the selection half; best.toml, then a compare on the scoring half."""
+    from finetune.train.compare import markdown, parse_seeds
+    from finetune.train.sweep import sweep
+
+    if not recipe.is_file():
+        raise UserError(f"{recipe}: no such recipe file")
+    seeds = parse_seeds(compare_seeds) if compare_seeds is not None else [seed]
+    result = sweep(recipe, space, trials, output, list(overrides or []), seed, seeds, err)
+    b = result["best"]
+    err.print(f"best trial {b['number']}: {b['value']:.4f} on the selection half, {b['params']}")
+    out.print(markdown(result["compare"]), markup=False, highlight=False)
+    err.print(f"wrote {output / 'best.toml'} (finetune run takes it) and {output / 'sweep.json'}")
