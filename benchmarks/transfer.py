@@ -1,6 +1,10 @@
 """Transfer on real COCO: the linear probe vs every way the toolkit trains the same backbone, on held-out images.
 
-    python benchmarks/transfer.py [--size 224] [--seeds 0,1,2] [--only probe,lp-ft] [--out DIR]
+    python benchmarks/transfer.py [--size 224] [--seeds 0,1,2] [--only flagship,LP-FT] [--sklearn-probe] [--out DIR]
+
+A thin caller of ``finetune compare`` (it prints the equivalent command): every configuration below is a row of
+one compare, beside the toolkit's linear-probe baseline at the same resolution and TTA, with paired bootstrap
+intervals. ``--sklearn-probe`` adds scikit-learn's probe on the same draws, an implementation outside the toolkit.
 
 Data: ../shared/data/coco-small (160 train, 158 val real COCO 2017 images, 80 categories) with the real ImageNet
 weights of timm's ``efficientnet_lite0``. The 158 val images are split in two random halves, a new split per seed:
@@ -18,24 +22,18 @@ calibrate. Each configuration runs once per seed; the table gives mean and sprea
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from finetune.config import load_recipe
 from finetune.eval.metrics import summarize
 from finetune.eval.thresholds import fit_thresholds
-from finetune.train.run import run_recipe
+from finetune.train import compare as cmp
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -182,35 +180,26 @@ def configs(size: int) -> dict[str, list[str]]:
     }
 
 
-def train_config(root: Path, out: Path, name: str, extra: list[str], size: int, seed: int) -> dict[str, Any]:
+def entries(size: int, wanted: list[str]) -> list[cmp.Entry]:
+    """The flagship and its variants as ``finetune compare`` rows (labels: the configuration's first word(s))."""
     base = [
-        f'data.root="{root}"',
+        f'data.root="{COCO_SMALL}"',
+        'data.train="train2017"',
+        'data.val="val2017"',
         'model.name="efficientnet_lite0"',
         "model.pretrained=false",
         f'model.checkpoint="{WEIGHTS}"',
-        'data.test="test2017"',
-        f"train.seed={seed}",
         f"data.image_size={size}",
         "data.num_workers=2",
-        f'output.dir="{out}"',
-        f'output.name="{name.split()[0]}-{size}-s{seed}-{time.time_ns()}"',
+        "output.html=false",
     ]
-    recipe = load_recipe(FLAGSHIP, [*base, *extra])
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # the run's own report tables
-        run_dir = run_recipe(recipe, console=Console(file=io.StringIO()))
-    report = json.loads((run_dir / "report.json").read_text())
-    test = report["splits"]["test"]
-    cal = test.get("calibrated", {"summary": test["summary"]})["summary"]
-    return {
-        "map": test["summary"]["map"],
-        "macro_f1": test["summary"]["macro_f1"],
-        "macro_f1_cal": cal["macro_f1"],
-        "micro_f1": test["summary"]["micro_f1"],
-        "micro_f1_cal": cal["micro_f1"],
-        "time_s": time.perf_counter() - start,
-        "best_epoch": report["best_epoch"],
-    }
+    rows = []
+    for name, extra in configs(size).items():
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        label = "".join(c if c.isalnum() else "-" for c in name.split(" (")[0].lower()).strip("-")
+        rows.append(cmp.Entry(label, FLAGSHIP, [*base, *extra]))
+    return cmp.with_probes(rows)
 
 
 def main() -> None:
@@ -218,49 +207,22 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default="", help="comma-separated configuration names (prefixes)")
+    parser.add_argument("--sklearn-probe", action="store_true", help="also scikit-learn's probe (an outside check)")
+    parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/finetune-transfer") / time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     if not COCO_SMALL.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {COCO_SMALL} and {WEIGHTS}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    wanted = [w for w in args.only.split(",") if w]
-    rows: dict[str, list[dict[str, float]]] = {}
-    todo: dict[str, Any] = {f"probe (sklearn) at {args.size} px": (args.size, False)}
-    todo[f"probe (sklearn) at {args.size} px, flip TTA"] = (args.size, True)
-    if args.size != 224:
-        todo["probe (sklearn) at 224 px"] = (224, False)
-    todo.update(configs(args.size))
-    for name, extra in todo.items():
-        if wanted and not any(name.startswith(w) for w in wanted):
-            continue
+    seeds = cmp.parse_seeds(args.seeds)
+    rows = entries(args.size, [w for w in args.only.split(",") if w])
+    base = next(r for r in rows if not r.label.startswith("probe-"))
+    print("the same as: finetune compare " + " ".join(cmp.command_line(base, rows)), flush=True)
+    result = cmp.compare(rows, seeds, args.out, args.resamples)
+    print(cmp.markdown(result))
+    if args.sklearn_probe:  # scikit-learn's LogisticRegression on the same draws: an implementation outside this one
         for seed in seeds:
-            root = make_root(args.out, seed)
-            r = (
-                probe(root, extra[0], seed, extra[1])
-                if isinstance(extra, tuple)
-                else train_config(root, args.out, name, extra, args.size, seed)
-            )
-            rows.setdefault(name, []).append(r)
-            print(
-                f"{name} seed {seed}: "
-                + "  ".join(f"{k} {100 * r[k]:.1f}" for k in KEYS)
-                + (f"  {r['time_s']:.0f}s" if "time_s" in r else f"  C={r['c']}"),
-                flush=True,
-            )
-    table = Table(
-        title=f"efficientnet_lite0 on coco-small at {args.size}px: 160 train, 79 val, 79 held-out test "
-        f"images; mean (min-max) over seeds {args.seeds}"
-    )
-    for col in ("configuration", "test mAP", "macro-F1 @0.5", "macro-F1 cal", "micro-F1 @0.5", "micro-F1 cal", "s"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
-    for name, rs in rows.items():
-        cells = []
-        for k in KEYS:
-            v = [100 * r[k] for r in rs]
-            cells.append(f"{statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})")
-        t = statistics.mean(r.get("time_s", 0.0) for r in rs)
-        table.add_row(name, *cells, f"{t:.0f}" if t else "-")
-    Console(width=160).print(table)
+            r = probe(make_root(args.out, seed), args.size, seed, tta=True)
+            print(f"scikit-learn probe, flip TTA, seed {seed}: " + "  ".join(f"{k} {100 * r[k]:.1f}" for k in KEYS))
 
 
 if __name__ == "__main__":

@@ -98,14 +98,32 @@ def plan(recipes: list[Path], overrides: list[str], variants: list[str], probe: 
             rows.append(Entry(name, recipes[0], [*overrides, setting]))
         else:
             found.overrides.append(setting)
-    if not probe:
-        return rows
+    return with_probes(rows) if probe else rows
+
+
+def with_probes(rows: list[Entry]) -> list[Entry]:
+    """The linear-probe baseline first, one per distinct (image size, TTA) of ``rows``, with that row's settings."""
     probes: dict[str, Entry] = {}
     for e in rows:
         r = load_recipe(e.path, e.overrides)
         label = f"probe-{r.data.image_size}" + ("-tta" if r.train.tta != "none" else "")
         probes.setdefault(label, Entry(label, e.path, [*e.overrides, *PROBE]))
     return [*probes.values(), *rows]
+
+
+def command_line(base: Entry, rows: list[Entry]) -> list[str]:
+    """The ``finetune compare`` arguments that give ``rows`` (probes included).
+
+    They are the base row's recipe and ``--set`` s, and a ``--variant`` per other row's extra overrides.
+    """
+    args = [str(base.path)]
+    common = [o for o in base.overrides if all(o in r.overrides for r in rows)]
+    args += [a for o in common for a in ("--set", repr(o))]
+    for r in rows:
+        if r is base or r.label.startswith("probe-"):
+            continue
+        args += [a for o in r.overrides if o not in common for a in ("--variant", repr(f"{r.label}={o}"))]
+    return args
 
 
 def check_data(entries: list[Entry], seeds: list[int], out: Path) -> dict[int, tuple[list[int], list[int]]]:
