@@ -68,6 +68,7 @@ class DataConfig(_Section):
     label_sep: str = Field("|", min_length=1, description='format = "csv": separator inside the labels column')
     classes: list[str] = Field([], description='format = "csv": class names in order (default: train labels, sorted)')
     image_size: int = Field(224, ge=16, le=2048)
+    eval_size: int = Field(0, ge=0, le=2048, description="the side every prediction sees (0: image_size); FixRes")
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
     persistent_workers: bool = Field(True, description="keep DataLoader workers between epochs")

@@ -134,3 +134,11 @@ def test_the_augmented_feature_cache_reads_the_train_split_in_order(tiny_recipe:
     assert torch.cat([b["index"] for b in source]).tolist() == list(range(24))  # no shuffle, nothing dropped
     train = parts.loader("train", augment=True)
     assert train is not source and torch.cat([b["index"] for b in train]).tolist() != list(range(24))
+
+
+def test_eval_size_is_what_every_prediction_sees(tiny_recipe: Path, tmp_path: Path) -> None:
+    parts = build_run(load_recipe(tiny_recipe, ["data.eval_size=40"]))
+    assert next(iter(parts.loader("val")))["image"].shape[-2:] == (40, 40)  # val, test, the probe's features
+    assert next(iter(parts.loader("train", augment=True)))["image"].shape[-2:] == (32, 32)  # training crops
+    assert parts.image_size == 40  # what exports and model.json take
+    assert build_run(load_recipe(tiny_recipe)).image_size == 32

@@ -106,7 +106,8 @@ def with_probes(rows: list[Entry]) -> list[Entry]:
     probes: dict[str, Entry] = {}
     for e in rows:
         r = load_recipe(e.path, e.overrides)
-        label = f"probe-{r.data.image_size}" + ("-tta" if r.train.tta != "none" else "")
+        size = f"{r.data.image_size}" + (f"-eval{r.data.eval_size}" if r.data.eval_size else "")
+        label = f"probe-{size}" + ("-tta" if r.train.tta != "none" else "")
         probes.setdefault(label, Entry(label, e.path, [*e.overrides, *PROBE]))
     return [*probes.values(), *rows]
 

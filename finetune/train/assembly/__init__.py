@@ -173,8 +173,8 @@ class RunParts:
 
     @property
     def image_size(self) -> int:
-        """The network's input side in pixels."""
-        return self.raw.data.image_size
+        """The side every prediction sees (``data.eval_size``, else ``data.image_size``): exports take it."""
+        return self.raw.data.eval_size or self.raw.data.image_size
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -178,7 +178,7 @@ def build_dataset(cfg: DataConfig, split: Split, train: bool, seed: int = 0) -> 
         geometry = {"vflip": a.vflip, "rot90": a.rot90}
         tf = train_transform(cfg.image_size, *crop, normalize=False, jitter_in_workers=not on_device, **geometry)
     else:
-        tf = eval_transform(cfg.image_size, normalize=False)
+        tf = eval_transform(cfg.eval_size or cfg.image_size, normalize=False)
     ids, jitter = split.image_ids, a.color_jitter if on_device else 0.0
     return ImageDataset(split.image_paths, split.targets, split.classes, tf, seed, ids, (mean, std), jitter)
 
