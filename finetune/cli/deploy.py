@@ -13,6 +13,14 @@ from rich.markup import escape
 from finetune.cli.options import check_threshold, err, out
 from finetune.errors import UserError
 
+ThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        help="One decision threshold for every class (default: the ones the model carries); for a single-label "
+        "model, the reject threshold on the top probability."
+    ),
+]
+
 
 def predict_command(
     source: Annotated[
@@ -29,13 +37,7 @@ def predict_command(
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write one row per image: path, labels, a probability per class.")
     ] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="One decision threshold for every class (default: the ones the model carries); for a single-label "
-            "model, the reject threshold on the top probability."
-        ),
-    ] = None,
+    threshold: ThresholdOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 2,

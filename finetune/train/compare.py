@@ -219,10 +219,14 @@ def summarize(
     rows = []
     for e in entries:
         rs = [records[(e.label, s)] for s in seeds]
-        stats = {k: {"mean": float(np.mean(v)), "min": float(min(v)), "max": float(max(v))} for k in keys
-                 for v in [[r["metrics"][k] for r in rs]]}  # fmt: skip
-        rows.append({"label": e.label, "recipe": str(e.path), "overrides": e.overrides, "metrics": stats,
-                     "time_s": float(np.mean([r["time_s"] for r in rs]))})  # fmt: skip
+        stats = {}
+        for k in keys:
+            v = [r["metrics"][k] for r in rs]
+            stats[k] = {"mean": float(np.mean(v)), "min": float(min(v)), "max": float(max(v))}
+        time_s = float(np.mean([r["time_s"] for r in rs]))
+        rows.append(
+            {"label": e.label, "recipe": str(e.path), "overrides": e.overrides, "metrics": stats, "time_s": time_s}
+        )
     scored = {e.label: [_scored(out, e.label, s) for s in seeds] for e in entries}
     pairs = []
     for j, b in enumerate(entries):

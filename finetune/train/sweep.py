@@ -134,6 +134,28 @@ def _objective(recipe: Path, overrides: list[str], space: dict, seed: int, out: 
     return objective
 
 
+def _study(optuna: Any, out: Path, seed: int) -> Any:
+    """The study in ``out/study.db``: created, or loaded to continue."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        study_name="sweep",
+        storage=f"sqlite:///{(out / 'study.db').resolve()}",
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
+
+
+def _trial_json(t: Any) -> dict[str, Any]:
+    keys = ("number", "value", "params")
+    return {
+        **{k: getattr(t, k) for k in keys},
+        "state": t.state.name,
+        "images_seen": t.user_attrs.get("images_seen", []),
+    }
+
+
 def sweep(
     recipe: Path,
     space_file: Path,
@@ -154,15 +176,7 @@ def sweep(
     space = read_space(space_file, recipe, overrides)  # checked before Optuna is needed
     optuna = _require()
     out.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name="sweep",
-        storage=f"sqlite:///{(out / 'study.db').resolve()}",
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-    )
+    study = _study(optuna, out, seed)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     left = trials - len(study.get_trials(states=finished))
     if left > 0:
@@ -181,16 +195,7 @@ def sweep(
         result = cmp.compare(entries, compare_seeds or [seed], out / "compare", console=console)
     summary = {
         "best": {"number": best.number, "value": best.value, "params": best.params},
-        "trials": [
-            {
-                "number": t.number,
-                "state": t.state.name,
-                "value": t.value,
-                "params": t.params,
-                "images_seen": t.user_attrs.get("images_seen", []),
-            }
-            for t in study.trials
-        ],  # fmt: skip
+        "trials": [_trial_json(t) for t in study.trials],
         "compare": result,
     }
     atomic_write_json(out / "sweep.json", summary)
