@@ -68,22 +68,22 @@ def test_a_stopped_compare_resumes_and_gives_the_same_table(
     tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entries = cmp.plan([tiny_recipe], FAST, [])
-    whole = cmp.compare(entries, [0, 1], tmp_path / "whole", resamples=200)
+    whole = cmp.compare(entries, [0], tmp_path / "whole", resamples=200)
     calls = []
     real = cmp.run_entry
 
     def stop_at_the_third(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(args[:2])
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cmp, "run_entry", stop_at_the_third)
-    with pytest.raises(UserError, match="compare stopped at probe-32 seed 1; run the same command to continue"):
-        cmp.compare(entries, [0, 1], tmp_path / "resumed", resamples=200)
-    assert len(list((tmp_path / "resumed" / "results").glob("*.json"))) == 2
+    with pytest.raises(UserError, match="compare stopped at tiny seed 0; run the same command to continue"):
+        cmp.compare(entries, [0], tmp_path / "resumed", resamples=200)
+    assert [p.name for p in (tmp_path / "resumed" / "results").glob("*.json")] == ["probe-32-s0.json"]
     monkeypatch.setattr(cmp, "run_entry", real)
-    resumed = cmp.compare(entries, [0, 1], tmp_path / "resumed", resamples=200)
+    resumed = cmp.compare(entries, [0], tmp_path / "resumed", resamples=200)
     for a, b in zip(whole["rows"], resumed["rows"]):
         assert a["label"] == b["label"] and a["metrics"] == b["metrics"]
     assert [p["map"] for p in whole["pairs"]] == [p["map"] for p in resumed["pairs"]]

@@ -291,9 +291,13 @@ def compare(
         for i, (e, s) in enumerate(todo, 1):
             progress.update(task, description=f"run {i}/{len(todo)}: {e.label} seed {s}")
             try:
-                records[(e.label, s)] = run_entry(e, s, out)
+                r = records[(e.label, s)] = run_entry(e, s, out)
             except KeyboardInterrupt:
                 raise UserError(f"compare stopped at {e.label} seed {s}; run the same command to continue") from None
+            shown = "  ".join(f"{NAMES[k]} {100 * v:.1f}" for k, v in r["metrics"].items())
+            progress.console.print(
+                f"{e.label} seed {s}: {shown} on {r['scoring_images']} scoring images ({r['time_s']:.0f}s)"
+            )
             progress.advance(task)
     result = summarize(entries, seeds, out, records, resamples, draws)
     atomic_write_json(out / "compare.json", result)
