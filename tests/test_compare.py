@@ -12,7 +12,7 @@ from finetune.errors import UserError
 from finetune.eval.bootstrap import METRICS, Scored, paired_bootstrap
 from finetune.holdout import halves
 from finetune.train import compare as cmp
-from finetune.train.assembly.data import build_splits
+from finetune.train.assembly.data import build_splits, split_name
 
 from .conftest import assert_user_error, run_cli
 
@@ -61,14 +61,37 @@ def test_the_bootstrap_interval_of_a_recipe_against_itself_covers_zero_and_a_pla
     assert gap["diff"] > 0.1 and gap["low"] > 0 and gap["distinguishable"]
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap(a, [_scored(9, 0.1)] * 3, METRICS["map"])
+    # a small gap the pairing sees: the same images for both rows cancel the images' own noise
+    small = [Scored(s.targets, np.clip(s.probs + 0.02 * s.targets, 0, 1), s.thresholds) for s in a]
+    assert paired_bootstrap(small, a, METRICS["map"], resamples=300)["distinguishable"]
+    # better on two seeds, as much worse on the third: the seeds' spread is in the interval
+    mixed = [*b[:2], Scored(a[2].targets, np.clip(a[2].probs - 0.3 * a[2].targets, 0, 1), a[2].thresholds)]
+    spread = paired_bootstrap(mixed, a, METRICS["map"], resamples=1000)
+    assert spread["per_seed"][2] < 0 < spread["per_seed"][0] and not spread["distinguishable"]
+
+
+def test_a_trial_recipe_has_no_test_split(tiny_recipe: Path) -> None:
+    recipe = load_recipe(tiny_recipe, ['data.test=""', "data.holdout.seed=0", "data.holdout.scoring=false"])
+    assert set(build_splits(recipe, check=False)) == {"train", "val"} and not recipe.data.has_test
+    with pytest.raises(UserError, match="this run has no test split"):
+        split_name(recipe, "test")
 
 
 @pytest.mark.slow
 def test_a_stopped_compare_resumes_and_gives_the_same_table(
     tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    trained = []
+    real_train = cmp._train
+    monkeypatch.setattr(cmp, "_train", lambda r, d, log: (trained.append(d.name), real_train(r, d, log)))
     entries = cmp.plan([tiny_recipe], FAST, [])
     whole = cmp.compare(entries, [0], tmp_path / "whole", resamples=200)
+    assert trained == ["probe-32-s0", "tiny-s0"]
+    cmp.compare(entries, [0], tmp_path / "whole", resamples=200)
+    assert len(trained) == 2  # a finished compare is read back, nothing trains
+    changed = cmp.plan([tiny_recipe], [*FAST, "optim.lr=0.01"], [])
+    with pytest.raises(UserError, match="holds a probe-32 seed 0 made from another recipe; use a new --out"):
+        cmp.compare(changed, [0], tmp_path / "whole", resamples=200)
     calls = []
     real = cmp.run_entry
 
@@ -81,9 +104,11 @@ def test_a_stopped_compare_resumes_and_gives_the_same_table(
     monkeypatch.setattr(cmp, "run_entry", stop_at_the_third)
     with pytest.raises(UserError, match="compare stopped at tiny seed 0; run the same command to continue"):
         cmp.compare(entries, [0], tmp_path / "resumed", resamples=200)
-    assert [p.name for p in (tmp_path / "resumed" / "results").glob("*.json")] == ["probe-32-s0.json"]
+    done = [p.name for p in (tmp_path / "resumed" / "results").glob("*.json") if not p.name.endswith(".plan.json")]
+    assert done == ["probe-32-s0.json"]
     monkeypatch.setattr(cmp, "run_entry", real)
     resumed = cmp.compare(entries, [0], tmp_path / "resumed", resamples=200)
+    assert trained[2:] == ["probe-32-s0", "tiny-s0"]  # the probe before the stop, only the rest after it
     for a, b in zip(whole["rows"], resumed["rows"]):
         assert a["label"] == b["label"] and a["metrics"] == b["metrics"]
     assert [p["map"] for p in whole["pairs"]] == [p["map"] for p in resumed["pairs"]]
@@ -120,6 +145,10 @@ def test_bad_compares_are_one_line(tiny_recipe: Path, tiny_coco: Path, tmp_path:
         ([str(tiny_recipe), "--seeds", "0,x"], "seeds are integers"),
         ([str(tiny_recipe), "--set", "data.holdout.selection=0.01"], "cannot give both halves an image"),
         ([str(tiny_recipe), "--variant", "oops"], "expected NAME=KEY=VALUE"),
+        ([str(tiny_recipe), "--variant", "tiny=train.epochs=2"], "names a recipe or probe row"),
+        ([str(tiny_recipe), "--variant", "probe-32=train.epochs=2"], "names a recipe or probe row"),
+        ([str(tiny_recipe), "--variant", "a/b=train.epochs=2"], "row name 'a/b'"),
+        ([str(tiny_recipe), "--resamples", "10"], "--resamples 10: use 100 to"),
         ([str(tmp_path / "missing.toml")], "no such recipe file"),
     ]
     for args, needle in cases:

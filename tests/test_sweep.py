@@ -46,13 +46,19 @@ def test_a_three_trial_sweep_writes_a_best_recipe_and_never_scores_on_what_it_sa
 
 def test_a_bad_sweep_space_is_one_line(tiny_recipe: Path, tmp_path: Path) -> None:
     cases = [
-        ('["optim.nope"]\nlow = 1\nhigh = 2\n', "optim.nope: not a parameter this recipe takes"),
+        ('["optim.nope"]\nlow = 1\nhigh = 2\n', "optim.nope = 1: the recipe refuses it"),
         ('["optim.lr"]\nlow = 1e-4\n', "optim.lr: give choices = [...] or low and high"),
         ('["optim.lr"]\nchoices = [0.1]\nlogg = true\n', "unknown field 'logg'"),
         ("", "no parameters"),
+        ('["data.holdout.seed"]\nchoices = [1, 2]\n', "fixed by the sweep"),
+        ('["train.epochs"]\nlow = 1\nhigh = -1\n', "train.epochs = -1: the recipe refuses it"),
+        ('["freeze.solver_c"]\nchoices = [[0.1], [1.0]]\n', "choices must be a non-empty list"),
     ]
     for body, needle in cases:
         (tmp_path / "space.toml").write_text(body)
         args = ["sweep", str(tiny_recipe), "--space", str(tmp_path / "space.toml"), "--out", str(tmp_path / "s")]
         assert_user_error(run_cli(*args), needle)
     assert_user_error(run_cli("sweep", str(tiny_recipe), "--space", str(tmp_path / "none.toml")), "no such sweep")
+    (tmp_path / "space.toml").write_text('["optim.lr"]\nlow = 1e-4\nhigh = 1e-3\n')
+    args = ["sweep", str(tiny_recipe), "--space", str(tmp_path / "space.toml"), "--set", 'train.select="loss"']
+    assert_user_error(run_cli(*args), 'set train.select to "map"')

@@ -28,10 +28,10 @@ def compare_command(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
 ) -> None:
     """Train recipes on the same paired draws of the val split; print and write compare.md / compare.json."""
-    from finetune.train.compare import compare, markdown, parse_seeds, plan
+    from finetune.train.compare import MAX_RESAMPLES, compare, markdown, parse_seeds, plan
 
-    if resamples < 100:
-        raise UserError(f"--resamples {resamples}: use at least 100 for a 95% interval")
+    if not 100 <= resamples <= MAX_RESAMPLES:
+        raise UserError(f"--resamples {resamples}: use 100 to {MAX_RESAMPLES} (1000 gives a steady 95% interval)")
     for r in recipes:
         if not r.is_file():
             raise UserError(f"{r}: no such recipe file")
@@ -47,7 +47,8 @@ def sweep_command(
     trials: Annotated[int, typer.Option(help="Finished trials the study should have.")] = 20,
     seed: Annotated[int, typer.Option(help="The holdout draw (and sampler seed): trials see its selection half.")] = 0,
     compare_seeds: Annotated[
-        str | None, typer.Option(help="Seeds of the final compare of the start and the best (default: --seed).")
+        str | None,
+        typer.Option(help="Training seeds of the final compare of the start and the best, all on --seed's draw."),
     ] = None,
     overrides: SetOption = None,
     output: Annotated[Path, typer.Option("--out", help="Folder for the study, the trials and best.toml.")] = Path(

@@ -15,8 +15,10 @@ Everything lives under the output folder: ``runs/<label>-s<seed>`` (ordinary run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +28,21 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from finetune.config import Recipe, load_recipe
+from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.errors import UserError
-from finetune.eval.bootstrap import METRICS, Scored, paired_bootstrap
+from finetune.eval.bootstrap import METRICS, Scored, interval, metric_draws, resample_plan
 from finetune.eval.run_report import load_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PROBE = [  # the linear-probe baseline: the solved head, then one epoch that changes nothing (the run's report)
+    'freeze.bn="all"',
     'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, {train = ["classifier"], epochs = 1, lr = 1e-12}]',
     "freeze.cache_features=true",
     "train.epochs=1",
     "train.ema=0.0",
 ]
+LABEL = re.compile(r"[A-Za-z0-9._+-]+")
+MAX_RESAMPLES = 20_000
 NAMES = {"map": "mAP", "macro_f1_cal": "macro-F1 cal", "micro_f1_cal": "micro-F1 cal", "top1": "top-1"}
 
 
@@ -48,12 +53,15 @@ class Entry:
     label: str
     path: Path
     overrides: list[str] = field(default_factory=list)
+    holdout_seed: int | None = None  # one draw for every seed (a sweep's: its trials saw that selection half)
 
     def recipe(self, seed: int, out: Path) -> Recipe:
         """The recipe for one seed: the seed's holdout draw and training seed, its run directory under ``out``."""
+        draw = seed if self.holdout_seed is None else self.holdout_seed
         sets = [
             *self.overrides,
-            f"data.holdout.seed={seed}",
+            f"data.holdout.seed={draw}",
+            "data.holdout.scoring=true",
             'data.test=""',
             f"train.seed={seed}",
             f'output.dir="{(out / "runs").as_posix()}"',
@@ -89,15 +97,21 @@ def plan(recipes: list[Path], overrides: list[str], variants: list[str], probe: 
         while label in [e.label for e in rows]:
             label += "-2"
         rows.append(Entry(label, path, list(overrides)))
+    recipe_labels = {e.label for e in rows}
     for v in variants:
         name, _, setting = v.partition("=")
         if not name or "=" not in setting:
             raise UserError(f"--variant {v!r}: expected NAME=KEY=VALUE, e.g. --variant no-ema=train.ema=0.0")
+        if name in recipe_labels or name.startswith("probe-"):
+            raise UserError(f"--variant {v!r}: {name!r} names a recipe or probe row; give the variant its own name")
         found = next((e for e in rows if e.label == name), None)
         if found is None:
             rows.append(Entry(name, recipes[0], [*overrides, setting]))
         else:
             found.overrides.append(setting)
+    for e in rows:
+        if not LABEL.fullmatch(e.label) or e.label.startswith("probe-"):
+            raise UserError(f"compare: row name {e.label!r}: use letters, digits and . _ + - (not probe-...)")
     return with_probes(rows) if probe else rows
 
 
@@ -150,8 +164,30 @@ def check_data(entries: list[Entry], seeds: list[int], out: Path) -> dict[int, t
                 )
             elif key[3] != first[1][3]:
                 raise UserError(f"compare: {e.label} and {first[0].label} have different classes; compare one task")
-            draws.setdefault(seed, (list(splits["val"].image_ids), list(splits["test"].image_ids)))
-    return draws
+            ids = (list(splits["val"].image_ids), list(splits["test"].image_ids))
+            seen = draws.setdefault(seed, (*ids, splits["test"].targets))
+            if ids != seen[:2] or not np.array_equal(splits["test"].targets, seen[2], equal_nan=True):
+                raise UserError(
+                    f"compare: {e.label} draws other halves or labels than {first[0].label} for seed {seed} "
+                    "(data.holdout, a label filter); compare rows on the same images and labels"
+                )
+    return {seed: (sel, sco) for seed, (sel, sco, _) in draws.items()}
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """What a (row, seed) result was computed from: a digest of the whole resolved recipe."""
+    return hashlib.sha256(json.dumps(recipe_to_dict(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_same(plan_file: Path, digest: str, label: str, seed: int) -> None:
+    """Refuse to reuse what ``--out`` holds for a (row, seed) made from another recipe; record the digest first."""
+    if plan_file.is_file() and json.loads(plan_file.read_text()).get("recipe") != digest:
+        raise UserError(
+            f"compare: {plan_file.parent.parent} holds a {label} seed {seed} made from another recipe; use a new "
+            "--out (or delete its runs/, results/)"
+        )
+    if not plan_file.is_file():
+        atomic_write_json(plan_file, {"recipe": digest})
 
 
 def _train(recipe: Recipe, run_dir: Path, log: Console) -> None:
@@ -172,9 +208,11 @@ def run_entry(entry: Entry, seed: int, out: Path) -> dict[str, Any]:
     from finetune.train.evaluate import predict_run
 
     result = out / "results" / f"{entry.label}-s{seed}.json"
+    recipe = entry.recipe(seed, out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    _check_same(result.with_suffix(".plan.json"), fingerprint(recipe), entry.label, seed)
     if result.is_file():
         return json.loads(result.read_text())
-    recipe = entry.recipe(seed, out)
     run_dir = Path(recipe.output.dir) / recipe.output.name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -228,10 +266,21 @@ def summarize(
             {"label": e.label, "recipe": str(e.path), "overrides": e.overrides, "metrics": stats, "time_s": time_s}
         )
     scored = {e.label: [_scored(out, e.label, s) for s in seeds] for e in entries}
+    first = scored[entries[0].label]
+    plan = resample_plan([len(s.targets) for s in first], resamples)  # one plan: every pair is paired on it
+    every = [np.arange(len(s.targets)) for s in first]
+    at = {(e.label, k): [METRICS[k](sc, r) for sc, r in zip(scored[e.label], every)] for e in entries for k in keys}
+    boot = {(e.label, k): metric_draws(scored[e.label], plan, METRICS[k]) for e in entries for k in keys}
     pairs = []
     for j, b in enumerate(entries):
         for a in entries[:j]:
-            diffs = {k: paired_bootstrap(scored[b.label], scored[a.label], METRICS[k], resamples) for k in keys}
+            for sa, sb in zip(scored[a.label], scored[b.label]):
+                if not np.array_equal(sa.targets, sb.targets, equal_nan=True):
+                    raise UserError(f"compare: {a.label} and {b.label} were not scored on the same images")
+            diffs = {}
+            for k in keys:
+                per_seed = [x - y for x, y in zip(at[(b.label, k)], at[(a.label, k)])]
+                diffs[k] = interval(per_seed, boot[(b.label, k)], boot[(a.label, k)])
             pairs.append({"a": a.label, "b": b.label, **diffs})
     draws_json = {str(s): {"selection": sel, "scoring": sco} for s, (sel, sco) in draws.items()}
     return {"seeds": seeds, "resamples": resamples, "rows": rows, "pairs": pairs, "draws": draws_json}
@@ -260,7 +309,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['time_s']:.0f}s |")
     lines += [
         "",
-        f"Paired differences B - A: mean over seeds, 95% bootstrap interval over images and seeds "
+        f"Paired differences B - A: mean over seeds, 95% bootstrap interval over seeds and images "
         f"({result['resamples']} resamples). An interval that covers 0 is not distinguishable.",
         "",
         "| B - A | " + " | ".join(NAMES[k] for k in keys) + " |",
@@ -271,7 +320,8 @@ def markdown(result: dict[str, Any]) -> str:
         for k in keys:
             d = p[k]
             verdict = "" if d["distinguishable"] else " not distinguishable"
-            cells.append(f"{_pm(d['diff'])} [{_pm(d['low'])}, {_pm(d['high'])}]{verdict}")
+            shown = "[-]" if d["low"] is None else f"[{_pm(d['low'])}, {_pm(d['high'])}]"
+            cells.append(f"{_pm(d['diff'])} {shown}{verdict}")
         lines.append(f"| {p['b']} - {p['a']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -292,7 +342,9 @@ def compare(
             progress.update(task, description=f"run {i}/{len(todo)}: {e.label} seed {s}")
             try:
                 r = records[(e.label, s)] = run_entry(e, s, out)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, UserError) as err:
+                if isinstance(err, UserError) and not str(err).startswith("interrupted"):
+                    raise
                 raise UserError(f"compare stopped at {e.label} seed {s}; run the same command to continue") from None
             shown = "  ".join(f"{NAMES[k]} {100 * v:.1f}" for k, v in r["metrics"].items())
             progress.console.print(

@@ -31,11 +31,13 @@ from rich.console import Console
 
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.errors import UserError
+from finetune.eval.tasks import task_for
 from finetune.io import atomic_write_json, atomic_write_text
 from finetune.overrides import read_toml
 from finetune.train.loop import Hook, Loop
 
 INSTALL = "pip install 'finetune[sweep]'"
+FIXED = ("data.root", "data.format", "data.train", "data.val", "data.test", "data.holdout", "output.", "train.seed")
 
 
 def _require() -> Any:
@@ -59,11 +61,16 @@ def read_space(path: Path, recipe: Path, overrides: list[str]) -> dict[str, dict
         unknown = set(spec) - {"choices", "low", "high", "log", "step"}
         if unknown:
             raise UserError(f"{path}: {key}: unknown field {sorted(unknown)[0]!r} (choices, low, high, log, step)")
-        sample = spec["choices"][0] if "choices" in spec else spec["low"]
-        try:
-            load_recipe(recipe, [*overrides, f"{key}={_toml(sample)}"])
-        except UserError as err:
-            raise UserError(f"{path}: {key}: not a parameter this recipe takes ({err})") from None
+        if any(key == f or key.startswith(f if f.endswith(".") else f + ".") for f in FIXED):
+            raise UserError(f"{path}: {key}: fixed by the sweep (the data, the holdout draw, outputs); not a parameter")
+        values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
+        if not isinstance(values, list) or not values or any(isinstance(v, list | dict) for v in values):
+            raise UserError(f"{path}: {key}: choices must be a non-empty list of numbers, strings or booleans")
+        for value in values:
+            try:
+                load_recipe(recipe, [*overrides, f"{key}={_toml(value)}"])
+            except UserError as err:
+                raise UserError(f"{path}: {key} = {value!r}: the recipe refuses it ({err})") from None
     return space
 
 
@@ -77,8 +84,9 @@ def _draw(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for key, spec in space.items():
         if "choices" in spec:
             params[key] = trial.suggest_categorical(key, spec["choices"])
-        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
-            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1))
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
+            log, step = spec.get("log", False), spec.get("step", 1)
+            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=1 if log else step, log=log)
         else:
             params[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
     return params
@@ -112,7 +120,6 @@ def _objective(recipe: Path, overrides: list[str], space: dict, seed: int, out: 
     optuna = _require()
 
     def objective(trial: Any) -> float:
-        from finetune.eval.tasks import task_for
         from finetune.train.assembly.data import build_splits
         from finetune.train.run import run_recipe
 
@@ -135,14 +142,20 @@ def _objective(recipe: Path, overrides: list[str], space: dict, seed: int, out: 
 
 
 def _study(optuna: Any, out: Path, seed: int) -> Any:
-    """The study in ``out/study.db``: created, or loaded to continue."""
+    """The study in ``out/study.db``: created, or loaded to continue.
+
+    The sampler is seeded with the seed plus the trials already there, so a continued study does not draw its
+    first trials again (a fresh TPESampler replays its random start-up draws).
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    done = len(optuna.load_study(study_name="sweep", storage=storage).trials) if (out / "study.db").is_file() else 0
     return optuna.create_study(
         study_name="sweep",
-        storage=f"sqlite:///{(out / 'study.db').resolve()}",
+        storage=storage,
         load_if_exists=True,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=optuna.samplers.TPESampler(seed=seed + done),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
 
@@ -174,6 +187,9 @@ def sweep(
     if trials < 1:
         raise UserError(f"--trials {trials}: run at least one trial")
     space = read_space(space_file, recipe, overrides)  # checked before Optuna is needed
+    start = load_recipe(recipe, overrides)
+    if task_for(start.data.format).select(start.train.select) == "loss":
+        raise UserError('finetune sweep maximises the selection metric: set train.select to "map" (or "top1")')
     optuna = _require()
     out.mkdir(parents=True, exist_ok=True)
     study = _study(optuna, out, seed)
@@ -190,7 +206,8 @@ def sweep(
     best = study.best_trial
     sets = [*overrides, *(f"{k}={_toml(v)}" for k, v in best.params.items())]
     atomic_write_text(out / "best.toml", tomli_w.dumps(recipe_to_dict(load_recipe(recipe, sets))))
-    entries = [cmp.Entry(recipe.stem, recipe, overrides), cmp.Entry("best", out / "best.toml", [])]
+    start_label = recipe.stem if recipe.stem != "best" and cmp.LABEL.fullmatch(recipe.stem) else "start"
+    entries = [cmp.Entry(start_label, recipe, overrides, seed), cmp.Entry("best", out / "best.toml", [], seed)]
     with contextlib.redirect_stdout(io.StringIO()):
         result = cmp.compare(entries, compare_seeds or [seed], out / "compare", console=console)
     summary = {

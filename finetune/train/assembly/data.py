@@ -94,6 +94,8 @@ def split_name(recipe: Recipe, role: str) -> str:
     """The split name the recipe gives to ``role`` (train/val/test)."""
     if role not in ROLES:
         raise UserError(f"--split {role!r}: expected one of {', '.join(ROLES)}")
+    if role == "test" and recipe.data.holdout.seed is not None and not recipe.data.has_test:
+        raise UserError("data.holdout.scoring = false: this run has no test split (its scoring half is left out)")
     if recipe.data.holdout.seed is not None and role in ("val", "test"):
         return recipe.data.val  # both halves come from the pool
     name = getattr(recipe.data, role)
