@@ -323,3 +323,45 @@ def test_relative_root_and_second_calibrate(
         written.append((run_dir / "thresholds.json").read_bytes())
     assert (run_dir / "thresholds.run.json").read_bytes() == written[0]  # the training's own, kept after two
     assert (run_dir / "thresholds.prev.json").read_bytes() == written[1]
+
+
+SLOW_EPOCH_2 = """
+import pathlib, sys, time
+from finetune.train import fit as trainer
+mark = pathlib.Path(sys.argv[1])
+real = trainer.train_one_epoch
+def slow(*args, **kwargs):
+    if args[0].state.epoch == 1:  # in epoch 2: say so, then wait for the signal
+        mark.write_text("epoch 2")
+        time.sleep(120)
+    return real(*args, **kwargs)
+trainer.train_one_epoch = slow
+from finetune.cli.app import main
+sys.argv = ["finetune", "run", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_is_the_resume_line_and_the_resume_is_exact(tiny_recipe: Path, tmp_path: Path) -> None:
+    import signal
+
+    sets = ["train.epochs=3"]
+    straight = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
+    mark = tmp_path / "in-epoch-2"
+    args = [str(tiny_recipe), *(a for s in [*sets, "output.name=cut"] for a in ("--set", s))]
+    cmd = [sys.executable, "-c", SLOW_EPOCH_2, str(mark), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not mark.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert mark.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    cut = tmp_path / "runs" / "cut"
+    assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"error: terminated (SIGTERM); continue with `finetune run --resume {cut}`"
+    assert RunDir.open(cut).checkpoint("last")["train_state"]["epoch"] == 1  # epoch 1 checkpoint, whole
+    run_recipe(RunDir.open(cut).recipe(), resume=cut)
+    wa, wb = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (straight, cut))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

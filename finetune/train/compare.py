@@ -343,7 +343,7 @@ def compare(
             try:
                 r = records[(e.label, s)] = run_entry(e, s, out)
             except (KeyboardInterrupt, UserError) as err:
-                if isinstance(err, UserError) and not str(err).startswith("interrupted"):
+                if isinstance(err, UserError) and not str(err).startswith(("interrupted", "terminated")):
                     raise
                 raise UserError(f"compare stopped at {e.label} seed {s}; run the same command to continue") from None
             shown = "  ".join(f"{NAMES[k]} {100 * v:.1f}" for k, v in r["metrics"].items())

@@ -6,8 +6,11 @@ from Python.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,32 @@ from finetune.train.assembly import RunParts, build_run
 from finetune.train.fit import fit, restore, selected_weights
 from finetune.train.loop import Hook, Loop
 from finetune.train.rundir import RunDir
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Kubernetes, SLURM preemption, ``timeout``), handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While training, SIGTERM raises :class:`Terminated` in the main thread: the run stops as on Ctrl-C.
+
+    The step in progress is abandoned; ``last.pt`` is the previous epoch's (written atomically), so the resume is
+    exact. The previous handler comes back afterwards. Off the main thread (where Python cannot catch signals) it
+    does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -180,9 +209,11 @@ def run_recipe(
     )
     _start(parts, run_dir, resume is not None, loop, all_hooks)
     try:
-        fit(loop, all_hooks)
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted; continue with `finetune run --resume {run_dir}`") from None
+        with sigterm_as_interrupt():
+            fit(loop, all_hooks)
+    except KeyboardInterrupt as err:
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        raise UserError(f"{how}; continue with `finetune run --resume {run_dir}`") from None
     finally:
         if loop.state.bad_images and d.main:
             run_dir.write_json("bad_images.json", loop.state.bad_images)
