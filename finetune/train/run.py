@@ -58,6 +58,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _stopped(err: KeyboardInterrupt, run_dir: RunDir) -> UserError:
+    """The one line for a run stopped by Ctrl-C or SIGTERM."""
+    how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+    return UserError(f"{how}; continue with `finetune run --resume {run_dir}`")
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels."""
     random.seed(seed)
@@ -212,8 +218,7 @@ def run_recipe(
         with sigterm_as_interrupt():
             fit(loop, all_hooks)
     except KeyboardInterrupt as err:
-        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        raise UserError(f"{how}; continue with `finetune run --resume {run_dir}`") from None
+        raise _stopped(err, run_dir) from None
     finally:
         if loop.state.bad_images and d.main:
             run_dir.write_json("bad_images.json", loop.state.bad_images)
