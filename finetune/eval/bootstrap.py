@@ -89,7 +89,8 @@ def interval(per_seed: list[float], a_draws: np.ndarray, b_draws: np.ndarray) ->
     }
 
 
-def _check_paired(a: list[Scored], b: list[Scored]) -> None:
+def check_paired(a: list[Scored], b: list[Scored]) -> None:
+    """Both recipes scored on the same seeds, each on the same images (ValueError otherwise)."""
     if len(a) != len(b) or not a:
         raise ValueError("both recipes need predictions on the same seeds")
     for sa, sb in zip(a, b):
@@ -117,7 +118,7 @@ def paired_bootstrap(
         ``diff`` (the mean difference on the data), ``low`` / ``high`` (the interval), ``distinguishable`` (the
         interval excludes 0) and ``per_seed`` differences.
     """
-    _check_paired(a, b)
+    check_paired(a, b)
     every = [np.arange(len(s.targets)) for s in a]
     per_seed = [metric(sa, r) - metric(sb, r) for sa, sb, r in zip(a, b, every)]
     plan = resample_plan([len(s.targets) for s in a], resamples, seed)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
+from finetune.eval.probabilities import top_label
 from finetune.eval.thresholds import CalibrationSettings
 from finetune.io import atomic_write_bytes, atomic_write_json
 
@@ -31,9 +32,9 @@ CURVE_POINTS = 101
 
 
 def _top(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top probability per row, and whether the top class is the label."""
-    probs = np.asarray(probs, dtype=np.float64)
-    return probs.max(1), probs.argmax(1) == np.asarray(targets).argmax(1)
+    """Top probability per row, and whether the top class is the label (:func:`top_label`, flattened)."""
+    hit, top = top_label(targets, probs)
+    return top[:, 0], hit[:, 0] > 0
 
 
 def reject_threshold(targets: np.ndarray, probs: np.ndarray, target: float) -> tuple[float, float, bool]:

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.errors import UserError
-from finetune.eval.bootstrap import METRICS, Scored, interval, metric_draws, resample_plan
+from finetune.eval.bootstrap import METRICS, Scored, check_paired, interval, metric_draws, resample_plan
 from finetune.eval.run_report import load_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -274,9 +274,10 @@ def summarize(
     pairs = []
     for j, b in enumerate(entries):
         for a in entries[:j]:
-            for sa, sb in zip(scored[a.label], scored[b.label]):
-                if not np.array_equal(sa.targets, sb.targets, equal_nan=True):
-                    raise UserError(f"compare: {a.label} and {b.label} were not scored on the same images")
+            try:
+                check_paired(scored[a.label], scored[b.label])
+            except ValueError:
+                raise UserError(f"compare: {a.label} and {b.label} were not scored on the same images") from None
             diffs = {}
             for k in keys:
                 per_seed = [x - y for x, y in zip(at[(b.label, k)], at[(a.label, k)])]
