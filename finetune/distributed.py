@@ -58,8 +58,34 @@ def setup(device_type: str = "cpu") -> Dist:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        store = _attempt_store(world, rank)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return Dist(rank, world, local)
+
+
+def _attempt_store(world: int, rank: int) -> Any:
+    """After a torchrun elastic restart, the job's store under a prefix of this attempt; ``None`` before one.
+
+    torchrun keeps one store for the job, so a restarted rank can read the address a killed rank published in the
+    attempt before, and gloo's connect then fails ("Connection refused") or waits: seen here in 2 of 3 restarts. Keys
+    under ``attempt_<n>/`` are this attempt's only.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt in ("", "0") or "MASTER_ADDR" not in os.environ:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts it; else rank 0 does
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent and rank == 0,
+        multi_tenant=not agent,
+    )
+    return dist.PrefixStore(f"finetune/attempt_{attempt}", store)
 
 
 def teardown() -> None:
@@ -73,6 +99,15 @@ def barrier(d: Dist) -> None:
     """Wait for every rank (a no-op in one process)."""
     if d.enabled:
         dist.barrier()
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_list(items: list[Any], d: Dist) -> list[Any]:
@@ -90,6 +125,7 @@ def gather(out: dict[str, Any], d: Dist) -> dict[str, Any]:
         return out
     parts: list[Any] = [None] * d.world
     dist.all_gather_object(parts, out)
+    parts = [p for p in parts if len(p["index"])] or parts[:1]  # an empty shard (fewer images than ranks) adds none
     index = np.concatenate([p["index"] for p in parts])
     order = np.argsort(index, kind="stable")
     keep = order[np.r_[True, np.diff(index[order]) != 0]]  # one row per image, whatever a sampler padded

@@ -4,11 +4,14 @@
 
 MODE: ``train`` (a run; each rank saves its weights at fit start and end to OUT/rank<r>.pt, and rank 0 the gathered
 val predictions of best.pt to OUT/gathered.pt), ``interrupt`` (Ctrl-C at the start of epoch 2), ``resume`` (RECIPE is
-the run directory).
+the run directory), ``elastic`` (rank 1 SIGKILLs itself at the start of epoch 2 of torchrun's first attempt; run with
+``--max-restarts 1``, the restarted workers resume).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,11 +49,22 @@ class Interrupt(Hook):
             raise KeyboardInterrupt
 
 
+class KillRank1(Hook):
+    """SIGKILL of rank 1 at the start of the second epoch, on torchrun's first attempt only (after rank 0's last.pt)."""
+
+    def on_epoch_start(self, loop: Loop) -> None:  # noqa: D102
+        if loop.epoch == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            torch.distributed.barrier()  # rank 0 has written epoch 1's last.pt
+            if torch.distributed.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
 def gathered_eval(run_dir: Path, out: Path, d: distributed.Dist) -> None:
     """best.pt on the val split, each rank predicting its shard, gathered (rank 0 saves it)."""
     parts = build_from_run(RunDir.open(run_dir), ["val"])
     parts.distributed = True  # this rank's shard of val
-    joined = distributed.gather(predict_loader(parts.model, parts.loader("val", shard=True), parts.eval_settings), d)
+    mine = predict_loader(parts.model, parts.loader("val", shard=True), parts.eval_settings, allow_empty=True)
+    joined = distributed.gather(mine, d)
     if d.main:
         torch.save({k: torch.as_tensor(v) for k, v in joined.items()}, out / "gathered.pt")
 
@@ -64,14 +78,16 @@ def main() -> None:
         run_dir = Path(target)
         run_recipe(RunDir.open(run_dir).resume_recipe(), resume=run_dir, hooks=[Dump(out, d.rank)])
     else:
-        hooks: list[Hook] = [Dump(out, d.rank)] + ([Interrupt()] if mode == "interrupt" else [])
+        extra = {"interrupt": [Interrupt()], "elastic": [KillRank1()]}.get(mode, [])
+        hooks: list[Hook] = [Dump(out, d.rank), *extra]
         try:
             run_dir = run_recipe(load_recipe(target, sets), hooks=hooks)
         except UserError as err:
             if mode != "interrupt" or "interrupted" not in str(err):
                 raise
         else:
-            gathered_eval(run_dir, out, d)
+            if mode == "train":
+                gathered_eval(run_dir, out, d)
     distributed.teardown()
 
 

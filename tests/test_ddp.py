@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,23 +12,28 @@ import pytest
 import torch
 
 from finetune.config import load_recipe
-from finetune.data.samplers import EpochSampler, ShardSampler
+from finetune.data.coco import read_coco_split
+from finetune.data.samplers import EpochSampler, ShardSampler, epoch_permutation
 from finetune.eval.predict import predict_loader
 from finetune.train.assembly import build_from_run, build_run
 from finetune.train.run import run_recipe
 from finetune.train.rundir import RunDir
 
+from .conftest import TINY_RECIPE
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 STAGED = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["blocks.4:"]}]'
 
 
-def _torchrun(mode: str, target: Path, out: Path, *sets: str) -> None:
+def _torchrun(mode: str, target: Path, out: Path, *sets: str, restarts: int = 0) -> str:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--max-restarts", str(restarts)] if restarts else []
     proc = subprocess.run(
         [*cmd, str(WORKER), mode, str(target), str(out), *sets], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -95,6 +102,15 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
     for key, value in _weights(straight).items():
         assert torch.equal(_weights(cut)[key], value), key
 
+    # Issue 24: rank 1 SIGKILLed in epoch 2, torchrun --max-restarts 1: the restarted workers resume from last.pt (not
+    # "already holds a run") and end bitwise on the uninterrupted DDP run's weights.
+    err = _torchrun("elastic", tiny_recipe, tmp_path / "elastic", *sets, "output.name=elastic", restarts=1)
+    elastic = tmp_path / "runs" / "elastic"
+    assert f"elastic restart 1: resuming {elastic} from its last.pt" in err, err[-3000:]
+    assert "resuming" in err and "after epoch 1" in err
+    for key, value in _weights(straight).items():
+        assert torch.equal(_weights(elastic)[key], value), key
+
     # Evaluation gathered from both ranks' shards equals one process's, on the same checkpoint.
     gathered = torch.load(tmp_path / "straight" / "gathered.pt", weights_only=True)
     parts = build_from_run(RunDir.open(straight), ["val"])
@@ -119,3 +135,32 @@ def test_shards_take_the_steps_and_images_of_one_process(n: int, batch: int, wor
     if n > batch:
         for k, images in enumerate(single):
             assert sorted(i for r in ranks for i in r[k]) == sorted(images)
+
+
+@pytest.mark.slow
+def test_no_hang_on_a_rank_with_nothing_readable_or_an_empty_val_shard(tiny_coco: Path, tmp_path: Path) -> None:
+    """Rank 1's whole share of step 1 unreadable (on_bad_image = "skip"), and a 1-image val split for 2 ranks.
+
+    Before: rank 0 waited in DDP's gradient all-reduce for a rank that never ran a backward, and an empty val shard
+    raised on one rank while the other waited in the gather. Both now finish, inside _torchrun's timeout.
+    """
+    root = tmp_path / "data"
+    shutil.copytree(tiny_coco, root)
+    ann = root / "annotations" / "instances_val.json"
+    doc = json.loads(ann.read_text())
+    keep = doc["images"][0]["id"]
+    doc["images"] = doc["images"][:1]
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] == keep]
+    ann.write_text(json.dumps(doc))
+    train = read_coco_split(root, "train")
+    rank1_step1 = epoch_permutation(len(train.image_paths), 0, 0)[1::2][:4]  # batch 8: 4 per rank, rank 1 odd places
+    for i in rank1_step1:
+        Path(train.image_paths[i]).write_bytes(b"not an image")
+    recipe = tmp_path / "broken.toml"
+    recipe.write_text(TINY_RECIPE.format(root=root.as_posix(), runs=(tmp_path / "runs").as_posix()))
+    _torchrun("train", recipe, tmp_path / "out", 'data.on_bad_image="skip"', "output.name=broken")
+    run = tmp_path / "runs" / "broken"
+    assert len(json.loads((run / "bad_images.json").read_text())) == 4
+    gathered = torch.load(tmp_path / "out" / "gathered.pt", weights_only=True)
+    assert gathered["index"].tolist() == [0]
+    assert json.loads((run / "report.json").read_text())["splits"]["val"]["images"] == 1

@@ -343,7 +343,7 @@ main()
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_is_the_resume_line_and_the_resume_is_exact(tiny_recipe: Path, tmp_path: Path) -> None:
+def test_sigterm_mid_epoch_is_the_resume_line_and_the_resume_is_exact_and_a_second_run_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
     import signal
 
     sets = ["train.epochs=3"]
@@ -356,9 +356,17 @@ def test_sigterm_mid_epoch_is_the_resume_line_and_the_resume_is_exact(tiny_recip
     while not mark.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert mark.exists(), proc.communicate()[1][-2000:]
+    cut = tmp_path / "runs" / "cut"
+    # Issue 24: while it trains, a second run into its directory (another seed) and a command that writes there are
+    # refused in one line naming the holder; nothing of the first run's is touched.
+    before = {p.name: p.stat().st_mtime_ns for p in cut.iterdir()}
+    for args in (["run", str(tiny_recipe), *args[1:], "--set", "train.seed=1"], ["eval", str(cut)]):
+        second = run_cli(*args)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert f"{cut} is in use by finetune run (pid {proc.pid} on " in " ".join(second.stderr.split())
+    assert {p.name: p.stat().st_mtime_ns for p in cut.iterdir()} == before
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    cut = tmp_path / "runs" / "cut"
     assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == f"error: terminated (SIGTERM); continue with `finetune run --resume {cut}`"
     assert RunDir.open(cut).checkpoint("last")["train_state"]["epoch"] == 1  # epoch 1 checkpoint, whole

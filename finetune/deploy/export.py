@@ -36,6 +36,7 @@ from finetune.eval.run_report import load_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from finetune.models import hflip_average
 from finetune.train.assembly import RunParts, build_from_run
+from finetune.train.lock import locking
 from finetune.train.rundir import RunDir
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "litert": ".tflite", "openvino": ".xml"}
@@ -167,6 +168,7 @@ def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
         mobile.require(fmt)
 
 
+@locking("finetune export")
 def export_run(
     run_dir: str | Path,
     fmt: str = "onnx",
@@ -248,6 +250,7 @@ def _export_onnx(
     return result
 
 
+@locking("finetune card")
 def card_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """``finetune card RUN``: the card of a run directory, written to ``out`` (default ``RUN/README.md``)."""
     from finetune.deploy.card import card_text, check_card_folder

@@ -61,6 +61,7 @@ def predict_loader(
     loss_fn: nn.Module | None = None,
     bad_images: list[str] | None = None,
     console: Console | None = None,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
     """Probabilities (the task's activation) for every readable image of ``loader``.
 
@@ -71,6 +72,7 @@ def predict_loader(
         loss_fn: When given, the mean loss is returned too.
         bad_images: Receives the messages of unreadable images (a run's list, so each is reported once).
         console: Where skipped images are reported.
+        allow_empty: Return empty arrays, not an error, when nothing was read (a DDP rank's share, gathered next).
 
     Returns:
         ``targets`` and ``probs`` (``[n, classes]`` arrays, rows in loader order), ``index`` (dataset indices) and,
@@ -94,13 +96,16 @@ def predict_loader(
         probs.append(settings.task.activation(logits).cpu().numpy())
         targets.append(target.cpu().numpy())
         indices.append(batch["index"].numpy())
-    if not probs:
+    if not probs and not allow_empty:
         raise UserError("no readable image in the evaluation split")
+    if not probs:  # a DDP rank's empty shard (a split with fewer images than ranks): the gather joins the others
+        n = len(getattr(loader.dataset, "classes", ()) or ())
+        targets, probs, indices = [np.zeros((0, n), np.float32)], [np.zeros((0, n), np.float32)], [np.zeros(0, int)]
     out: dict[str, Any] = {
         "targets": np.concatenate(targets),
         "probs": np.concatenate(probs),
         "index": np.concatenate(indices),
     }
     if loss_fn is not None:
-        out["loss"] = total_loss / len(out["probs"])
+        out["loss"] = total_loss / max(len(out["probs"]), 1)
     return out

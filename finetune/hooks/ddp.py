@@ -39,6 +39,7 @@ class DDPHook(Hook):
         self._key: int | None = None
         self._ddp: DistributedDataParallel | None = None
         self._steps_left = 0
+        self._device = torch.device("cpu")
 
     def on_epoch_start(self, loop: Loop) -> None:  # noqa: D102
         fn = loop.forward or loop.model
@@ -48,6 +49,33 @@ class DDPHook(Hook):
             self._ddp = DistributedDataParallel(_Forward(loop.model, fn), device_ids=device_ids)
         loop.forward = self._ddp
         self._steps_left = math.ceil(len(loop.loader or loop.train_loader) / loop.settings.accum_steps)
+
+    def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
+        self._device, loop.agree = loop.settings.device, self.agree
+
+    def agree(
+        self, inputs: torch.Tensor | None, targets: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every rank steps together: ``(None, None)`` on all when no rank has a readable image in this step.
+
+        A rank whose whole share is unreadable (``on_bad_image = "skip"``) steps on an empty batch of the others'
+        shape, so DDP's gradient all-reduce still has every rank (it would wait for this one for ever otherwise). One
+        two-number all-reduce per step; the shapes are gathered only in a step that needs them.
+        """
+        device = self._device
+        counts = torch.tensor([0 if inputs is None else len(inputs), int(inputs is None)], device=device)
+        dist.all_reduce(counts)
+        if counts[0] == 0:
+            return None, None
+        if counts[1] == 0:
+            return inputs, targets
+        mine = None if inputs is None or targets is None else (inputs.shape[1:], inputs.dtype, targets.shape[1:])
+        shapes: list[Any] = [None] * self.d.world
+        dist.all_gather_object(shapes, mine)
+        if mine is not None:
+            return inputs, targets
+        shape, dtype, target_shape = next(s for s in shapes if s is not None)
+        return torch.zeros((0, *shape), dtype=dtype, device=device), torch.zeros((0, *target_shape), device=device)
 
     def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:
         """The epoch's train loss over every rank (each measured its shard) and the job's images/s."""
@@ -67,4 +95,4 @@ class DDPHook(Hook):
                 dist.broadcast(buffer, src=0)
 
     def on_fit_end(self, loop: Loop) -> None:  # noqa: D102
-        self._ddp, self._key = None, None
+        self._ddp, self._key, loop.agree = None, None, None

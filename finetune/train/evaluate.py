@@ -18,6 +18,7 @@ from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
 from finetune.eval.run_report import load_thresholds, write_report
 from finetune.train.assembly import RunParts, build_from_run, split_name
+from finetune.train.lock import locking
 from finetune.train.rundir import RunDir
 
 
@@ -47,6 +48,7 @@ def predict_run(
     return predictions(parts, roles), parts.classes
 
 
+@locking("finetune calibrate")
 def calibrate_run(
     run_dir: str | Path, role: str = "val", console: Console | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def calibrate_run(
     return write_report(run.path, parts.task, parts.classes, outs, cs=cs, extra=extra)
 
 
+@locking("finetune eval")
 def evaluate_run(
     run_dir: str | Path, role: str = "test", threshold: float | None = None, console: Console | None = None
 ) -> dict[str, Any]:

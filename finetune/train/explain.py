@@ -30,6 +30,7 @@ from finetune.hooks.probe import best_c, out_of_fold_probs
 from finetune.io import atomic_write_text
 from finetune.labels import positives_of
 from finetune.train.assembly import RunParts
+from finetune.train.lock import locking
 
 MAX_GALLERIES = 100  # classes with a gallery, whatever is requested: the file stays bounded (~10 MB at 100)
 # Images: above this the report leaves the scan (about 3 ms of phash per image on 2 cores) to validate --check-images
@@ -309,6 +310,7 @@ def _check_run(run_dir: str | Path, opts: HtmlOptions) -> Any:
     return run
 
 
+@locking("finetune report")
 def report_run(
     run_dir: str | Path,
     opts: HtmlOptions | None = None,

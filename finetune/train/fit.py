@@ -82,14 +82,17 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
         for i, batch in enumerate(loader):
             handle_bad_images(batch["errors"], s.on_bad_image, state.bad_images, loop.console)
             inputs = inputs_of(batch)
-            if inputs is not None:
-                targets = batch["target"].to(s.device, non_blocking=True)
-                if s.mixup > 0:
+            targets = None if inputs is None else batch["target"].to(s.device, non_blocking=True)
+            if loop.agree is not None:  # DDP: every rank steps, or none does
+                inputs, targets = loop.agree(inputs, targets)
+            if inputs is not None and targets is not None:
+                if s.mixup > 0 and len(inputs):
                     inputs, targets = mix_batch(inputs, targets, s.mixup, (s.seed, state.epoch, i))
                 with autocast(s.device, s.precision):
                     logits = forward(inputs)
-                # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16.
-                loss = loop.loss_fn(logits.float(), targets.float())
+                # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16. An empty stand-in
+                # batch (a DDP rank with nothing readable in this step) contributes zero gradients.
+                loss = loop.loss_fn(logits.float(), targets.float()) if len(inputs) else logits.float().sum() * 0.0
                 if not torch.isfinite(loss):
                     raise UserError(
                         f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}: training diverged; "
@@ -187,11 +190,20 @@ def _validate(loop: Loop, stats: dict[str, float]) -> tuple[dict[str, Any], bool
     """Score the epoch on val, update the best score; the epoch's record and whether it improved."""
     s, state = loop.settings, loop.state
     model = loop.eval_model or loop.model
+    sharded = loop.gather is not None
     out = predict_loader(
-        model, loop.val_loader, s, loss_fn=loop.loss_fn, bad_images=state.bad_images, console=loop.console
+        model,
+        loop.val_loader,
+        s,
+        loss_fn=loop.loss_fn,
+        bad_images=state.bad_images,
+        console=loop.console,
+        allow_empty=sharded,
     )
     if loop.gather is not None:
         out = loop.gather(out)
+        if not len(out["index"]):
+            raise UserError("no readable image in the evaluation split")
     metrics = s.task.metrics(out["targets"], out["probs"], s.threshold)
     record = {"epoch": state.epoch, "step": state.step, **stats, "lr_groups": group_lrs(loop.optimizer)}
     record["val_loss"] = out["loss"]

@@ -84,6 +84,8 @@ class Loop:
     eval_model: nn.Module | None = None  # what is validated and selected (an EMA hook sets its average); None = model
     gather: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # joins the ranks' val predictions (DDP)
     is_main: bool = True  # the process that writes checkpoints (rank 0 under DDP)
+    # DDP: (inputs, targets) of this rank's step -> what it steps on; (None, None) when no rank has a readable image
+    agree: Callable[[Any, Any], tuple[Any, Any]] | None = None
 
 
 class Hook:

@@ -7,6 +7,7 @@ from Python.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import threading
@@ -28,6 +29,7 @@ from finetune.eval.run_report import write_report
 from finetune.objectives import REJECT
 from finetune.train.assembly import RunParts, build_run
 from finetune.train.fit import fit, restore, selected_weights
+from finetune.train.lock import run_lock
 from finetune.train.loop import Hook, Loop
 from finetune.train.rundir import RunDir
 
@@ -169,12 +171,39 @@ def _start(parts: RunParts, run_dir: RunDir, resume: bool, loop: Loop, hooks: li
     barrier(d)
 
 
+def elastic_resume(recipe: Recipe, resume: str | Path | None) -> Path | None:
+    """The run directory a torchrun elastic restart continues (``TORCHELASTIC_RESTART_COUNT > 0``), else ``resume``.
+
+    torchrun restarts every worker with the same command after a fault; that command names the recipe, not the run,
+    so without this each restarted worker would find "already holds a run". A restart resumes from ``last.pt``
+    instead, the elastic contract; before the first ``last.pt`` the run starts again, as a rerun would.
+    """
+    if resume is not None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) <= 0:
+        return Path(resume) if resume is not None else None
+    path = Path(recipe.output.dir) / recipe.output.name
+    return path if (path / "last.pt").is_file() else None
+
+
+def worker_killed(err: BaseException) -> bool:
+    """Whether ``err`` is the DataLoader's report of a worker that died (the OOM killer's SIGKILL, most often)."""
+    return isinstance(err, RuntimeError) and "DataLoader worker" in str(err)
+
+
+def _worker_line(err: BaseException, run_dir: RunDir) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else "a DataLoader worker died"
+    return UserError(
+        f"{first.rstrip('. ')}: most often the out-of-memory killer; lower data.num_workers, data.batch_size or "
+        f"data.prefetch, then continue with `finetune run --resume {run_dir}`"
+    )
+
+
 def run_recipe(
     recipe: Recipe, resume: str | Path | None = None, console: Console | None = None, hooks: Sequence[Hook] = ()
 ) -> Path:
     """Train a recipe end to end (or continue a run), then write and print the final report.
 
-    Under ``torchrun`` every process calls this; rank 0 alone writes the run directory, prints and reports.
+    Under ``torchrun`` every process calls this; rank 0 alone writes the run directory, prints and reports. The run
+    directory is locked for the whole run (:mod:`finetune.train.lock`); an elastic restart resumes it.
 
     Args:
         recipe: The validated recipe (for a resume: the run's own, with any overrides).
@@ -185,10 +214,24 @@ def run_recipe(
     Returns:
         The run directory.
     """
+    restarted = elastic_resume(recipe, resume)
+    if restarted is not None and resume is None:
+        recipe, resume = RunDir.open(restarted).recipe(), restarted
     parts = build_run(recipe, distributed=True, extra_hooks=hooks)
     d = parts.dist
     console = (console or Console(stderr=True)) if d.main else Console(quiet=True)
     parts.console = console
+    if resume is not None and restarted is not None:
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        console.print(f"elastic restart {restarts}: resuming {escape(str(restarted))} from its last.pt")
+    target = Path(resume) if resume else Path(parts.recipe.output.dir) / parts.recipe.output.name
+    with run_lock(target, "finetune run", d, console):
+        return _locked_run(parts, resume, console)
+
+
+def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) -> Path:
+    """:func:`run_recipe` once the run directory's lock is held."""
+    d, recipe = parts.dist, parts.recipe
     run_dir = (RunDir.for_resume(resume) if d.main else RunDir.open(resume)) if resume else None
     if run_dir is not None and not (run_dir / "last.pt").is_file():
         console.print(f"{escape(str(run_dir))}: stopped before its first checkpoint; starting it again from epoch 1")
@@ -203,22 +246,17 @@ def run_recipe(
     if run_dir is None:  # refused here, on every rank, before anything is built
         run_dir = RunDir.check_new(Path(recipe.output.dir) / recipe.output.name)
     loop, all_hooks = parts.training(run_dir.path)
-    console.print(
-        f"{run_dir}: {recipe.model.name}, {len(parts.classes)} classes, {len(parts.splits['train'].image_paths)} "
-        f"train / {len(parts.splits['val'].image_paths)} val images, {parts.plan.total_steps} steps, "
-        f"{parts.device.type} {parts.precision}"
-        + (
-            f"; DDP: {d.world} processes, {recipe.data.batch_size // d.world} images per process and step"
-            if d.enabled
-            else ""
-        )
-    )
+    console.print(_start_line(parts, run_dir))
     _start(parts, run_dir, resume is not None, loop, all_hooks)
     try:
         with sigterm_as_interrupt():
             fit(loop, all_hooks)
     except KeyboardInterrupt as err:
         raise _stopped(err, run_dir) from None
+    except RuntimeError as err:
+        if worker_killed(err):
+            raise _worker_line(err, run_dir) from None
+        raise
     finally:
         if loop.state.bad_images and d.main:
             run_dir.write_json("bad_images.json", loop.state.bad_images)
@@ -229,3 +267,17 @@ def run_recipe(
     if d.main:
         _report(parts, loop, run_dir)
     return run_dir.path
+
+
+def _start_line(parts: RunParts, run_dir: RunDir) -> str:
+    recipe, d = parts.recipe, parts.dist
+    return (
+        f"{run_dir}: {recipe.model.name}, {len(parts.classes)} classes, {len(parts.splits['train'].image_paths)} "
+        f"train / {len(parts.splits['val'].image_paths)} val images, {parts.plan.total_steps} steps, "
+        f"{parts.device.type} {parts.precision}"
+        + (
+            f"; DDP: {d.world} processes, {recipe.data.batch_size // d.world} images per process and step"
+            if d.enabled
+            else ""
+        )
+    )

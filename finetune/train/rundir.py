@@ -27,9 +27,13 @@ from finetune.io import (
     remove_stale_temporaries,
 )
 from finetune.overrides import parse_override
+from finetune.train.lock import LOCK_NAME
 
 # What a run writes before its first last.pt; a directory holding only these can be rerun or resumed from scratch.
+# best.pt is written just before last.pt: alone, it is epoch 1's, from a run killed (or out of disk) between the two.
 _BEFORE_FIRST_CHECKPOINT = {
+    ".lock",
+    "best.pt",
     "recipe.toml",
     "classes.json",
     "metrics.jsonl",
@@ -81,6 +85,8 @@ class RunDir:
             raise UserError(f"{run.path}: is a file; choose another output.dir or output.name")
         cls.check_new(path)
         for entry in list(run.path.iterdir()) if run.path.exists() else []:
+            if entry.name == LOCK_NAME:  # the lock this run holds
+                continue
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         run.path.mkdir(parents=True, exist_ok=True)
         return run

@@ -1,0 +1,170 @@
+"""The run-directory lock: one writer at a time (a run, ``calibrate``, ``eval``, ``export``, ``report``).
+
+The lock is ``RUN/.lock``, held with ``fcntl.flock`` for as long as the command writes, and it names its holder
+(command, PID, host, start time) for the one line a second writer gets. ``flock`` is taken atomically by the kernel
+and dropped when the holder dies however it dies (SIGKILL, OOM killer), so a lock file left behind by a dead process
+is stale by construction: it is taken over with a note. The one exception is a lock file written on another host (a
+shared filesystem, where ``flock`` may not reach across machines): that is refused, with the file to delete once the
+user knows that run is gone. Under torchrun rank 0 takes the lock and every rank gets its answer. The file is removed
+when the holder lets go, so a finished run directory holds no ``.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from rich.console import Console
+from rich.markup import escape
+
+from finetune.distributed import Dist, broadcast_object
+from finetune.errors import UserError
+
+LOCK_NAME = ".lock"
+P = ParamSpec("P")
+R = TypeVar("R")
+_HELD: dict[Path, list[Any]] = {}  # lock path -> [fd, depth]: a command that locks twice (calibrate -> report) nests
+
+
+def _holder(info: dict[str, Any]) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+    who = info.get("command", "a finetune command")
+    return f"{who} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {since})"
+
+
+def _read(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 4096)
+    try:
+        info = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return {"command": "an unreadable lock"}
+    return info if isinstance(info, dict) else {"command": "an unreadable lock"}
+
+
+def _open_locked(path: Path) -> tuple[int, dict[str, Any]] | dict[str, Any]:
+    """``(fd, what the file said)`` once the lock is ours, or the holder's record when it is not free."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _read(fd)
+            os.close(fd)
+            return info
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder unlinked between our open and our flock
+            return fd, _read(fd)
+        os.close(fd)
+
+
+def acquire(run_path: Path, command: str) -> str:
+    """Take ``run_path``'s lock for ``command`` in this process (creating the directory); returns a takeover note.
+
+    Raises:
+        UserError: Another live process holds it, or a lock file from another host is there.
+    """
+    path = Path(run_path) / LOCK_NAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{run_path}: is a file; choose another output.dir or output.name") from None
+    key = path.resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return ""
+    got = _open_locked(path)
+    if isinstance(got, dict):
+        raise UserError(f"{run_path} is in use by {_holder(got)}; wait for it to end, or stop it first")
+    fd, left = got
+    host = socket.gethostname()
+    if left and left.get("host", host) != host:
+        os.close(fd)
+        raise UserError(
+            f"{run_path} is locked by {_holder(left)} on another host; if that process is gone, delete {path}"
+        )
+    mine = {"command": command, "pid": os.getpid(), "host": host, "since": time.time()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(mine).encode(), 0)
+    _HELD[key] = [fd, 1]
+    if left:
+        return f"took over {path}: its holder, {_holder(left)}, is no longer running"
+    return ""
+
+
+def release(run_path: Path) -> None:
+    """Let go of ``run_path``'s lock (the innermost of nested holds only decrements)."""
+    key = (Path(run_path) / LOCK_NAME).resolve()
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1]:
+        return
+    del _HELD[key]
+    with contextlib.suppress(FileNotFoundError):
+        key.unlink()  # while still holding it: a waiter that opened the old file sees the inode change and retries
+    os.close(held[0])
+
+
+@contextlib.contextmanager
+def run_lock(
+    run_path: str | Path, command: str, d: Dist | None = None, console: Console | None = None
+) -> Iterator[None]:
+    """Hold ``run_path``'s lock for the block: rank 0 takes it, every rank raises its refusal (under torchrun).
+
+    A directory the lock itself created is removed again if the block leaves it empty (a refused or failed start).
+    """
+    run_path, d = Path(run_path), d or Dist()
+    existed = run_path.exists()
+    answer: tuple[str, str] = ("", "")
+    if d.main:
+        try:
+            answer = ("", acquire(run_path, command))
+        except UserError as err:
+            answer = (str(err), "")
+    refusal, note = broadcast_object(answer, d)
+    if refusal:
+        raise UserError(refusal)
+    if note and console is not None:
+        console.print(f"[yellow]note[/] {escape(note)}")
+    try:
+        yield
+    finally:
+        if d.main:
+            release(run_path)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    run_path.rmdir()  # only when empty
+
+
+def locking(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function whose first argument is a run directory it writes into: it runs holding the lock.
+
+    A path that is not a directory goes straight through, so the function's own "not a run directory" line is what
+    the user sees.
+    """
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            run_dir = Path(args[0] if args else kwargs["run_dir"])  # type: ignore[arg-type]
+            if not run_dir.is_dir():
+                return fn(*args, **kwargs)
+            with run_lock(run_dir, command):
+                return fn(*args, **kwargs)
+
+        return locked
+
+    return wrap
