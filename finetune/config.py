@@ -272,6 +272,7 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="run the model through torch.compile (model.compile(), in place)")
     ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
     tta: Literal["none", "hflip"] = Field("none", description="hflip: logits averaged with the mirrored image's")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N optimizer steps, mid-epoch; 0 = off")
 
 
 class LogConfig(_Section):

@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py MODE RECIPE OUT [SET ...]
 
 MODE: ``train`` (a run; each rank saves its weights at fit start and end to OUT/rank<r>.pt, and rank 0 the gathered
-val predictions of best.pt to OUT/gathered.pt), ``interrupt`` (Ctrl-C at the start of epoch 2), ``resume`` (RECIPE is
+val predictions of best.pt to OUT/gathered.pt), ``interrupt`` (Ctrl-C after step 5, in epoch 2), ``resume`` (RECIPE is
 the run directory), ``elastic`` (rank 1 SIGKILLs itself at the start of epoch 2 of torchrun's first attempt; run with
 ``--max-restarts 1``, the restarted workers resume).
 """
@@ -42,10 +42,10 @@ class Dump(Hook):
 
 
 class Interrupt(Hook):
-    """Ctrl-C at the start of the second epoch, on every rank."""
+    """Ctrl-C after the fifth optimizer step (epoch 2's second of three), on every rank."""
 
-    def on_epoch_start(self, loop: Loop) -> None:  # noqa: D102
-        if loop.epoch == 1:
+    def on_step_end(self, loop: Loop) -> None:  # noqa: D102
+        if loop.state.step == 5:
             raise KeyboardInterrupt
 
 

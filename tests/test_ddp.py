@@ -75,7 +75,7 @@ def test_sync_bn_gives_the_global_batch_statistics(tiny_recipe: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: Path) -> None:
-    sets = [STAGED, "train.epochs=3"]
+    sets = [STAGED, "train.epochs=3", "train.checkpoint_every=1", "data.augment.mixup=0.4", "train.ema=0.9"]
     _torchrun("train", tiny_recipe, tmp_path / "straight", *sets, "output.name=straight")
     ranks = [torch.load(tmp_path / "straight" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     straight = tmp_path / "runs" / "straight"
@@ -94,20 +94,25 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
             assert not torch.equal(end0, start), key
     assert torch.equal(ranks[0]["end"]["classifier.weight"], _weights(straight)["classifier.weight"])
 
-    # Stopped at the start of epoch 2, resumed under DDP: the same weights as the uninterrupted DDP run.
+    # Stopped mid-epoch 2 (train.checkpoint_every = 1, with mixup and EMA), resumed under DDP from the step-4
+    # checkpoint: the same weights (and EMA) as the uninterrupted DDP run.
     _torchrun("interrupt", tiny_recipe, tmp_path / "cut", *sets, "output.name=cut")
     cut = tmp_path / "runs" / "cut"
     assert torch.load(cut / "last.pt", weights_only=True)["train_state"]["epoch"] == 1
+    assert RunDir(cut).resume_point() == cut / "steps" / "step-00000004.pt"
     _torchrun("resume", cut, tmp_path / "resumed")
-    for key, value in _weights(straight).items():
-        assert torch.equal(_weights(cut)[key], value), key
+    ends = [torch.load(d / "last.pt", weights_only=True) for d in (straight, cut)]
+    for part in ("model", "eval_model"):
+        for key, value in ends[0][part].items():
+            assert torch.equal(ends[1][part][key], value), (part, key)
 
     # Issue 24: rank 1 SIGKILLed in epoch 2, torchrun --max-restarts 1: the restarted workers resume from last.pt (not
     # "already holds a run") and end bitwise on the uninterrupted DDP run's weights.
     err = _torchrun("elastic", tiny_recipe, tmp_path / "elastic", *sets, "output.name=elastic", restarts=1)
     elastic = tmp_path / "runs" / "elastic"
-    assert f"elastic restart 1: resuming {elastic} from its last.pt" in err, err[-3000:]
-    assert "resuming" in err and "after epoch 1" in err
+    said = " ".join(err.split())
+    assert f"elastic restart 1: resuming {elastic} from its last.pt" in said, err[-3000:]
+    assert f"resuming {elastic} after epoch 1 (step 3)" in said
     for key, value in _weights(straight).items():
         assert torch.equal(_weights(elastic)[key], value), key
 

@@ -138,3 +138,38 @@ def test_a_killed_worker_is_one_line_and_the_run_resumes(tiny_recipe: Path, tmp_
     resumed = run_cli("run", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(run / "last.pt", weights_only=True)["train_state"]["epoch"] == 2
+
+
+class _StopAtStep(trainer.Hook):
+    """Ctrl-C right after optimizer step ``step`` (before that step's own mid-epoch checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, loop: trainer.Loop) -> None:  # noqa: D102
+        if loop.state.step == self.step:
+            raise KeyboardInterrupt
+
+
+MID_EPOCH = ["train.epochs=3", "train.checkpoint_every=1", "data.augment.mixup=0.4", "train.ema=0.9"]
+
+
+@pytest.mark.slow
+def test_checkpoint_every_resumes_mid_epoch_bitwise_with_mixup_ema_and_dropout(tiny_recipe: Path) -> None:
+    sets = [*MID_EPOCH, "model.drop_rate=0.3"]  # dropout: the RNG must be the checkpoint moment's
+    straight = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
+    assert not list((straight / "steps").glob("*.pt"))  # superseded by each epoch's last.pt
+    with pytest.raises(UserError, match="interrupted"):
+        run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=cut"]), hooks=[_StopAtStep(5)])
+    cut = tiny_recipe.parent / "runs" / "cut"
+    kept = sorted(p.name for p in (cut / "steps").glob("*.pt"))
+    assert kept == ["step-00000004.pt"]  # epoch 2's first batch; epoch 1's were cleared by its last.pt
+    assert RunDir(cut).resume_point() == cut / "steps" / "step-00000004.pt"
+    done = run_cli("run", "--resume", str(cut))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "after epoch 1 (step 4, batch 1 of epoch 2)" in " ".join(done.stderr.split())
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (straight, cut))
+    for part in ("model", "eval_model"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight, cut)]
+    assert [r["train_loss"] for r in rows[0]] == [r["train_loss"] for r in rows[1]]  # epoch 2's mean is whole

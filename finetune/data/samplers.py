@@ -21,17 +21,21 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     """Shuffles with :func:`epoch_permutation`: the order of epoch k is the same after a resume."""
 
     def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation for ``epoch``."""
-        self.epoch = epoch
+        """Select the permutation for ``epoch`` (and start it at its first index again)."""
+        self.epoch, self.skip = epoch, 0
+
+    def set_skip(self, skip: int) -> None:
+        """Leave out the epoch's first ``skip`` indices (a resume from a mid-epoch checkpoint)."""
+        self.skip = skip
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.n, self.seed, self.epoch))
+        return iter(epoch_permutation(self.n, self.seed, self.epoch)[self.skip :])
 
     def __len__(self) -> int:
-        return self.n
+        return max(self.n - self.skip, 0)
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -54,11 +58,15 @@ class ShardSampler(torch.utils.data.Sampler[int]):
     ) -> None:
         self.n, self.seed, self.rank, self.world, self.shuffle, self.pad = n, seed, rank, world, shuffle, pad
         self.batch = batch
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation for ``epoch``."""
-        self.epoch = epoch
+        """Select the permutation for ``epoch`` (and start it at its first index again)."""
+        self.epoch, self.skip = epoch, 0
+
+    def set_skip(self, skip: int) -> None:
+        """Leave out this rank's first ``skip`` indices of the epoch (a resume from a mid-epoch checkpoint)."""
+        self.skip = skip
 
     def _order(self) -> list[int]:
         if not self.shuffle:
@@ -69,7 +77,7 @@ class ShardSampler(torch.utils.data.Sampler[int]):
             order = order[: self.n // self.batch * self.batch]
         elif self.pad and self.n % self.world:
             order = (order * self.world)[: self.n + self.world - self.n % self.world]
-        return order[self.rank :: self.world]
+        return order[self.rank :: self.world][self.skip :]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._order())

@@ -65,9 +65,13 @@ def _honest(
         held = {k: np.array([r[f"{k}_cal"] for r in rows]) for k in ("precision", "recall", "f1")}
         held["support"] = np.array([r["support"] for r in rows])
         return honest, [r["f1"] for r in rows], held
-    per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+    if len(out["targets"]) < 2:  # no held-out data and nothing to cross-fit on: no gain is claimed
+        per_row, how = np.full(np.shape(out["probs"]), cs.fixed), f"none: {role} has 1 image, too few to cross-fit"
+    else:
+        per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+        how = f"{min(cs.folds, len(per_row))}-fold cross-fitting on {role}"
     honest = {
-        "how": f"{min(cs.folds, len(per_row))}-fold cross-fitting on {role}",
+        "how": how,
         "fixed": summarize(out["targets"], out["probs"], cs.fixed),
         "calibrated": summarize(out["targets"], out["probs"], per_row),
     }

@@ -380,6 +380,8 @@ def choose_shrink(
     from finetune.eval.metrics import summarize
 
     y, p = _check(targets, probs)
+    if len(y) < 2:  # nothing to cross-fit on (a 1-image val split): the strongest shrinkage, towards ``fixed``
+        return max(candidates), {}
     floor = summarize(y, p, fixed)["micro_f1"] - 0.005
     scores = {}
     for k in candidates:

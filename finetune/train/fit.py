@@ -74,12 +74,18 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     loader, forward = loop.loader or loop.train_loader, loop.forward or model
     inputs_of = loop.inputs or (lambda batch: image_inputs(batch, s))
     model.train()
-    total_loss, seen, n_batches = 0.0, 0, len(loader)
-    start = time.perf_counter()
+    done = state.batch  # batches a mid-epoch checkpoint had done (the sampler skips them)
+    total_loss, seen = state.partial.get("loss", 0.0), int(state.partial.get("seen", 0))
+    n_batches = done + len(loader)
+    start = time.perf_counter() - state.partial.get("time", 0.0)
     loop.optimizer.zero_grad(set_to_none=True)
+    batches = iter(loader)
+    if loop.resume_rng is not None:  # the RNG of the checkpoint's moment, after the epoch's hooks and workers drew
+        set_rng_state(loop.resume_rng)
+        loop.resume_rng = None
     with _progress(loop.console) as bar:
-        task = bar.add_task(f"epoch {state.epoch + 1}/{s.epochs}", total=n_batches, info="")
-        for i, batch in enumerate(loader):
+        task = bar.add_task(f"epoch {state.epoch + 1}/{s.epochs}", total=n_batches, completed=done, info="")
+        for i, batch in enumerate(batches, start=done):
             handle_bad_images(batch["errors"], s.on_bad_image, state.bad_images, loop.console)
             inputs = inputs_of(batch)
             targets = None if inputs is None else batch["target"].to(s.device, non_blocking=True)
@@ -105,10 +111,14 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
                 _optimizer_step(loop)
                 for h in hooks:
                     h.on_step_end(loop)
+                if s.checkpoint_every and state.step % s.checkpoint_every == 0 and i + 1 < n_batches:
+                    state.batch, state.partial = i + 1, {"loss": total_loss, "seen": seen, "time": _since(start)}
+                    save_step_checkpoint(loop, hooks)
             rate = seen / max(time.perf_counter() - start, 1e-9)
             lr = loop.optimizer.param_groups[-1]["lr"]
             bar.update(task, advance=1, info=f"loss {total_loss / max(seen, 1):.4f}  lr {lr:.2e}  {rate:.0f} img/s")
-    elapsed = time.perf_counter() - start
+    elapsed = _since(start)
+    state.batch, state.partial = 0, {}
     if not seen:
         raise UserError(
             f"epoch {state.epoch + 1}: not one training image could be read ({len(state.bad_images)} unreadable); "
@@ -149,6 +159,30 @@ def checkpoint_state(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     }
 
 
+def _since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+STEPS_DIR, KEEP_STEPS = "steps", 2
+
+
+def save_step_checkpoint(loop: Loop, hooks: Sequence[Hook] = ()) -> None:
+    """A mid-epoch checkpoint, ``RUN/steps/step-<step>.pt`` (atomic; rank 0); the newest ``KEEP_STEPS`` are kept."""
+    if not loop.is_main:
+        return
+    folder = loop.run_dir / STEPS_DIR
+    folder.mkdir(exist_ok=True)
+    save_checkpoint(folder / f"step-{loop.state.step:08d}.pt", checkpoint_state(loop, hooks))
+    for old in sorted(folder.glob("step-*.pt"))[:-KEEP_STEPS]:
+        old.unlink(missing_ok=True)
+
+
+def clear_step_checkpoints(run_dir: Path) -> None:
+    """Remove the mid-epoch checkpoints an epoch's ``last.pt`` has superseded."""
+    for old in sorted((run_dir / STEPS_DIR).glob("step-*.pt")):
+        old.unlink(missing_ok=True)
+
+
 def selected_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The weights a checkpoint was selected on: the EMA's when the run kept one, else the model's."""
     return checkpoint.get("eval_model", checkpoint["model"])
@@ -177,6 +211,7 @@ def restore(path: Path, loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
             h.load_state_dict(saved["hooks"][hook_key(h)])
     set_rng_state(saved["rng"])
     loop.state = TrainState(**saved["train_state"])
+    loop.resume_rng = saved["rng"] if loop.state.batch else None
     return loop.state
 
 
@@ -184,6 +219,12 @@ def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
     for holder in (loader.sampler, loader.dataset):
         if hasattr(holder, "set_epoch"):
             holder.set_epoch(epoch)
+
+
+def _skip(loader: torch.utils.data.DataLoader, batches: int) -> None:
+    if not hasattr(loader.sampler, "set_skip"):
+        raise UserError("train.checkpoint_every: this run's sampler cannot start mid-epoch; resume from last.pt")
+    loader.sampler.set_skip(batches * (loader.batch_size or 1))
 
 
 def _validate(loop: Loop, stats: dict[str, float]) -> tuple[dict[str, Any], bool]:
@@ -240,6 +281,8 @@ def fit(loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
             _set_epoch(loop.train_loader, epoch)
             for h in hooks:
                 h.on_epoch_start(loop)
+            if loop.state.batch:  # resumed from a mid-epoch checkpoint: the batches it had done are not drawn again
+                _skip(loop.loader or loop.train_loader, loop.state.batch)
             stats = train_one_epoch(loop, hooks)
             loop.state.epoch = epoch + 1
             record, improved = _validate(loop, stats)
@@ -250,6 +293,7 @@ def fit(loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
                 save_checkpoint(loop.run_dir / "best.pt", full)
             if loop.is_main:
                 save_checkpoint(loop.run_dir / "last.pt", full)
+                clear_step_checkpoints(loop.run_dir)
             loop.console.print(_epoch_line(loop, stats, record, improved))
             if loop.state.stop_reason:
                 loop.console.print(loop.state.stop_reason)

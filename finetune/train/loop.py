@@ -44,6 +44,7 @@ class FitSettings(EvalSettings):
     select: str = "map"  # a key of the task's metrics, or "loss"
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
     seed: int = 0  # seeds mixup's draws with (seed, epoch, batch)
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (RUN/steps/); 0 = epoch ends only
 
 
 @dataclass
@@ -56,6 +57,8 @@ class TrainState:
     best_epoch: int = -1
     bad_images: list[str] = field(default_factory=list)
     stop_reason: str = ""  # set by a hook (early stopping): the loop trains no further epoch
+    batch: int = 0  # batches of epoch ``epoch + 1`` done (a mid-epoch checkpoint); 0 at an epoch's end
+    partial: dict[str, float] = field(default_factory=dict)  # that epoch's loss sum, images and seconds so far
 
 
 @dataclass(kw_only=True)
@@ -86,6 +89,7 @@ class Loop:
     is_main: bool = True  # the process that writes checkpoints (rank 0 under DDP)
     # DDP: (inputs, targets) of this rank's step -> what it steps on; (None, None) when no rank has a readable image
     agree: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    resume_rng: dict[str, Any] | None = None  # a mid-epoch checkpoint's RNG, set again once the epoch's batches start
 
 
 class Hook:

@@ -152,7 +152,9 @@ def _start(parts: RunParts, run_dir: RunDir, resume: bool, loop: Loop, hooks: li
     """Restore ``last.pt`` (all ranks) or create the run directory (rank 0); rank 0 saves the recipe."""
     recipe, d = parts.recipe, parts.dist
     if resume:
-        state = restore(run_dir / "last.pt", loop, hooks)
+        point = run_dir.resume_point()
+        assert point is not None  # checked by _locked_run
+        state = restore(point, loop, hooks)
         if recipe.train.epochs < state.epoch:
             raise UserError(
                 f"train.epochs = {recipe.train.epochs}: {run_dir} has already trained {state.epoch} epochs; "
@@ -160,7 +162,8 @@ def _start(parts: RunParts, run_dir: RunDir, resume: bool, loop: Loop, hooks: li
             )
         if d.main:
             run_dir.trim_metrics(state.epoch)
-        loop.console.print(f"resuming {escape(str(run_dir))} after epoch {state.epoch} (step {state.step})")
+        within = f", batch {state.batch} of epoch {state.epoch + 1}" if state.batch else ""
+        loop.console.print(f"resuming {escape(str(run_dir))} after epoch {state.epoch} (step {state.step}{within})")
         moved = replan_schedule(loop, recipe.train.epochs)
         if moved:
             loop.console.print(moved)
@@ -181,7 +184,7 @@ def elastic_resume(recipe: Recipe, resume: str | Path | None) -> Path | None:
     if resume is not None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) <= 0:
         return Path(resume) if resume is not None else None
     path = Path(recipe.output.dir) / recipe.output.name
-    return path if (path / "last.pt").is_file() else None
+    return path if RunDir(path).resume_point() is not None else None
 
 
 def worker_killed(err: BaseException) -> bool:
@@ -233,7 +236,7 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
     """:func:`run_recipe` once the run directory's lock is held."""
     d, recipe = parts.dist, parts.recipe
     run_dir = (RunDir.for_resume(resume) if d.main else RunDir.open(resume)) if resume else None
-    if run_dir is not None and not (run_dir / "last.pt").is_file():
+    if run_dir is not None and run_dir.resume_point() is None:
         console.print(f"{escape(str(run_dir))}: stopped before its first checkpoint; starting it again from epoch 1")
         resume = None
     seed_everything(recipe.train.seed, recipe.train.deterministic)

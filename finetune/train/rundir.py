@@ -35,6 +35,7 @@ _BEFORE_FIRST_CHECKPOINT = {
     ".lock",
     "best.pt",
     "recipe.toml",
+    "steps",
     "classes.json",
     "metrics.jsonl",
     "metrics.csv",
@@ -93,7 +94,7 @@ class RunDir:
 
     def started_only(self) -> bool:
         """Whether the directory holds only what a run writes before its first checkpoint."""
-        if not self.path.is_dir() or (self.path / "last.pt").exists():
+        if not self.path.is_dir() or self.resume_point() is not None:
             return False
         return all(e.name in _BEFORE_FIRST_CHECKPOINT or e.name.endswith(TMP_SUFFIX) for e in self.path.iterdir())
 
@@ -109,10 +110,20 @@ class RunDir:
     def for_resume(cls, path: str | Path) -> RunDir:
         """An existing run directory to continue; temporary files an interrupted write left are removed."""
         run = cls.open(path)
-        if not (run.path / "last.pt").is_file() and not run.started_only():
+        if run.resume_point() is None and not run.started_only():
             raise UserError(f"{path}: no last.pt to resume from, and it holds more than a run stopped in epoch 1")
         remove_stale_temporaries(run.path)
         return run
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint a resume continues from: ``last.pt``, or a newer mid-epoch ``steps/step-<step>.pt``."""
+        last, steps = self.path / "last.pt", sorted((self.path / "steps").glob("step-*.pt"))
+        if not steps:
+            return last if last.is_file() else None
+        if not last.is_file():
+            return steps[-1]
+        at = load_checkpoint(last).get("train_state", {}).get("step", 0)
+        return steps[-1] if int(steps[-1].stem.split("-")[1]) > at else last
 
     def recipe(self, overrides: list[str] | None = None) -> Recipe:
         """The resolved recipe saved in the run, with optional ``--set`` overrides."""

@@ -87,6 +87,7 @@ def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> 
         select=task.select(t.select),
         mixup=recipe.data.augment.mixup,
         seed=t.seed,
+        checkpoint_every=t.checkpoint_every,
     )
 
 
