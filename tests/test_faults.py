@@ -343,7 +343,7 @@ main()
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_is_the_resume_line_and_the_resume_is_exact_and_a_second_run_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
+def test_sigterm_resumes_exactly_and_a_second_run_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:
     import signal
 
     sets = ["train.epochs=3"]
@@ -360,8 +360,8 @@ def test_sigterm_mid_epoch_is_the_resume_line_and_the_resume_is_exact_and_a_seco
     # Issue 24: while it trains, a second run into its directory (another seed) and a command that writes there are
     # refused in one line naming the holder; nothing of the first run's is touched.
     before = {p.name: p.stat().st_mtime_ns for p in cut.iterdir()}
-    for args in (["run", str(tiny_recipe), *args[1:], "--set", "train.seed=1"], ["eval", str(cut)]):
-        second = run_cli(*args)
+    for other in (["run", str(tiny_recipe), *args[1:], "--set", "train.seed=1"], ["eval", str(cut)]):
+        second = run_cli(*other)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
         assert f"{cut} is in use by finetune run (pid {proc.pid} on " in " ".join(second.stderr.split())
     assert {p.name: p.stat().st_mtime_ns for p in cut.iterdir()} == before

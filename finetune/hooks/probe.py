@@ -159,7 +159,7 @@ class ProbeHook(Hook):
         self.result: dict[str, Any] = {}
 
     def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
-        if loop.state.epoch == 0 and loop.state.step == 0:  # resumed: the solved (since trained) head is in the checkpoint
+        if loop.state.epoch == 0 and loop.state.step == 0:  # resumed: the solved, since trained, head is saved
             self.fit(loop.model, loop.settings, loop.console)
 
     def fit(self, model: nn.Module, settings: EvalSettings, console: Any) -> None:
