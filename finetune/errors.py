@@ -6,6 +6,7 @@ The CLI prints a ``UserError`` as one line and exits with code 2; anything else 
 from __future__ import annotations
 
 import errno
+import re
 
 
 class UserError(Exception):
@@ -27,13 +28,27 @@ _PATH_ERRORS = {
 }
 
 
-def os_error_line(e: OSError) -> str | None:
-    """The one-line message for an :class:`OSError` a user can fix (permissions, disk space), else None."""
-    where = e.filename or "a file the run writes"
+def _real_name(filename: object) -> str:
+    """The file a user asked for, not the hidden ``.NAME.xxxx.tmp`` an atomic write was filling."""
+    text = str(filename)
+    head, _, base = text.rpartition("/")
+    match = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", base)
+    return f"{head}/{match.group(1)}" if match and head else (match.group(1) if match else text)
+
+
+def os_error_line(e: OSError, command: str = "run") -> str | None:
+    """The one-line message for an :class:`OSError` a user can fix (permissions, disk space), else None.
+
+    Only ``run`` is told to ``--resume`` and about ``output.dir``; other commands are told to write elsewhere.
+    """
+    where = _real_name(e.filename) if e.filename else "a file the command writes"
+    run = command == "run"
     if isinstance(e, PermissionError):
-        return f"{where}: permission denied; choose a folder you can write (output.dir) or fix its permissions"
+        place = " (output.dir)" if run else ""
+        return f"{where}: permission denied; choose a folder you can write{place} or fix its permissions"
     if e.errno in _OS_ERRORS:
-        return f"{where}: {_OS_ERRORS[e.errno]}; free space or choose another output.dir, then --resume"
+        then = "choose another output.dir, then --resume" if run else "write to another folder"
+        return f"{where}: {_OS_ERRORS[e.errno]}; free space or {then}"
     if e.errno in _PATH_ERRORS:
         return f"{where}: {_PATH_ERRORS[e.errno]}; choose another path"
     return None

@@ -90,6 +90,25 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(
+    path: str | Path, kind: type | None = dict, fix: str = "write it again with the command that made it"
+) -> Any:
+    """A JSON file this toolkit wrote; a broken or tampered one is one line (a user error), not a traceback.
+
+    Args:
+        path: The file.
+        kind: The type its top level must have (``None``: any).
+        fix: What the user can do, for the message.
+    """
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt (not JSON: {str(err)[:80]}); {fix}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise UserError(f"{path}: corrupt (a {type(value).__name__} where a {kind.__name__} belongs); {fix}")
+    return value
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a JSONL file (a partial last line, from a kill mid-write, is dropped)."""
     rows = []

@@ -48,8 +48,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, with one-line errors for a missing or malformed file."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # -sig: a BOM (Windows editors) is no error
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
     except IsADirectoryError:

@@ -35,7 +35,7 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_refused(tmp_path: Path) ->
     run = tmp_path / "run"
     run.mkdir()
     stale = {"command": "finetune run", "pid": _dead_pid(), "host": socket.gethostname(), "since": 0}
-    (run / lock.LOCK_NAME).write_text(json.dumps(stale))  # what a SIGKILLed run leaves: the file, no flock
+    (run / lock.LOCK_NAME).write_text(json.dumps(stale))  # what a SIGKILLed run leaves: the file, no lock held
     note = lock.acquire(run, "finetune run")
     assert note.startswith(f"took over {run / lock.LOCK_NAME}: its holder, finetune run (pid {stale['pid']} on ")
     assert json.loads((run / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
@@ -68,7 +68,7 @@ def test_a_held_lock_refuses_a_second_process_in_one_line(tmp_path: Path) -> Non
     finally:
         holder.kill()
         holder.wait()
-    assert lock.acquire(run, "finetune calibrate").startswith("took over")  # killed: its flock went with it
+    assert lock.acquire(run, "finetune calibrate").startswith("took over")  # killed: its lock went with it
     lock.release(run)
 
 

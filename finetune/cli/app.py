@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -225,11 +226,13 @@ def main() -> None:
     try:
         app()
     except (UserError, OSError) as e:
-        line = str(e) if isinstance(e, UserError) else os_error_line(e)
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "run")
+        line = str(e) if isinstance(e, UserError) else os_error_line(e, command)
         if line is None:
             raise
         # escape: messages name keys like [freeze] or stages[0], which rich would otherwise eat as markup
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: the line is said once
+            Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
         sys.exit(2)
 
 

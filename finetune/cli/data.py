@@ -35,6 +35,9 @@ def data_demo(
     for parent in (out_dir, *out_dir.parents):
         if parent.exists() and not parent.is_dir():
             raise UserError(f"{out_dir}: {parent} is a file, not a folder; choose another output folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # a user's annotations and images are never replaced
+        first = sorted(p.name for p in out_dir.iterdir())[0]
+        raise UserError(f"{out_dir}: is not empty (it holds {first}); choose a new or empty folder")
     start = time.perf_counter()
     sizes = {"train": train, "val": val, "test": test, "source": source}
     counts = write_demo(out_dir, {k: v for k, v in sizes.items() if v > 0}, size, seed)

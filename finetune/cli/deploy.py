@@ -55,11 +55,15 @@ def predict_command(
     if as_json and jsonl:
         raise UserError("--json and --jsonl: choose one")
     from finetune.deploy.output import print_predictions, write_csv
-    from finetune.deploy.predictor import Predictor, Skipped, expand_paths
+    from finetune.deploy.predictor import IMAGE_SUFFIXES, Predictor, Skipped, expand_paths
 
     files, missing = expand_paths(paths)
     if not files:
         raise UserError(f"{missing[0] if missing else 'PATH'}; nothing to predict")
+    if csv_out is not None and (
+        csv_out.suffix.lower() in IMAGE_SUFFIXES or csv_out.resolve() in {f.resolve() for f in files}
+    ):
+        raise UserError(f"--csv {csv_out}: names an image (an input, or an image file name); give a .csv path to write")
     predictor = Predictor.load(source, device, threshold)
     skipped = Skipped(list(missing))
     results = []

@@ -29,13 +29,78 @@ def load_coco(annotation_file: str | Path) -> COCO:
     if not path.is_file():
         raise UserError(f"{path}: annotation file not found; check data.root, data.annotations and the split names")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-            coco = COCO(str(path))
+        doc = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not a valid COCO annotation file ({err})") from None
-    if "images" not in coco.dataset or "categories" not in coco.dataset:
-        raise UserError(f"{path}: not a COCO instances file (needs 'images' and 'categories')")
+    problem = coco_problem(doc)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    coco = COCO()
+    coco.dataset, coco.source = doc, str(path)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco.createIndex()
     return coco
+
+
+def _is_id(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entries_problem(doc: dict, key: str, fields: dict[str, type | str]) -> str:
+    """What is wrong with ``doc[key]`` as a list of objects with ``fields`` ("id": an integer), or ""."""
+    items = doc.get(key)
+    if not isinstance(items, list):
+        return f"'{key}' is {type(items).__name__ if items is not None else 'null'}, not a list"
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            return f"{key}[{i}] is {type(item).__name__}, not an object"
+        for name, kind in fields.items():
+            value = item.get(name)
+            if name not in item:
+                return f"{key}[{i}] has no '{name}'"
+            if (kind == "id" and not _is_id(value)) or (kind is str and not (isinstance(value, str) and value)):
+                return f"{key}[{i}]: '{name}' is {value!r}, not {'an integer' if kind == 'id' else 'a name'}"
+    return ""
+
+
+def _duplicate(items: list[dict], key: str) -> object | None:
+    seen: set = set()
+    for item in items:
+        if item[key] in seen:
+            return item[key]
+        seen.add(item[key])
+    return None
+
+
+def coco_problem(doc: object) -> str:
+    """The first structural problem of a COCO instances document, in words ("" when there is none).
+
+    Checked: the top level is an object with ``images`` and ``categories`` lists (``annotations`` a list, or left
+    out); integer ids; names; each annotation's ``bbox`` (when given) four numbers; no repeated image id,
+    ``file_name``, category id or category name (pycocotools would keep one of each silently).
+    """
+    if not isinstance(doc, dict):
+        return f"the top level is a {type(doc).__name__}, not an object with 'images' and 'categories'"
+    if "images" not in doc or "categories" not in doc:
+        return "not a COCO instances file (needs 'images' and 'categories')"
+    fields = {"images": {"id": "id", "file_name": str}, "categories": {"id": "id", "name": str}}
+    if "annotations" in doc:
+        fields["annotations"] = {"image_id": "id", "category_id": "id"}
+    for key, wanted in fields.items():
+        problem = _entries_problem(doc, key, wanted)
+        if problem:
+            return problem
+    for key, field in (("images", "id"), ("images", "file_name"), ("categories", "id"), ("categories", "name")):
+        again = _duplicate(doc[key], field)
+        if again is not None:
+            return f"{key}: {field} {again!r} appears more than once; each must be unique"
+    for i, ann in enumerate(doc.get("annotations", [])):
+        box = ann.get("bbox")
+        if box is not None and not (
+            isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)
+        ):
+            return f"annotations[{i}]: 'bbox' is {box!r}, not [x, y, width, height]"
+    return ""
 
 
 def class_map_of(coco: COCO) -> ClassMap:
@@ -59,6 +124,7 @@ def multi_hot_targets(
     Returns:
         The target matrix.
     """
+    where = getattr(coco, "source", "the annotations")
     column = {cid: i for i, cid in enumerate(classes.ids)}
     row = {img_id: i for i, img_id in enumerate(image_ids)}
     targets = np.zeros((len(image_ids), len(classes)), dtype=np.float32)
@@ -66,12 +132,16 @@ def multi_hot_targets(
         r = row.get(ann["image_id"])
         if r is None or (ann.get("iscrowd", 0) and not include_crowd):
             continue
-        w, h = ann["bbox"][2], ann["bbox"][3]
-        if w * h < min_box_area:
-            continue
+        if min_box_area > 0:
+            if "bbox" not in ann:
+                raise UserError(f"{where}: annotation {ann.get('id')} has no 'bbox'; data.min_box_area needs one")
+            if ann["bbox"][2] * ann["bbox"][3] < min_box_area:
+                continue
         c = column.get(ann["category_id"])
         if c is None:
-            raise UserError(f"annotation {ann.get('id')} has category_id {ann['category_id']} not in 'categories'")
+            raise UserError(
+                f"{where}: annotation {ann.get('id')} has category_id {ann['category_id']} not in 'categories'"
+            )
         targets[r, c] = 1.0
     _mark_unknown(coco, image_ids, column, targets)
     return targets

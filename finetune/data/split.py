@@ -108,14 +108,19 @@ def read_rgb(path: str | Path) -> np.ndarray:
         return fast
     with Image.open(path) as img:  # by path, so PIL's own errors name the file
         img.load()
-        if img.mode.startswith("I") or img.mode == "F":
-            img = _to_8bit(img)
-        if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-            # Composite on white: dropping alpha would expose whatever colour transparent pixels happen to hold.
-            rgba = img.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(canvas, rgba)
-        return np.asarray(img.convert("RGB"))
+        return pil_rgb(img)
+
+
+def pil_rgb(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image as HWC uint8 RGB, exactly as :func:`read_rgb` converts a file (16-bit, ``F``, alpha)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white: dropping alpha would expose whatever colour transparent pixels happen to hold.
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(canvas, rgba)
+    return np.asarray(img.convert("RGB"))
 
 
 def check_images(

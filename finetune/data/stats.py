@@ -109,7 +109,12 @@ def load_or_compute(
     """
     path = cache_path(split, fmt, image_size)
     if path.is_file() and not refresh:
-        return json.loads(path.read_text()), True
+        try:
+            cached = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            cached = None  # a corrupt cache (a kill mid-write by an older version, a hand edit) is computed again
+        if isinstance(cached, dict) and {"mean", "std", "label_counts"} <= cached.keys():
+            return cached, True
     stats = compute_stats(split, image_size, multi_label=fmt in ("coco", "csv"), on_bad_image=on_bad_image)
     atomic_write_json(path, stats)
     return stats, False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from finetune.data.folder import IMAGE_SUFFIXES
-from finetune.data.split import DECODE_ERRORS, read_rgb
+from finetune.data.split import DECODE_ERRORS, pil_rgb, read_rgb
 from finetune.errors import UserError
+from finetune.io import read_json
 from finetune.labels import label_indices
 
 
@@ -69,6 +71,7 @@ def expand_paths(patterns: Sequence[str | Path]) -> tuple[list[Path], list[str]]
         The files and one message per pattern that matched nothing.
     """
     files: dict[Path, None] = {}
+    seen: set[Path] = set()  # resolved: a symlink loop or a second glob does not predict one file twice
     missing: list[str] = []
     for pattern in map(str, patterns):
         path = Path(pattern)
@@ -80,7 +83,10 @@ def expand_paths(patterns: Sequence[str | Path]) -> tuple[list[Path], list[str]]
             found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not found:
             missing.append(f"{pattern}: no such file, folder or matching image")
-        files.update(dict.fromkeys(found))
+        for p in found:
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                files[p] = None
     return list(files), missing
 
 
@@ -123,15 +129,69 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+TASK_NAMES = ("multilabel", "singlelabel")
+
+
+def _probability(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
+
+
+def _info_problem(info: object) -> str:
+    """What makes exported metadata unusable ("" when nothing): the fields prediction relies on, checked."""
+    if not isinstance(info, dict):
+        return "is not an object"
+    task, classes, inputs = info.get("task"), info.get("classes"), info.get("input")
+    if task not in TASK_NAMES:
+        return f"'task' is {task!r}, not one of {', '.join(TASK_NAMES)}"
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        return "'classes' is not a list of class names"
+    size = inputs.get("size") if isinstance(inputs, dict) else None
+    if not (isinstance(size, list) and size and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        return "'input.size' is not a size in pixels"
+    if min(size) < 1:
+        return f"'input.size' is {size}, not a positive size"
+    thresholds, reject = info.get("thresholds"), info.get("reject_below")
+    if task == "multilabel" and thresholds is not None:
+        if not (isinstance(thresholds, list) and len(thresholds) == len(classes)):
+            return f"'thresholds' is not one value per class ({len(classes)} classes)"
+        if not all(_probability(t) for t in thresholds):
+            return "'thresholds' holds a value that is not a probability (0..1)"
+    if task == "singlelabel" and reject is not None and not _probability(reject):
+        return f"'reject_below' is {reject!r}, not a probability (0..1)"
+    return ""
+
+
+def checked_info(info: object, where: Path) -> dict[str, Any]:
+    """Exported metadata, refused in one line when tampered with or foreign (keys it does not use are ignored)."""
+    problem = _info_problem(info)
+    if problem:
+        raise UserError(f"{where}: its model metadata {problem}; export the model again with `finetune export`")
+    assert isinstance(info, dict)
+    return info
+
+
+def onnx_metadata(meta: dict[str, str]) -> dict[str, Any] | None:
+    """The JSON fields of an ONNX file's ``metadata_props``; a key other tools added (not JSON) is left out."""
+    if "classes" not in meta:
+        return None
+    parsed = {}
+    for key, value in meta.items():
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            continue
+    return parsed
+
+
 def _read_info(path: Path, embedded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model's fields: its embedded metadata, else its sidecar (``model.int8.json``), else ``model.json``."""
     if embedded:
-        return embedded
+        return checked_info(embedded, path)
     # An INT8 file never falls back to model.json: those are the fp32 model's thresholds.
     fallback = [] if path.stem.endswith(".int8") else [path.with_name("model.json")]
     for beside in dict.fromkeys([path.with_suffix(".json"), *fallback]):
         if beside.is_file():
-            return json.loads(beside.read_text())
+            return checked_info(read_json(beside, None, "export the model again"), beside)
     name = path.with_suffix(".json").name
     raise UserError(f"{path}: no {name} beside it and no metadata inside; export it with `finetune export`")
 
@@ -148,7 +208,7 @@ class Predictor:
     def __init__(
         self, backend: Callable[[np.ndarray], np.ndarray], info: dict[str, Any], threshold: float | None = None
     ) -> None:
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
+        if threshold is not None and not (_probability(threshold)):
             raise UserError(f"threshold {threshold}: a probability threshold is between 0 and 1")
         self.backend, self.info = backend, info
         self.classes: list[str] = list(info["classes"])
@@ -177,7 +237,11 @@ class Predictor:
                 model = torch.jit.load(str(path), map_location=_device(device), _extra_files=extra)
         except (RuntimeError, ValueError, OSError) as err:
             raise UserError(f"{path}: not a TorchScript file ({(str(err).splitlines() or [''])[0][:120]})") from None
-        info = _read_info(Path(path), json.loads(extra["model.json"]) if extra["model.json"] else None)
+        try:
+            embedded = json.loads(extra["model.json"]) if extra["model.json"] else None
+        except ValueError:
+            raise UserError(f"{path}: its model.json is not JSON; export the model again") from None
+        info = _read_info(Path(path), embedded)
         return cls(_torch_backend(model.eval()), info, threshold)
 
     @classmethod
@@ -193,7 +257,7 @@ class Predictor:
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
             raise UserError(f"{path}: not an ONNX model ({(str(err).splitlines() or [''])[0][:120]})") from None
         meta = session.get_modelmeta().custom_metadata_map
-        info = _read_info(Path(path), {k: json.loads(v) for k, v in meta.items()} if "classes" in meta else None)
+        info = _read_info(Path(path), onnx_metadata(meta))
         name = session.get_inputs()[0].name
         return cls(lambda x: session.run(None, {name: x})[0], info, threshold)
 
@@ -247,7 +311,13 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[n, classes]`` of a uint8 ``[n, h, w, 3]`` batch (any h, w: resized in the graph)."""
-        return np.asarray(self.backend(np.require(images, np.uint8, ["C", "W"])), dtype=np.float32)
+        probs = np.asarray(self.backend(np.require(images, np.uint8, ["C", "W"])), dtype=np.float32)
+        if probs.ndim != 2 or probs.shape[1] != len(self.classes):
+            raise UserError(
+                f"the model gives {probs.shape[-1]} outputs per image and its metadata names {len(self.classes)} "
+                "classes; export the model again with `finetune export`"
+            )
+        return probs
 
     def _result(self, source: str, probs: np.ndarray) -> Prediction:
         (labels,) = label_indices(probs[None], self.multi_label, self.thresholds)
@@ -257,7 +327,12 @@ class Predictor:
     def predict_files(
         self, paths: Sequence[Path], batch_size: int = 32, num_workers: int = 0, skipped: Skipped | None = None
     ) -> Iterator[Prediction]:
-        """Predictions for image files, in order, batched through a DataLoader; unreadable files go to ``skipped``."""
+        """Predictions for image files, in order, batched through a DataLoader; unreadable files go to ``skipped``.
+
+        Without ``skipped``, a file that cannot be read is an error (it is never dropped silently).
+        """
+        if batch_size < 1 or num_workers < 0:
+            raise UserError(f"batch_size {batch_size}, num_workers {num_workers}: give at least 1 and 0")
         loader = torch.utils.data.DataLoader(
             _Files(list(paths), self.size),
             batch_size=batch_size,
@@ -266,6 +341,8 @@ class Predictor:
             persistent_workers=False,
         )
         for indices, images, errors in loader:
+            if skipped is None and errors:
+                raise UserError(f"{errors[0]}; pass skipped=Skipped() to go on past unreadable files")
             if skipped is not None:
                 skipped.items.extend(errors)
             if images is None:
@@ -293,9 +370,12 @@ class Predictor:
                 if skipped.items:
                     raise UserError(skipped.items[0])
             else:
-                pixels = np.asarray(item.convert("RGB")) if hasattr(item, "convert") else np.asarray(item)
-                if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-                    raise UserError(f"input {k}: expected an HxWx3 uint8 RGB array, got {pixels.dtype} {pixels.shape}")
+                pixels = pil_rgb(item) if hasattr(item, "convert") else np.asarray(item)
+                if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) < 1:
+                    raise UserError(
+                        f"input {k}: expected an HxWx3 uint8 RGB array (or a PIL image, a path), got "
+                        f"{type(item).__name__} {pixels.dtype} {pixels.shape}"
+                    )
                 probs = self.probabilities(resize_rgb(pixels, self.size)[None])[0]
                 out.append(self._result(f"<array {k}>", probs))
         return out

@@ -10,7 +10,6 @@ multi-label task has thresholds to calibrate.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from finetune.eval.probabilities import Scaling, brier, ece, fit_scaling, top_la
 from finetune.eval.reject import fit_reject, save_reject
 from finetune.eval.tasks import Task
 from finetune.eval.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
-from finetune.io import atomic_write_bytes, atomic_write_json
+from finetune.io import atomic_write_bytes, atomic_write_json, read_json
 from finetune.objectives import CONSTRAINED, REJECT
 
 
@@ -263,6 +262,15 @@ def load_thresholds(run: Path, threshold: float | None, fixed: float) -> tuple[n
     if threshold is not None:
         return threshold, f"fixed {threshold:g}"
     if (run / "thresholds.json").is_file():
-        cal = Calibration.from_json(json.loads((run / "thresholds.json").read_text()))
+        fix = f"run `finetune calibrate {run}` to write it again"
+        raw = read_json(run / "thresholds.json", dict, fix)
+        try:
+            cal = Calibration.from_json(raw)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{run / 'thresholds.json'}: corrupt ({type(err).__name__}: {err}); {fix}") from None
+        n = len(read_json(run / "classes.json", list, "restore it")) if (run / "classes.json").is_file() else None
+        t = np.asarray(cal.thresholds, dtype=np.float64)
+        if t.ndim != 1 or (n is not None and len(t) != n) or not (np.isfinite(t) & (t >= 0) & (t <= 1)).all():
+            raise UserError(f"{run / 'thresholds.json'}: corrupt (not one finite threshold per class); {fix}")
         return cal.thresholds, f"calibrated on {cal.split or 'val'} (thresholds.json)"
     return fixed, f"fixed {fixed:g}"

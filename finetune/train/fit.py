@@ -68,6 +68,32 @@ def _optimizer_step(loop: Loop) -> None:
     loop.state.step += 1
 
 
+def _forward_backward(
+    loop: Loop, forward: Any, inputs: torch.Tensor | None, batch: dict[str, Any], i: int
+) -> tuple[float, int]:
+    """Batch ``i``'s loss backward (scaled for accumulation); returns its loss times images, and its images."""
+    s, state = loop.settings, loop.state
+    targets = None if inputs is None else batch["target"].to(s.device, non_blocking=True)
+    if loop.agree is not None:  # DDP: every rank steps, or none does
+        inputs, targets = loop.agree(inputs, targets)
+    if inputs is None or targets is None:
+        return 0.0, 0
+    if s.mixup > 0 and len(inputs):
+        inputs, targets = mix_batch(inputs, targets, s.mixup, (s.seed, state.epoch, i))
+    with autocast(s.device, s.precision):
+        logits = forward(inputs)
+    # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16. An empty stand-in batch (a
+    # DDP rank with nothing readable in this step) contributes zero gradients.
+    loss = loop.loss_fn(logits.float(), targets.float()) if len(inputs) else logits.float().sum() * 0.0
+    if not torch.isfinite(loss):
+        raise UserError(
+            f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}: training diverged; "
+            'lower optim.lr, set train.grad_clip, or use train.precision = "fp32"'
+        )
+    loop.scaler.scale(loss / s.accum_steps).backward()
+    return loss.item() * len(inputs), len(inputs)
+
+
 def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     """One pass over ``loop.loader`` with ``loop.forward``; returns mean loss, the top group's LR and images/s."""
     model, s, state = loop.model, loop.settings, loop.state
@@ -87,26 +113,8 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
         task = bar.add_task(f"epoch {state.epoch + 1}/{s.epochs}", total=n_batches, completed=done, info="")
         for i, batch in enumerate(batches, start=done):
             handle_bad_images(batch["errors"], s.on_bad_image, state.bad_images, loop.console)
-            inputs = inputs_of(batch)
-            targets = None if inputs is None else batch["target"].to(s.device, non_blocking=True)
-            if loop.agree is not None:  # DDP: every rank steps, or none does
-                inputs, targets = loop.agree(inputs, targets)
-            if inputs is not None and targets is not None:
-                if s.mixup > 0 and len(inputs):
-                    inputs, targets = mix_batch(inputs, targets, s.mixup, (s.seed, state.epoch, i))
-                with autocast(s.device, s.precision):
-                    logits = forward(inputs)
-                # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16. An empty stand-in
-                # batch (a DDP rank with nothing readable in this step) contributes zero gradients.
-                loss = loop.loss_fn(logits.float(), targets.float()) if len(inputs) else logits.float().sum() * 0.0
-                if not torch.isfinite(loss):
-                    raise UserError(
-                        f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}: training diverged; "
-                        'lower optim.lr, set train.grad_clip, or use train.precision = "fp32"'
-                    )
-                loop.scaler.scale(loss / s.accum_steps).backward()
-                total_loss += loss.item() * len(inputs)
-                seen += len(inputs)
+            n = _forward_backward(loop, forward, inputs_of(batch), batch, i)
+            total_loss, seen = total_loss + n[0], seen + n[1]
             if (i + 1) % s.accum_steps == 0 or i + 1 == n_batches:
                 _optimizer_step(loop)
                 for h in hooks:

@@ -1,17 +1,21 @@
 """The run-directory lock: one writer at a time (a run, ``calibrate``, ``eval``, ``export``, ``report``).
 
-The lock is ``RUN/.lock``, held with ``fcntl.flock`` for as long as the command writes, and it names its holder
-(command, PID, host, start time) for the one line a second writer gets. ``flock`` is taken atomically by the kernel
-and dropped when the holder dies however it dies (SIGKILL, OOM killer), so a lock file left behind by a dead process
-is stale by construction: it is taken over with a note. The one exception is a lock file written on another host (a
-shared filesystem, where ``flock`` may not reach across machines): that is refused, with the file to delete once the
-user knows that run is gone. Under torchrun rank 0 takes the lock and every rank gets its answer. The file is removed
-when the holder lets go, so a finished run directory holds no ``.lock``.
+The lock is ``RUN/.lock``, held with a POSIX record lock (``fcntl.lockf``) for as long as the command writes, and it
+names its holder (command, PID, host, start time) for the one line a second writer gets. The kernel takes it
+atomically and drops it when the holder dies however it dies (SIGKILL, OOM killer), so a lock file left behind by a
+dead process is stale by construction: it is taken over with a note. A record lock, not ``flock``: a forked
+DataLoader worker does not inherit it, so workers orphaned by a SIGKILLed run cannot keep its directory locked.
+
+The one exception is a lock file written on another host (a shared filesystem, where a lock may not reach across
+machines): that is refused, with the file to delete once the user knows that run is gone. Under torchrun rank 0
+takes the lock and every rank gets its answer. The file is removed when the holder lets go, so a finished run
+directory holds no ``.lock``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -55,8 +59,10 @@ def _open_locked(path: Path) -> tuple[int, dict[str, Any]] | dict[str, Any]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             info = _read(fd)
             os.close(fd)
             return info
@@ -64,7 +70,7 @@ def _open_locked(path: Path) -> tuple[int, dict[str, Any]] | dict[str, Any]:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
             same = False
-        if same:  # not a file its last holder unlinked between our open and our flock
+        if same:  # not a file its last holder unlinked between our open and our lock
             return fd, _read(fd)
         os.close(fd)
 

@@ -24,6 +24,7 @@ from finetune.io import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
+    read_json,
     remove_stale_temporaries,
 )
 from finetune.overrides import parse_override
@@ -155,7 +156,11 @@ class RunDir:
 
     def classes(self) -> ClassMap:
         """The run's classes (``classes.json``)."""
-        return ClassMap.from_json(self.read_json("classes.json"))
+        raw = self.read_json("classes.json")
+        try:
+            return ClassMap.from_json(raw)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"{self.path / 'classes.json'}: corrupt (not a finetune class list); restore it") from None
 
     def save_classes(self, classes: ClassMap) -> None:
         """Write ``classes.json``."""
@@ -182,7 +187,7 @@ class RunDir:
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the run."""
-        return json.loads((self.path / name).read_text())
+        return read_json(self.path / name, None, f"restore it, or rerun the command that wrote {name}")
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write a JSON file atomically."""
