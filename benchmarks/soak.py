@@ -129,10 +129,23 @@ def main() -> None:
         one_line = proc.returncode in (0, -9) or (proc.returncode == 2 and "Traceback" not in err)
         resumes = _finish(recipe, run, name)
         equal = (run / "last.pt").is_file() and _equal(_weights(run), reference)
-        rows.append({"kill": name, "signal": how, "at_s": round(wait, 2), "landed": landed, "exit": proc.returncode,
-                     "one_line": one_line, "resumes": resumes, "bitwise": equal, "line": line[:160]})
-        print(f"{name} {how:15s} at {wait:5.1f} s  landed={landed!s:5}  exit={proc.returncode:3d}  "
-              f"resumes={resumes}  bitwise={equal}  {line[:90]}")
+        rows.append(
+            {
+                "kill": name,
+                "signal": how,
+                "at_s": round(wait, 2),
+                "landed": landed,
+                "exit": proc.returncode,
+                "one_line": one_line,
+                "resumes": resumes,
+                "bitwise": equal,
+                "line": line[:160],
+            }
+        )
+        print(
+            f"{name} {how:15s} at {wait:5.1f} s  landed={landed!s:5}  exit={proc.returncode:3d}  "
+            f"resumes={resumes}  bitwise={equal}  {line[:90]}"
+        )
     elapsed = time.perf_counter() - start
     landed = [r for r in rows if r["landed"]]
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,3 +174,272 @@ def test_checkpoint_every_resumes_mid_epoch_bitwise_with_mixup_ema_and_dropout(t
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight, cut)]
     assert [r["train_loss"] for r in rows[0]] == [r["train_loss"] for r in rows[1]]  # epoch 2's mean is whole
+
+
+# 9. COCO annotations: every malformed file and every silent duplicate is one line naming the file.
+def _doc() -> dict:
+    return {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+
+
+def _edit(change: str) -> object:
+    doc = _doc()
+    if change == "top-level list":
+        return [doc]
+    if change == "annotations null":
+        return {**doc, "annotations": None}
+    if change == "images a dict":
+        return {**doc, "images": {"1": doc["images"][0]}}
+    if change == "duplicate image id":
+        doc["images"][1]["id"] = 1
+    elif change == "duplicate file_name":
+        doc["images"][1]["file_name"] = "a.jpg"
+    elif change == "duplicate category name":
+        doc["categories"][1]["name"] = "cat"
+    elif change == "string image id":
+        doc["images"][0]["id"] = "1"
+    elif change == "no file_name":
+        del doc["images"][0]["file_name"]
+    elif change == "category without name":
+        del doc["categories"][0]["name"]
+    elif change == "string bbox":
+        doc["annotations"][0]["bbox"] = "0 0 4 4"
+    elif change == "unknown category_id":
+        doc["annotations"][0]["category_id"] = 7
+    return doc
+
+
+COCO_CASES = {
+    "top-level list": "the top level is a list, not an object",
+    "annotations null": "'annotations' is null, not a list",
+    "images a dict": "'images' is dict, not a list",
+    "duplicate image id": "images: id 1 appears more than once",
+    "duplicate file_name": "images: file_name 'a.jpg' appears more than once",
+    "duplicate category name": "categories: name 'cat' appears more than once",
+    "string image id": "images[0]: 'id' is '1', not an integer",
+    "no file_name": "images[0] has no 'file_name'",
+    "category without name": "categories[0] has no 'name'",
+    "string bbox": "annotations[0]: 'bbox' is '0 0 4 4', not [x, y, width, height]",
+    "unknown category_id": "annotation 1 has category_id 7 not in 'categories'",
+}
+
+
+@pytest.mark.parametrize("change", sorted(COCO_CASES))
+def test_a_malformed_or_ambiguous_coco_file_is_one_line_naming_it(change: str, tmp_path: Path) -> None:
+    from finetune.data.coco import read_coco_split
+
+    (tmp_path / "annotations").mkdir()
+    ann = tmp_path / "annotations" / "instances_train.json"
+    ann.write_text(json.dumps(_edit(change)))
+    with pytest.raises(UserError) as err:
+        read_coco_split(tmp_path, "train")
+    assert str(err.value).startswith(f"{ann}: ") and COCO_CASES[change] in str(err.value), str(err.value)
+
+
+def test_a_coco_file_without_bboxes_reads_unless_min_box_area_needs_them(tmp_path: Path) -> None:
+    from finetune.data.coco import read_coco_split
+
+    (tmp_path / "annotations").mkdir()
+    doc = _doc()
+    del doc["annotations"][0]["bbox"]
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(doc))
+    assert read_coco_split(tmp_path, "train").targets.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    with pytest.raises(UserError, match="annotation 1 has no 'bbox'; data.min_box_area needs one"):
+        read_coco_split(tmp_path, "train", min_box_area=4.0)
+
+
+# 10-12. Exported metadata, the Python API and tool-written files: a tampered file is a user error, never a
+# traceback or a silently wrong answer.
+@pytest.fixture(scope="module")
+def shipped(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch run exported to ONNX and TorchScript (module-scoped; tests copy what they change)."""
+    from finetune.deploy.export import export_run
+
+    from .conftest import TINY_RECIPE
+
+    folder = tmp_path_factory.mktemp("shipped")
+    recipe = folder / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(root=tiny_coco.as_posix(), runs=(folder / "runs").as_posix()))
+    run = run_recipe(load_recipe(recipe))
+    export_run(run, "onnx")
+    export_run(run, "torchscript")
+    return run
+
+
+def _tampered(info: dict, how: str) -> dict:
+    info = json.loads(json.dumps(info))
+    n = len(info["classes"])
+    edits = {
+        "thresholds too short": lambda: info.update(thresholds=info["thresholds"][:-1]),
+        "one threshold for all": lambda: info.update(thresholds=[0.3]),
+        "thresholds a string": lambda: info.update(thresholds="0.3"),
+        "NaN threshold": lambda: info.update(thresholds=[float("nan")] * n),
+        "threshold 2.0": lambda: info.update(thresholds=[2.0] * n),
+        "no input": lambda: info.pop("input"),
+        "no task": lambda: info.pop("task"),
+        "task regression": lambda: info.update(task="regression"),
+        "size 0": lambda: info["input"].update(size=[0, 0]),
+        "size text": lambda: info["input"].update(size=["big", "big"]),
+    }
+    edits[how]()
+    return info
+
+
+TAMPERED = {
+    "thresholds too short": "'thresholds' is not one value per class",
+    "one threshold for all": "'thresholds' is not one value per class",
+    "thresholds a string": "'thresholds' is not one value per class",
+    "NaN threshold": "not a probability (0..1)",
+    "threshold 2.0": "not a probability (0..1)",
+    "no input": "'input.size' is not a size in pixels",
+    "no task": "'task' is None, not one of multilabel, singlelabel",
+    "task regression": "'task' is 'regression', not one of",
+    "size 0": "'input.size' is [0, 0], not a positive size",
+    "size text": "'input.size' is not a size in pixels",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", sorted(TAMPERED))
+def test_tampered_export_metadata_is_refused_in_one_line(how: str, shipped: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from finetune import Predictor
+
+    model = onnx.load(str(shipped / "export" / "model.onnx"))
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    bad = _tampered(meta, how)
+    del model.metadata_props[:]
+    for key, value in {**bad, "producer_note": "not json {"}.items():  # plus a foreign, non-JSON key
+        model.metadata_props.add(key=key, value=value if key == "producer_note" else json.dumps(value))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(UserError) as err:
+        Predictor.from_onnx(tmp_path / "model.onnx")
+    line = str(err.value)
+    assert TAMPERED[how] in line and line.endswith("export the model again with `finetune export`"), line
+
+
+@pytest.mark.slow
+def test_foreign_metadata_is_ignored_and_outputs_must_match_classes(shipped: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from finetune import Predictor
+
+    model = onnx.load(str(shipped / "export" / "model.onnx"))
+    model.metadata_props.add(key="producer_note", value="made with another tool")  # was: a JSONDecodeError
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    image = sorted((Path(load_recipe(shipped / "recipe.toml").data.root) / "test").iterdir())[0]
+    good = Predictor.from_onnx(tmp_path / "model.onnx").predict(image)[0]
+    assert good.probabilities == Predictor.from_onnx(shipped / "export" / "model.onnx").predict(image)[0].probabilities
+    for p in model.metadata_props:
+        if p.key == "classes":
+            p.value = json.dumps(json.loads(p.value)[:-1])
+        if p.key == "thresholds":
+            p.value = json.dumps(json.loads(p.value)[:-1])
+    onnx.save(model, str(tmp_path / "fewer.onnx"))
+    with pytest.raises(UserError, match="the model gives 10 outputs per image and its metadata names 9 classes"):
+        Predictor.from_onnx(tmp_path / "fewer.onnx").predict(image)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["thresholds.json", "classes.json"])
+@pytest.mark.parametrize("command", ["eval", "export", "predict"])
+def test_a_corrupt_tool_written_file_is_one_line(name: str, command: str, shipped: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run, ignore=shutil.ignore_patterns("export"))
+    (run / name).write_text('{"classes": [')  # a torn or hand-broken file
+    image = sorted((Path(load_recipe(run / "recipe.toml").data.root) / "test").iterdir())[0]
+    args = {"eval": ["eval", str(run)], "export": ["export", str(run)], "predict": ["predict", str(run), str(image)]}
+    proc = run_cli(*args[command])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{run / name}: corrupt" in " ".join(proc.stderr.split()), proc.stderr
+
+
+@pytest.mark.slow
+def test_the_python_api_converts_like_a_file_and_refuses_what_it_cannot_use(shipped: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from finetune import Predictor
+
+    predictor = Predictor.from_run(shipped)
+    ramp = (np.linspace(0, 65535, 48 * 48).reshape(48, 48)).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as img:
+        by_pil = predictor.predict(img)[0].probabilities  # was: PIL's convert("RGB"), a white image
+    assert by_pil == pytest.approx(predictor.predict(path)[0].probabilities, abs=1e-6)  # was: 0.12 apart
+    for bad, needle in [
+        (np.zeros((48, 48, 3), np.float32), "float32"),
+        (np.zeros((48, 48, 3), np.int64), "int64"),
+        (np.zeros((0, 0, 3), np.uint8), "(0, 0, 3)"),
+        (np.zeros((1, 3, 48, 48), np.uint8), "(1, 3, 48, 48)"),
+        (np.zeros((48, 48), np.uint8), "(48, 48)"),
+    ]:
+        with pytest.raises(UserError, match=r"expected an HxWx3 uint8 RGB array"):
+            predictor.predict(bad)
+        with pytest.raises(UserError, match=re.escape(needle)):
+            predictor.predict([bad])
+    with pytest.raises(UserError, match="expected an HxWx3 uint8 RGB array"):
+        predictor.predict([None])
+    with pytest.raises(UserError, match="missing.jpg"):
+        list(predictor.predict_files([tmp_path / "missing.jpg"]))  # was: [] without a word
+    with pytest.raises(UserError, match="batch_size 0"):
+        list(predictor.predict_files([path], batch_size=0))
+    with pytest.raises(UserError, match="threshold 0.3: a probability threshold"):
+        Predictor.from_run(shipped, threshold="0.3")  # type: ignore[arg-type]
+
+
+# 8. Nothing of the user's is overwritten.
+def test_data_demo_and_predict_csv_never_overwrite_a_users_files(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    (mine / "annotations").mkdir(parents=True)
+    (mine / "annotations" / "instances_train.json").write_text("the user's own")
+    proc = run_cli("data", "demo", str(mine), "--train", "4", "--val", "2", "--test", "2", "--source", "0")
+    assert proc.returncode == 2 and f"{mine}: is not empty (it holds annotations)" in proc.stderr
+    assert (mine / "annotations" / "instances_train.json").read_text() == "the user's own"
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"the user's photo")
+    proc = run_cli("predict", str(tmp_path / "no-run"), str(image), "--csv", str(image))
+    assert proc.returncode == 2 and "names an image" in proc.stderr and image.read_bytes() == b"the user's photo"
+
+
+# 14. Smaller ones.
+def test_a_symlink_loop_predicts_each_file_once(tmp_path: Path) -> None:
+    from finetune.deploy.predictor import expand_paths
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.jpg").write_bytes(b"")
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
+    files, _ = expand_paths([f"{tmp_path}/d/**/*.jpg", str(tmp_path / "d" / "x.jpg")])
+    assert files == [tmp_path / "d" / "x.jpg"]  # was: the same file 41 times
+
+
+def test_a_recipe_with_a_utf8_bom_reads(tiny_recipe: Path) -> None:
+    tiny_recipe.write_bytes(b"\xef\xbb\xbf" + tiny_recipe.read_bytes())  # what Windows Notepad writes
+    assert load_recipe(tiny_recipe).train.epochs == 1  # was: "Invalid statement (at line 1, column 1)"
+
+
+def test_under_torchrun_only_rank_0_prints_a_user_error(tmp_path: Path) -> None:
+    said = run_cli("run", str(tmp_path / "missing.toml"), env={"RANK": "1"})
+    assert said.returncode == 2 and said.stderr == ""
+    said = run_cli("run", str(tmp_path / "missing.toml"), env={"RANK": "0"})
+    assert said.returncode == 2 and "missing.toml: recipe file not found" in said.stderr
+
+
+# 15. Misleading messages.
+def test_os_errors_name_the_real_file_and_only_run_says_resume(tmp_path: Path) -> None:
+    import errno
+
+    from finetune.errors import os_error_line
+
+    full = OSError(errno.ENOSPC, "No space left", str(tmp_path / ".model.onnx.ab12cd.tmp"))
+    assert os_error_line(full, "export") == (
+        f"{tmp_path / 'model.onnx'}: no space left on the device; free space or write to another folder"
+    )
+    assert os_error_line(full, "run").endswith("free space or choose another output.dir, then --resume")

@@ -80,7 +80,8 @@ def expand_paths(patterns: Sequence[str | Path]) -> tuple[list[Path], list[str]]
         elif path.is_file():
             found = [path]
         else:
-            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            hits = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+            found = sorted(hits, key=lambda p: (len(p.parts), str(p)))  # shallow first: a symlink loop's copies last
         if not found:
             missing.append(f"{pattern}: no such file, folder or matching image")
         for p in found:
