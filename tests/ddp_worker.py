@@ -3,9 +3,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py MODE RECIPE OUT [SET ...]
 
 MODE: ``train`` (a run; each rank saves its weights at fit start and end to OUT/rank<r>.pt, and rank 0 the gathered
-val predictions of best.pt to OUT/gathered.pt), ``interrupt`` (Ctrl-C after step 5, in epoch 2), ``resume`` (RECIPE is
-the run directory), ``elastic`` (rank 1 SIGKILLs itself at the start of epoch 2 of torchrun's first attempt; run with
-``--max-restarts 1``, the restarted workers resume).
+val predictions of best.pt to OUT/gathered.pt), ``elastic`` (rank 1 SIGKILLs itself after step 5, mid-epoch 2, on
+torchrun's first attempt; run with ``--max-restarts 1``: the restarted workers resume from the newest checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import torch
 
 from finetune import distributed
 from finetune.config import load_recipe
-from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
 from finetune.train.assembly import build_from_run
 from finetune.train.loop import Hook, Loop
@@ -41,20 +39,12 @@ class Dump(Hook):
         torch.save(self.saved, self.path)
 
 
-class Interrupt(Hook):
-    """Ctrl-C after the fifth optimizer step (epoch 2's second of three), on every rank."""
+class KillRank1(Hook):
+    """SIGKILL of rank 1 after step 5 (epoch 2's second of three), on torchrun's first attempt only."""
 
     def on_step_end(self, loop: Loop) -> None:  # noqa: D102
-        if loop.state.step == 5:
-            raise KeyboardInterrupt
-
-
-class KillRank1(Hook):
-    """SIGKILL of rank 1 at the start of the second epoch, on torchrun's first attempt only (after rank 0's last.pt)."""
-
-    def on_epoch_start(self, loop: Loop) -> None:  # noqa: D102
-        if loop.epoch == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            torch.distributed.barrier()  # rank 0 has written epoch 1's last.pt
+        if loop.state.step == 5 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            torch.distributed.barrier()  # rank 0 has written step 4's checkpoint
             if torch.distributed.get_rank() == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -74,20 +64,10 @@ def main() -> None:
     mode, target, out, *sets = sys.argv[1:]
     out = Path(out)
     d = distributed.setup("cpu")
-    if mode == "resume":
-        run_dir = Path(target)
-        run_recipe(RunDir.open(run_dir).resume_recipe(), resume=run_dir, hooks=[Dump(out, d.rank)])
-    else:
-        extra = {"interrupt": [Interrupt()], "elastic": [KillRank1()]}.get(mode, [])
-        hooks: list[Hook] = [Dump(out, d.rank), *extra]
-        try:
-            run_dir = run_recipe(load_recipe(target, sets), hooks=hooks)
-        except UserError as err:
-            if mode != "interrupt" or "interrupted" not in str(err):
-                raise
-        else:
-            if mode == "train":
-                gathered_eval(run_dir, out, d)
+    hooks: list[Hook] = [Dump(out, d.rank)] + ([KillRank1()] if mode == "elastic" else [])
+    run_dir = run_recipe(load_recipe(target, sets), hooks=hooks)
+    if mode == "train":
+        gathered_eval(run_dir, out, d)
     distributed.teardown()
 
 

@@ -226,7 +226,9 @@ def run_recipe(
     parts.console = console
     if resume is not None and restarted is not None:
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        console.print(f"elastic restart {restarts}: resuming {escape(str(restarted))} from its last.pt")
+        point = RunDir(restarted).resume_point()
+        name = point.relative_to(restarted) if point is not None else "its start"
+        console.print(f"elastic restart {restarts}: resuming {escape(str(restarted))} from {name}")
     target = Path(resume) if resume else Path(parts.recipe.output.dir) / parts.recipe.output.name
     with run_lock(target, "finetune run", d, console):
         return _locked_run(parts, resume, console)
