@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,9 +102,12 @@ def main() -> None:
     recipe.write_text(RECIPE.format(root=root.as_posix(), runs=runs.as_posix()))
     twin = runs / "twin"
     start = time.perf_counter()
-    if not (twin / "report.json").is_file():
+    timing = args.out / "twin_seconds.txt"
+    if not (twin / "report.json").is_file() or not timing.is_file():
+        shutil.rmtree(twin, ignore_errors=True)
         subprocess.run([*FINETUNE, "run", str(recipe)], check=True, capture_output=True, timeout=600)
-    span = time.perf_counter() - start
+        timing.write_text(f"{time.perf_counter() - start:.3f}")
+    span = float(timing.read_text())
     reference, rows = _weights(twin), []
     print(f"twin: {span:.1f} s uninterrupted; killing {args.kills} runs at a random moment in [1 s, {span:.1f} s]")
     for k in range(args.kills):
@@ -114,6 +118,9 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # A process started in the background inherits SIGINT ignored, and Python then never raises Ctrl-C:
+            # give the run the default disposition a terminal's foreground job has.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(wait)
         landed = proc.poll() is None

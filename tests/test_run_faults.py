@@ -207,6 +207,8 @@ def _edit(change: str) -> object:
         del doc["categories"][0]["name"]
     elif change == "string bbox":
         doc["annotations"][0]["bbox"] = "0 0 4 4"
+    elif change == "annotation without id":
+        del doc["annotations"][0]["id"]
     elif change == "unknown category_id":
         doc["annotations"][0]["category_id"] = 7
     return doc
@@ -224,6 +226,7 @@ COCO_CASES = {
     "category without name": "categories[0] has no 'name'",
     "string bbox": "annotations[0]: 'bbox' is '0 0 4 4', not [x, y, width, height]",
     "unknown category_id": "annotation 1 has category_id 7 not in 'categories'",
+    "annotation without id": "annotations[0] has no 'id'",
 }
 
 
@@ -443,3 +446,24 @@ def test_os_errors_name_the_real_file_and_only_run_says_resume(tmp_path: Path) -
         f"{tmp_path / 'model.onnx'}: no space left on the device; free space or write to another folder"
     )
     assert os_error_line(full, "run").endswith("free space or choose another output.dir, then --resume")
+
+
+def test_an_elastic_restart_resumes_only_a_run_its_own_job_made(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune.train.run import ELASTIC_ID, elastic_resume
+
+    recipe = load_recipe(tiny_recipe)
+    run = Path(recipe.output.dir) / recipe.output.name
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert elastic_resume(recipe, None) is None  # the first attempt never resumes by itself
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert elastic_resume(recipe, None) is None  # an older run of the same name: attempt 0 refused it; so do we
+    (run / ELASTIC_ID).write_text("job-1\n")
+    assert elastic_resume(recipe, None) is None
+    (run / ELASTIC_ID).write_text("job-2\n")
+    assert elastic_resume(recipe, None) == run
+    assert elastic_resume(recipe, run) is None  # an explicit --resume is not an elastic one

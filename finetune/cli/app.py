@@ -225,8 +225,13 @@ def main() -> None:
     """Console entry point: a UserError (or a full disk, a folder one cannot write) is one line and exit code 2."""
     try:
         app()
-    except (UserError, OSError) as e:
+    except (UserError, OSError, RuntimeError) as e:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "run")
+        if isinstance(e, RuntimeError):  # of these, only a killed DataLoader worker is the machine's, not a bug
+            if "DataLoader worker" not in str(e):
+                raise
+            first = str(e).strip().splitlines()[0].rstrip(". ")
+            e = UserError(f"{first}: most often the out-of-memory killer; lower the workers or the batch size")
         line = str(e) if isinstance(e, UserError) else os_error_line(e, command)
         if line is None:
             raise

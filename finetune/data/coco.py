@@ -85,7 +85,7 @@ def coco_problem(doc: object) -> str:
         return "not a COCO instances file (needs 'images' and 'categories')"
     fields = {"images": {"id": "id", "file_name": str}, "categories": {"id": "id", "name": str}}
     if "annotations" in doc:
-        fields["annotations"] = {"image_id": "id", "category_id": "id"}
+        fields["annotations"] = {"id": "id", "image_id": "id", "category_id": "id"}
     for key, wanted in fields.items():
         problem = _entries_problem(doc, key, wanted)
         if problem:

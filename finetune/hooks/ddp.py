@@ -48,7 +48,10 @@ class DDPHook(Hook):
             device_ids = [self.d.local_rank] if loop.settings.device.type == "cuda" else None
             self._ddp = DistributedDataParallel(_Forward(loop.model, fn), device_ids=device_ids)
         loop.forward = self._ddp
-        self._steps_left = math.ceil(len(loop.loader or loop.train_loader) / loop.settings.accum_steps)
+        # Less the batches a mid-epoch checkpoint had done (the loop skips them after this hook): the broadcast of BN
+        # buffers must still come after the epoch's last step.
+        done = loop.state.batch
+        self._steps_left = math.ceil((len(loop.loader or loop.train_loader) - done) / loop.settings.accum_steps)
 
     def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
         self._device, loop.agree = loop.settings.device, self.agree

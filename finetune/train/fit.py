@@ -181,7 +181,7 @@ def save_step_checkpoint(loop: Loop, hooks: Sequence[Hook] = ()) -> None:
     folder = loop.run_dir / STEPS_DIR
     folder.mkdir(exist_ok=True)
     save_checkpoint(folder / f"step-{loop.state.step:08d}.pt", checkpoint_state(loop, hooks))
-    for old in sorted(folder.glob("step-*.pt"))[:-KEEP_STEPS]:
+    for old in sorted(folder.glob("step-[0-9]*.pt"))[:-KEEP_STEPS]:
         old.unlink(missing_ok=True)
 
 
@@ -231,7 +231,10 @@ def _set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
 
 def _skip(loader: torch.utils.data.DataLoader, batches: int) -> None:
     if not hasattr(loader.sampler, "set_skip"):
-        raise UserError("train.checkpoint_every: this run's sampler cannot start mid-epoch; resume from last.pt")
+        raise UserError(
+            "train.checkpoint_every: this run's sampler cannot start mid-epoch; move RUN/steps away to resume from "
+            "last.pt (the epoch's start)"
+        )
     loader.sampler.set_skip(batches * (loader.batch_size or 1))
 
 

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune.distributed import Dist, broadcast_object
-from finetune.errors import UserError
+from finetune.errors import UserError, os_error_line
 
 LOCK_NAME = ".lock"
 P = ParamSpec("P")
@@ -39,9 +39,14 @@ _HELD: dict[Path, list[Any]] = {}  # lock path -> [fd, depth]: a command that lo
 
 
 def _holder(info: dict[str, Any]) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
-    who = info.get("command", "a finetune command")
-    return f"{who} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {since})"
+    """The holder line, e.g. "finetune run (pid 12 on host, since 2026-12-01 21:40:05)", from what the file says."""
+    who = str(info.get("command", "a finetune command"))
+    where = " ".join(f"{label}{info[key]}" for key, label in (("pid", "pid "), ("host", "on ")) if key in info)
+    since = info.get("since")
+    if isinstance(since, int | float) and not isinstance(since, bool):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        where = f"{where}, since {stamp}" if where else f"since {stamp}"
+    return f"{who} ({where})" if where else who
 
 
 def _read(fd: int) -> dict[str, Any]:
@@ -101,8 +106,12 @@ def acquire(run_path: Path, command: str) -> str:
             f"{run_path} is locked by {_holder(left)} on another host; if that process is gone, delete {path}"
         )
     mine = {"command": command, "pid": os.getpid(), "host": host, "since": time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(mine).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(mine).encode(), 0)
+    except OSError:
+        os.close(fd)  # and with it the lock
+        raise
     _HELD[key] = [fd, 1]
     if left:
         return f"took over {path}: its holder, {_holder(left)}, is no longer running"
@@ -120,7 +129,8 @@ def release(run_path: Path) -> None:
         return
     del _HELD[key]
     with contextlib.suppress(FileNotFoundError):
-        key.unlink()  # while still holding it: a waiter that opened the old file sees the inode change and retries
+        if os.stat(key).st_ino == os.fstat(held[0]).st_ino:  # ours, not one made after ours was deleted by hand
+            key.unlink()  # while still holding it: a waiter that opened the old file sees the inode change and retries
     os.close(held[0])
 
 
@@ -140,6 +150,8 @@ def run_lock(
             answer = ("", acquire(run_path, command))
         except UserError as err:
             answer = (str(err), "")
+        except OSError as err:  # a folder one cannot write: every rank gets the line, none waits for ever
+            answer = (os_error_line(err, command.split()[-1]) or f"{run_path}: {err}", "")
     refusal, note = broadcast_object(answer, d)
     if refusal:
         raise UserError(refusal)
@@ -168,8 +180,17 @@ def locking(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             run_dir = Path(args[0] if args else kwargs["run_dir"])  # type: ignore[arg-type]
             if not run_dir.is_dir():
                 return fn(*args, **kwargs)
-            with run_lock(run_dir, command):
+            try:
+                lock = run_lock(run_dir, command)
+                lock.__enter__()
+            except UserError:
+                if os.access(run_dir, os.W_OK):
+                    raise
+                return fn(*args, **kwargs)  # a read-only run (an archive): nothing can write into it anyway
+            try:
                 return fn(*args, **kwargs)
+            finally:
+                lock.__exit__(None, None, None)
 
         return locked
 

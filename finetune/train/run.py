@@ -60,9 +60,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped(err: KeyboardInterrupt, run_dir: RunDir) -> UserError:
-    """The one line for a run stopped by Ctrl-C or SIGTERM."""
+def _stopped(err: KeyboardInterrupt, run_dir: RunDir | Path) -> UserError:
+    """The one line for a run stopped by Ctrl-C or SIGTERM (before its run directory was made: run it again)."""
     how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+    if not (Path(run_dir) / "recipe.toml").is_file():
+        return UserError(f"{how} before the run started; nothing was written: run the recipe again")
     return UserError(f"{how}; continue with `finetune run --resume {run_dir}`")
 
 
@@ -169,22 +171,31 @@ def _start(parts: RunParts, run_dir: RunDir, resume: bool, loop: Loop, hooks: li
             loop.console.print(moved)
     elif d.main:
         RunDir.create(run_dir.path).save_classes(parts.classes)
+        if os.environ.get("TORCHELASTIC_RUN_ID") and d.enabled:  # what an elastic restart checks it resumes
+            run_dir.write_text(ELASTIC_ID, os.environ["TORCHELASTIC_RUN_ID"] + "\n")
     if d.main:
         run_dir.save_recipe(recipe)
     barrier(d)
+
+
+ELASTIC_ID = "torchrun_id"
 
 
 def elastic_resume(recipe: Recipe, resume: str | Path | None) -> Path | None:
     """The run directory a torchrun elastic restart continues (``TORCHELASTIC_RESTART_COUNT > 0``), else ``resume``.
 
     torchrun restarts every worker with the same command after a fault; that command names the recipe, not the run,
-    so without this each restarted worker would find "already holds a run". A restart resumes from ``last.pt``
-    instead, the elastic contract; before the first ``last.pt`` the run starts again, as a rerun would.
+    so without this each restarted worker would find "already holds a run". A restart resumes from the newest
+    checkpoint instead, the elastic contract; before the first one the run starts again, as a rerun would. Only a
+    directory this torchrun job made (its ``TORCHELASTIC_RUN_ID`` in ``RUN/torchrun_id``) is resumed: an older run of
+    the same name, which attempt 0 refused, is refused again.
     """
     if resume is not None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) <= 0:
-        return Path(resume) if resume is not None else None
+        return None
     path = Path(recipe.output.dir) / recipe.output.name
-    return path if RunDir(path).resume_point() is not None else None
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    mine = (path / ELASTIC_ID).is_file() and (path / ELASTIC_ID).read_text().strip() == job
+    return path if mine and RunDir(path).resume_point() is not None else None
 
 
 def worker_killed(err: BaseException) -> bool:
@@ -192,7 +203,7 @@ def worker_killed(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "DataLoader worker" in str(err)
 
 
-def _worker_line(err: BaseException, run_dir: RunDir) -> UserError:
+def _worker_line(err: BaseException, run_dir: RunDir | Path) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else "a DataLoader worker died"
     return UserError(
         f"{first.rstrip('. ')}: most often the out-of-memory killer; lower data.num_workers, data.batch_size or "
@@ -224,14 +235,23 @@ def run_recipe(
     d = parts.dist
     console = (console or Console(stderr=True)) if d.main else Console(quiet=True)
     parts.console = console
-    if resume is not None and restarted is not None:
+    if restarted is not None:
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         point = RunDir(restarted).resume_point()
         name = point.relative_to(restarted) if point is not None else "its start"
         console.print(f"elastic restart {restarts}: resuming {escape(str(restarted))} from {name}")
+    if resume is not None and not Path(resume).is_dir():
+        raise UserError(f"{resume}: not a run directory (no such folder)")
     target = Path(resume) if resume else Path(parts.recipe.output.dir) / parts.recipe.output.name
-    with run_lock(target, "finetune run", d, console):
-        return _locked_run(parts, resume, console)
+    with sigterm_as_interrupt(), run_lock(target, "finetune run", d, console):
+        try:
+            return _locked_run(parts, resume, console)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM at any moment: setting up, training, reporting
+            raise _stopped(err, target) from None
+        except RuntimeError as err:  # training, validation or the report's predictions
+            if worker_killed(err):
+                raise _worker_line(err, target) from None
+            raise
 
 
 def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) -> Path:
@@ -254,14 +274,7 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
     console.print(_start_line(parts, run_dir))
     _start(parts, run_dir, resume is not None, loop, all_hooks)
     try:
-        with sigterm_as_interrupt():
-            fit(loop, all_hooks)
-    except KeyboardInterrupt as err:
-        raise _stopped(err, run_dir) from None
-    except RuntimeError as err:
-        if worker_killed(err):
-            raise _worker_line(err, run_dir) from None
-        raise
+        fit(loop, all_hooks)
     finally:
         if loop.state.bad_images and d.main:
             run_dir.write_json("bad_images.json", loop.state.bad_images)

@@ -37,6 +37,7 @@ _BEFORE_FIRST_CHECKPOINT = {
     "best.pt",
     "recipe.toml",
     "steps",
+    "torchrun_id",
     "classes.json",
     "metrics.jsonl",
     "metrics.csv",
@@ -118,7 +119,8 @@ class RunDir:
 
     def resume_point(self) -> Path | None:
         """The checkpoint a resume continues from: ``last.pt``, or a newer mid-epoch ``steps/step-<step>.pt``."""
-        last, steps = self.path / "last.pt", sorted((self.path / "steps").glob("step-*.pt"))
+        last = self.path / "last.pt"
+        steps = sorted(p for p in (self.path / "steps").glob("step-*.pt") if p.stem[5:].isdigit())
         if not steps:
             return last if last.is_file() else None
         if not last.is_file():

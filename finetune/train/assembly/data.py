@@ -207,6 +207,10 @@ def build_loader(
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
         prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
         drop_last=train and len(dataset) > cfg.batch_size,
+        # Its own generator: starting an iterator (and its workers' base seed) never draws from the global RNG, which
+        # dropout shares. Persistent workers start once in a run and again after a resume; a draw there would move
+        # every later dropout mask of the resumed run.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
