@@ -467,3 +467,16 @@ def test_an_elastic_restart_resumes_only_a_run_its_own_job_made(
     (run / ELASTIC_ID).write_text("job-2\n")
     assert elastic_resume(recipe, None) == run
     assert elastic_resume(recipe, run) is None  # an explicit --resume is not an elastic one
+
+
+# 13. Out of memory.
+def test_out_of_memory_is_one_line(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def allocate(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 8 TB")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", allocate)
+    with pytest.raises(UserError, match=r"^out of memory \(.*can't allocate memory.*\): lower data.batch_size or"):
+        run_recipe(load_recipe(tiny_recipe))
+    for size, needle in (("1x32x32", "C must be 3"), ("3x100000x100000", "at most 4096 pixels a side")):
+        said = run_cli("summary", "--model", "mobilenetv2_035", "--input-size", size)
+        assert said.returncode == 2 and needle in said.stderr and "Traceback" not in said.stderr, said.stderr

@@ -53,6 +53,12 @@ def _parse_size(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise UserError(f"--input-size {text!r}: expected CxHxW, e.g. 3x224x224")
     c, h, w = (int(p) for p in parts)
+    if c != 3:
+        raise UserError(f"--input-size {text!r}: the model takes RGB images; C must be 3")
+    if max(h, w) > 4096:
+        raise UserError(
+            f"--input-size {text!r}: at most 4096 pixels a side (a forward pass that large runs out of memory)"
+        )
     return c, h, w
 
 

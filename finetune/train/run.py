@@ -203,6 +203,12 @@ def worker_killed(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "DataLoader worker" in str(err)
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocator's refusal (CUDA or CPU), not a bug."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
 def _worker_line(err: BaseException, run_dir: RunDir | Path) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else "a DataLoader worker died"
     return UserError(
@@ -251,6 +257,11 @@ def run_recipe(
         except RuntimeError as err:  # training, validation or the report's predictions
             if worker_killed(err):
                 raise _worker_line(err, target) from None
+            if out_of_memory(err):
+                raise UserError(
+                    f"out of memory ({str(err).strip().splitlines()[0][:100]}): lower data.batch_size or "
+                    f"data.image_size (finetune summary RECIPE estimates the memory), then run it again"
+                ) from None
             raise
 
 
