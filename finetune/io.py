@@ -140,7 +140,10 @@ def load_error(path: str | Path, err: Exception) -> UserError:
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         return UserError(f"{path}: the file is empty (0 bytes); was it copied or written completely?")
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:  # torch's text urges the unsafe
-        return UserError(f"{path}: cannot read weights (not a torch or safetensors file, or a truncated one)")
+        return UserError(
+            f"{path}: cannot read weights: torch's safe loader refused it (a truncated file, or pickled content "
+            "besides tensors); re-save it as safetensors or a plain state dict from a trusted source"
+        )
     first = (text.splitlines() or [""])[0][:200]
     return UserError(f"{path}: cannot read weights ({type(err).__name__}{': ' + first if first else ''})")
 

@@ -480,3 +480,45 @@ def test_out_of_memory_is_one_line(tiny_recipe: Path, monkeypatch: pytest.Monkey
     for size, needle in (("1x32x32", "C must be 3"), ("3x100000x100000", "at most 4096 pixels a side")):
         said = run_cli("summary", "--model", "mobilenetv2_035", "--input-size", size)
         assert said.returncode == 2 and needle in said.stderr and "Traceback" not in said.stderr, said.stderr
+
+
+class _NaNWeights(trainer.Hook):
+    def on_fit_start(self, loop: trainer.Loop) -> None:  # noqa: D102 - as a broken model.checkpoint would start
+        with torch.no_grad():
+            next(loop.model.parameters()).fill_(float("nan"))
+
+
+def test_nan_starting_weights_are_blamed_on_the_weights_not_the_lr(tiny_recipe: Path) -> None:
+    with pytest.raises(UserError, match=r"^the starting weights hold NaN or inf \(.*\): model.checkpoint"):
+        run_recipe(load_recipe(tiny_recipe), hooks=[_NaNWeights()])
+
+
+def test_a_corrupt_stats_cache_is_computed_again(tiny_recipe: Path) -> None:
+    from finetune.data.stats import cache_path
+    from finetune.train.assembly import build_run
+
+    assert run_cli("data", "stats", str(tiny_recipe)).returncode == 0
+    split = build_run(load_recipe(tiny_recipe), roles=("train",)).splits["train"]
+    cache = cache_path(split, "coco", load_recipe(tiny_recipe).data.image_size)
+    assert cache.is_file()
+    cache.write_text('{"mean": [0.5')  # torn
+    again = run_cli("data", "stats", str(tiny_recipe))
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert json.loads(cache.read_text())["mean"]
+
+
+def test_lr_find_is_reproducible(tiny_recipe: Path, tmp_path: Path) -> None:
+    said = [run_cli("lr-find", str(tiny_recipe), "--steps", "12", "--png", str(tmp_path / f"{i}.png")) for i in (0, 1)]
+    assert all(s.returncode == 0 for s in said), said[0].stderr[-2000:]
+    first, second = (s.stdout.split("suggested peak lr ")[1].split()[0] for s in said)
+    assert first == second  # was: 1.0e-7, 1.2e-7, 1.6e-7, 1.5e-3 on four identical runs
+
+
+@pytest.mark.slow
+def test_settings_that_would_do_nothing_are_refused(shipped: Path, tiny_recipe: Path, folder_data: Path) -> None:
+    said = run_cli("calibrate", str(shipped), "--set", "optim.lr=3")  # was: accepted, and nothing changed
+    assert said.returncode == 2 and "--set optim.lr: calibrate changes only calibrate.*" in said.stderr, said.stderr
+    single = ['data.format="folder"', 'loss.name="ce"', "data.image_size=24", f'data.root="{folder_data.as_posix()}"']
+    run = run_recipe(load_recipe(tiny_recipe, [*single, "output.name=single"]))
+    said = run_cli("eval", str(run), "--threshold", "0.3")  # was: accepted, and no threshold was applied
+    assert said.returncode == 2 and "--threshold: a single-label run predicts its top class" in said.stderr

@@ -152,7 +152,9 @@ def lr_find(
     from finetune.eval import plots
     from finetune.train.assembly import build_run
     from finetune.train.lr_find import lr_range_test
+    from finetune.train.run import seed_everything
 
+    seed_everything(cfg.train.seed, cfg.train.deterministic)  # the head's init, dropout: the same sweep every time
     parts = build_run(cfg, roles=("train", "val"), console=err)  # resolved as a run resolves it
     model, index = parts.place(), parts.trained_stage(stage)
     if parts.policy is not None:
@@ -171,6 +173,11 @@ def lr_find(
         end=end,
         steps=steps,
     )
+    if result.lrs and result.steep == result.lrs[0]:
+        err.print(
+            "[yellow]note[/] the steepest descent is at the sweep's first LR: the loss has no clear descent in this "
+            "range; try a lower --start, or more --steps"
+        )
     title = f"{cfg.model.name}, stage {stage}: LR range test"
     plots.lr_find_png(result.lrs, result.losses, result.smoothed, result.steep, png, title)
     out.print(

@@ -17,6 +17,7 @@ from finetune.data.split import ClassMap
 from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
 from finetune.eval.run_report import load_thresholds, write_report
+from finetune.overrides import parse_override
 from finetune.train.assembly import RunParts, build_from_run, split_name
 from finetune.train.lock import locking
 from finetune.train.rundir import RunDir
@@ -58,6 +59,10 @@ def calibrate_run(
     A single-label run has one threshold to fit: its reject option (``calibrate.objective = "accuracy_at_least"``).
     """
     run = RunDir.open(run_dir)
+    for item in overrides or []:  # anything else would be silently ignored: the weights are trained
+        key = ".".join(parse_override(item)[0])
+        if not (key.startswith("calibrate.") or key in ("data.root", "data.num_workers")):
+            raise UserError(f"--set {key}: calibrate changes only calibrate.* (and data.root, data.num_workers)")
     recipe = run.recipe(overrides)
     if not RunParts(recipe).task.calibrates and not recipe.calibrate.reject:
         raise UserError(
@@ -81,6 +86,11 @@ def evaluate_run(
     run = RunDir.open(run_dir)
     parts = build_from_run(run, [role], console=console)
     task, recipe, classes = parts.task, parts.recipe, parts.classes
+    if threshold is not None and not task.calibrates:
+        raise UserError(
+            "--threshold: a single-label run predicts its top class; its one threshold is the reject option "
+            "(finetune calibrate RUN --set calibrate.objective=accuracy_at_least)"
+        )
     out = predictions(parts, [role])[role]
     targets, probs = out["targets"], out["probs"]
     report: dict[str, Any] = {"run": str(run), "task": task.name}

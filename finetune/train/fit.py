@@ -86,6 +86,12 @@ def _forward_backward(
     # DDP rank with nothing readable in this step) contributes zero gradients.
     loss = loop.loss_fn(logits.float(), targets.float()) if len(inputs) else logits.float().sum() * 0.0
     if not torch.isfinite(loss):
+        broken = [n for n, p in loop.model.named_parameters() if not torch.isfinite(p).all()]
+        if broken and state.step == 0:  # before any step: not the LR, the weights the run started from
+            raise UserError(
+                f"the starting weights hold NaN or inf ({broken[0]} and {len(broken) - 1} more): model.checkpoint "
+                "(or the pretrained file) is broken; use another"
+            )
         raise UserError(
             f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}: training diverged; "
             'lower optim.lr, set train.grad_clip, or use train.precision = "fp32"'
