@@ -15,7 +15,7 @@ from finetune.errors import UserError
 from finetune.holdout import HoldoutConfig
 from finetune.objectives import CalibrateConfig
 from finetune.overrides import apply_overrides, parse_override, read_toml
-from finetune.rules import check_calibration_rules, check_task_rules
+from finetune.rules import check_calibration_rules, check_model_rules, check_task_rules
 from finetune.schema import Section
 
 __all__ = ["Recipe", "apply_overrides", "load_recipe", "parse_override", "recipe_to_dict", "validate_recipe"]
@@ -373,8 +373,8 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
     check_task_rules(recipe.data.format, recipe.loss.name, recipe.train.select, source)
-    c = recipe.calibrate
-    check_calibration_rules(recipe.data.format, c.constrained, c.probabilities, source, c.reject, c.enabled)
+    check_model_rules(recipe.model.name, raw.get("model"), source)
+    check_calibration_rules(recipe.data.format, recipe.calibrate, source)
     return recipe
 
 

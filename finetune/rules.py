@@ -6,11 +6,25 @@ here, so the rules live in one place and a recipe is checked without importing t
 
 from __future__ import annotations
 
+from typing import Any
+
 from finetune.errors import UserError
 
 TASK_OF_FORMAT = {"coco": "multi_label", "csv": "multi_label", "folder": "single_label", "cifar10": "single_label"}
 LOSSES = {"multi_label": ("bce", "focal", "asl"), "single_label": ("ce",)}
 SELECTS = {"multi_label": ("map", "macro_f1", "micro_f1", "loss"), "single_label": ("top1", "map", "loss")}
+
+
+ARCH_MODELS = ("mobilenetv2_standard", "mobilenetv2_reduced")
+
+
+def check_model_rules(name: str, raw_model: object, source: str) -> None:
+    """``[model.arch]`` is read by this project's own MobileNetV2 presets only; elsewhere it would do nothing."""
+    if isinstance(raw_model, dict) and raw_model.get("arch") and name not in ARCH_MODELS:
+        raise UserError(
+            f"{source}: model.arch: only {' and '.join(ARCH_MODELS)} read it; for {name} (timm) choose the width by "
+            "name (mobilenetv2_050, mobilenetv2_140, ...)"
+        )
 
 
 def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
@@ -33,13 +47,12 @@ def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
         raise UserError(f"{source}: train.select: {why}")
 
 
-def check_calibration_rules(
-    fmt: str, constrained: bool, probabilities: str, source: str, reject: bool = False, enabled: bool = True
-) -> None:
+def check_calibration_rules(fmt: str, c: Any, source: str) -> None:
     """A single-label run predicts its top class: no per-class thresholds or sigmoids; a temperature and a reject.
 
     With calibration off, a setting only calibration acts on is refused rather than silently dropped.
     """
+    constrained, probabilities, reject, enabled = c.constrained, c.probabilities, c.reject, c.enabled
     if not enabled and (reject or probabilities != "none"):
         key = "objective" if reject else "probabilities"
         raise UserError(

@@ -522,3 +522,10 @@ def test_settings_that_would_do_nothing_are_refused(shipped: Path, tiny_recipe: 
     run = run_recipe(load_recipe(tiny_recipe, [*single, "output.name=single"]))
     said = run_cli("eval", str(run), "--threshold", "0.3")  # was: accepted, and no threshold was applied
     assert said.returncode == 2 and "--threshold: a single-label run predicts its top class" in said.stderr
+
+
+def test_model_arch_on_a_timm_model_is_refused(tiny_recipe: Path) -> None:
+    with pytest.raises(UserError, match=r"model.arch: only mobilenetv2_standard and mobilenetv2_reduced read it"):
+        load_recipe(tiny_recipe, ["model.arch.width=0.5"])  # was: accepted; mobilenetv2_035 kept its width
+    own = load_recipe(tiny_recipe, ['model.name="mobilenetv2_reduced"', "model.arch.width=0.5"])
+    assert own.model.arch.width == 0.5
