@@ -144,3 +144,16 @@ def flop_counter_macs(model: nn.Module, input_size: tuple[int, int, int]) -> flo
         model(torch.zeros(1, *input_size))
     model.train(was_training)
     return counter.get_total_flops() / 2
+
+
+def training_memory(model: nn.Module, image_size: int, batch: int, optimizer: str = "adamw", probe: int = 224) -> int:
+    """About how many bytes training takes: :func:`summarize_model`'s count at ``probe`` px, scaled to ``image_size``.
+
+    Activations grow with the pixels and the batch; parameters, gradients and optimizer state do not. Counting at a
+    small side keeps the estimate cheap (and possible) for a side that would itself run out of memory.
+    """
+    side = min(image_size, probe)
+    mem = summarize_model(model, (3, side, side), 1, optimizer)["totals"]["memory"]
+    scale = (image_size / side) ** 2 * batch
+    fixed = mem["parameters"] + mem["gradients"] + mem["optimizer_state"]
+    return int(mem["activations_forward_backward"] * scale + fixed)

@@ -529,3 +529,10 @@ def test_model_arch_on_a_timm_model_is_refused(tiny_recipe: Path) -> None:
         load_recipe(tiny_recipe, ["model.arch.width=0.5"])  # was: accepted; mobilenetv2_035 kept its width
     own = load_recipe(tiny_recipe, ['model.name="mobilenetv2_reduced"', "model.arch.width=0.5"])
     assert own.model.arch.width == 0.5
+
+
+def test_validate_estimates_the_training_memory_and_warns_past_the_machine(tiny_recipe: Path) -> None:
+    said = run_cli("validate", str(tiny_recipe))
+    assert said.returncode == 0 and "GiB to train" in said.stdout and "run out of memory" not in said.stderr
+    said = run_cli("validate", str(tiny_recipe), "--set", "data.batch_size=100000")  # was: valid, without a word
+    assert "will run out of memory; lower data.batch_size or data.image_size" in " ".join(said.stderr.split())

@@ -110,6 +110,28 @@ def _check_images(parts: Any, features: bool = False, min_cosine: float = 0.85) 
     err.print(f"duplicates: {len(found) - len(leaks)} within splits, {len(leaks)} across splits")
 
 
+def _memory_row(parts: Any, cfg: Any) -> str:
+    """The training memory estimate, and a warning when it is more than the device has."""
+    import torch
+
+    from finetune.summary import training_memory
+
+    d = cfg.data
+    need = training_memory(parts.model, d.image_size, d.batch_size, cfg.optim.name)
+    if parts.device.type == "cuda":
+        have = torch.cuda.get_device_properties(parts.device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    line = f"about {need / 2**30:.1f} GiB to train (summary's count, fp32), of {have / 2**30:.0f} GiB"
+    if need > have:
+        err.print(
+            f"[yellow]warning[/] data.batch_size = {d.batch_size} at image_size {d.image_size} needs about "
+            f"{need / 2**30:.0f} GiB and this {parts.device.type} has {have / 2**30:.0f} GiB: it will run out of "
+            "memory; lower data.batch_size or data.image_size"
+        )
+    return line
+
+
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
@@ -157,6 +179,7 @@ def validate(
         f"(warmup {steps.warmup_steps})",
     )
     table.add_row("device", f"{parts.device.type}, {parts.precision}")
+    table.add_row("memory", escape(_memory_row(parts, cfg)))
     try:
         RunDir.check_new(run_dir)
         table.add_row("run dir", escape(str(run_dir)))
