@@ -373,7 +373,7 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
     check_task_rules(recipe.data.format, recipe.loss.name, recipe.train.select, source)
-    check_model_rules(recipe.model.name, raw.get("model"), source)
+    check_model_rules(recipe.model.name, recipe.model.arch != ArchConfig(), source)
     check_calibration_rules(recipe.data.format, recipe.calibrate, source)
     return recipe
 

@@ -18,9 +18,12 @@ SELECTS = {"multi_label": ("map", "macro_f1", "micro_f1", "loss"), "single_label
 ARCH_MODELS = ("mobilenetv2_standard", "mobilenetv2_reduced")
 
 
-def check_model_rules(name: str, raw_model: object, source: str) -> None:
-    """``[model.arch]`` is read by this project's own MobileNetV2 presets only; elsewhere it would do nothing."""
-    if isinstance(raw_model, dict) and raw_model.get("arch") and name not in ARCH_MODELS:
+def check_model_rules(name: str, arch_changed: bool, source: str) -> None:
+    """``[model.arch]`` is read by this project's own MobileNetV2 presets only; elsewhere a change would do nothing.
+
+    A run's saved recipe.toml lists every key at its default; only a value other than the default is refused.
+    """
+    if arch_changed and name not in ARCH_MODELS:
         raise UserError(
             f"{source}: model.arch: only {' and '.join(ARCH_MODELS)} read it; for {name} (timm) choose the width by "
             "name (mobilenetv2_050, mobilenetv2_140, ...)"

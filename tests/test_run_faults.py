@@ -536,3 +536,23 @@ def test_validate_estimates_the_training_memory_and_warns_past_the_machine(tiny_
     assert said.returncode == 0 and "GiB to train" in said.stdout and "run out of memory" not in said.stderr
     said = run_cli("validate", str(tiny_recipe), "--set", "data.batch_size=100000")  # was: valid, without a word
     assert "will run out of memory; lower data.batch_size or data.image_size" in " ".join(said.stderr.split())
+
+
+@pytest.mark.slow
+def test_eval_refuses_data_whose_categories_are_not_the_runs(shipped: Path, tmp_path: Path) -> None:
+    import shutil
+
+    old_root = str(Path(load_recipe(shipped / "recipe.toml").data.root))
+    root = tmp_path / "data"
+    shutil.copytree(old_root, root)
+    ann = root / "annotations" / "instances_test.json"
+    doc = json.loads(ann.read_text())
+    doc["categories"][0]["name"] = "renamed"  # the same ids, another name: was scored silently against classes.json
+    ann.write_text(json.dumps(doc))
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run, ignore=shutil.ignore_patterns("export"))
+    (run / "recipe.toml").write_text((run / "recipe.toml").read_text().replace(old_root, str(root)))
+    said = run_cli("eval", str(run), "--split", "test")
+    text = " ".join(said.stderr.split())
+    assert said.returncode == 2 and "categories differ from the training split's (or the run's classes.json)" in text
+    assert "'renamed' vs 'circle'" in text, text

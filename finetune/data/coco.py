@@ -197,8 +197,10 @@ def read_coco_split(
     ann_file = root / annotations.format(split=split)
     coco = load_coco(ann_file)
     own = class_map_of(coco)
-    if classes is not None and own.ids != classes.ids:
-        raise UserError(f"{ann_file}: categories differ from the training split's ({len(own)} vs {len(classes)})")
+    if classes is not None and (own.ids, own.names) != (classes.ids, classes.names):  # ids, and what they name
+        pairs = zip(own.names, classes.names)
+        diff = next((f"{a!r} vs {b!r}" for a, b in pairs if a != b), f"{len(own)} vs {len(classes)}")
+        raise UserError(f"{ann_file}: categories differ from the training split's (or the run's classes.json): {diff}")
     classes = classes or own
     if not len(classes):
         raise UserError(f"{ann_file}: no categories; a multi-label dataset needs at least one")
