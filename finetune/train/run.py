@@ -182,7 +182,7 @@ ELASTIC_ID = "torchrun_id"
 
 
 def elastic_resume(recipe: Recipe, resume: str | Path | None) -> Path | None:
-    """The run directory a torchrun elastic restart continues (``TORCHELASTIC_RESTART_COUNT > 0``), else ``resume``.
+    """The run directory a torchrun elastic restart continues (``TORCHELASTIC_RESTART_COUNT > 0``), else None.
 
     torchrun restarts every worker with the same command after a fault; that command names the recipe, not the run,
     so without this each restarted worker would find "already holds a run". A restart resumes from the newest
