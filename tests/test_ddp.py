@@ -106,6 +106,11 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
     for part in ("model", "eval_model"):
         for key, value in ends[0][part].items():
             assert torch.equal(ends[1][part][key], value), (part, key)
+    logged = [
+        [json.loads(r)["train_loss"] for r in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (straight, elastic)
+    ]
+    assert logged[0] == logged[1]  # each rank's running loss of the cut epoch came back, not rank 0's on every rank
 
     # Evaluation gathered from both ranks' shards equals one process's, on the same checkpoint.
     gathered = torch.load(tmp_path / "straight" / "gathered.pt", weights_only=True)

@@ -54,7 +54,13 @@ class DDPHook(Hook):
         self._steps_left = math.ceil((len(loop.loader or loop.train_loader) - done) / loop.settings.accum_steps)
 
     def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
-        self._device, loop.agree = loop.settings.device, self.agree
+        self._device, loop.agree, loop.share, loop.rank = loop.settings.device, self.agree, self.share, self.d.rank
+
+    def share(self, values: list[float]) -> list[list[float]]:
+        """Every rank's ``values`` in rank order (a mid-epoch checkpoint keeps each rank's running loss)."""
+        parts: list[Any] = [None] * self.d.world
+        dist.all_gather_object(parts, values)
+        return parts
 
     def agree(
         self, inputs: torch.Tensor | None, targets: torch.Tensor | None
@@ -98,4 +104,4 @@ class DDPHook(Hook):
                 dist.broadcast(buffer, src=0)
 
     def on_fit_end(self, loop: Loop) -> None:  # noqa: D102
-        self._ddp, self._key, loop.agree = None, None, None
+        self._ddp, self._key, loop.agree, loop.share = None, None, None, None

@@ -107,7 +107,7 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     inputs_of = loop.inputs or (lambda batch: image_inputs(batch, s))
     model.train()
     done = state.batch  # batches a mid-epoch checkpoint had done (the sampler skips them)
-    total_loss, seen = state.partial.get("loss", 0.0), int(state.partial.get("seen", 0))
+    total_loss, seen = _partial_sums(loop)
     n_batches = done + len(loader)
     start = time.perf_counter() - state.partial.get("time", 0.0)
     loop.optimizer.zero_grad(set_to_none=True)
@@ -126,7 +126,8 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
                 for h in hooks:
                     h.on_step_end(loop)
                 if s.checkpoint_every and state.step % s.checkpoint_every == 0 and i + 1 < n_batches:
-                    state.batch, state.partial = i + 1, {"loss": total_loss, "seen": seen, "time": _since(start)}
+                    ranks = loop.share([total_loss, seen]) if loop.share is not None else [[total_loss, seen]]
+                    state.batch, state.partial = i + 1, {"ranks": ranks, "time": _since(start)}
                     save_step_checkpoint(loop, hooks)
             rate = seen / max(time.perf_counter() - start, 1e-9)
             lr = loop.optimizer.param_groups[-1]["lr"]
@@ -171,6 +172,14 @@ def checkpoint_state(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
         "hooks": {hook_key(h): h.state_dict() for h in hooks if h.state_dict()},
         "rng": rng_state(),
     }
+
+
+def _partial_sums(loop: Loop) -> tuple[float, int]:
+    """This rank's loss sum and image count of the epoch so far, as a mid-epoch checkpoint kept them (0, 0 if none)."""
+    ranks = loop.state.partial.get("ranks", [])
+    if loop.rank < len(ranks):
+        return float(ranks[loop.rank][0]), int(ranks[loop.rank][1])
+    return 0.0, 0
 
 
 def _since(start: float) -> float:

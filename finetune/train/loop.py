@@ -58,7 +58,7 @@ class TrainState:
     bad_images: list[str] = field(default_factory=list)
     stop_reason: str = ""  # set by a hook (early stopping): the loop trains no further epoch
     batch: int = 0  # batches of epoch ``epoch + 1`` done (a mid-epoch checkpoint); 0 at an epoch's end
-    partial: dict[str, float] = field(default_factory=dict)  # that epoch's loss sum, images and seconds so far
+    partial: dict[str, Any] = field(default_factory=dict)  # that epoch's loss sum, images, seconds (each rank's) so far
 
 
 @dataclass(kw_only=True)
@@ -89,6 +89,8 @@ class Loop:
     is_main: bool = True  # the process that writes checkpoints (rank 0 under DDP)
     # DDP: (inputs, targets) of this rank's step -> what it steps on; (None, None) when no rank has a readable image
     agree: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    share: Callable[[list[float]], list[list[float]]] | None = None  # DDP: every rank's values, in rank order
+    rank: int = 0  # this process's rank (DDP)
     resume_rng: dict[str, Any] | None = None  # a mid-epoch checkpoint's RNG, set again once the epoch's batches start
 
 
