@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import re
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -30,10 +31,9 @@ _PATH_ERRORS = {
 
 def _real_name(filename: object) -> str:
     """The file a user asked for, not the hidden ``.NAME.xxxx.tmp`` an atomic write was filling."""
-    text = str(filename)
-    head, _, base = text.rpartition("/")
-    match = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", base)
-    return f"{head}/{match.group(1)}" if match and head else (match.group(1) if match else text)
+    path = Path(str(filename))
+    match = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", path.name)
+    return str(path.with_name(match.group(1))) if match else str(path)
 
 
 def os_error_line(e: OSError, command: str = "run") -> str | None:

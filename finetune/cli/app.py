@@ -251,7 +251,9 @@ def main() -> None:
     except (UserError, OSError, RuntimeError) as e:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "run")
         if isinstance(e, RuntimeError):  # of these, only a killed DataLoader worker is the machine's, not a bug
-            if "DataLoader worker" not in str(e):
+            from finetune.train.run import worker_killed
+
+            if not worker_killed(e):
                 raise
             first = str(e).strip().splitlines()[0].rstrip(". ")
             e = UserError(f"{first}: most often the out-of-memory killer; lower the workers or the batch size")

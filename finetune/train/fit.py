@@ -189,6 +189,11 @@ def _since(start: float) -> float:
 STEPS_DIR, KEEP_STEPS = "steps", 2
 
 
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's mid-epoch checkpoints, oldest first (only ``step-<digits>.pt``: anything else there is not ours)."""
+    return sorted(p for p in (run_dir / STEPS_DIR).glob("step-*.pt") if p.stem[5:].isdigit())
+
+
 def save_step_checkpoint(loop: Loop, hooks: Sequence[Hook] = ()) -> None:
     """A mid-epoch checkpoint, ``RUN/steps/step-<step>.pt`` (atomic; rank 0); the newest ``KEEP_STEPS`` are kept."""
     if not loop.is_main:
@@ -196,13 +201,13 @@ def save_step_checkpoint(loop: Loop, hooks: Sequence[Hook] = ()) -> None:
     folder = loop.run_dir / STEPS_DIR
     folder.mkdir(exist_ok=True)
     save_checkpoint(folder / f"step-{loop.state.step:08d}.pt", checkpoint_state(loop, hooks))
-    for old in sorted(folder.glob("step-[0-9]*.pt"))[:-KEEP_STEPS]:
+    for old in step_checkpoints(loop.run_dir)[:-KEEP_STEPS]:
         old.unlink(missing_ok=True)
 
 
 def clear_step_checkpoints(run_dir: Path) -> None:
     """Remove the mid-epoch checkpoints an epoch's ``last.pt`` has superseded."""
-    for old in sorted((run_dir / STEPS_DIR).glob("step-*.pt")):
+    for old in step_checkpoints(run_dir):
         old.unlink(missing_ok=True)
 
 

@@ -171,26 +171,17 @@ def locking(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function whose first argument is a run directory it writes into: it runs holding the lock.
 
     A path that is not a directory goes straight through, so the function's own "not a run directory" line is what
-    the user sees.
+    the user sees; so does a directory nobody can write into (an archived run), which nothing could change.
     """
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         def locked(*args: P.args, **kwargs: P.kwargs) -> R:
             run_dir = Path(args[0] if args else kwargs["run_dir"])  # type: ignore[arg-type]
-            if not run_dir.is_dir():
+            if not run_dir.is_dir() or not os.access(run_dir, os.W_OK):  # a read-only run (an archive) takes none
                 return fn(*args, **kwargs)
-            try:
-                lock = run_lock(run_dir, command)
-                lock.__enter__()
-            except UserError:
-                if os.access(run_dir, os.W_OK):
-                    raise
-                return fn(*args, **kwargs)  # a read-only run (an archive): nothing can write into it anyway
-            try:
+            with run_lock(run_dir, command):
                 return fn(*args, **kwargs)
-            finally:
-                lock.__exit__(None, None, None)
 
         return locked
 

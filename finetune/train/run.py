@@ -150,12 +150,13 @@ def replan_schedule(loop: Loop, epochs: int) -> str:
     )
 
 
-def _start(parts: RunParts, run_dir: RunDir, resume: bool, loop: Loop, hooks: list) -> None:
-    """Restore ``last.pt`` (all ranks) or create the run directory (rank 0); rank 0 saves the recipe."""
+def _start(parts: RunParts, run_dir: RunDir, point: Path | None, loop: Loop, hooks: list) -> None:
+    """Restore ``point``, the checkpoint to resume (all ranks), or, with None, create the run directory (rank 0).
+
+    Rank 0 saves the recipe either way.
+    """
     recipe, d = parts.recipe, parts.dist
-    if resume:
-        point = run_dir.resume_point()
-        assert point is not None  # checked by _locked_run
+    if point is not None:
         state = restore(point, loop, hooks)
         if recipe.train.epochs < state.epoch:
             raise UserError(
@@ -269,7 +270,8 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
     """:func:`run_recipe` once the run directory's lock is held."""
     d, recipe = parts.dist, parts.recipe
     run_dir = (RunDir.for_resume(resume) if d.main else RunDir.open(resume)) if resume else None
-    if run_dir is not None and run_dir.resume_point() is None:
+    point = run_dir.resume_point() if run_dir is not None else None
+    if run_dir is not None and point is None:
         console.print(f"{escape(str(run_dir))}: stopped before its first checkpoint; starting it again from epoch 1")
         resume = None
     seed_everything(recipe.train.seed, recipe.train.deterministic)
@@ -283,7 +285,7 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
         run_dir = RunDir.check_new(Path(recipe.output.dir) / recipe.output.name)
     loop, all_hooks = parts.training(run_dir.path)
     console.print(_start_line(parts, run_dir))
-    _start(parts, run_dir, resume is not None, loop, all_hooks)
+    _start(parts, run_dir, point, loop, all_hooks)
     try:
         fit(loop, all_hooks)
     finally:

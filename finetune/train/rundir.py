@@ -119,14 +119,15 @@ class RunDir:
 
     def resume_point(self) -> Path | None:
         """The checkpoint a resume continues from: ``last.pt``, or a newer mid-epoch ``steps/step-<step>.pt``."""
-        last = self.path / "last.pt"
-        steps = sorted(p for p in (self.path / "steps").glob("step-*.pt") if p.stem[5:].isdigit())
+        from finetune.train.fit import step_checkpoints  # the layer's trainer names them
+
+        last, steps = self.path / "last.pt", step_checkpoints(self.path)
         if not steps:
             return last if last.is_file() else None
         if not last.is_file():
             return steps[-1]
         at = load_checkpoint(last).get("train_state", {}).get("step", 0)
-        return steps[-1] if int(steps[-1].stem.split("-")[1]) > at else last
+        return steps[-1] if int(steps[-1].stem[5:]) > at else last
 
     def recipe(self, overrides: list[str] | None = None) -> Recipe:
         """The resolved recipe saved in the run, with optional ``--set`` overrides."""
