@@ -11,93 +11,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from finetune.dataconfig import AugmentConfig, DataConfig
 from finetune.errors import UserError
-from finetune.holdout import HoldoutConfig
 from finetune.objectives import CalibrateConfig
 from finetune.overrides import apply_overrides, parse_override, read_toml
-from finetune.rules import check_calibration_rules, check_model_rules, check_task_rules
+from finetune.rules import check_augment_rules, check_calibration_rules, check_model_rules, check_task_rules
 from finetune.schema import Section
 
-__all__ = ["Recipe", "apply_overrides", "load_recipe", "parse_override", "recipe_to_dict", "validate_recipe"]
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "Recipe",
+    "apply_overrides",
+    "load_recipe",
+    "parse_override",
+    "recipe_to_dict",
+    "validate_recipe",
+]
 
 
 _Section = Section  # the base of every section (finetune/schema.py)
-
-
-class AugmentConfig(_Section):
-    """Train-time augmentation (albumentations) and normalisation."""
-
-    crop: Literal["random_resized_crop", "resize"] = "random_resized_crop"
-    scale: list[float] = Field([0.5, 1.0], min_length=2, max_length=2)
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    vflip: float = Field(0.0, ge=0.0, le=1.0, description="vertical flip probability (aerial, microscopy, shapes)")
-    rot90: bool = Field(False, description="rotate by a random multiple of 90 degrees (with flips: all 8 symmetries)")
-    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
-    mixup: float = Field(0.0, ge=0.0, description="mixup: Beta(alpha, alpha) (batch with itself reversed); 0 = off")
-    jitter_on: Literal["auto", "workers", "device"] = Field(
-        "auto", description='where colour jitter runs: "auto" = on the device when training on CUDA, else in workers'
-    )
-    normalize: Literal["imagenet", "dataset"] | dict[str, list[float]] = Field(
-        "imagenet", description='"dataset" = the train split\'s own mean/std (finetune data stats, cached)'
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> AugmentConfig:
-        lo, hi = self.scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError("scale must be [low, high] with 0 < low <= high <= 1")
-        if isinstance(self.normalize, dict):
-            if set(self.normalize) != {"mean", "std"} or any(len(v) != 3 for v in self.normalize.values()):
-                raise ValueError('normalize must be "imagenet", "dataset" or {mean = [r, g, b], std = [r, g, b]}')
-            if any(s <= 0 for s in self.normalize["std"]):
-                raise ValueError("normalize.std values must be > 0")
-        return self
-
-
-class DataConfig(_Section):
-    """Where the data is and how it is read: COCO or CSV (multi-label), an image folder or CIFAR-10 (single-label)."""
-
-    format: Literal["coco", "csv", "folder", "cifar10"] = "coco"
-    root: str = "data/demo"
-    train: str = "train"
-    val: str = "val"
-    test: str = ""
-    annotations: str = Field("annotations/instances_{split}.json", description="relative to root")
-    images: str = Field("{split}", description="image folder relative to root")
-    csv: str = Field("labels.csv", description='format = "csv": the file, relative to root ({split}: one per split)')
-    label_sep: str = Field("|", min_length=1, description='format = "csv": separator inside the labels column')
-    classes: list[str] = Field([], description='format = "csv": class names in order (default: train labels, sorted)')
-    image_size: int = Field(224, ge=16, le=2048)
-    eval_size: int = Field(0, ge=0, le=2048, description="the side every prediction sees (0: image_size); FixRes")
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0)
-    persistent_workers: bool = Field(True, description="keep DataLoader workers between epochs")
-    prefetch: int = Field(2, ge=1, description="batches each worker loads ahead")
-    include_crowd: bool = True
-    min_box_area: float = Field(0.0, ge=0.0)
-    on_bad_image: Literal["skip", "error"] = "skip"
-    on_leak: Literal["warn", "error"] = Field(
-        "warn", description="validate --check-images: an image in two splits (exact or near duplicate) warns or errs"
-    )
-    augment: AugmentConfig = AugmentConfig()
-    holdout: HoldoutConfig = HoldoutConfig()
-
-    @property
-    def has_test(self) -> bool:
-        """Whether the run has a test role: a named test split, or the scoring half of ``[data.holdout]``."""
-        return bool(self.test) or (self.holdout.seed is not None and self.holdout.scoring)
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        if self.holdout.seed is not None and self.test:
-            raise ValueError("holdout draws the test role from data.val; leave data.test empty")
-        if "{split}" not in self.annotations:
-            raise ValueError('annotations must contain "{split}", e.g. "annotations/instances_{split}.json"')
-        if not self.train or not self.val:
-            raise ValueError("train and val split names must not be empty")
-        if len(set(self.classes)) != len(self.classes) or any(not c.strip() for c in self.classes):
-            raise ValueError("classes must be distinct, non-empty names")
-        return self
 
 
 class ArchConfig(_Section):
@@ -278,7 +211,7 @@ class TrainConfig(_Section):
 class LogConfig(_Section):
     """Where each epoch's metrics go besides ``metrics.jsonl`` (always written)."""
 
-    to: list[Literal["jsonl", "csv", "tensorboard", "mlflow"]] = ["jsonl"]
+    to: list[Literal["jsonl", "csv", "tensorboard", "mlflow", "wandb"]] = ["jsonl"]
 
 
 class OutputConfig(_Section):
@@ -372,9 +305,11 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise UserError(_format_error(source, err)) from None
-    check_task_rules(recipe.data.format, recipe.loss.name, recipe.train.select, source)
+    d = recipe.data
+    check_task_rules(d.format, recipe.loss.name, recipe.train.select, source, d.task)
     check_model_rules(recipe.model.name, recipe.model.arch != ArchConfig(), source)
-    check_calibration_rules(recipe.data.format, recipe.calibrate, source)
+    check_calibration_rules(d.format, recipe.calibrate, source, d.task)
+    check_augment_rules(d.format, d.task, d.augment, source)
     return recipe
 
 

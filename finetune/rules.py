@@ -10,7 +10,16 @@ from typing import Any
 
 from finetune.errors import UserError
 
-TASK_OF_FORMAT = {"coco": "multi_label", "csv": "multi_label", "folder": "single_label", "cifar10": "single_label"}
+TASK_OF_FORMAT = {
+    "coco": "multi_label",
+    "csv": "multi_label",
+    "voc": "multi_label",
+    "openimages": "multi_label",
+    "imagefolder": "multi_label",
+    "folder": "single_label",
+    "cifar10": "single_label",
+}
+BOXED_FORMATS = ("coco", "voc")  # formats whose annotations hold object boxes (multi-label cutmix needs them)
 LOSSES = {"multi_label": ("bce", "focal", "asl"), "single_label": ("ce",)}
 SELECTS = {"multi_label": ("map", "macro_f1", "micro_f1", "loss"), "single_label": ("top1", "map", "loss")}
 
@@ -30,9 +39,14 @@ def check_model_rules(name: str, arch_changed: bool, source: str) -> None:
         )
 
 
-def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
-    """``loss.name`` and ``train.select`` must suit the task of ``data.format``; ``source`` names the recipe."""
-    task = TASK_OF_FORMAT[fmt]
+def task_name(fmt: str, task: str = "auto") -> str:
+    """``multi_label`` or ``single_label``: ``data.task``, or (``auto``) the one ``data.format`` implies."""
+    return TASK_OF_FORMAT[fmt] if task == "auto" else task
+
+
+def check_task_rules(fmt: str, loss: str, select: str, source: str, task: str = "auto") -> None:
+    """``loss.name`` and ``train.select`` must suit the run's task (``data.format``, ``data.task``)."""
+    task = task_name(fmt, task)
     if loss not in LOSSES[task]:
         if task == "single_label":
             raise UserError(f'{source}: loss.name: data.format = "{fmt}" is single-label; use "ce"')
@@ -50,7 +64,27 @@ def check_task_rules(fmt: str, loss: str, select: str, source: str) -> None:
         raise UserError(f"{source}: train.select: {why}")
 
 
-def check_calibration_rules(fmt: str, c: Any, source: str) -> None:
+def check_augment_rules(fmt: str, task: str, a: Any, source: str) -> None:
+    """Cutmix on multi-label data needs labels weighted by the kept area of each object's box, so boxes."""
+    multi = task_name(fmt, task) == "multi_label"
+    if a.cutmix > 0 and multi and a.cutmix_labels != "area":
+        raise UserError(
+            f"{source}: data.augment.cutmix: on multi-label data a cut can remove an object and keep its label; set "
+            'data.augment.cutmix_labels = "area" (labels weighted by the kept area of each object box)'
+        )
+    if a.cutmix > 0 and multi and fmt not in BOXED_FORMATS:
+        raise UserError(
+            f'{source}: data.augment.cutmix_labels = "area" needs object boxes; data.format = "{fmt}" has none (use '
+            "coco or voc, or mixup)"
+        )
+    if a.cutmix_labels == "area" and not (a.cutmix > 0 and multi):
+        raise UserError(
+            f'{source}: data.augment.cutmix_labels = "area" applies to multi-label cutmix; set data.augment.cutmix '
+            "> 0 on multi-label data, or drop it"
+        )
+
+
+def check_calibration_rules(fmt: str, c: Any, source: str, task: str = "auto") -> None:
     """A single-label run predicts its top class: no per-class thresholds or sigmoids; a temperature and a reject.
 
     With calibration off, a setting only calibration acts on is refused rather than silently dropped.
@@ -62,7 +96,7 @@ def check_calibration_rules(fmt: str, c: Any, source: str) -> None:
             f"{source}: calibrate.{key} does nothing with calibrate.enabled = false; set calibrate.enabled = true "
             "or drop it"
         )
-    single = TASK_OF_FORMAT[fmt] == "single_label"
+    single = task_name(fmt, task) == "single_label"
     if probabilities == "platt" and single:
         raise UserError(
             f'{source}: calibrate.probabilities: data.format = "{fmt}" is single-label (softmax): it takes one '

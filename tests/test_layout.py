@@ -70,6 +70,7 @@ LAYERS = [
             "schema",
             "objectives",
             "holdout",
+            "dataconfig",
             "config",
             "rules",
             "overrides",

@@ -1,13 +1,15 @@
 """Samplers: the seeded (seed, epoch) shuffle of one process, and each rank's share of it under DDP.
 
-Both draw the same permutation (:func:`epoch_permutation`), so a DDP run's global batches are one process's batches,
-and the order of epoch k is the same after a resume.
+Both draw the same order (:func:`epoch_order`: a permutation, or with repeat factors a class-balanced draw), so a
+DDP run's global batches are one process's batches, and the order of epoch k is the same after a resume.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -17,11 +19,62 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Shuffles with :func:`epoch_permutation`: the order of epoch k is the same after a resume."""
+def repeat_factors(targets: np.ndarray, threshold: float) -> np.ndarray:
+    """Per image, the repeat factor of LVIS's repeat-factor sampling (Gupta et al., CVPR 2019, section 2).
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+    A class ``c`` in a fraction ``f(c)`` of the images gets ``r(c) = max(1, sqrt(t / f(c)))``; an image gets the
+    largest ``r(c)`` of its positive classes (1 with none). Unknown labels (NaN) are not positives.
+    """
+    positive = np.nan_to_num(np.asarray(targets, dtype=np.float64), nan=0.0) >= 0.5
+    freq = positive.mean(axis=0) if len(positive) else np.zeros(positive.shape[1])
+    per_class = np.maximum(1.0, np.sqrt(threshold / np.maximum(freq, 1e-12)))
+    return np.where(positive, per_class[None, :], 1.0).max(axis=1, initial=1.0)
+
+
+def balanced_length(factors: np.ndarray) -> int:
+    """The fixed epoch length of a balanced draw: ``ceil(sum of the repeat factors)``."""
+    return math.ceil(float(np.sum(factors)) - 1e-9)
+
+
+def balanced_order(factors: np.ndarray, seed: int, epoch: int) -> list[int]:
+    """One epoch of repeat-factor sampling, of fixed length ``L`` (:func:`balanced_length`).
+
+    Each image is drawn ``floor`` or ``ceil`` of ``r_i * L / sum(r)`` times, so in expectation exactly that, and at
+    least once: systematic sampling (one uniform offset, unit steps) over the repeat factors laid end to end in a
+    (seed, epoch) permutation, then shuffled. detectron2's ``RepeatFactorTrainingSampler`` rounds each image on its
+    own instead, which makes every epoch a different length; a fixed length keeps the LR schedule's steps per epoch
+    exact and a DDP run's global batches one process's.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    n, length = len(factors), balanced_length(factors)
+    perm = torch.randperm(n, generator=g).numpy()
+    scaled = np.asarray(factors, dtype=np.float64)[perm] * (length / float(np.sum(factors)))
+    ends = np.cumsum(scaled)
+    points = float(torch.rand(1, generator=g, dtype=torch.float64)) + np.arange(length)
+    picked = perm[np.minimum(np.searchsorted(ends, points, side="right"), n - 1)]
+    return picked[torch.randperm(length, generator=g).numpy()].tolist()
+
+
+def sampler_line(sampler: dict[str, int | str]) -> str:
+    """What a balanced (repeat-factor) sampler made of an epoch, from report.json's ``sampler`` entry."""
+    n, size = int(sampler["train_images"]), int(sampler["epoch_size"])
+    return f"sampler: balanced (repeat factors); each epoch draws {size} from {n} train images ({size / n:.2f}x)"
+
+
+def epoch_order(n: int, seed: int, epoch: int, factors: np.ndarray | None = None) -> list[int]:
+    """Epoch ``epoch``'s order: :func:`epoch_permutation`, or :func:`balanced_order` with repeat factors."""
+    return epoch_permutation(n, seed, epoch) if factors is None else balanced_order(factors, seed, epoch)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with :func:`epoch_order`: the order of epoch k is the same after a resume.
+
+    With ``factors`` (:func:`repeat_factors`) an epoch is a class-balanced draw of :func:`balanced_length` indices.
+    """
+
+    def __init__(self, n: int, seed: int = 0, factors: np.ndarray | None = None) -> None:
+        self.seed, self.epoch, self.skip, self.factors = seed, 0, 0, factors
+        self.n = n if factors is None else balanced_length(factors)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation for ``epoch`` (and start it at its first index again)."""
@@ -32,7 +85,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.skip = skip
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.n, self.seed, self.epoch)[self.skip :])
+        return iter(epoch_order(self.n, self.seed, self.epoch, self.factors)[self.skip :])
 
     def __len__(self) -> int:
         return max(self.n - self.skip, 0)
@@ -51,13 +104,23 @@ class ShardSampler(torch.utils.data.Sampler[int]):
             images, the permutation is cut to whole global batches, as one process's ``drop_last`` cuts it, so every
             rank takes exactly one process's number of steps; otherwise leading indices are repeated.
         batch: The global batch size (training).
+        factors: Repeat factors (training): each epoch is the single-process balanced draw, shared out as above.
     """
 
     def __init__(
-        self, n: int, seed: int, rank: int, world: int, shuffle: bool = True, pad: bool = True, batch: int = 0
+        self,
+        n: int,
+        seed: int,
+        rank: int,
+        world: int,
+        shuffle: bool = True,
+        pad: bool = True,
+        batch: int = 0,
+        factors: np.ndarray | None = None,
     ) -> None:
-        self.n, self.seed, self.rank, self.world, self.shuffle, self.pad = n, seed, rank, world, shuffle, pad
-        self.batch = batch
+        self.seed, self.rank, self.world, self.shuffle, self.pad = seed, rank, world, shuffle, pad
+        self.batch, self.factors = batch, factors if shuffle else None
+        self.n = n if self.factors is None else balanced_length(self.factors)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -71,8 +134,8 @@ class ShardSampler(torch.utils.data.Sampler[int]):
     def _order(self) -> list[int]:
         if not self.shuffle:
             order = list(range(self.n))
-        else:  # exactly the single-process EpochSampler's permutation
-            order = epoch_permutation(self.n, self.seed, self.epoch)
+        else:  # exactly the single-process EpochSampler's order
+            order = epoch_order(self.n, self.seed, self.epoch, self.factors)
         if self.pad and self.batch and self.n > self.batch:
             order = order[: self.n // self.batch * self.batch]
         elif self.pad and self.n % self.world:

@@ -4,7 +4,7 @@ A :class:`Task` owns the activation (sigmoid or softmax), the losses and selecti
 logged every epoch, the per-split report (building, printing, plots) and how a probability row becomes labels. Which
 losses and selection metrics a task accepts is a recipe rule, kept (torch-free) in :mod:`finetune.rules`.
 Nothing else in the package asks which kind of run it is: it asks the run's task. Data formats map to tasks in
-:data:`TASK_OF_FORMAT`.
+:func:`task_for` (``data.format``, or ``data.task`` for CSV and imagefolder data).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from rich.console import Console
 
 from finetune.data.split import ClassMap
 from finetune.labels import label_indices
-from finetune.rules import LOSSES, SELECTS
-from finetune.rules import TASK_OF_FORMAT as TASK_NAME_OF_FORMAT
+from finetune.rules import LOSSES, SELECTS, task_name
 
 
 class Task:
@@ -171,9 +170,8 @@ class SingleLabel(Task):
 
 MULTI_LABEL, SINGLE_LABEL = MultiLabel(), SingleLabel()
 TASKS = {t.name: t for t in (MULTI_LABEL, SINGLE_LABEL)}
-TASK_OF_FORMAT = {fmt: TASKS[name] for fmt, name in TASK_NAME_OF_FORMAT.items()}
 
 
-def task_for(fmt: str) -> Task:
-    """The task of a data format (``coco`` -> multi-label, ``folder``/``cifar10`` -> single-label)."""
-    return TASK_OF_FORMAT[fmt]
+def task_for(fmt: str, task: str = "auto") -> Task:
+    """The task of ``data.format`` (``coco``: multi-label, ``folder``/``cifar10``: single-label) or ``data.task``."""
+    return TASKS[task_name(fmt, task)]

@@ -32,6 +32,7 @@ from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.errors import UserError
 from finetune.eval.bootstrap import METRICS, Scored, check_paired, interval, metric_draws, resample_plan
 from finetune.eval.run_report import load_thresholds
+from finetune.eval.tasks import task_for
 from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PROBE = [  # the linear-probe baseline: the solved head, then one epoch that changes nothing (the run's report)
@@ -222,7 +223,7 @@ def run_entry(entry: Entry, seed: int, out: Path) -> dict[str, Any]:
     quiet = Console(file=io.StringIO())
     outs, _ = predict_run(run_dir, ["test"], console=quiet)
     y, p = outs["test"]["targets"], outs["test"]["probs"]
-    multi = recipe.data.format in ("coco", "csv")
+    multi = task_for(recipe.data.format, recipe.data.task).name == "multi_label"
     thr = load_thresholds(run_dir, None, recipe.train.threshold)[0] if multi else 0.0
     buf = io.BytesIO()
     np.savez(buf, targets=y, probs=p, thresholds=np.asarray(thr, dtype=np.float64))

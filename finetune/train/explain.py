@@ -19,6 +19,7 @@ from rich.console import Console
 
 from finetune.data.dataset import batch_images, collate
 from finetune.data.leaks import find_duplicates
+from finetune.data.samplers import sampler_line
 from finetune.errors import UserError
 from finetune.eval import cam, gallery, label_issues, plots
 from finetune.eval.html import Gallery, Page, Tile, render
@@ -279,6 +280,8 @@ def write_html(
         page.notes.append(probabilities_line(report["probabilities"]))
     if report.get("reject"):
         page.notes.append(reject_line(report["reject"]))
+    if report.get("sampler"):
+        page.notes.append(sampler_line(report["sampler"]))
     targets = (report.get("calibration") or {}).get("targets")
     if targets:
         page.notes.append(targets_line(targets))

@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from finetune.config import Recipe
 from finetune.console import LogConsole
+from finetune.data.samplers import sampler_line
 from finetune.distributed import barrier, gather_list
 from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
@@ -96,10 +97,15 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     extra = {"best_epoch": s.best_epoch, "select": loop.settings.select, "bad_images": s.bad_images}
     if s.stop_reason:
         extra["stop_reason"] = s.stop_reason
+    if parts.recipe.data.sampler == "balanced":  # the epoch is a fixed repeat-factor draw, not the split
+        n = len(parts.splits["train"].targets)
+        extra["sampler"] = {"name": "balanced", "train_images": n, "epoch_size": parts.epoch_size}
     report = write_report(run.path, task, parts.classes, outs, cs=cs, extra=extra)
     if (run / "thresholds.json").is_file():  # the training run's own thresholds, which calibrate never replaces
         run.write_bytes("thresholds.run.json", (run / "thresholds.json").read_bytes())
     task.print_report(report, LogConsole())
+    if report.get("sampler"):
+        LogConsole().print(sampler_line(report["sampler"]))
     from finetune.train.explain import HtmlOptions, write_html  # explain builds on this layer's parts
 
     if not parts.recipe.output.html:
@@ -305,7 +311,8 @@ def _start_line(parts: RunParts, run_dir: RunDir) -> str:
     return (
         f"{run_dir}: {recipe.model.name}, {len(parts.classes)} classes, {len(parts.splits['train'].image_paths)} "
         f"train / {len(parts.splits['val'].image_paths)} val images, {parts.plan.total_steps} steps, "
-        f"{parts.device.type} {parts.precision}"
+        + (f"balanced epochs of {parts.epoch_size} draws, " if recipe.data.sampler == "balanced" else "")
+        + f"{parts.device.type} {parts.precision}"
         + (
             f"; DDP: {d.world} processes, {recipe.data.batch_size // d.world} images per process and step"
             if d.enabled

@@ -127,7 +127,7 @@ def _objective(recipe: Path, overrides: list[str], space: dict, seed: int, out: 
         splits = build_splits(r, check=False)
         seen = sorted({i for s in splits.values() for i in s.image_ids})
         trial.set_user_attr("images_seen", seen)  # every image the trial reads (train and the selection half)
-        select = task_for(r.data.format).select(r.train.select)
+        select = task_for(r.data.format, r.data.task).select(r.train.select)
         hook = PruneHook(trial, f"val_{select}")
         (out / "logs").mkdir(parents=True, exist_ok=True)
         with (out / "logs" / f"trial-{trial.number}.log").open("w") as f, contextlib.redirect_stdout(f):
@@ -188,7 +188,7 @@ def sweep(
         raise UserError(f"--trials {trials}: run at least one trial")
     space = read_space(space_file, recipe, overrides)  # checked before Optuna is needed
     start = load_recipe(recipe, overrides)
-    if task_for(start.data.format).select(start.train.select) == "loss":
+    if task_for(start.data.format, start.data.task).select(start.train.select) == "loss":
         raise UserError('finetune sweep maximises the selection metric: set train.select to "map" (or "top1")')
     optuna = _require()
     out.mkdir(parents=True, exist_ok=True)

@@ -260,9 +260,14 @@ class RunParts:
         return self.policy.stages if self.policy is not None else None
 
     @cached_property
+    def epoch_size(self) -> int:
+        """Images drawn per training epoch (the train split's, or the balanced sampler's fixed draw)."""
+        return data.epoch_size(self.recipe.data, self.splits["train"].targets)
+
+    @cached_property
     def plan(self) -> StepPlan:
         """Optimizer steps per epoch, in all and in warmup."""
-        return training.plan_steps(self.recipe, len(self.splits["train"].image_paths))
+        return training.plan_steps(self.recipe, self.epoch_size)
 
     @cached_property
     def head_params(self) -> list[str]:

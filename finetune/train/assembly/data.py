@@ -14,7 +14,7 @@ from finetune.data.coco import read_coco_split
 from finetune.data.csvfile import read_csv_split
 from finetune.data.dataset import ImageDataset, collate
 from finetune.data.folder import read_cifar10_split, read_folder_split
-from finetune.data.samplers import EpochSampler, ShardSampler
+from finetune.data.samplers import EpochSampler, ShardSampler, balanced_length, repeat_factors
 from finetune.data.split import ClassMap, Split, check_images
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from finetune.distributed import Dist, setup
@@ -59,7 +59,7 @@ def build_device(cfg: TrainConfig) -> tuple[torch.device, str]:
 
 def build_task(recipe: Recipe) -> Task:
     """The run's task, from ``data.format``."""
-    return task_for(recipe.data.format)
+    return task_for(recipe.data.format, recipe.data.task)
 
 
 def build_eval_settings(recipe: Recipe, device: torch.device, precision: str) -> EvalSettings:
@@ -193,10 +193,13 @@ def build_loader(
 
     Under DDP (``d`` with more than one rank) it loads this rank's shard, ``data.batch_size / world`` at a time.
     """
-    batch, sampler = cfg.batch_size, EpochSampler(len(dataset), seed) if train else None
+    factors = repeat_factors(dataset.targets, cfg.repeat_threshold) if train and cfg.sampler == "balanced" else None
+    batch, sampler = cfg.batch_size, EpochSampler(len(dataset), seed, factors) if train else None
     if d is not None and d.enabled:
         batch //= d.world
-        sampler = ShardSampler(len(dataset), seed, d.rank, d.world, shuffle=train, pad=train, batch=cfg.batch_size)
+        shard = {"shuffle": train, "pad": train, "batch": cfg.batch_size, "factors": factors}
+        sampler = ShardSampler(len(dataset), seed, d.rank, d.world, **shard)
+    epoch = epoch_size(cfg, dataset.targets) if train else len(dataset)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,
@@ -206,12 +209,19 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
         prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
-        drop_last=train and len(dataset) > cfg.batch_size,
+        drop_last=train and epoch > cfg.batch_size,
         # Its own generator: starting an iterator (and its workers' base seed) never draws from the global RNG, which
         # dropout shares. Persistent workers start once in a run and again after a resume; a draw there would move
         # every later dropout mask of the resumed run.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def epoch_size(cfg: DataConfig, targets: np.ndarray) -> int:
+    """Images per training epoch: the split's, or with ``data.sampler = "balanced"`` the repeat-factor draw's."""
+    if cfg.sampler != "balanced":
+        return len(targets)
+    return balanced_length(repeat_factors(targets, cfg.repeat_threshold))
 
 
 def build_dist(recipe: Recipe, device: torch.device) -> Dist:
