@@ -30,3 +30,91 @@ def write_fake_cifar10(root: str | Path, n_per_batch: int = 20, seed: int = 0) -
         with (root / name).open("wb") as f:
             pickle.dump(doc, f)
     return root
+
+
+def _coco_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, list[tuple[str, list[float]]]]]]:
+    """The category names (in id order) and per image (file name, [(class, COCO box)]) of a COCO split."""
+    import json
+
+    doc = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+    cats = {c["id"]: c["name"] for c in sorted(doc["categories"], key=lambda c: c["id"])}
+    objects: dict[int, list[tuple[str, list[float]]]] = {im["id"]: [] for im in doc["images"]}
+    for a in doc["annotations"]:
+        objects[a["image_id"]].append((cats[a["category_id"]], a["bbox"]))
+    images = sorted(doc["images"], key=lambda im: im["id"])
+    return list(cats.values()), [(im["file_name"], objects[im["id"]]) for im in images]
+
+
+def write_all_formats(coco: Path, out: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, list]:
+    """The same images and labels as a COCO dataset, written as VOC, Open Images, imagefolder and named-column CSV.
+
+    Images are linked, not copied; images without an object are left out (VOC has none). Returns per format the ``--set`` overrides that read it (classes in COCO's order,
+    so every format's targets line up with COCO's).
+    """
+    import csv
+    import json
+
+    names: list[str] = []
+    oi_rows, csv_rows = [], []
+    for split in splits:
+        names, images = _coco_split(coco, split)
+        for d in ("voc/Annotations", "voc/JPEGImages", "voc/ImageSets/Main", f"hf/{split}", f"oi/{split}", "csv/img"):
+            (out / d).mkdir(parents=True, exist_ok=True)
+        ids = []
+        for file_name, objects in images:
+            if not objects:  # a VOC file lists at least one object: images without one are left out everywhere
+                continue
+            stem = f"{split}_{Path(file_name).stem}"
+            src = (coco / split / file_name).resolve()
+            for link in (
+                out / "voc/JPEGImages" / f"{stem}.jpg",
+                out / f"hf/{split}" / file_name,
+                out / f"oi/{split}" / f"{stem}.jpg",
+                out / "csv/img" / f"{stem}.jpg",
+            ):
+                link.symlink_to(src)
+            ids.append(stem)
+            xml = "".join(
+                f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{x + 1}</xmin><ymin>{y + 1}</ymin>"
+                f"<xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox></object>"
+                for n, (x, y, w, h) in objects
+            )
+            (out / "voc/Annotations" / f"{stem}.xml").write_text(
+                f"<annotation><filename>{stem}.jpg</filename>{xml}</annotation>"
+            )
+            present = {n for n, _ in objects}
+            oi_rows += [(split, stem, n, int(n in present)) for n in names]
+            csv_rows.append((f"./img/{stem}.jpg", "|".join(sorted(present)), split))
+            with (out / f"hf/{split}/metadata.jsonl").open("a") as f:
+                f.write(json.dumps({"file_name": file_name, "tags": sorted(present)}) + "\n")
+        (out / "voc/ImageSets/Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        with (out / "oi" / f"{split}-annotations-human-imagelabels.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ImageID", "Source", "LabelName", "Confidence"])
+            w.writerows([(i, "verification", f"/m/{n}", c) for s, i, n, c in oi_rows if s == split])
+    with (out / "oi" / "class-descriptions.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([(f"/m/{n}", n) for n in names])  # headerless, as older Open Images releases ship it
+    with (out / "csv" / "data.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "tags", "part"])
+        w.writerows(csv_rows)
+    classes = "data.classes=" + json.dumps(names)
+    return {
+        "voc": ['data.format="voc"', f'data.root="{out / "voc"}"', classes],
+        "openimages": [
+            'data.format="openimages"',
+            f'data.root="{out / "oi"}"',
+            classes,
+            'data.openimages_classes="class-descriptions.csv"',
+        ],
+        "imagefolder": ['data.format="imagefolder"', f'data.root="{out / "hf"}"', classes, 'data.label_column="tags"'],
+        "csv": [
+            'data.format="csv"',
+            f'data.root="{out / "csv"}"',
+            classes,
+            'data.csv="data.csv"',
+            'data.path_column="image"',
+            'data.label_column="tags"',
+            'data.split_column="part"',
+        ],
+    }

@@ -208,4 +208,24 @@ def read_coco_split(
     image_ids = sorted(coco.getImgIds())
     paths = [image_dir / coco.imgs[i]["file_name"] for i in image_ids]
     targets = multi_hot_targets(coco, image_ids, classes, include_crowd, min_box_area)
-    return Split(split, ann_file, image_dir, image_ids, paths, targets, classes)
+    boxes = object_boxes(coco, image_ids, classes, include_crowd, min_box_area)
+    return Split(split, ann_file, image_dir, image_ids, paths, targets, classes, boxes)
+
+
+def object_boxes(
+    coco: COCO, image_ids: list[int], classes: ClassMap, include_crowd: bool = True, min_box_area: float = 0.0
+) -> list[np.ndarray]:
+    """Per image, the boxes of the objects that make a label, by :func:`multi_hot_targets`' rules.
+
+    Each is ``[k, 5]``: rows of class index, x0, y0, x1, y1 in pixels (for ``cutmix_labels = "area"``).
+    """
+    column = {cid: i for i, cid in enumerate(classes.ids)}
+    row = {img_id: i for i, img_id in enumerate(image_ids)}
+    rows: list[list[tuple[float, ...]]] = [[] for _ in image_ids]
+    for ann in coco.dataset.get("annotations", []):
+        r, box = row.get(ann["image_id"]), ann.get("bbox")
+        if r is None or box is None or (ann.get("iscrowd", 0) and not include_crowd) or box[2] * box[3] < min_box_area:
+            continue
+        x, y, w, h = box
+        rows[r].append((column[ann["category_id"]], x, y, x + w, y + h))
+    return [np.asarray(b, dtype=np.float32).reshape(-1, 5) for b in rows]

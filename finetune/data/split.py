@@ -52,6 +52,7 @@ class Split:
     image_paths: list[Path]
     targets: np.ndarray
     classes: ClassMap
+    boxes: list[np.ndarray] | None = None  # per image [k, 5]: class index, x0, y0, x1, y1 (pixels), where known
 
 
 # What a file that is not a readable image raises: PIL's own errors, truncation, and a decompression bomb (an image

@@ -2,7 +2,8 @@
 
 Definitions (the README repeats them):
 - AP per class is scikit-learn's ``average_precision_score`` (step-wise area under the PR curve, ties grouped);
-  mAP is the mean over classes with at least one positive.
+  mAP is the mean over classes with at least one positive. Pascal VOC's interpolated APs (VOC07 11-point, VOC10
+  area) are :func:`voc_ap`, which a VOC run's report also prints.
 - Unknown labels (NaN in the targets, "not checked") count nowhere: a class's AP, TP, FP, FN and support are over
   the rows where that class is known (a prediction on an unknown entry is neither right nor wrong).
 - Per-class P = TP / (TP + FP) (0 when nothing is predicted), R = TP / (TP + FN), F1 = 2TP / (2TP + FP + FN).
@@ -61,6 +62,33 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
         precision = tp_at / (ends + 1)
         recall_step = np.diff(np.r_[0, tp_at]) / n_pos
         ap[c] = float(np.sum(recall_step * precision))
+    return ap
+
+
+def voc_ap(y_true: np.ndarray, scores: np.ndarray, eleven_point: bool = True) -> np.ndarray:
+    """Per-class Pascal VOC AP: VOC2007's 11-point interpolated AP, or VOC2010's area under the interpolated curve.
+
+    ``eleven_point=False`` gives the area form. NaN for a class with no positives; unknown entries (VOC's difficult)
+    are left out.
+
+    Interpolated precision at recall r is the highest precision at any recall >= r, as the VOC devkit computes it;
+    this differs from :func:`average_precision` (the report's mAP), which takes no maximum.
+    """
+    y_true, known, scores = _check(y_true, scores)
+    ap = np.full(y_true.shape[1], np.nan)
+    for c in range(y_true.shape[1]):
+        pos, s = y_true[known[:, c], c], scores[known[:, c], c]
+        if not pos.any():
+            continue
+        order = np.argsort(-s, kind="stable")
+        tp = np.cumsum(pos[order])
+        recall, precision = tp / pos.sum(), tp / np.arange(1, len(s) + 1)
+        envelope = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
+        if eleven_point:
+            at = [envelope[recall >= t].max() if (recall >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]
+            ap[c] = float(np.mean(at))
+        else:
+            ap[c] = float(np.sum(np.diff(np.r_[0.0, recall]) * envelope))
     return ap
 
 

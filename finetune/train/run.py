@@ -25,6 +25,7 @@ from finetune.console import LogConsole
 from finetune.data.samplers import sampler_line
 from finetune.distributed import barrier, gather_list
 from finetune.errors import UserError
+from finetune.eval.metrics import voc_ap
 from finetune.eval.predict import predict_loader
 from finetune.eval.run_report import write_report
 from finetune.objectives import REJECT
@@ -97,6 +98,10 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     extra = {"best_epoch": s.best_epoch, "select": loop.settings.select, "bad_images": s.bad_images}
     if s.stop_reason:
         extra["stop_reason"] = s.stop_reason
+    if parts.recipe.data.format == "voc":  # VOC07's own 11-point interpolated mAP, beside the report's (area) mAP
+        extra["voc07_map"] = {
+            r: float(np.nanmean(voc_ap(o["targets"], o["probs"]))) for r, o in outs.items() if r != "train"
+        }
     if parts.recipe.data.sampler == "balanced":  # the epoch is a fixed repeat-factor draw, not the split
         n = len(parts.splits["train"].targets)
         extra["sampler"] = {"name": "balanced", "train_images": n, "epoch_size": parts.epoch_size}
@@ -106,6 +111,8 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     task.print_report(report, LogConsole())
     if report.get("sampler"):
         LogConsole().print(sampler_line(report["sampler"]))
+    for role, value in report.get("voc07_map", {}).items():
+        LogConsole().print(f"{role}: VOC07 mAP (11-point interpolated) {100 * value:.1f}")
     from finetune.train.explain import HtmlOptions, write_html  # explain builds on this layer's parts
 
     if not parts.recipe.output.html:

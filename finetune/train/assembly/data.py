@@ -11,18 +11,22 @@ import torch
 
 from finetune.config import DataConfig, Recipe, TrainConfig
 from finetune.data.coco import read_coco_split
-from finetune.data.csvfile import read_csv_split
+from finetune.data.csvfile import Columns, read_csv_split
 from finetune.data.dataset import ImageDataset, collate
 from finetune.data.folder import read_cifar10_split, read_folder_split
+from finetune.data.imagefolder import read_imagefolder_split
+from finetune.data.openimages import read_openimages_split
 from finetune.data.samplers import EpochSampler, ShardSampler, balanced_length, repeat_factors
 from finetune.data.split import ClassMap, Split, check_images
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from finetune.data.voc import read_voc_split
 from finetune.distributed import Dist, setup
 from finetune.errors import UserError
 from finetune.eval.predict import EvalSettings
 from finetune.eval.tasks import Task, task_for
 from finetune.eval.thresholds import CalibrationSettings
 from finetune.holdout import HoldoutConfig, halves
+from finetune.rules import task_name
 from finetune.train.loop import FitSettings
 
 ROLES = ("train", "val", "test")
@@ -146,6 +150,7 @@ def holdout_half(pool: Split, cfg: HoldoutConfig, role: str) -> Split:
         image_ids=[pool.image_ids[i] for i in keep],
         image_paths=paths,
         targets=pool.targets[keep],
+        boxes=[pool.boxes[i] for i in keep] if pool.boxes is not None else None,
     )
 
 
@@ -165,8 +170,18 @@ def build_split(cfg: DataConfig, split: str, classes: ClassMap | None = None) ->
         return read_folder_split(cfg.root, split, classes)
     if cfg.format == "cifar10":
         return read_cifar10_split(cfg.root, split, classes)
+    given, single = cfg.classes or None, task_name(cfg.format, cfg.task) == "single_label"
     if cfg.format == "csv":
-        return read_csv_split(cfg.root, split, cfg.csv, cfg.label_sep, cfg.classes or None, classes)
+        columns = Columns(cfg.path_column, cfg.label_column or "labels", cfg.split_column)
+        named = bool(cfg.label_column)
+        return read_csv_split(cfg.root, split, cfg.csv, cfg.label_sep, given, classes, columns, single, named)
+    if cfg.format == "voc":
+        return read_voc_split(cfg.root, split, cfg.voc_difficult, given, classes)
+    if cfg.format == "openimages":
+        names = (cfg.openimages_labels, cfg.images, cfg.openimages_classes, cfg.openimages_absent)
+        return read_openimages_split(cfg.root, split, *names, given, classes)
+    if cfg.format == "imagefolder":
+        return read_imagefolder_split(cfg.root, split, cfg.label_column, cfg.label_sep, single, given, classes)
     return read_coco_split(cfg.root, split, cfg.annotations, cfg.images, cfg.include_crowd, cfg.min_box_area, classes)
 
 

@@ -1,0 +1,141 @@
+"""Hugging Face ``imagefolder``: a folder per split with ``metadata.csv`` or ``metadata.jsonl`` beside its images.
+
+    train/metadata.jsonl                       train/metadata.csv
+    {"file_name": "a.jpg", "labels": ["cat", "dog"]}     file_name,labels
+    {"file_name": "b.jpg", "labels": []}                 a.jpg,cat|dog
+
+- ``file_name``: the image, relative to the split folder (as ``datasets`` reads it);
+- the label column (``data.label_column``; default ``labels``, else ``label``): for multi-label data a list (JSON
+  Lines) or names joined by ``data.label_sep``; for ``data.task = "single_label"`` one value (a name or a number).
+Without a metadata file, a split folder of class folders is single-label, as ``datasets`` reads it. This is read
+directly, with no ``datasets`` dependency. The classes are ``data.classes`` when given, else the train split's
+labels, sorted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from finetune.data.csvfile import Columns, read_table, same_path, targets_of
+from finetune.data.folder import read_folder_split
+from finetune.data.split import ClassMap, Split
+from finetune.errors import UserError
+
+METADATA = ("metadata.csv", "metadata.jsonl")
+
+
+def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, record)`` of a metadata file: CSV rows as strings, JSON Lines objects as they are."""
+    if path.suffix == ".csv":
+        header, body = read_table(path, "the split folder")
+        out = []
+        for line, row in body:
+            if len(row) != len(header):
+                raise UserError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+            out.append((line, {h: cell.strip() for h, cell in zip(header, row)}))
+        if "file_name" not in header:
+            raise UserError(f"{path}:1: no 'file_name' column; imagefolder metadata names each image in file_name")
+        return out
+    out = []
+    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{line}: not a JSON object ({err.msg})") from None
+        if not isinstance(record, dict) or "file_name" not in record:
+            raise UserError(f"{path}:{line}: no 'file_name'; each line is an object naming its image in file_name")
+        out.append((line, record))
+    return out
+
+
+def _label_column(path: Path, records: list[tuple[int, dict[str, Any]]], column: str) -> str:
+    """The label column: the one named, else ``labels`` or ``label``, whichever the records have."""
+    keys = {k for _, r in records for k in r}
+    if column:
+        if records and column not in keys:
+            raise UserError(f"{path}: data.label_column = {column!r} is not a column; it has {sorted(keys)}")
+        return column
+    found = next((c for c in ("labels", "label") if c in keys), None)
+    if found is None and records:
+        raise UserError(f"{path}: no 'labels' or 'label' column; name yours with data.label_column")
+    return found or "labels"
+
+
+def _names(path: Path, line: int, value: Any, sep: str, single: bool) -> list[str]:
+    """The class names of one record's label value."""
+    if value is None:
+        names: list[str] = []
+    elif isinstance(value, list):
+        names = [str(v).strip() for v in value if str(v).strip()]
+    elif isinstance(value, str):
+        names = [value.strip()] if single else [v.strip() for v in value.split(sep) if v.strip()]
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        names = [str(value)]
+    else:
+        raise UserError(f"{path}:{line}: the label is {value!r}; give a name, a number or a list of names")
+    if single and len(names) != 1:
+        raise UserError(f"{path}:{line}: single-label data has one label per image, this has {len(names)}")
+    return names
+
+
+def read_imagefolder_split(
+    root: str | Path,
+    split: str,
+    label_column: str = "",
+    label_sep: str = "|",
+    single: bool = False,
+    class_names: list[str] | None = None,
+    classes: ClassMap | None = None,
+) -> Split:
+    """Read one split of a Hugging Face imagefolder into image paths and multi-hot (or one-hot) targets.
+
+    Args:
+        root: The dataset folder (one folder per split).
+        split: The split folder's name.
+        label_column: The label column ("" for ``labels`` or ``label``).
+        label_sep: Separator of names joined in one string (multi-label).
+        single: One label per image (``data.task = "single_label"``).
+        class_names: ``data.classes``; None to take the train split's labels, sorted.
+        classes: The training split's classes (for val/test).
+
+    Returns:
+        The split.
+    """
+    folder = Path(root) / split
+    found = [folder / m for m in METADATA if (folder / m).is_file()]
+    if len(found) > 1:
+        raise UserError(f"{folder}: both metadata.csv and metadata.jsonl; keep one")
+    if not found:
+        if not single:
+            raise UserError(
+                f"{folder}: no metadata.csv or metadata.jsonl; class folders are single-label: set "
+                'data.task = "single_label" (or add metadata with a labels column)'
+            )
+        return read_folder_split(root, split, classes)
+    path = found[0]
+    records = _records(path)
+    column = _label_column(path, records, label_column)
+    seen: dict[str, int] = {}
+    paths, labels = [], []
+    for line, record in records:
+        name = str(record["file_name"]).strip()
+        if not name:
+            raise UserError(f"{path}:{line}: empty file_name")
+        if same_path(name) in seen:
+            raise UserError(
+                f"{path}:{line}: duplicate file_name {name!r} (the same image as line {seen[same_path(name)]})"
+            )
+        seen[same_path(name)] = line
+        paths.append(folder / name)
+        labels.append((line, (_names(path, line, record.get(column), label_sep, single), [])))
+    if classes is None:
+        names = class_names or sorted({n for _, (pos, _) in labels for n in pos})
+        if not names:
+            raise UserError(f"{path}: the {split!r} split has no labels; set data.classes or label its images")
+        classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
+    targets = targets_of(path, labels, classes, [column], Columns(labels=column))
+    return Split(split, path, folder, list(range(len(paths))), paths, targets, classes)
