@@ -48,8 +48,8 @@ def _coco_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, list
 def write_all_formats(coco: Path, out: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, list]:
     """The same images and labels as a COCO dataset, written as VOC, Open Images, imagefolder and named-column CSV.
 
-    Images are linked, not copied; images without an object are left out (VOC has none). Returns per format the ``--set`` overrides that read it (classes in COCO's order,
-    so every format's targets line up with COCO's).
+    Images are linked, not copied; images without an object are left out (VOC has none). Returns per format the
+    ``--set`` overrides that read it (classes in COCO's order, so every format's targets line up with COCO's).
     """
     import csv
     import json
