@@ -83,7 +83,7 @@ LAYERS = [
     ("models", ["models", "mobilenet", "groups", "optim", "losses", "summary"]),
     ("data", ["data"]),
     ("eval", ["eval"]),
-    ("loop", ["train.loop", "train.fit", "train.lock", "train.rundir", "train.lr_find"]),
+    ("loop", ["train.loop", "train.fit", "train.mixing", "train.lock", "train.rundir", "train.lr_find"]),
     ("hooks", ["hooks"]),
     ("assembly", ["train.assembly", "train.run", "train.evaluate", "train"]),
     ("deploy", ["deploy"]),

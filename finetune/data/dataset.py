@@ -32,6 +32,7 @@ class ImageDataset(torch.utils.data.Dataset):
         image_ids: list[int] | None = None,
         norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
         device_jitter: float = 0.0,
+        boxes: list[np.ndarray] | None = None,
     ) -> None:
         self.image_paths = image_paths
         self.targets = targets
@@ -43,6 +44,7 @@ class ImageDataset(torch.utils.data.Dataset):
         # In shared memory: persistent DataLoader workers see set_epoch (their own copy of an int would not).
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.image_ids = image_ids or list(range(len(image_paths)))
+        self.boxes = boxes  # per image [k, 5] (class, x0, y0, x1, y1): moved with the image, for area cutmix
 
     @property
     def epoch(self) -> int:
@@ -74,7 +76,15 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             if hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
-            image = self.transform(image=image)["image"]
+            if self.boxes is not None:
+                b = self.boxes[index]
+                b = b[(b[:, 3] > b[:, 1]) & (b[:, 4] > b[:, 2])]  # albumentations refuses boxes of no area
+                out = self.transform(image=image, bboxes=b[:, 1:], box_classes=b[:, 0])
+                moved = np.column_stack([np.asarray(out["box_classes"]), np.asarray(out["bboxes"]).reshape(-1, 4)])
+                sample["boxes"] = torch.from_numpy(moved.astype(np.float32).reshape(-1, 5))
+                image = out["image"]
+            else:
+                image = self.transform(image=image)["image"]
         else:
             image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         sample["image"] = image
@@ -115,4 +125,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             batch["jitter"] = torch.stack([s["jitter"] for s in good])
         batch["target"] = torch.stack([s["target"] for s in good])
         batch["index"] = torch.tensor([s["index"] for s in good])
+        if "boxes" in good[0]:
+            batch["boxes"] = [s["boxes"] for s in good]
     return batch

@@ -1,9 +1,14 @@
-"""Albumentations pipelines for training and evaluation."""
+"""Albumentations pipelines for training and evaluation (timm's RandAugment as one of their steps)."""
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import albumentations as A
+import numpy as np
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -13,6 +18,39 @@ JITTER_P = 0.8  # probability that an image is colour-jittered at all
 def jitter_hue(strength: float) -> float:
     """The hue range that goes with a ``color_jitter`` strength: a quarter of it, at most half the wheel."""
     return min(0.5, strength / 4)
+
+
+class RandAugment(A.ImageOnlyTransform):
+    """timm's ``rand_augment_transform`` (``"rand-m9-n2"``) as a step of an albumentations pipeline.
+
+    timm's ops draw from Python's and NumPy's global RNGs. Each call seeds both from the pipeline's own seed (set per
+    sample by :class:`~finetune.data.dataset.ImageDataset`) and puts them back after, so a sample's draw depends on
+    (seed, epoch, index) alone, as every other step's does, and nothing else's random stream moves.
+    """
+
+    def __init__(self, spec: str, size: int, mean: tuple[float, ...] = IMAGENET_MEAN, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        from timm.data.auto_augment import rand_augment_transform
+
+        self.spec = spec
+        hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean)}
+        self.op = rand_augment_transform(spec, hparams)  # timm's create_transform's hparams for this size
+
+    def get_params(self) -> dict[str, Any]:  # noqa: D102
+        return {"seed": self.py_random.randrange(2**32)}
+
+    def apply(self, img: np.ndarray, seed: int = 0, **params: Any) -> np.ndarray:  # noqa: D102
+        saved, saved_np = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return np.array(self.op(Image.fromarray(img)))  # a writable copy: ToTensorV2 wraps it
+        finally:
+            random.setstate(saved)
+            np.random.set_state(saved_np)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:  # noqa: D102
+        return ("spec",)
 
 
 def train_transform(
@@ -27,6 +65,9 @@ def train_transform(
     jitter_in_workers: bool = True,
     vflip: float = 0.0,
     rot90: bool = False,
+    randaugment: str = "",
+    random_erasing: float = 0.0,
+    boxes: bool = False,
 ) -> A.Compose:
     """Training pipeline: crop or resize to ``size``, flip, optional colour jitter, normalise, to CHW tensor.
 
@@ -43,6 +84,10 @@ def train_transform(
         rot90: Rotate by a random multiple of 90 degrees (square outputs only, which every pipeline here makes).
         jitter_in_workers: False: leave the colour jitter out; the dataset draws its parameters and ``batch_images``
             applies it on the device (``data/jitter.py``).
+        randaugment: timm's RandAugment string (``"rand-m9-n2"``), after the flips; "" for none.
+        random_erasing: Probability of erasing a random rectangle with noise (Zhong et al.; timm's ``reprob``).
+        boxes: Carry object boxes (``bboxes``, pascal_voc pixels, with ``box_classes``) through the crop and flips.
+            RandAugment's rotate, shear and translate do not move them.
 
     Returns:
         The pipeline; call it as ``pipeline(image=hwc_uint8)["image"]``.
@@ -57,10 +102,17 @@ def train_transform(
         ops.append(A.VerticalFlip(p=vflip))
     if rot90:
         ops.append(A.RandomRotate90(p=1.0))
+    if randaugment:
+        ops.append(RandAugment(randaugment, size, mean))
     if color_jitter > 0 and jitter_in_workers:
         j = color_jitter
         ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=jitter_hue(j), p=JITTER_P))
+    if random_erasing > 0:
+        ops.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=random_erasing))
     ops += [A.Normalize(mean=mean, std=std), ToTensorV2()] if normalize else [ToTensorV2()]
+    if boxes:
+        bbox = A.BboxParams(format="pascal_voc", label_fields=["box_classes"], clip=True, filter_invalid_bboxes=True)
+        return A.Compose(ops, bbox_params=bbox)
     return A.Compose(ops)
 
 

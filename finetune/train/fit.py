@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,20 +25,7 @@ from finetune.io import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from finetune.optim import group_lrs
 from finetune.precision import autocast
 from finetune.train.loop import Hook, Loop, TrainState, hook_key
-
-
-def mix_batch(
-    inputs: torch.Tensor, targets: torch.Tensor, alpha: float, seed: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup (Zhang et al., ICLR 2018) as timm's ``Mixup`` pairs images: each with the batch reversed.
-
-    ``lam ~ Beta(alpha, alpha)`` from a generator seeded by ``seed`` (the run's seed, epoch and batch, so a resumed
-    run draws the same); inputs and targets (multi-hot or one-hot) become ``lam * a + (1 - lam) * reversed``.
-    """
-    lam = float(np.random.default_rng(list(seed)).beta(alpha, alpha))
-    targets = targets.float()
-    mixed = inputs.mul(lam).add_(inputs.flip(0), alpha=1.0 - lam)
-    return mixed, targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
+from finetune.train.mixing import cutmix_batch, mix_batch
 
 
 def _progress(console: Console) -> Progress:
@@ -80,6 +66,8 @@ def _forward_backward(
         return 0.0, 0
     if s.mixup > 0 and len(inputs):
         inputs, targets = mix_batch(inputs, targets, s.mixup, (s.seed, state.epoch, i))
+    if s.cutmix > 0 and len(inputs) and batch.get("image") is not None and len(batch["image"]) == len(inputs):
+        inputs, targets = cutmix_batch(inputs, targets, s.cutmix, (s.seed, state.epoch, i), batch.get("boxes"))
     with autocast(s.device, s.precision):
         logits = forward(inputs)
     # The loss runs in fp32 outside autocast: log-sigmoid terms underflow to NaN in fp16. An empty stand-in batch (a

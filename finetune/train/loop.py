@@ -43,7 +43,8 @@ class FitSettings(EvalSettings):
     threshold: float = 0.5
     select: str = "map"  # a key of the task's metrics, or "loss"
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
-    seed: int = 0  # seeds mixup's draws with (seed, epoch, batch)
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off (multi-label: labels by box area, batch["boxes"])
+    seed: int = 0  # seeds mixup's and cutmix's draws with (seed, epoch, batch)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (RUN/steps/); 0 = epoch ends only
 
 

@@ -90,6 +90,7 @@ def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> 
         threshold=t.threshold,
         select=task.select(t.select),
         mixup=recipe.data.augment.mixup,
+        cutmix=recipe.data.augment.cutmix,
         seed=t.seed,
         checkpoint_every=t.checkpoint_every,
     )
@@ -191,14 +192,19 @@ def build_dataset(cfg: DataConfig, split: Split, train: bool, seed: int = 0) -> 
     a = cfg.augment
     cuda = torch.cuda.is_available()  # a run has resolved "auto" by its device (build_resolved_recipe)
     on_device = train and a.color_jitter > 0 and (a.jitter_on == "device" or (a.jitter_on == "auto" and cuda))
+    boxes = train and a.cutmix > 0 and a.cutmix_labels == "area"
+    if boxes and split.boxes is None:
+        raise UserError(f'data.augment.cutmix_labels = "area": the {split.name!r} split has no object boxes')
     if train:  # uint8 out of the workers; normalised (and, on_device, colour-jittered) on the device: batch_images
         crop = (a.crop, tuple(a.scale), a.hflip, a.color_jitter)
-        geometry = {"vflip": a.vflip, "rot90": a.rot90}
-        tf = train_transform(cfg.image_size, *crop, normalize=False, jitter_in_workers=not on_device, **geometry)
+        geometry = {"vflip": a.vflip, "rot90": a.rot90, "randaugment": a.randaugment, "mean": mean}
+        more = {"random_erasing": a.random_erasing, "boxes": boxes, "jitter_in_workers": not on_device}
+        tf = train_transform(cfg.image_size, *crop, normalize=False, **geometry, **more)
     else:
         tf = eval_transform(cfg.eval_size or cfg.image_size, normalize=False)
     ids, jitter = split.image_ids, a.color_jitter if on_device else 0.0
-    return ImageDataset(split.image_paths, split.targets, split.classes, tf, seed, ids, (mean, std), jitter)
+    moved = split.boxes if boxes else None
+    return ImageDataset(split.image_paths, split.targets, split.classes, tf, seed, ids, (mean, std), jitter, moved)
 
 
 def build_loader(
