@@ -1,8 +1,9 @@
-"""Metric loggers as hooks: every epoch's record to JSON lines, CSV, TensorBoard or MLflow.
+"""Metric loggers as hooks: every epoch's record to JSON lines, CSV, TensorBoard, MLflow or Weights & Biases.
 
 ``metrics.jsonl`` is always written: it is the run's own record (``report``, ``--resume`` and the tests read it).
 ``[log] to`` adds the others. Each logger drops what a resumed run will write again: lines past the checkpoint's
-epoch (JSONL, CSV), TensorBoard events from that step on (``purge_step``); an MLflow run is continued by its id.
+epoch (JSONL, CSV), TensorBoard events from that step on (``purge_step``); an MLflow or W&B run is continued by its
+id. W&B runs offline (``WANDB_MODE=offline``) unless the environment sets a mode: nothing leaves the machine unasked.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import csv
 import io
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import UserError
 from finetune.io import append_jsonl, atomic_write_text
 from finetune.train.loop import Hook, Loop
 
@@ -125,6 +128,42 @@ class MlflowLogger(Hook):
             self._client.set_terminated(self._run_id)
 
 
+class WandbLogger(Hook):
+    """A Weights & Biases run under ``<run>/wandb`` (``wandb sync`` uploads an offline one), continued on resume."""
+
+    def __init__(self, run_dir: Path, name: str, params: dict[str, Any]) -> None:
+        self.run_dir, self.name, self.params = Path(run_dir), name, params
+        self._run: Any = None
+
+    def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
+        os.environ.setdefault("WANDB_MODE", "offline")  # the user's own mode (online, disabled) wins
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("log.to: \"wandb\" needs Weights & Biases: pip install -e '.[wandb]'") from None
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B's id form
+        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+        self._run = wandb.init(
+            project="finetune",
+            name=self.name,
+            id=run_id,
+            dir=str(self.run_dir),
+            config=self.params,
+            resume="allow",
+            settings=settings,
+        )
+        atomic_write_text(id_file, run_id + "\n")
+
+    def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:  # noqa: D102
+        self._run.log({k: v for k, v in flat(record).items() if k != "epoch"}, step=int(record["epoch"]))
+
+    def on_fit_end(self, loop: Loop) -> None:  # noqa: D102
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """A recipe dict as MLflow params: ``optim.lr`` -> ``"0.001"`` (values shortened to MLflow's limit)."""
     out: dict[str, str] = {}
@@ -146,7 +185,9 @@ def make_loggers(names: list[str], run_dir: Path, experiment: str, params: dict[
         hooks.append(TensorBoardLogger(run_dir / "tensorboard"))
     if "mlflow" in names:
         hooks.append(MlflowLogger(run_dir / "mlruns", experiment, params))
+    if "wandb" in names:
+        hooks.append(WandbLogger(run_dir, experiment, params))
     return hooks
 
 
-LOGGERS = (JsonlLogger, CsvLogger, TensorBoardLogger, MlflowLogger)
+LOGGERS = (JsonlLogger, CsvLogger, TensorBoardLogger, MlflowLogger, WandbLogger)

@@ -44,6 +44,8 @@ _BEFORE_FIRST_CHECKPOINT = {
     "bad_images.json",
     "tensorboard",
     "mlruns",
+    "wandb",
+    "wandb_id.txt",
 }
 # The keys --resume --set may change: none changes what an epoch computes (epochs may only grow; checked on resume).
 RESUME_KEYS = {"train.epochs", "data.num_workers", "data.root", "log.to"}
