@@ -53,6 +53,23 @@ class RandAugment(A.ImageOnlyTransform):
         return ("spec",)
 
 
+def geometry(
+    size: int, crop: str, scale: tuple[float, float], hflip: float, vflip: float, rot90: bool
+) -> list[A.BasicTransform]:
+    """The crop (or resize) to ``size`` and the flips and rotations that follow it: what moves object boxes."""
+    if crop == "random_resized_crop":
+        ops: list[A.BasicTransform] = [A.RandomResizedCrop(size=(size, size), scale=tuple(scale))]
+    else:
+        ops = [A.Resize(size, size)]
+    if hflip > 0:
+        ops.append(A.HorizontalFlip(p=hflip))
+    if vflip > 0:
+        ops.append(A.VerticalFlip(p=vflip))
+    if rot90:
+        ops.append(A.RandomRotate90(p=1.0))
+    return ops
+
+
 def train_transform(
     size: int,
     crop: str = "random_resized_crop",
@@ -92,16 +109,7 @@ def train_transform(
     Returns:
         The pipeline; call it as ``pipeline(image=hwc_uint8)["image"]``.
     """
-    if crop == "random_resized_crop":
-        ops: list[A.BasicTransform] = [A.RandomResizedCrop(size=(size, size), scale=tuple(scale))]
-    else:
-        ops = [A.Resize(size, size)]
-    if hflip > 0:
-        ops.append(A.HorizontalFlip(p=hflip))
-    if vflip > 0:
-        ops.append(A.VerticalFlip(p=vflip))
-    if rot90:
-        ops.append(A.RandomRotate90(p=1.0))
+    ops = geometry(size, crop, scale, hflip, vflip, rot90)
     if randaugment:
         ops.append(RandAugment(randaugment, size, mean))
     if color_jitter > 0 and jitter_in_workers:
