@@ -67,6 +67,24 @@ def test_balanced_ddp_ranks_together_take_one_process_steps() -> None:
             assert together == sorted(order[k * batch : (k + 1) * batch]), (epoch, k)
 
 
+def test_balanced_loaders_of_two_ranks_batch_like_one_process(tiny_recipe: Path) -> None:
+    from finetune.distributed import Dist
+    from finetune.train.assembly.data import build_dataset, build_loader, build_split
+
+    cfg = load_recipe(tiny_recipe, ['data.sampler="balanced"', "data.repeat_threshold=0.5"]).data
+    split = build_split(cfg, "train")
+    dataset = build_dataset(cfg, split, train=True, seed=0)
+    one = build_loader(cfg, dataset, True, seed=4)
+    ranks = [build_loader(cfg, dataset, True, seed=4, d=Dist(rank=k, world=2)) for k in range(2)]
+    for epoch in (0, 1):
+        for loader in (one, *ranks):
+            loader.sampler.set_epoch(epoch)
+        batches = [list(loader.batch_sampler) for loader in (one, *ranks)]
+        assert len(batches[0]) == len(batches[1]) == len(batches[2]) == len(one) > 24 // 8
+        for step, indices in enumerate(batches[0]):
+            assert sorted(batches[1][step] + batches[2][step]) == sorted(indices), (epoch, step)
+
+
 def test_balanced_run_reports_its_epoch_and_resumes_bitwise_with_randaugment_and_cutmix(tiny_recipe: Path) -> None:
     sets = [
         "train.epochs=2",
