@@ -205,3 +205,28 @@ def test_named_column_missing_is_one_line_in_validate(tiny_recipe: Path, formats
     sets = [*formats["csv"][:-1], 'data.split_column="fold"']
     proc = run_cli("validate", str(tiny_recipe), *[x for s in sets for x in ("--set", s)])
     assert_user_error(proc, "data.csv", "'fold'", "data.split_column")
+
+
+def test_a_save_to_disk_dataset_reads_like_the_imagefolder(
+    tiny_recipe: Path, formats: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is optional")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _split(tiny_recipe, formats["imagefolder"], "train")
+    names = list(folder.classes.names)
+    rows = {
+        "image": [{"bytes": p.read_bytes(), "path": None} for p in folder.image_paths],  # in the Arrow files
+        "tags": [[names.index(n) for n in names if t[names.index(n)] == 1] for t in folder.targets],
+    }
+    features = datasets.Features(
+        {"image": datasets.Image(), "tags": datasets.Sequence(datasets.ClassLabel(names=names))}
+    )
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    sets = [s for s in formats["imagefolder"] if not s.startswith("data.root")] + [f'data.root="{tmp_path / "saved"}"']
+    saved = _split(tiny_recipe, sets, "train")
+    assert saved.classes.names == folder.classes.names
+    np.testing.assert_array_equal(saved.targets, folder.targets)
+    assert all(p.parent == tmp_path / "cache" / "hf-images" for p in saved.image_paths)  # bytes written once
+    assert [p.read_bytes() for p in saved.image_paths] == [p.read_bytes() for p in folder.image_paths]
+    _error(lambda: _split(tiny_recipe, sets, "val"), "no split 'val'")

@@ -8,7 +8,8 @@
 - the label column (``data.label_column``; default ``labels``, else ``label``): for multi-label data a list (JSON
   Lines) or names joined by ``data.label_sep``; for ``data.task = "single_label"`` one value (a name or a number).
 Without a metadata file, a split folder of class folders is single-label, as ``datasets`` reads it. This is read
-directly, with no ``datasets`` dependency. The classes are ``data.classes`` when given, else the train split's
+directly, with no ``datasets`` dependency; a folder ``save_to_disk`` wrote is read with ``datasets`` when it is
+installed (:mod:`finetune.data.hfdisk`). The classes are ``data.classes`` when given, else the train split's
 labels, sorted.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from finetune.data.csvfile import Columns, read_table, same_path, targets_of
 from finetune.data.folder import read_folder_split
+from finetune.data.hfdisk import is_saved_dataset, read_saved_split
 from finetune.data.split import ClassMap, Split
 from finetune.errors import UserError
 
@@ -105,6 +107,8 @@ def read_imagefolder_split(
     Returns:
         The split.
     """
+    if is_saved_dataset(Path(root), split):  # written by datasets' save_to_disk
+        return read_saved_split(root, split, label_column, single, class_names, classes)
     folder = Path(root) / split
     found = [folder / m for m in METADATA if (folder / m).is_file()]
     if len(found) > 1:
