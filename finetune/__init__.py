@@ -6,7 +6,7 @@ imported on first use, so that ``import finetune`` (and a recipe error on the co
 
 from typing import Any
 
-__version__ = "0.6.0"  # the one place the version is kept (pyproject.toml reads it)
+__version__ = "0.7.0"  # the one place the version is kept (pyproject.toml reads it)
 __all__ = ["Predictor", "Prediction", "__version__"]
 
 
