@@ -186,6 +186,8 @@ def test_bad_openimages_imagefolder_and_csv_input(tmp_path: Path) -> None:
     _error(lambda: read_imagefolder_split(tmp_path, "train"), "metadata.csv", "file_name")
     (tmp_path / "train" / "metadata.csv").write_text("file_name,labels\na.jpg,cat\n")
     _error(lambda: read_imagefolder_split(tmp_path, "train", "tags"), "metadata.csv", "'tags'")
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,label\na.jpg,cat\nb.jpg,\n")
+    _error(lambda: read_imagefolder_split(tmp_path, "train", single=True), "metadata.csv:3", "has 0")
     bad = {
         "dup_column.csv": ("path,labels,labels,split\na.jpg,cat,dog,train\n", ["dup_column.csv:1", "'labels'"]),
         "quote.csv": ('path,labels,split\na.jpg,"cat"dog,train\n', ["quote.csv:2", "malformed"]),

@@ -116,30 +116,55 @@ def test_balanced_run_reports_its_epoch_and_resumes_bitwise_with_randaugment_and
 
 def test_area_cutmix_labels_equal_a_pixel_count() -> None:
     size = 32
-    boxes = [  # class, x0, y0, x1, y1 (pixels)
-        torch.tensor([[0, 2, 2, 12, 12], [1, 20, 20, 30, 28], [0, 14, 0, 18, 6]], dtype=torch.float32),
+    boxes = [  # class, x0, y0, x1, y1 (pixels); a box of no area: the crop cut that object away
+        torch.tensor([[0, 2, 2, 12, 12], [1, 20, 20, 30, 28], [0, 14, 0, 18, 6], [3, 0, 0, 0, 0]], dtype=torch.float32),
         torch.tensor([[2, 0, 0, 32, 32]], dtype=torch.float32),
         torch.tensor([[1, 8, 8, 24, 24], [2, 5, 20, 9, 31]], dtype=torch.float32),
+        torch.tensor([[1, 0, 16, 16, 32]], dtype=torch.float32),
     ]
-    targets = torch.tensor([[1, 1, 0], [0, 0, 1], [0, 1, float("nan")]])
+    # image 0's class 2 and image 3's class 0 are positive with no box at all: they score the area their image keeps
+    targets = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 0], [0, 1, float("nan"), 0], [1, 1, 0, 0]])
     cut = (6, 4, 22, 26)
-    got = area_targets(targets, boxes, cut)
     inside = np.zeros((size, size), dtype=bool)
     inside[cut[1] : cut[3], cut[0] : cut[2]] = True
-    n = len(boxes)
-    for i in range(n):
-        want = np.zeros(3)
-        for b, outer in ((boxes[i], True), (boxes[n - 1 - i], False)):
-            for c, x0, y0, x1, y1 in b.int().tolist():
-                mask = np.zeros((size, size), dtype=bool)
-                mask[y0:y1, x0:x1] = True
-                seen = (mask & ~inside) if outer else (mask & inside)
-                want[c] = max(want[c], seen.sum() / mask.sum())
-        for c in range(3):
-            if torch.isnan(targets[i, c]) or torch.isnan(targets[n - 1 - i, c]):
-                assert torch.isnan(got[i, c])
-            else:
-                assert got[i, c].item() == pytest.approx(want[c], abs=1e-6), (i, c)
+    for batch in (4, 3):  # 3: the middle image is pasted onto itself and keeps its targets
+        got = area_targets(targets[:batch], boxes[:batch], cut, (size, size))
+        for i in range(batch):
+            j = batch - 1 - i
+            want = np.zeros(4)
+            for b, t, outer in ((boxes[i], targets[i], True), (boxes[j], targets[j], False)):
+                boxed = set()
+                for c, x0, y0, x1, y1 in b.int().tolist():
+                    boxed.add(c)
+                    mask = np.zeros((size, size), dtype=bool)
+                    mask[y0:y1, x0:x1] = True
+                    seen = (mask & ~inside) if outer else (mask & inside)
+                    want[c] = max(want[c], seen.sum() / mask.sum() if mask.any() else 0.0)
+                for c in range(4):
+                    if t[c] == 1 and c not in boxed:
+                        want[c] = max(want[c], (~inside if outer else inside).mean())
+            if i == j:
+                want = np.nan_to_num(targets[i].numpy())
+            for c in range(4):
+                if torch.isnan(targets[i, c]) or torch.isnan(targets[j, c]):
+                    assert torch.isnan(got[i, c])
+                else:
+                    assert got[i, c].item() == pytest.approx(want[c], abs=1e-6), (batch, i, c)
+
+
+def test_repeats_of_an_image_in_a_balanced_epoch_are_augmented_apart(tiny_recipe: Path) -> None:
+    from finetune.data.samplers import tag_repeats
+    from finetune.train.assembly.data import build_dataset, build_split
+
+    assert tag_repeats([2, 0, 2, 1, 2], 3) == [2, 0, 5, 1, 8]
+    cfg = load_recipe(tiny_recipe, ['data.sampler="balanced"']).data
+    dataset = build_dataset(cfg, build_split(cfg, "train"), train=True, seed=0)
+    n = len(dataset)
+    first, second = dataset[3], dataset[3 + n]
+    assert first["index"] == second["index"] == 3
+    assert torch.equal(first["target"], second["target"])
+    assert not torch.equal(first["image"], second["image"])  # its own crop and flip
+    assert torch.equal(dataset[3]["image"], first["image"])  # and each draw is seeded
 
 
 def test_cutmix_pastes_the_reversed_batch_and_is_seeded() -> None:

@@ -57,15 +57,16 @@ def data_stats(
     from finetune.config import load_recipe
 
     cfg = load_recipe(recipe, overrides)
-    from finetune.data.stats import cache_path, load_or_compute
+    from finetune.data.stats import cache_path, load_or_compute, stats_key
     from finetune.train.assembly import build_run
 
     split = build_run(cfg, roles=("train",)).splits["train"]
-    stats, cached = load_or_compute(split, cfg.data.format, cfg.data.image_size, refresh, cfg.data.on_bad_image)
+    key = stats_key(cfg.data.format, cfg.data.task)
+    stats, cached = load_or_compute(split, key, cfg.data.image_size, refresh, cfg.data.on_bad_image)
     if as_json:
         print(json.dumps(stats, indent=2))
         return
-    where = cache_path(split, cfg.data.format, cfg.data.image_size)
+    where = cache_path(split, key, cfg.data.image_size)
     out.print(
         f"{escape(cfg.data.root)} / {escape(stats['split'])}: {stats['images']} images at {stats['image_size']}px "
         f"({'from cache' if cached else 'computed; cached'} in {escape(str(where))})"

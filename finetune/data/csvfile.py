@@ -73,8 +73,8 @@ def read_table(path: Path, what: str = "data.csv") -> tuple[list[str], list[tupl
             header = [h.strip() for h in next(reader, [])]
             line = reader.line_num + 1  # where the next row starts: the line an error names
             body = []
-            for row in reader:
-                body.append((reader.line_num, row))
+            for row in reader:  # a quoted cell may span lines: a row is named by the line it starts on
+                body.append((line, row))
                 line = reader.line_num + 1
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not a UTF-8 CSV file ({err})") from None

@@ -59,6 +59,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self._epoch[0] = epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        # A balanced sampler's k-th draw of an image in an epoch arrives as index + k * n (samplers.tag_repeats): the
+        # same image, augmented with its own seed; the first draw keeps the (seed, epoch, index) seed.
+        repeat, index = divmod(index, len(self.targets))
+        key = (self.seed, self.epoch, index) + ((repeat,) if repeat else ())
         sample: dict[str, Any] = {"target": torch.from_numpy(self.targets[index]), "index": index}
         if isinstance(self.image_paths, np.ndarray):  # in-memory images (CIFAR-10 batches): [n, h, w, 3] uint8
             image = self.image_paths[index]
@@ -75,12 +79,14 @@ class ImageDataset(torch.utils.data.Dataset):
             return sample
         if self.transform is not None:
             if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(hash((self.seed, self.epoch, index)) % 2**32)
+                self.transform.set_random_seed(hash(key) % 2**32)
             if self.boxes is not None:
                 b = self.boxes[index]
                 b = b[(b[:, 3] > b[:, 1]) & (b[:, 4] > b[:, 2])]  # albumentations refuses boxes of no area
                 out = self.transform(image=image, bboxes=b[:, 1:], box_classes=b[:, 0])
                 moved = np.column_stack([np.asarray(out["box_classes"]), np.asarray(out["bboxes"]).reshape(-1, 4)])
+                gone = sorted(set(b[:, 0].tolist()) - set(moved[:, 0].tolist()))  # cropped away: a box of no area
+                moved = np.vstack([moved.reshape(-1, 5), [[c, 0, 0, 0, 0] for c in gone]]) if gone else moved
                 sample["boxes"] = torch.from_numpy(moved.astype(np.float32).reshape(-1, 5))
                 image = out["image"]
             else:
@@ -89,7 +95,7 @@ class ImageDataset(torch.utils.data.Dataset):
             image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         sample["image"] = image
         if self.device_jitter > 0:
-            rng = np.random.default_rng(hash((self.seed, self.epoch, index, 1)) % 2**32)
+            rng = np.random.default_rng(hash((*key[:3], 1, *key[3:])) % 2**32)
             j = self.device_jitter
             sample["jitter"] = torch.from_numpy(sample_jitter(rng, j, jitter_hue(j), JITTER_P))
         if self.norm is not None:

@@ -25,17 +25,18 @@ def is_saved_dataset(root: Path, split: str) -> bool:
     return (root / "dataset_dict.json").is_file() or (root / split / "state.json").is_file()
 
 
-def _load(root: Path, split: str) -> Any:
+def _load(root: Path, split: str) -> tuple[Any, Any]:
+    """The ``datasets`` module and the split's ``Dataset``."""
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{root}: a save_to_disk dataset needs Hugging Face datasets: pip install datasets") from None
+        raise UserError(f"{root}: a save_to_disk dataset needs Hugging Face datasets: pip install -e '.[hf]'") from None
     if (root / "dataset_dict.json").is_file():
         saved = datasets.load_from_disk(str(root))
         if split not in saved:
             raise UserError(f"{root}: no split {split!r} (it has {', '.join(saved)}); check data.train / val / test")
-        return saved[split]
-    return datasets.load_from_disk(str(root / split))
+        return datasets, saved[split]
+    return datasets, datasets.load_from_disk(str(root / split))
 
 
 def _cached(data: bytes, name: str) -> Path:
@@ -47,15 +48,20 @@ def _cached(data: bytes, name: str) -> Path:
     return path
 
 
-def _label_names(feature: Any, values: list[Any]) -> tuple[list[list[str]], list[str] | None]:
+def _label_names(where: Path, feature: Any, values: list[Any]) -> tuple[list[list[str]], list[str] | None]:
     """Each row's label names, and the names a ``ClassLabel`` declares (None for plain strings)."""
     inner = getattr(feature, "feature", None)  # Sequence(ClassLabel) / List(ClassLabel)
     label = inner if inner is not None else feature
     names = list(label.names) if hasattr(label, "names") else None
     rows = []
-    for v in values:
+    for r, v in enumerate(values):
         items = v if isinstance(v, list) else ([] if v is None else [v])
-        rows.append([names[i] if names is not None and isinstance(i, int) else str(i) for i in items])
+        if names is not None and any(not isinstance(i, int) or not 0 <= i < len(names) for i in items):
+            bad = next(i for i in items if not isinstance(i, int) or not 0 <= i < len(names))
+            raise UserError(
+                f"{where}: row {r} has label {bad!r}, not one of the {len(names)} ClassLabel names (-1: none)"
+            )
+        rows.append([names[i] if names is not None else str(i) for i in items])
     return rows, names
 
 
@@ -68,17 +74,15 @@ def read_saved_split(
     classes: ClassMap | None = None,
 ) -> Split:
     """One split of a ``save_to_disk`` folder as image paths and multi-hot (or one-hot) targets."""
-    import datasets
-
     root = Path(root)
-    ds = _load(root, split)
+    datasets, ds = _load(root, split)
     images = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
     if not images:
         raise UserError(f"{root}: the {split!r} split has no Image column (its columns: {', '.join(ds.features)})")
     column = label_column or next((c for c in ("labels", "label") if c in ds.features), "")
     if column not in ds.features:
         raise UserError(f"{root}: no label column {column or 'labels'!r}; name it with data.label_column")
-    rows, declared = _label_names(ds.features[column], ds[column])
+    rows, declared = _label_names(root, ds.features[column], ds[column])
     if single and any(len(r) != 1 for r in rows):
         bad = next(i for i, r in enumerate(rows) if len(r) != 1)
         raise UserError(f"{root}: {split!r} row {bad} has {len(rows[bad])} labels; single-label data has one")

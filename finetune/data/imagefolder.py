@@ -41,7 +41,11 @@ def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise UserError(f"{path}:1: no 'file_name' column; imagefolder metadata names each image in file_name")
         return out
     out = []
-    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err})") from None
+    for line, text in enumerate(lines, 1):
         if not text.strip():
             continue
         try:
@@ -74,7 +78,7 @@ def _names(path: Path, line: int, value: Any, sep: str, single: bool) -> list[st
     elif isinstance(value, list):
         names = [str(v).strip() for v in value if str(v).strip()]
     elif isinstance(value, str):
-        names = [value.strip()] if single else [v.strip() for v in value.split(sep) if v.strip()]
+        names = [v.strip() for v in ([value] if single else value.split(sep)) if v.strip()]
     elif isinstance(value, int | float) and not isinstance(value, bool):
         names = [str(value)]
     else:

@@ -51,6 +51,8 @@ def _labels(path: Path) -> tuple[list[str], list[tuple[int, str, str, float]]]:
     images: dict[str, None] = {}
     rows = []
     for line, row in body:
+        if not any(cell.strip() for cell in row):
+            continue
         if len(row) != len(header):
             raise UserError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
         image, label, conf = (row[i].strip() for i in at)

@@ -61,9 +61,30 @@ def sampler_line(sampler: dict[str, int | str]) -> str:
     return f"sampler: balanced (repeat factors); each epoch draws {size} from {n} train images ({size / n:.2f}x)"
 
 
-def epoch_order(n: int, seed: int, epoch: int, factors: np.ndarray | None = None) -> list[int]:
-    """Epoch ``epoch``'s order: :func:`epoch_permutation`, or :func:`balanced_order` with repeat factors."""
-    return epoch_permutation(n, seed, epoch) if factors is None else balanced_order(factors, seed, epoch)
+def tag_repeats(order: list[int], n: int) -> list[int]:
+    """The k-th draw of image i in an epoch as ``i + k * n`` (k = 0 for the first).
+
+    The dataset seeds each repeat's augmentation apart (:class:`~finetune.data.dataset.ImageDataset` reads
+    ``divmod(index, n)``).
+    """
+    seen = [0] * n
+    tagged = []
+    for i in order:
+        tagged.append(i + seen[i] * n)
+        seen[i] += 1
+    return tagged
+
+
+def epoch_order(n: int, seed: int, epoch: int, factors: np.ndarray | None = None, tag: bool = True) -> list[int]:
+    """Epoch ``epoch``'s order: :func:`epoch_permutation`, or with repeat factors :func:`balanced_order`.
+
+    The balanced order's repeats are tagged by :func:`tag_repeats` unless ``tag`` is false (the feature cache indexes
+    its rows by image).
+    """
+    if factors is None:
+        return epoch_permutation(n, seed, epoch)
+    order = balanced_order(factors, seed, epoch)
+    return tag_repeats(order, len(factors)) if tag else order
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -72,8 +93,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     With ``factors`` (:func:`repeat_factors`) an epoch is a class-balanced draw of :func:`balanced_length` indices.
     """
 
-    def __init__(self, n: int, seed: int = 0, factors: np.ndarray | None = None) -> None:
-        self.seed, self.epoch, self.skip, self.factors = seed, 0, 0, factors
+    def __init__(self, n: int, seed: int = 0, factors: np.ndarray | None = None, tag: bool = True) -> None:
+        self.seed, self.epoch, self.skip, self.factors, self.tag = seed, 0, 0, factors, tag
         self.n = n if factors is None else balanced_length(factors)
 
     def set_epoch(self, epoch: int) -> None:
@@ -85,7 +106,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.skip = skip
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_order(self.n, self.seed, self.epoch, self.factors)[self.skip :])
+        return iter(epoch_order(self.n, self.seed, self.epoch, self.factors, self.tag)[self.skip :])
 
     def __len__(self) -> int:
         return max(self.n - self.skip, 0)
@@ -105,6 +126,7 @@ class ShardSampler(torch.utils.data.Sampler[int]):
             rank takes exactly one process's number of steps; otherwise leading indices are repeated.
         batch: The global batch size (training).
         factors: Repeat factors (training): each epoch is the single-process balanced draw, shared out as above.
+        tag: Repeats as ``i + k * n`` (:func:`tag_repeats`), as the single-process sampler yields them.
     """
 
     def __init__(
@@ -117,9 +139,10 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         pad: bool = True,
         batch: int = 0,
         factors: np.ndarray | None = None,
+        tag: bool = True,
     ) -> None:
         self.seed, self.rank, self.world, self.shuffle, self.pad = seed, rank, world, shuffle, pad
-        self.batch, self.factors = batch, factors if shuffle else None
+        self.batch, self.factors, self.tag = batch, factors if shuffle else None, tag
         self.n = n if self.factors is None else balanced_length(self.factors)
         self.epoch, self.skip = 0, 0
 
@@ -135,7 +158,7 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         if not self.shuffle:
             order = list(range(self.n))
         else:  # exactly the single-process EpochSampler's order
-            order = epoch_order(self.n, self.seed, self.epoch, self.factors)
+            order = epoch_order(self.n, self.seed, self.epoch, self.factors, self.tag)
         if self.pad and self.batch and self.n > self.batch:
             order = order[: self.n // self.batch * self.batch]
         elif self.pad and self.n % self.world:

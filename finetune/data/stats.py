@@ -20,6 +20,7 @@ import numpy as np
 from finetune.data.split import DECODE_ERRORS, Split, read_rgb
 from finetune.errors import UserError
 from finetune.io import atomic_write_json
+from finetune.rules import task_name
 
 
 def cache_path(split: Split, fmt: str, image_size: int) -> Path:
@@ -99,6 +100,11 @@ def compute_stats(
     return out
 
 
+def stats_key(fmt: str, task: str = "auto") -> str:
+    """What the statistics are keyed and counted by: the format, with ``data.task`` when it is not the format's."""
+    return fmt if task == "auto" else f"{fmt}/{task}"
+
+
 def load_or_compute(
     split: Split, fmt: str, image_size: int, refresh: bool = False, on_bad_image: str = "skip"
 ) -> tuple[dict[str, Any], bool]:
@@ -115,6 +121,7 @@ def load_or_compute(
             cached = None  # a corrupt cache (a kill mid-write by an older version, a hand edit) is computed again
         if isinstance(cached, dict) and {"mean", "std", "label_counts"} <= cached.keys():
             return cached, True
-    stats = compute_stats(split, image_size, multi_label=fmt in ("coco", "csv"), on_bad_image=on_bad_image)
+    multi = task_name(*fmt.split("/")) == "multi_label"
+    stats = compute_stats(split, image_size, multi_label=multi, on_bad_image=on_bad_image)
     atomic_write_json(path, stats)
     return stats, False

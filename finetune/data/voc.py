@@ -30,8 +30,12 @@ def _ids(path: Path) -> list[tuple[int, str]]:
     """``(line, image id)`` pairs of an ImageSets file (VOC's ``<split>.txt``; a second column is ignored)."""
     if not path.is_file():
         raise UserError(f"{path}: VOC image set not found; check data.root and the split names")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err})") from None
     out = []
-    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for line, text in enumerate(lines, 1):
         if text.strip():
             out.append((line, text.split()[0]))
     return out

@@ -37,31 +37,46 @@ def cut_box(height: int, width: int, lam: float, rng: np.random.Generator) -> tu
     return int(x0), int(y0), int(x1), int(y1)
 
 
-def area_targets(targets: torch.Tensor, boxes: list[torch.Tensor], cut: tuple[int, int, int, int]) -> torch.Tensor:
+def _box_shares(b: torch.Tensor, cut: tuple[int, int, int, int]) -> torch.Tensor:
+    """The share of each box (``[k, 5]`` rows: class, x0, y0, x1, y1) that lies inside ``cut``; NaN for no area."""
+    x0, y0, x1, y1 = cut
+    area = (b[:, 3] - b[:, 1]).clamp(min=0) * (b[:, 4] - b[:, 2]).clamp(min=0)
+    w = (b[:, 3].clamp(max=x1) - b[:, 1].clamp(min=x0)).clamp(min=0)
+    h = (b[:, 4].clamp(max=y1) - b[:, 2].clamp(min=y0)).clamp(min=0)
+    return torch.where(area > 0, w * h / area.clamp(min=1e-12), torch.full_like(area, float("nan")))
+
+
+def area_targets(
+    targets: torch.Tensor, boxes: list[torch.Tensor], cut: tuple[int, int, int, int], size: tuple[int, int]
+) -> torch.Tensor:
     """Multi-label cutmix targets: each class weighted by the kept area of its objects' boxes.
 
     Image ``i`` keeps its pixels outside ``cut`` and gets the reversed batch's image ``n - 1 - i`` inside it. A class
     scores the largest share any one of its boxes keeps in the mixed image: ``1 - overlap / area`` for the outer
-    image's boxes, ``overlap / area`` for the pasted image's. A label whose box was cropped away scores 0; an unknown
-    label in either image stays unknown.
+    image's boxes, ``overlap / area`` for the pasted image's. A box of no area (the crop cut the object away) scores
+    0. A positive label with no box at all scores the area its image keeps (``1 - cut / image`` outer, ``cut /
+    image`` pasted), as single-label cutmix does. An unknown label in either image stays unknown; the middle image of
+    an odd batch is pasted onto itself and keeps its targets.
     """
-    x0, y0, x1, y1 = cut
-    out = torch.zeros_like(targets, dtype=torch.float32)
+    height, width = size
+    pasted = (cut[2] - cut[0]) * (cut[3] - cut[1]) / (height * width)
+    known = torch.nan_to_num(targets.float(), nan=0.0)
+    out = torch.zeros_like(known)
     n = len(targets)
-
-    def shares(b: torch.Tensor) -> torch.Tensor:
-        area = (b[:, 3] - b[:, 1]).clamp(min=0) * (b[:, 4] - b[:, 2]).clamp(min=0)
-        w = (b[:, 3].clamp(max=x1) - b[:, 1].clamp(min=x0)).clamp(min=0)
-        h = (b[:, 4].clamp(max=y1) - b[:, 2].clamp(min=y0)).clamp(min=0)
-        return torch.where(area > 0, w * h / area.clamp(min=1e-12), torch.zeros_like(area))
-
     for i in range(n):
-        for b, keep in ((boxes[i], True), (boxes[n - 1 - i], False)):
+        for b, t, outer in ((boxes[i], known[i], True), (boxes[n - 1 - i], known[n - 1 - i], False)):
+            boxed = torch.zeros_like(t, dtype=torch.bool)
             if len(b):
-                share = shares(b.to(out.device))
-                share = 1.0 - share if keep else share
-                cls = b[:, 0].long().to(out.device)
+                b = b.to(out.device)
+                share = _box_shares(b, cut)
+                share = torch.nan_to_num(1.0 - share if outer else share, nan=0.0)
+                cls = b[:, 0].long()
                 out[i].scatter_reduce_(0, cls, share, reduce="amax")
+                boxed[cls] = True
+            fallback = torch.where((t > 0) & ~boxed, t * (1.0 - pasted if outer else pasted), torch.zeros_like(t))
+            out[i] = torch.maximum(out[i], fallback)
+    if n % 2:
+        out[n // 2] = known[n // 2]
     unknown = torch.isnan(targets.float()) | torch.isnan(targets.float()).flip(0)
     return torch.where(unknown, torch.full_like(out, float("nan")), out)
 
@@ -82,7 +97,7 @@ def cutmix_batch(
     mixed = inputs.clone()
     mixed[..., y0:y1, x0:x1] = inputs.flip(0)[..., y0:y1, x0:x1]
     if boxes is not None:
-        return mixed, area_targets(targets, boxes, (x0, y0, x1, y1))
+        return mixed, area_targets(targets, boxes, (x0, y0, x1, y1), (height, width))
     kept = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
     targets = targets.float()
     return mixed, targets.mul(kept).add_(targets.flip(0), alpha=1.0 - kept)

@@ -99,9 +99,8 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     if s.stop_reason:
         extra["stop_reason"] = s.stop_reason
     if parts.recipe.data.format == "voc":  # VOC07's own 11-point interpolated mAP, beside the report's (area) mAP
-        extra["voc07_map"] = {
-            r: float(np.nanmean(voc_ap(o["targets"], o["probs"]))) for r, o in outs.items() if r != "train"
-        }
+        aps = {r: voc_ap(o["targets"], o["probs"]) for r, o in outs.items() if r != "train"}
+        extra["voc07_map"] = {r: float(np.nanmean(ap)) for r, ap in aps.items() if np.isfinite(ap).any()}
     if parts.recipe.data.sampler == "balanced":  # the epoch is a fixed repeat-factor draw, not the split
         n = len(parts.splits["train"].targets)
         extra["sampler"] = {"name": "balanced", "train_images": n, "epoch_size": parts.epoch_size}

@@ -199,7 +199,10 @@ def build_dataset(cfg: DataConfig, split: Split, train: bool, seed: int = 0) -> 
         crop = (a.crop, tuple(a.scale), a.hflip, a.color_jitter)
         geometry = {"vflip": a.vflip, "rot90": a.rot90, "randaugment": a.randaugment, "mean": mean}
         more = {"random_erasing": a.random_erasing, "boxes": boxes, "jitter_in_workers": not on_device}
-        tf = train_transform(cfg.image_size, *crop, normalize=False, **geometry, **more)
+        try:
+            tf = train_transform(cfg.image_size, *crop, normalize=False, **geometry, **more)
+        except (ValueError, KeyError, IndexError, AssertionError) as err:  # what timm raises on a spec it cannot read
+            raise UserError(f"data.augment.randaugment = {a.randaugment!r}: timm cannot read it ({err})") from None
     else:
         tf = eval_transform(cfg.eval_size or cfg.image_size, normalize=False)
     ids, jitter = split.image_ids, a.color_jitter if on_device else 0.0
@@ -271,11 +274,10 @@ def build_resolved_recipe(
     if augment.jitter_on == "auto" and augment.color_jitter > 0:
         augment = augment.model_copy(update={"jitter_on": "device" if device().type == "cuda" else "workers"})
     if augment.normalize == "dataset":
-        from finetune.data.stats import load_or_compute
+        from finetune.data.stats import load_or_compute, stats_key
 
-        stats, cached = load_or_compute(
-            train_split(), recipe.data.format, recipe.data.image_size, on_bad_image=recipe.data.on_bad_image
-        )
+        key, d = stats_key(recipe.data.format, recipe.data.task), recipe.data
+        stats, cached = load_or_compute(train_split(), key, d.image_size, on_bad_image=d.on_bad_image)
         augment = augment.model_copy(update={"normalize": {"mean": stats["mean"], "std": stats["std"]}})
         note = f"normalize: train-split mean {stats['mean']} std {stats['std']} ({'cached' if cached else 'computed'})"
     if augment is recipe.data.augment:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from finetune.config import Recipe
-from finetune.data.samplers import EpochSampler, ShardSampler
+from finetune.data.samplers import EpochSampler, ShardSampler, repeat_factors
 from finetune.data.split import Split
 from finetune.distributed import Dist, gather_features
 from finetune.errors import UserError
@@ -126,6 +126,9 @@ def build_feature_cache(
         )
     loader = source(f.cache_augment > 0)
     seed, bs = recipe.train.seed, recipe.data.batch_size
+    factors = None  # a balanced epoch of cached rows: the same repeat factors, the rows indexed by image (untagged)
+    if recipe.data.sampler == "balanced":
+        factors = repeat_factors(loader.dataset.targets, recipe.data.repeat_threshold)
     if d is not None and d.enabled:
         return FeatureCache(
             policy,
@@ -133,12 +136,17 @@ def build_feature_cache(
             f.cache_augment,
             bs // d.world,
             drop_last=True,
-            sampler_factory=lambda n: ShardSampler(n, seed, d.rank, d.world, batch=bs),
+            sampler_factory=lambda n: ShardSampler(n, seed, d.rank, d.world, batch=bs, factors=factors, tag=False),
             global_batch=bs,
             gather=lambda feats, targets, index: gather_features(feats, targets, index, d),
         )
     return FeatureCache(
-        policy, loader, f.cache_augment, bs, drop_last=True, sampler_factory=lambda n: EpochSampler(n, seed)
+        policy,
+        loader,
+        f.cache_augment,
+        bs,
+        drop_last=True,
+        sampler_factory=lambda n: EpochSampler(n, seed, factors, False),
     )
 
 
