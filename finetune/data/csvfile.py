@@ -213,7 +213,7 @@ def read_csv_split(
         names = class_names or sorted({name for _, (pos, unk) in labels for name in pos + unk})
         if not names:
             raise UserError(f"{path}: the {split!r} split has no labels; set data.classes or label its rows")
-        classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
+        classes = ClassMap.of_names(names)
     return Split(
         split, path, root, list(range(len(paths))), paths, targets_of(path, labels, classes, header, c), classes
     )

@@ -96,7 +96,7 @@ def read_saved_split(
             raise UserError(f"{root}: {split!r} row {i} has no image")
     if classes is None:
         names = class_names or declared or sorted({n for r in rows for n in r})
-        classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
+        classes = ClassMap.of_names(names)
     labels = [(i, (r, [])) for i, r in enumerate(rows)]
     targets = targets_of(root, labels, classes, [column], Columns(labels=column))
     return Split(split, root, root, list(range(len(paths))), paths, targets, classes)

@@ -144,6 +144,6 @@ def read_imagefolder_split(
         names = class_names or sorted({n for _, (pos, _) in labels for n in pos})
         if not names:
             raise UserError(f"{path}: the {split!r} split has no labels; set data.classes or label its images")
-        classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
+        classes = ClassMap.of_names(names)
     targets = targets_of(path, labels, classes, [column], Columns(labels=column))
     return Split(split, path, folder, list(range(len(paths))), paths, targets, classes)

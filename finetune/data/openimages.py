@@ -99,7 +99,7 @@ def read_openimages_split(
     name_of = lambda label: shown.get(label, label)  # noqa: E731
     if classes is None:
         names = class_names or sorted({name_of(label) for _, _, label, _ in rows})
-        classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
+        classes = ClassMap.of_names(names)
     column = {name: i for i, name in enumerate(classes.names)}
     row_of = {image: r for r, image in enumerate(image_ids)}
     targets = np.full((len(image_ids), len(classes)), UNKNOWN if absent == "unknown" else 0.0, dtype=np.float32)

@@ -35,6 +35,11 @@ class ClassMap:
         return [{"index": i, "id": cid, "name": name} for i, (cid, name) in enumerate(zip(self.ids, self.names))]
 
     @classmethod
+    def of_names(cls, names: list[str] | tuple[str, ...]) -> ClassMap:
+        """Classes known by name alone (every format but COCO): ids 1..n in the given order."""
+        return cls(tuple(range(1, len(names) + 1)), tuple(names))
+
+    @classmethod
     def from_json(cls, items: list[dict[str, Any]]) -> ClassMap:
         """Inverse of :meth:`to_json`."""
         items = sorted(items, key=lambda d: d["index"])

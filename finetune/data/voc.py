@@ -97,7 +97,7 @@ def read_voc_split(
     read = [(i, read_objects(root / "Annotations" / f"{i}.xml", f"{ids_file}:{line}")) for line, i in _ids(ids_file)]
     if classes is None:
         names = class_names or sorted({o[0] for _, (_, objs) in read for o in objs})
-        classes = ClassMap(tuple(range(1, len(names) + 1)), tuple(names))
+        classes = ClassMap.of_names(names)
     index = {name: i for i, name in enumerate(classes.names)}
     targets = np.zeros((len(read), len(classes)), dtype=np.float32)
     paths, boxes = [], []
