@@ -9,7 +9,7 @@ has no row for was never checked: unknown (NaN, left out of the loss, the metric
 negative with ``data.openimages_absent = "negative"``. Images are ``<images>/<ImageID>.jpg``.
 
 Class names are ``LabelName`` s, or with ``data.openimages_classes`` (a ``LabelName,DisplayName`` CSV, with or without
-its header line) their display names. The classes are ``data.classes`` (names as shown) when given, else every class
+its header line) their display names (with the LabelName added where two share one). The classes are ``data.classes`` (names as shown) when given, else every class
 of the train split, sorted; a row of another class is left out, as Open Images' 20,000 classes are usually cut down.
 """
 
@@ -38,7 +38,8 @@ def read_class_names(path: Path) -> dict[str, str]:
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f"{path}:{line}: expected LabelName,DisplayName")
         names[row[0].strip()] = row[1].strip()
-    return names
+    shared = {n for n in names.values() if list(names.values()).count(n) > 1}  # two LabelNames, one DisplayName
+    return {label: f"{name} ({label})" if name in shared else name for label, name in names.items()}
 
 
 def _labels(path: Path) -> tuple[list[str], list[tuple[int, str, str, float]]]:
