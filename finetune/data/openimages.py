@@ -9,8 +9,9 @@ has no row for was never checked: unknown (NaN, left out of the loss, the metric
 negative with ``data.openimages_absent = "negative"``. Images are ``<images>/<ImageID>.jpg``.
 
 Class names are ``LabelName`` s, or with ``data.openimages_classes`` (a ``LabelName,DisplayName`` CSV, with or without
-its header line) their display names (with the LabelName added where two share one). The classes are ``data.classes`` (names as shown) when given, else every class
-of the train split, sorted; a row of another class is left out, as Open Images' 20,000 classes are usually cut down.
+its header line) their display names (with the LabelName added where two share one). The classes are
+``data.classes`` (names as shown) when given, else every class of the train split, sorted; a row of another class
+is left out, as Open Images' 20,000 classes are usually cut down.
 """
 
 from __future__ import annotations
