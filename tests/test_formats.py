@@ -232,3 +232,12 @@ def test_a_save_to_disk_dataset_reads_like_the_imagefolder(
     assert all(p.parent == tmp_path / "cache" / "hf-images" for p in saved.image_paths)  # bytes written once
     assert [p.read_bytes() for p in saved.image_paths] == [p.read_bytes() for p in folder.image_paths]
     _error(lambda: _split(tiny_recipe, sets, "val"), "no split 'val'")
+
+
+def test_open_images_class_names_with_and_without_a_header(tmp_path: Path) -> None:
+    from finetune.data.openimages import read_class_names
+
+    (tmp_path / "a.csv").write_text("/m/1,Cat\n/m/2,Dog\n/m/3,Dog\n")
+    (tmp_path / "b.csv").write_text("LabelName,DisplayName\n/m/1,Cat\n")
+    assert read_class_names(tmp_path / "a.csv") == {"/m/1": "Cat", "/m/2": "Dog (/m/2)", "/m/3": "Dog (/m/3)"}
+    assert read_class_names(tmp_path / "b.csv") == {"/m/1": "Cat"}
