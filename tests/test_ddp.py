@@ -41,11 +41,13 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["shuffle", "balanced"])
 def test_one_epoch_with_bn_frozen_equals_one_process_at_the_same_global_batch(
-    tiny_recipe: Path, tmp_path: Path
+    tiny_recipe: Path, tmp_path: Path, sampler: str
 ) -> None:
-    one = run_recipe(load_recipe(tiny_recipe, ['freeze.bn="all"', "output.name=one"]))  # batch 8, 3 steps
-    _torchrun("train", tiny_recipe, tmp_path / "out", 'freeze.bn="all"', "output.name=two")  # 4 per process
+    sets = ['freeze.bn="all"', f'data.sampler="{sampler}"', "data.repeat_threshold=0.5"]  # balanced: 41 draws, 5 steps
+    one = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=one"]))  # batch 8, 3 steps
+    _torchrun("train", tiny_recipe, tmp_path / "out", *sets, "output.name=two")  # 4 per process
     a, b = _weights(one), _weights(tmp_path / "runs" / "two")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
