@@ -46,14 +46,16 @@ def task_name(fmt: str, task: str = "auto") -> str:
 
 def check_task_rules(fmt: str, loss: str, select: str, source: str, task: str = "auto") -> None:
     """``loss.name`` and ``train.select`` must suit the run's task (``data.format``, ``data.task``)."""
+    chosen = f'data.format = "{fmt}"' if task == "auto" else f'data.task = "{task}"'
     task = task_name(fmt, task)
     if loss not in LOSSES[task]:
         if task == "single_label":
-            raise UserError(f'{source}: loss.name: data.format = "{fmt}" is single-label; use "ce"')
+            raise UserError(f'{source}: loss.name: {chosen} is single-label; use "ce"')
         if loss == "ce":
+            what = fmt.upper() if chosen.startswith("data.format") else chosen
             raise UserError(
-                f'{source}: loss.name: "ce" is for single-label data; {fmt.upper()} is multi-label: use "bce", '
-                '"focal" or "asl"'
+                f'{source}: loss.name: "ce" is for single-label data; {what} is multi-label: use "bce", "focal" '
+                'or "asl"'
             )
         raise UserError(f"{source}: loss.name: use one of {', '.join(LOSSES[task])}")
     if select != "auto" and select not in SELECTS[task]:
