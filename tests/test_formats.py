@@ -192,6 +192,7 @@ def test_bad_openimages_imagefolder_and_csv_input(tmp_path: Path) -> None:
         "dup_column.csv": ("path,labels,labels,split\na.jpg,cat,dog,train\n", ["dup_column.csv:1", "'labels'"]),
         "quote.csv": ('path,labels,split\na.jpg,"cat"dog,train\n', ["quote.csv:2", "malformed"]),
         "open_quote.csv": ('path,labels,split\na.jpg,cat,train\nb.jpg,"dog,train\n', ["open_quote.csv:3", "quote"]),
+        "joined.csv": ('path,labels,split\nb.jpg,"dog,train\nc.jpg,cat",train\n', ["joined.csv:2", "line 3"]),
         "twice.csv": ("path,labels,split\n./train/x.jpg,cat,train\ntrain/x.jpg,dog,train\n", ["twice.csv:3", "line 2"]),
     }
     for name, (text, needles) in bad.items():

@@ -61,8 +61,9 @@ class Columns:
 def read_table(path: Path, what: str = "data.csv") -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and ``(line number, cells)`` of a UTF-8 CSV file; a malformed quote or repeated column is one line.
 
-    ``csv`` is strict here: a stray quote (``a,"b"c``) or a quote left open raises with its line, where the default
-    dialect would silently join or split cells.
+    ``csv`` is strict here: a stray quote (``a,"b"c``), a quote left open, or one closed on a later line (a cell
+    holding a line break, which no path or label has) raises with its line, where the default dialect would silently
+    join or split cells.
     """
     if not path.is_file():
         raise UserError(f"{path}: CSV file not found; check data.root and {what}")
@@ -73,7 +74,9 @@ def read_table(path: Path, what: str = "data.csv") -> tuple[list[str], list[tupl
             header = [h.strip() for h in next(reader, [])]
             line = reader.line_num + 1  # where the next row starts: the line an error names
             body = []
-            for row in reader:  # a quoted cell may span lines: a row is named by the line it starts on
+            for row in reader:
+                if reader.line_num > line:  # a quote opened here and closed rows later: two rows read as one
+                    raise csv.Error(f"a quoted cell runs on to line {reader.line_num}")
                 body.append((line, row))
                 line = reader.line_num + 1
     except UnicodeDecodeError as err:
