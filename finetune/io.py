@@ -28,6 +28,11 @@ def _umask() -> int:
     return mask
 
 
+def cache_dir(name: str) -> Path:
+    """A folder of the toolkit's cache: ``$FINETUNE_CACHE_DIR/<name>`` (default ``~/.cache/finetune/<name>``)."""
+    return Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune")) / name
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX).
 

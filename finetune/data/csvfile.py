@@ -94,21 +94,34 @@ def same_path(cell: str) -> str:
     return os.path.normpath(cell).replace("\\", "/")
 
 
+def read_records(
+    path: Path, what: str = "data.csv", skip_blank: bool = False
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and ``(line, {column: stripped cell})`` of a CSV file (:func:`read_table`'s checks).
+
+    A row with another number of fields than the header is one line; so is an empty row, unless ``skip_blank``.
+    """
+    header, body = read_table(path, what)
+    rows = []
+    for line, row in body:
+        if not any(cell.strip() for cell in row):
+            if skip_blank:
+                continue
+            raise UserError(f"{path}:{line}: empty row; remove it")
+        if len(row) != len(header):
+            raise UserError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+        rows.append((line, {h: cell.strip() for h, cell in zip(header, row)}))
+    return header, rows
+
+
 def _rows(path: Path, columns: Columns) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and ``(line number, row)`` pairs of a CSV file, with one-line errors for its form."""
-    header, body = read_table(path)
+    """Header and ``(line number, row)`` pairs of a CSV dataset file, with one-line errors for its form."""
+    header, rows = read_records(path)
     if columns.path not in header:
         key = "" if columns.path == "path" else " (data.path_column)"
         raise UserError(
             f"{path}: no {columns.path!r} column{key} in the header {header}; the first line names the columns"
         )
-    rows = []
-    for line, row in body:
-        if not any(cell.strip() for cell in row):
-            raise UserError(f"{path}:{line}: empty row; remove it")
-        if len(row) != len(header):
-            raise UserError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-        rows.append((line, {h: cell.strip() for h, cell in zip(header, row)}))
     return header, rows
 
 

@@ -10,14 +10,13 @@ files like every other format; images stored as paths are read where they are.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 from finetune.data.csvfile import Columns, targets_of
 from finetune.data.split import ClassMap, Split
 from finetune.errors import UserError
-from finetune.io import atomic_write_bytes
+from finetune.io import atomic_write_bytes, cache_dir
 
 
 def is_saved_dataset(root: Path, split: str) -> bool:
@@ -41,8 +40,7 @@ def _load(root: Path, split: str) -> tuple[Any, Any]:
 
 def _cached(data: bytes, name: str) -> Path:
     """Image bytes as a file in the cache, named by their hash (written once, atomically)."""
-    base = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune")) / "hf-images"
-    path = base / (hashlib.sha256(data).hexdigest()[:32] + (Path(name).suffix or ".img"))
+    path = cache_dir("hf-images") / (hashlib.sha256(data).hexdigest()[:32] + (Path(name).suffix or ".img"))
     if not path.is_file():
         atomic_write_bytes(path, data)
     return path

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.data.csvfile import Columns, read_table, same_path, targets_of
+from finetune.data.csvfile import Columns, read_records, same_path, targets_of
 from finetune.data.folder import read_folder_split
 from finetune.data.hfdisk import is_saved_dataset, read_saved_split
 from finetune.data.split import ClassMap, Split
@@ -31,12 +31,7 @@ METADATA = ("metadata.csv", "metadata.jsonl")
 def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line, record)`` of a metadata file: CSV rows as strings, JSON Lines objects as they are."""
     if path.suffix == ".csv":
-        header, body = read_table(path, "the split folder")
-        out = []
-        for line, row in body:
-            if len(row) != len(header):
-                raise UserError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-            out.append((line, {h: cell.strip() for h, cell in zip(header, row)}))
+        header, out = read_records(path, "the split folder", skip_blank=True)
         if "file_name" not in header:
             raise UserError(f"{path}:1: no 'file_name' column; imagefolder metadata names each image in file_name")
         return out

@@ -16,11 +16,12 @@ is left out, as Open Images' 20,000 classes are usually cut down.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from finetune.data.csvfile import read_table
+from finetune.data.csvfile import read_records, read_table
 from finetune.data.split import ClassMap, Split
 from finetune.errors import UserError
 from finetune.labels import UNKNOWN
@@ -39,25 +40,20 @@ def read_class_names(path: Path) -> dict[str, str]:
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f"{path}:{line}: expected LabelName,DisplayName")
         names[row[0].strip()] = row[1].strip()
-    shared = {n for n in names.values() if list(names.values()).count(n) > 1}  # two LabelNames, one DisplayName
+    shared = {n for n, k in Counter(names.values()).items() if k > 1}  # two LabelNames, one DisplayName
     return {label: f"{name} ({label})" if name in shared else name for label, name in names.items()}
 
 
 def _labels(path: Path) -> tuple[list[str], list[tuple[int, str, str, float]]]:
     """Image ids in first-seen order and ``(line, image, label, 0 or 1)`` rows of an image-level label CSV."""
-    header, body = read_table(path, "data.openimages_labels")
+    header, body = read_records(path, "data.openimages_labels", skip_blank=True)
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise UserError(f"{path}:1: no {missing[0]!r} column; Open Images label files have {', '.join(COLUMNS)}")
-    at = [header.index(c) for c in COLUMNS]
     images: dict[str, None] = {}
     rows = []
     for line, row in body:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise UserError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-        image, label, conf = (row[i].strip() for i in at)
+        image, label, conf = (row[c] for c in COLUMNS)
         if conf not in ("0", "1"):
             raise UserError(
                 f"{path}:{line}: Confidence is {conf!r}; Open Images labels are 1 (positive) or 0 (negative)"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from finetune.data.split import DECODE_ERRORS, Split, read_rgb
 from finetune.errors import UserError
-from finetune.io import atomic_write_json
+from finetune.io import atomic_write_json, cache_dir
 from finetune.rules import task_name
 
 
@@ -38,8 +37,7 @@ def cache_path(split: Split, fmt: str, image_size: int) -> Path:
             len(split.targets),
         ]
     )
-    base = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))
-    return base / "stats" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    return cache_dir("stats") / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
 def _image(split: Split, i: int, on_bad_image: str) -> np.ndarray | None:

@@ -223,7 +223,7 @@ def build_loader(
         batch //= d.world
         shard = {"shuffle": train, "pad": train, "batch": cfg.batch_size, "factors": factors}
         sampler = ShardSampler(len(dataset), seed, d.rank, d.world, **shard)
-    epoch = epoch_size(cfg, dataset.targets) if train else len(dataset)
+    epoch = balanced_length(factors) if factors is not None else len(dataset)  # images per epoch
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,
