@@ -56,7 +56,7 @@ def test_crops_are_the_boxes_and_read_as_single_label(tmp_path: Path, monkeypatc
     assert all(min(counts[s][c] for s in counts) >= 2 for c in counts["train"])
     sets = [f'data.root="{out}"', 'data.format="csv"', 'data.label_column="label"', 'data.task="single_label"']
     sets += ['data.train="train"', 'data.val="val"', 'data.test=""', 'loss.name="ce"']
-    data = load_recipe(Path("recipes/coco_multilabel_focal.toml"), sets).data
+    data = load_recipe(Path(__file__).resolve().parents[1] / "recipes/coco_multilabel_focal.toml", sets).data
     train = build_split(data, "train")
     assert len(train.targets) == sum(counts["train"].values())
     assert (np.asarray(train.targets).sum(axis=1) == 1).all()  # one class per crop
