@@ -1,6 +1,7 @@
 """A real single-label set from what is at hand: COCO object crops, one class per crop.
 
-    python benchmarks/coco_crops.py --out /tmp/coco-crops [--coco ../shared/data/coco-small] [--min-side 48]
+    python benchmarks/coco_crops.py --out /tmp/coco-crops [--coco ../shared/data/coco-small]
+        [--min-side 48] [--per-image 1] [--min-count 5]
 
 Every non-crowd box of ``--coco`` whose sides are both at least ``--min-side`` pixels is cut out with 10% context
 on each side (clipped to the image) and saved as a JPEG. Its label is the box's COCO category. ``train2017`` boxes
@@ -59,8 +60,8 @@ def main() -> None:
     ap.add_argument("--coco", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/coco-small")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--min-side", type=float, default=48.0)
-    ap.add_argument("--per-image", type=int, default=2)
-    ap.add_argument("--min-count", type=int, default=6)
+    ap.add_argument("--per-image", type=int, default=1)
+    ap.add_argument("--min-count", type=int, default=5)
     args = ap.parse_args()
     found = {s: boxes(args.coco, s, args.min_side, args.per_image) for s in SPLITS}
     counts = {s: collections.Counter(name for _, name, _ in found[s]) for s in SPLITS}
