@@ -21,28 +21,31 @@ import argparse
 import collections
 import csv
 import io
-import json
 from pathlib import Path
 
 from PIL import Image
 
+from finetune.data.coco import read_coco_split
+
 SPLITS = {"train2017": "train", "val2017": "val"}
 
 
-def boxes(coco: Path, split: str, min_side: float, per_image: int) -> list[tuple[str, str, list[float]]]:
-    """(image file, class name, [x, y, w, h]) for each kept box of ``split``, largest first per (image, class)."""
-    d = json.loads((coco / "annotations" / f"instances_{split}.json").read_text())
-    cats = {c["id"]: c["name"] for c in d["categories"]}
-    files = {im["id"]: im["file_name"] for im in d["images"]}
-    per: dict[tuple[int, str], list[list[float]]] = collections.defaultdict(list)
-    for a in d["annotations"]:
-        x, y, w, h = a["bbox"]
-        if not a.get("iscrowd") and min(w, h) >= min_side:
-            per[(a["image_id"], cats[a["category_id"]])].append([x, y, w, h])
+def boxes(coco: Path, split: str, min_side: float, per_image: int) -> list[tuple[Path, str, list[float]]]:
+    """(image path, class name, [x, y, w, h]) for each kept box of ``split``, largest first per (image, class).
+
+    The boxes come from finetune's COCO reader (pycocotools; crowd boxes left out), in image-id and class-name order.
+    """
+    s = read_coco_split(coco, split, include_crowd=False)
+    names = s.classes.names
+    per: dict[tuple[int, str], list[tuple[Path, list[float]]]] = collections.defaultdict(list)
+    for image_id, path, rows in zip(s.image_ids, s.image_paths, s.boxes):
+        for c, x0, y0, x1, y1 in rows.tolist():
+            if min(x1 - x0, y1 - y0) >= min_side:
+                per[(image_id, names[int(c)])].append((Path(path), [x0, y0, x1 - x0, y1 - y0]))
     kept = []
-    for (image_id, name), bs in sorted(per.items()):
-        for b in sorted(bs, key=lambda b: -b[2] * b[3])[:per_image]:
-            kept.append((files[image_id], name, b))
+    for (_, name), found in sorted(per.items()):
+        for path, b in sorted(found, key=lambda f: -f[1][2] * f[1][3])[:per_image]:
+            kept.append((path, name, b))
     return kept
 
 
@@ -72,9 +75,9 @@ def main() -> None:
         for i, (file, name, box) in enumerate(found[split]):
             if name not in classes:
                 continue
-            with Image.open(args.coco / split / file) as im:
+            with Image.open(file) as im:
                 piece = crop(im.convert("RGB"), box)
-            path = f"crops/{role}_{Path(file).stem}_{i:04d}.jpg"
+            path = f"crops/{role}_{file.stem}_{i:04d}.jpg"
             buf = io.BytesIO()
             piece.save(buf, "JPEG", quality=95)
             (args.out / path).write_bytes(buf.getvalue())

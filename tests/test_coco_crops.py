@@ -40,7 +40,7 @@ def test_crops_are_the_boxes_and_read_as_single_label(tmp_path: Path, monkeypatc
         listed = [(f, n, b) for f, n, b in kept if n in {r["label"] for r in rows}]
         assert [r["label"] for r in mine] == [n for _, n, _ in listed]
         for r, (file, _, (x, y, w, h)) in zip(mine, listed):
-            with Image.open(coco / split / file) as im:
+            with Image.open(file) as im:
                 whole = np.asarray(im.convert("RGB"))
             top, left = max(0, int(y - 0.1 * h)), max(0, int(x - 0.1 * w))
             box = whole[top : int(y + 1.1 * h + 1), left : int(x + 1.1 * w + 1)]
