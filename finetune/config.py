@@ -169,6 +169,9 @@ class FreezeConfig(_Section):
     until: str = Field("", description="freeze every group up to and including this one for the whole run")
     stages: list[StageConfig] = []
     cache_features: bool = Field(False, description="head-only stages train on cached pooled features")
+    cache_maps: bool = Field(
+        False, description="stages over a frozen prefix train on its output maps, cached (head-only: pooled features)"
+    )
     cache_augment: int = Field(0, ge=0, description="augmented feature passes to cache; 0 = one unaugmented pass")
     solver_c: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], min_length=1, description="the L2 C values tried")
     solver_select: Literal["val", "kfold"] = Field("kfold", description="pick C on val mAP or by 5-fold on train")
@@ -206,6 +209,8 @@ class TrainConfig(_Section):
     ema_warmup: bool = Field(True, description="EMA decay ramps up over the first steps (timm's ModelEmaV3 warmup)")
     tta: Literal["none", "hflip"] = Field("none", description="hflip: logits averaged with the mirrored image's")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N optimizer steps, mid-epoch; 0 = off")
+    progress_every: float = Field(60.0, ge=0.0, description="output to a log (not a terminal): a line every N seconds")
+    progress_steps: int = Field(0, ge=0, description="... and every N batches (0 = by time only)")
 
 
 class LogConfig(_Section):

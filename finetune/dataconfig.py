@@ -110,15 +110,21 @@ class DataConfig(Section):
     @property
     def has_test(self) -> bool:
         """Whether the run has a test role: a named test split, or the scoring half of ``[data.holdout]``."""
-        return bool(self.test) or (self.holdout.seed is not None and self.holdout.scoring)
+        from_val = self.holdout.seed is not None and self.holdout.source == "val"
+        return bool(self.test) or (from_val and self.holdout.scoring)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.holdout.seed is not None and self.test:
+        if self.holdout.source == "train":
+            if self.holdout.seed is None:
+                raise ValueError('holdout.source = "train" draws val from train by a seed: set holdout.seed')
+            if self.val:
+                raise ValueError('holdout.source = "train" draws the val role from data.train; leave data.val empty')
+        elif self.holdout.seed is not None and self.test:
             raise ValueError("holdout draws the test role from data.val; leave data.test empty")
         if "{split}" not in self.annotations:
             raise ValueError('annotations must contain "{split}", e.g. "annotations/instances_{split}.json"')
-        if not self.train or not self.val:
+        if not self.train or not (self.val or self.holdout.source == "train"):
             raise ValueError("train and val split names must not be empty")
         if len(set(self.classes)) != len(self.classes) or any(not c.strip() for c in self.classes):
             raise ValueError("classes must be distinct, non-empty names")

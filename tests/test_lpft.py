@@ -204,3 +204,27 @@ def test_lr_find_changes_no_weight_or_bn_statistic(tiny_recipe: Path, tmp_path: 
     )
     assert out.exit_code == 0, out.output
     assert "suggested peak lr" in out.output and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_probe_fits_on_the_next_stages_cached_maps_as_on_the_images(tiny_recipe: Path) -> None:
+    """With cache_maps, the probe's features come from the top-blocks stage's cached maps: the same probe."""
+    sets = [
+        "train.epochs=2",
+        'freeze.bn="all"',
+        'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, {train = ["blocks.5:", "head", "classifier"]}]',
+        "freeze.solver_c=[0.1, 1.0]",
+        'data.augment.crop="resize"',
+        "data.augment.hflip=0.0",
+        "data.augment.color_jitter=0.0",
+    ]
+    plain = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=plain"]))
+    cached = run_recipe(load_recipe(tiny_recipe, [*sets, "freeze.cache_maps=true", "output.name=cached"]))
+    pa, pb = _metrics(plain)[0]["probe"], _metrics(cached)[0]["probe"]
+    assert pa["c"] == pb["c"]
+    for c, score in pa["scores"].items():
+        assert pb["scores"][c] == pytest.approx(score, abs=1e-6)
+    wa = torch.load(plain / "last.pt", weights_only=True)["model"]
+    wb = torch.load(cached / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4, rtol=1e-3), k

@@ -103,15 +103,19 @@ class FreezePolicy:
             self.frozen_bn = [m for g in self.group_names if g not in trainable for m in self._bn_by_group[g]]
         else:
             self.frozen_bn = []
-        self.prefix = 0
-        for g in self.groups:
-            if any(self.model.get_parameter(p).requires_grad for p in g.params):
-                break
-            self.prefix += 1
-        self.prefix = min(self.prefix, len(self.groups) - 1)  # the classifier always runs with gradients
+        self.prefix = self.prefix_of(stage)
         self._set_bn_modes()
         self._snapshot = self._bn_stats()
         return stage
+
+    def prefix_of(self, stage: Stage) -> int:
+        """Leading groups with no trainable parameter in ``stage`` (run without gradients); never the classifier."""
+        trainable, prefix = set(stage.train), 0
+        for g in self.groups:
+            if g.name in trainable or (self.train_bn and self._bn_by_group[g.name]):
+                break
+            prefix += 1
+        return min(prefix, len(self.groups) - 1)
 
     def _set_bn_modes(self) -> None:
         for _, module in self.frozen_bn:
@@ -156,6 +160,52 @@ class FreezePolicy:
         """True when only the classifier trains and nothing below it changes (BN frozen): features can be cached."""
         stage = self.stages[self.stage_at(epoch)]
         return set(stage.train) == {"classifier"} and self.bn != "none" and not self.train_bn
+
+    def map_prefix(self, epoch: int) -> int:
+        """Leading groups whose output (the feature maps at the stage boundary) can be cached for ``epoch``; 0: none.
+
+        The frozen prefix must compute the same function every epoch: its BN statistics fixed (``bn`` is
+        ``frozen`` or ``all``), no trainable BN affine (``train_bn``), and no dropout or stochastic depth inside it.
+        A head-only stage counts too (its prefix is every group but the classifier).
+        """
+        stage = self.stages[self.stage_at(epoch)]
+        prefix = self.prefix_of(stage)
+        if self.bn == "none" or self.train_bn or prefix == 0:
+            return 0
+        mods = group_modules(self.model, self.groups)
+        for g in self.group_names[:prefix]:
+            for _, m in mods[g]:
+                if isinstance(m, nn.Dropout) and m.p > 0 or getattr(m, "drop_prob", 0.0) > 0:
+                    return 0
+        return prefix
+
+    def prefix_maps(self, x: torch.Tensor, prefix: int) -> torch.Tensor:
+        """The output of the first ``prefix`` groups, as :meth:`forward` computes it in training.
+
+        Run in eval mode: where :meth:`map_prefix` allows caching, the prefix has no dropout or stochastic depth and
+        its BN statistics are frozen, so eval mode is the same computation, and no running statistic can move
+        (as it would in training mode before a stage has frozen them: the probe extracts before the first epoch).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for fn in self._fns[:prefix]:
+                x = fn(x)
+        self.model.train(was_training)
+        return x
+
+    def pooled_from_maps(self, maps: torch.Tensor, prefix: int) -> torch.Tensor:
+        """:meth:`pooled_features` of the images whose maps after the first ``prefix`` groups are ``maps``."""
+        for fn in self._fns[prefix:-1]:
+            maps = fn(maps)
+        return self.model.global_pool(maps)
+
+    def suffix_forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """The groups after the current stage's prefix on its cached boundary maps: the rest of :meth:`forward`."""
+        self._pre_forward(self.model, (maps,))
+        for fn in self._fns[self.prefix :]:
+            maps = fn(maps)
+        return maps
 
     def remove(self) -> None:
         """Detach the forward pre-hook."""
@@ -211,14 +261,24 @@ class FreezeHook(Hook):
                 )
         loop.forward = p.forward
         self._extra = {"stage": p.stage_index + 1, "cached_features": False}
-        if self.cache is not None and p.cacheable(epoch):
+        head_only = self.cache is not None and p.cacheable(epoch)
+        prefix = p.map_prefix(epoch) if self.cache is not None and self.cache.maps and not head_only else 0
+        if head_only or prefix:
             s, before = loop.settings, self.cache.extract_time_s
             loop.loader = self.cache.loader(
-                epoch, device=s.device, precision=s.precision, channels_last=s.channels_last, console=loop.console
+                epoch,
+                device=s.device,
+                precision=s.precision,
+                channels_last=s.channels_last,
+                console=loop.console,
+                prefix=prefix,
             )
-            loop.forward = p.head_forward
-            loop.inputs = lambda batch: batch["features"].to(s.device, non_blocking=True)
+            loop.forward = p.suffix_forward if prefix else p.head_forward
+            layout = torch.channels_last if prefix and s.channels_last else torch.preserve_format
+            loop.inputs = lambda batch: batch["features"].to(s.device, non_blocking=True, memory_format=layout)
             self._extra.update(cached_features=True, cache_time_s=self.cache.extract_time_s - before)
+            if prefix:
+                self._extra["cached_prefix"] = p.group_names[prefix - 1]
         now = (p.stage_index, self._extra["cached_features"])
         if now != self._last:  # another trainable set or another forward: wrappers (DDP) rebuild
             self._last = now

@@ -142,6 +142,8 @@ class ProbeHook(Hook):
         cs: The ``C`` values to try.
         select: ``kfold`` (on train) or ``val``.
         seed: For the fold split.
+        train_features: Gives the training split's pooled features and targets ``(settings, console)`` instead of
+            extracting them from ``train_loader`` (the next stage's cached maps, :meth:`FeatureCache.pooled`).
     """
 
     def __init__(
@@ -153,8 +155,10 @@ class ProbeHook(Hook):
         cs: list[float],
         select: str = "kfold",
         seed: int = 0,
+        train_features: Any = None,
     ) -> None:
         self.policy, self.train_loader, self.val_loader = policy, train_loader, val_loader
+        self.train_features = train_features
         self.cs, self.select, self.seed = cs, select, seed
         self.result: dict[str, Any] = {}
 
@@ -166,10 +170,15 @@ class ProbeHook(Hook):
         """Extract features, pick C, and set ``model``'s classifier to the solution."""
         start = time.perf_counter()
         opts = {"device": settings.device, "precision": settings.precision, "channels_last": settings.channels_last}
-        train = tuple(t.cpu() for t in extract_features(self.policy, self.train_loader, **opts))
+        if self.train_features is not None:
+            train = tuple(t.cpu() for t in self.train_features(settings, console))
+        else:
+            opts_log = {**opts, "console": console, "label": "probe features (train)"}
+            train = tuple(t.cpu() for t in extract_features(self.policy, self.train_loader, **opts_log))
         val = None
         if self.select == "val":
-            val = tuple(t.cpu() for t in extract_features(self.policy, self.val_loader, **opts))
+            opts_log = {**opts, "console": console, "label": "probe features (val)"}
+            val = tuple(t.cpu() for t in extract_features(self.policy, self.val_loader, **opts_log))
         c, scores, solved = choose_c(settings.task, train, val, self.cs, seed=self.seed)
         weight, bias = solved[c] if c in solved else solve_linear_head(*train, settings.task, c)
         head = model.get_classifier()

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from finetune.console import LogTicker
 from finetune.errors import UserError
 from finetune.eval.predict import handle_bad_images, image_inputs, predict_loader
 from finetune.io import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -103,8 +104,11 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     if loop.resume_rng is not None:  # the RNG of the checkpoint's moment, after the epoch's hooks and workers drew
         set_rng_state(loop.resume_rng)
         loop.resume_rng = None
+    label = f"epoch {state.epoch + 1}/{s.epochs}"
+    later = (s.epochs - state.epoch - 1) * n_batches  # the rest of the run, in batches like this epoch's
+    ticker = LogTicker(loop.console, label, n_batches, s.progress_every, s.progress_steps, after=later, done=done)
     with _progress(loop.console) as bar:
-        task = bar.add_task(f"epoch {state.epoch + 1}/{s.epochs}", total=n_batches, completed=done, info="")
+        task = bar.add_task(label, total=n_batches, completed=done, info="")
         for i, batch in enumerate(batches, start=done):
             handle_bad_images(batch["errors"], s.on_bad_image, state.bad_images, loop.console)
             n = _forward_backward(loop, forward, inputs_of(batch), batch, i)
@@ -119,7 +123,9 @@ def train_one_epoch(loop: Loop, hooks: Sequence[Hook] = ()) -> dict[str, float]:
                     save_step_checkpoint(loop, hooks)
             rate = seen / max(time.perf_counter() - start, 1e-9)
             lr = loop.optimizer.param_groups[-1]["lr"]
-            bar.update(task, advance=1, info=f"loss {total_loss / max(seen, 1):.4f}  lr {lr:.2e}  {rate:.0f} img/s")
+            info = f"loss {total_loss / max(seen, 1):.4f}  lr {lr:.2e}  {rate:.0f} img/s"
+            bar.update(task, advance=1, info=info)
+            ticker.tick(i + 1, info)
     elapsed = _since(start)
     state.batch, state.partial = 0, {}
     if not seen:

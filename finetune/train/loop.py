@@ -46,6 +46,8 @@ class FitSettings(EvalSettings):
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off (multi-label: labels by box area, batch["boxes"])
     seed: int = 0  # seeds mixup's and cutmix's draws with (seed, epoch, batch)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (RUN/steps/); 0 = epoch ends only
+    progress_every: float = 60.0  # output that is not a terminal (a log): a progress line every this many seconds
+    progress_steps: int = 0  # ... and every this many batches; 0 = by time only
 
 
 @dataclass

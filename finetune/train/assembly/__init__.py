@@ -293,7 +293,7 @@ class RunParts:
     @cached_property
     def probe(self) -> ProbeHook | None:
         """The solver stage's hook (a linear probe on frozen features), when the first stage is one."""
-        return hooks.build_probe(self.recipe, self.policy, lambda role: self.loader(role))
+        return hooks.build_probe(self.recipe, self.policy, lambda role: self.loader(role), self.feature_cache)
 
     def fit_probe(self) -> None:
         """Solve the probe into the model now (for a tool that looks at a later stage, like lr-find)."""

@@ -25,7 +25,7 @@ from finetune.errors import UserError
 from finetune.eval.predict import EvalSettings
 from finetune.eval.tasks import Task, task_for
 from finetune.eval.thresholds import CalibrationSettings
-from finetune.holdout import HoldoutConfig, halves
+from finetune.holdout import HoldoutConfig, halves, held_out
 from finetune.rules import task_name
 from finetune.train.loop import FitSettings
 
@@ -93,6 +93,8 @@ def build_fit_settings(recipe: Recipe, device: torch.device, precision: str) -> 
         cutmix=recipe.data.augment.cutmix,
         seed=t.seed,
         checkpoint_every=t.checkpoint_every,
+        progress_every=t.progress_every,
+        progress_steps=t.progress_steps,
     )
 
 
@@ -102,7 +104,9 @@ def split_name(recipe: Recipe, role: str) -> str:
         raise UserError(f"--split {role!r}: expected one of {', '.join(ROLES)}")
     if role == "test" and recipe.data.holdout.seed is not None and not recipe.data.has_test:
         raise UserError("data.holdout.scoring = false: this run has no test split (its scoring half is left out)")
-    if recipe.data.holdout.seed is not None and role in ("val", "test"):
+    if _from_train(recipe) and role in ("train", "val"):
+        return recipe.data.train  # val is a held-out part of train
+    if recipe.data.holdout.seed is not None and role in ("val", "test") and not _from_train(recipe):
         return recipe.data.val  # both halves come from the pool
     name = getattr(recipe.data, role)
     if not name:
@@ -119,7 +123,10 @@ def build_splits(
     for role in roles:
         if role == "test" and not recipe.data.has_test:
             continue
-        if recipe.data.holdout.seed is not None and role in ("val", "test"):
+        if _from_train(recipe) and role in ("train", "val"):
+            pool = pool or build_split(recipe.data, recipe.data.train, classes)
+            splits[role] = train_part(pool, recipe.data.holdout, role, not build_task(recipe).calibrates)
+        elif recipe.data.holdout.seed is not None and role in ("val", "test") and not _from_train(recipe):
             pool = pool or build_split(recipe.data, recipe.data.val, classes)
             splits[role] = holdout_half(pool, recipe.data.holdout, role)
         else:
@@ -135,6 +142,33 @@ def build_splits(
     return splits
 
 
+def _from_train(recipe: Recipe) -> bool:
+    return recipe.data.holdout.seed is not None and recipe.data.holdout.source == "train"
+
+
+def train_part(pool: Split, cfg: HoldoutConfig, role: str, single_label: bool) -> Split:
+    """The training (``train``) or held-out (``val``) part of the train split (``[data.holdout] source = "train"``)."""
+    assert cfg.seed is not None
+    try:
+        keep, held = held_out(pool.targets, cfg.seed, cfg.selection, single_label)
+    except ValueError as err:
+        raise UserError(f"data.holdout: the {pool.name!r} split has {len(pool.image_paths)} images: {err}") from None
+    part = keep if role == "train" else held
+    return _subset(pool, part, f"{pool.name} ({'held out' if role == 'val' else 'training part'}, seed {cfg.seed})")
+
+
+def _subset(pool: Split, keep: np.ndarray, name: str) -> Split:
+    paths = pool.image_paths[keep] if isinstance(pool.image_paths, np.ndarray) else [pool.image_paths[i] for i in keep]
+    return replace(
+        pool,
+        name=name,
+        image_ids=[pool.image_ids[i] for i in keep],
+        image_paths=paths,
+        targets=pool.targets[keep],
+        boxes=[pool.boxes[i] for i in keep] if pool.boxes is not None else None,
+    )
+
+
 def holdout_half(pool: Split, cfg: HoldoutConfig, role: str) -> Split:
     """The val (selection) or test (scoring) half of the pool ``[data.holdout]`` draws (finetune/holdout.py)."""
     assert cfg.seed is not None
@@ -143,16 +177,8 @@ def holdout_half(pool: Split, cfg: HoldoutConfig, role: str) -> Split:
     except ValueError as err:
         raise UserError(f"data.holdout: the {pool.name!r} split has {len(pool.image_paths)} images: {err}") from None
     keep = selection if role == "val" else scoring
-    paths = pool.image_paths[keep] if isinstance(pool.image_paths, np.ndarray) else [pool.image_paths[i] for i in keep]
     half = "selection" if role == "val" else "scoring"
-    return replace(
-        pool,
-        name=f"{pool.name} ({half} half, seed {cfg.seed})",
-        image_ids=[pool.image_ids[i] for i in keep],
-        image_paths=paths,
-        targets=pool.targets[keep],
-        boxes=[pool.boxes[i] for i in keep] if pool.boxes is not None else None,
-    )
+    return _subset(pool, keep, f"{pool.name} ({half} half, seed {cfg.seed})")
 
 
 def norm_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from finetune.config import Recipe, recipe_to_dict
@@ -48,8 +50,14 @@ def check_hooks(hooks: Sequence[Hook]) -> None:
     check_order(hooks, ORDER)
 
 
-def build_probe(recipe: Recipe, policy: FreezePolicy | None, loaders: Callable[[str], object]) -> ProbeHook | None:
-    """The solver stage's hook, when the first stage is one; ``loaders(role)`` gives an unaugmented loader."""
+def build_probe(
+    recipe: Recipe, policy: FreezePolicy | None, loaders: Callable[[str], object], cache: FeatureCache | None = None
+) -> ProbeHook | None:
+    """The solver stage's hook, when the first stage is one; ``loaders(role)`` gives an unaugmented loader.
+
+    When the first trained stage trains on cached maps of the unaugmented images (``freeze.cache_maps``,
+    ``cache_augment = 0``), the probe's training features come from those maps: the frozen prefix runs once for both.
+    """
     f = recipe.freeze
     if not any(s.solver for s in f.stages):
         return None
@@ -57,8 +65,23 @@ def build_probe(recipe: Recipe, policy: FreezePolicy | None, loaders: Callable[[
         raise UserError(f"freeze.stages[0].solver: {recipe.model.name} has no layer groups to freeze for a probe")
     if recipe.model.head != "linear":
         raise UserError('freeze.stages[0].solver: the solver fits a linear classifier; set model.head = "linear"')
+    features = None
+    if cache is not None and cache.maps and not cache.passes and f.stages[1:]:
+        prefix = policy.map_prefix(policy.stages[0].start)  # the first trained stage's boundary
+        if prefix and not policy.cacheable(policy.stages[0].start):
+
+            def features(settings: Any, console: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                opts = {"precision": settings.precision, "channels_last": settings.channels_last, "console": console}
+                return cache.pooled(prefix, device=settings.device, **opts)
+
     return ProbeHook(
-        policy, loaders("train"), loaders("val"), cs=f.solver_c, select=f.solver_select, seed=recipe.train.seed
+        policy,
+        loaders("train"),
+        loaders("val"),
+        cs=f.solver_c,
+        select=f.solver_select,
+        seed=recipe.train.seed,
+        train_features=features,
     )
 
 

@@ -117,9 +117,14 @@ def build_feature_cache(
     each rank extracts its shard; the features are gathered, and each rank trains on its shard of them.
     """
     f = recipe.freeze
-    if not f.cache_features or policy is None:
+    if not (f.cache_features or f.cache_maps) or policy is None:
         return None
-    if not any(policy.cacheable(s.start) for s in policy.stages):
+    if f.cache_maps and not any(policy.map_prefix(s.start) for s in policy.stages):
+        raise UserError(
+            "freeze.cache_maps: no stage has a frozen prefix whose output can be cached (a stage that trains only "
+            'the top groups, freeze.bn = "frozen" or "all", train_bn = false, model.drop_path_rate = 0)'
+        )
+    if not f.cache_maps and not any(policy.cacheable(s.start) for s in policy.stages):
         raise UserError(
             'freeze.cache_features: no stage trains only ["classifier"] with BN statistics frozen '
             '(freeze.bn = "frozen" or "all", train_bn = false); nothing can be cached'
@@ -139,6 +144,7 @@ def build_feature_cache(
             sampler_factory=lambda n: ShardSampler(n, seed, d.rank, d.world, batch=bs, factors=factors, tag=False),
             global_batch=bs,
             gather=lambda feats, targets, index: gather_features(feats, targets, index, d),
+            maps=f.cache_maps,
         )
     return FeatureCache(
         policy,
@@ -147,6 +153,7 @@ def build_feature_cache(
         bs,
         drop_last=True,
         sampler_factory=lambda n: EpochSampler(n, seed, factors, False),
+        maps=f.cache_maps,
     )
 
 
