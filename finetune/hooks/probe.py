@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save
 from sklearn.model_selection import KFold
 from torch import nn
 
@@ -22,6 +23,7 @@ from finetune.eval.predict import EvalSettings
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
 from finetune.hooks.freezing import FreezePolicy
+from finetune.io import atomic_write_bytes
 from finetune.train.loop import Hook, Loop
 
 
@@ -132,6 +134,9 @@ def choose_c(
     return best_c(cs, scores), scores, solved
 
 
+PROBE_FILE = "probe.safetensors"  # the solved classifier (weight, bias) on the starting network's features
+
+
 class ProbeHook(Hook):
     """Before the first epoch of a fresh run, set the classifier to the solved linear probe.
 
@@ -161,6 +166,7 @@ class ProbeHook(Hook):
         self.train_features = train_features
         self.cs, self.select, self.seed = cs, select, seed
         self.result: dict[str, Any] = {}
+        self.head: dict[str, torch.Tensor] = {}  # the solved classifier, saved as RUN/probe.safetensors
 
     def on_fit_start(self, loop: Loop) -> None:  # noqa: D102
         if loop.state.epoch == 0 and loop.state.step == 0:  # resumed: the solved, since trained, head is saved
@@ -185,6 +191,7 @@ class ProbeHook(Hook):
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
+        self.head = {"weight": head.weight.detach().float().cpu().clone(), "bias": head.bias.detach().float().cpu()}
         how = "val mAP" if val is not None else "5-fold mAP on train"
         self.result = {
             "c": c,
@@ -198,3 +205,5 @@ class ProbeHook(Hook):
     def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:  # noqa: D102
         if self.result and record["epoch"] == 1:
             record["probe"] = self.result
+            if loop.is_main and self.head:  # the probe alone stays scorable after later stages change the network
+                atomic_write_bytes(loop.run_dir / PROBE_FILE, save(self.head))
