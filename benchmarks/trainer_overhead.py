@@ -1,14 +1,20 @@
 """Trainer overhead: ``train_one_epoch`` vs a bare PyTorch loop on the same batches, in one run.
 
-    python benchmarks/trainer_overhead.py [--model mobilenetv2_050] [--size 96] [--batches 20]
+    python benchmarks/trainer_overhead.py [--model mobilenetv2_050] [--size 96] [--batches 20] [--repeats 9]
 
 Prints images/s of both and their ratio (1.00 = no overhead). Both use the same model, optimizer, loss, batches
 and fp32 on CPU; the trainer adds its scheduler, grad scaler (disabled), bad-image handling and progress bookkeeping.
+
+The machine's speed drifts (the bare loop alone moved by up to 15 % between repeats in one process), so the two are
+interleaved in pairs, the order alternating (bare first, then trainer first), and the ratio is taken within each
+pair: drift slower than a pair cancels. Printed: the median ratio and the spread of the per-pair ratios (min, max
+and the middle half); an overhead is real when the whole middle half lies below 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +35,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved (bare, trainer) pairs")
     args = parser.parse_args()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -78,15 +85,26 @@ def main() -> None:
         return train_one_epoch(loop)["images_per_s"]
 
     bare(), ours()  # warm up both paths
-    rows = []
-    for _ in range(3):  # interleave to share any drift in machine load
-        rows.append((bare(), ours()))
-    b = sorted(r[0] for r in rows)[1]
-    o = sorted(r[1] for r in rows)[1]
-    print(f"{args.model} {args.size}px batch {args.batch}, {args.batches} batches x 3 repeats (median)")
-    print(f"{'bare PyTorch loop':>22}: {b:8.1f} img/s")
-    print(f"{'finetune trainer':>22}: {o:8.1f} img/s")
-    print(f"{'ratio trainer/bare':>22}: {o / b:8.3f}")
+    pairs = []
+    for r in range(args.repeats):  # interleaved, the order alternating: drift slower than a pair cancels
+        if r % 2 == 0:
+            b = bare()
+            o = ours()
+        else:
+            o = ours()
+            b = bare()
+        pairs.append((b, o))
+    ratios = sorted(o / b for b, o in pairs)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    b_med, o_med = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    b_spread = (max(p[0] for p in pairs) - min(p[0] for p in pairs)) / b_med
+    print(f"{args.model} {args.size}px batch {args.batch}, {args.batches} batches, {args.repeats} interleaved pairs")
+    print(f"{'bare PyTorch loop':>22}: {b_med:8.1f} img/s (median; min-max spread {100 * b_spread:.0f} %)")
+    print(f"{'finetune trainer':>22}: {o_med:8.1f} img/s (median)")
+    print(
+        f"{'ratio trainer/bare':>22}: {statistics.median(ratios):8.3f}  per pair: min {ratios[0]:.3f}, "
+        f"middle half {q[0]:.3f}-{q[2]:.3f}, max {ratios[-1]:.3f}"
+    )
 
 
 if __name__ == "__main__":
