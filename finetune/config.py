@@ -174,6 +174,7 @@ class FreezeConfig(_Section):
     )
     cache_augment: int = Field(0, ge=0, description="augmented feature passes to cache; 0 = one unaugmented pass")
     solver_c: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], min_length=1, description="the L2 C values tried")
+    solver_max_iter: int = Field(500, ge=1, description="L-BFGS iterations per C (100 is scikit-learn's default)")
     solver_select: Literal["val", "kfold"] = Field("kfold", description="pick C on val mAP or by 5-fold on train")
 
     @model_validator(mode="after")

@@ -88,7 +88,7 @@ def _map(task: Task, feats: torch.Tensor, targets: torch.Tensor, weight: torch.T
 
 
 def out_of_fold_probs(
-    task: Task, x: torch.Tensor, y: torch.Tensor, cs: list[float], folds: int = 5, seed: int = 0
+    task: Task, x: torch.Tensor, y: torch.Tensor, cs: list[float], folds: int = 5, seed: int = 0, max_iter: int = 500
 ) -> dict[float, torch.Tensor]:
     """Per ``C``: every row scored by the head solved on the other folds (each fold warm-started through the Cs)."""
     order = sorted(cs)  # increasing C, each solve warm-started from the last
@@ -96,7 +96,7 @@ def out_of_fold_probs(
     for fit_idx, score_idx in KFold(min(folds, len(x)), shuffle=True, random_state=seed).split(x):
         init = None
         for c in order:
-            init = solve_linear_head(x[fit_idx], y[fit_idx], task, c, init=init)
+            init = solve_linear_head(x[fit_idx], y[fit_idx], task, c, max_iter, init=init)
             probs[c][score_idx] = task.activation(x[score_idx].double() @ init[0].T + init[1])
     return probs
 
@@ -113,6 +113,7 @@ def choose_c(
     cs: list[float],
     folds: int = 5,
     seed: int = 0,
+    max_iter: int = 500,
 ) -> tuple[float, dict[float, float], dict[float, tuple[torch.Tensor, torch.Tensor]]]:
     """The ``C`` with the best mAP: on ``val`` when given, else on out-of-fold predictions of ``train``.
 
@@ -126,10 +127,10 @@ def choose_c(
     if val is not None:
         init = None
         for c in order:
-            init = solved[c] = solve_linear_head(x, y, task, c, init=init)
+            init = solved[c] = solve_linear_head(x, y, task, c, max_iter, init=init)
             scores[c] = _map(task, *val, *init)
     else:
-        probs = out_of_fold_probs(task, x, y, cs, folds, seed)
+        probs = out_of_fold_probs(task, x, y, cs, folds, seed, max_iter)
         scores = {c: task.metrics(y.numpy(), probs[c].numpy(), 0.5)["map"] for c in order}
     return best_c(cs, scores), scores, solved
 
@@ -147,6 +148,7 @@ class ProbeHook(Hook):
         cs: The ``C`` values to try.
         select: ``kfold`` (on train) or ``val``.
         seed: For the fold split.
+        max_iter: L-BFGS iterations per solve (each C).
         train_features: Gives the training split's pooled features and targets ``(settings, console)`` instead of
             extracting them from ``train_loader`` (the next stage's cached maps, :meth:`FeatureCache.pooled`).
     """
@@ -161,7 +163,9 @@ class ProbeHook(Hook):
         select: str = "kfold",
         seed: int = 0,
         train_features: Any = None,
+        max_iter: int = 500,
     ) -> None:
+        self.max_iter = max_iter
         self.policy, self.train_loader, self.val_loader = policy, train_loader, val_loader
         self.train_features = train_features
         self.cs, self.select, self.seed = cs, select, seed
@@ -185,8 +189,8 @@ class ProbeHook(Hook):
         if self.select == "val":
             opts_log = {**opts, "console": console, "label": "probe features (val)"}
             val = tuple(t.cpu() for t in extract_features(self.policy, self.val_loader, **opts_log))
-        c, scores, solved = choose_c(settings.task, train, val, self.cs, seed=self.seed)
-        weight, bias = solved[c] if c in solved else solve_linear_head(*train, settings.task, c)
+        c, scores, solved = choose_c(settings.task, train, val, self.cs, seed=self.seed, max_iter=self.max_iter)
+        weight, bias = solved[c] if c in solved else solve_linear_head(*train, settings.task, c, self.max_iter)
         head = model.get_classifier()
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))

@@ -82,6 +82,7 @@ def build_probe(
         select=f.solver_select,
         seed=recipe.train.seed,
         train_features=features,
+        max_iter=f.solver_max_iter,
     )
 
 
