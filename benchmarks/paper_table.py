@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -80,6 +79,9 @@ ROWS = [
         "9", "imagenette", "Standard, 224 px, t = 4", 20, 90.41, "imagenette_standard.toml", ["model.arch.expansion=4"]
     ),
 ]
+
+
+ARG = {"cifar10": "cifar", "imagenette": "imagenette"}  # a row's data -> its command-line flag
 
 
 def data_sets(row: Row, args: argparse.Namespace) -> list[str]:
@@ -188,7 +190,7 @@ def main() -> None:
     args.out = str(Path(args.out).resolve())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     chosen = [r for r in ROWS if r.table in args.rows.split(",")]
-    missing = {r.data for r in chosen if not getattr(args, r.data)}
+    missing = {r.data for r in chosen if not getattr(args, ARG[r.data])}
     if missing:
         sys.exit(
             f"--{' and --'.join(sorted(missing))}: give the folder of the real images (../shared/data/REAL_DATA.md)"
@@ -218,8 +220,9 @@ def main() -> None:
         if r["status"] == "run":
             ours, wall = f"{r['top1']:.2f}", _hours(r["wall_s"])
         elif r["status"] == "not run":
-            gpu = math.ceil(r["estimate_s"] / 360) / 10
-            ours, wall = f"not run (needs a GPU: about {gpu:g} h on this CPU)", "-"
+            hours = round(r["estimate_s"] / 3600, 1)
+            why = "needs a GPU" if hours > 3 else "over the budget"
+            ours, wall = f"not run ({why}: about {hours:g} h on this CPU)", "-"
         else:
             ours, wall = r["status"], _hours(r["wall_s"])
         lines.append(
