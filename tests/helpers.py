@@ -1,4 +1,4 @@
-"""Test helpers that write data files (kept out of the library)."""
+"""Test helpers kept out of the library: data files written for tests, and paired runs to compare."""
 
 from __future__ import annotations
 
@@ -118,3 +118,17 @@ def write_all_formats(coco: Path, out: Path, splits: tuple[str, ...] = ("train",
             'data.split_column="part"',
         ],
     }
+
+
+NO_AUGMENT = ['data.augment.crop="resize"', "data.augment.hflip=0.0", "data.augment.color_jitter=0.0"]
+
+
+def plain_and_cached(recipe: Path, sets: list[str], cache: str) -> tuple[Path, Path]:
+    """The same unaugmented run twice, without and with ``freeze.<cache> = true``: the two run directories."""
+    from finetune.config import load_recipe
+    from finetune.train.run import run_recipe
+
+    sets = [*sets, *NO_AUGMENT]
+    plain = run_recipe(load_recipe(recipe, [*sets, "output.name=plain"]))
+    cached = run_recipe(load_recipe(recipe, [*sets, f"freeze.{cache}=true", "output.name=cached"]))
+    return plain, cached

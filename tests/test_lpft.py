@@ -16,6 +16,7 @@ from finetune.optim import warmup_cosine_factor
 from finetune.train.run import run_recipe
 
 from .conftest import interrupt_then_resume
+from .helpers import plain_and_cached
 
 LPFT = [
     "train.epochs=3",
@@ -214,12 +215,8 @@ def test_probe_fits_on_the_next_stages_cached_maps_as_on_the_images(tiny_recipe:
         'freeze.bn="all"',
         'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, {train = ["blocks.5:", "head", "classifier"]}]',
         "freeze.solver_c=[0.1, 1.0]",
-        'data.augment.crop="resize"',
-        "data.augment.hflip=0.0",
-        "data.augment.color_jitter=0.0",
     ]
-    plain = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=plain"]))
-    cached = run_recipe(load_recipe(tiny_recipe, [*sets, "freeze.cache_maps=true", "output.name=cached"]))
+    plain, cached = plain_and_cached(tiny_recipe, sets, "cache_maps")
     pa, pb = _metrics(plain)[0]["probe"], _metrics(cached)[0]["probe"]
     assert pa["c"] == pb["c"]
     for c, score in pa["scores"].items():

@@ -170,6 +170,10 @@ class FeatureCache:
         self._store[key] = self.gather(feats, targets, torch.cat(index)) if self.gather else (feats, targets)
         self.extract_time_s += time.perf_counter() - start
 
+    def release(self) -> None:
+        """Drop every cached row (a later stage that needs them extracts them again)."""
+        self._store.clear()
+
     @torch.no_grad()
     def pooled(
         self, prefix: int, *, device: torch.device, precision: str = "fp32", channels_last: bool = False, console=None

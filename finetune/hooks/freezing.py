@@ -279,6 +279,8 @@ class FreezeHook(Hook):
             self._extra.update(cached_features=True, cache_time_s=self.cache.extract_time_s - before)
             if prefix:
                 self._extra["cached_prefix"] = p.group_names[prefix - 1]
+        elif self.cache is not None:
+            self.cache.release()  # a stage that reads images: the cached rows are not kept in memory beside it
         now = (p.stage_index, self._extra["cached_features"])
         if now != self._last:  # another trainable set or another forward: wrappers (DDP) rebuild
             self._last = now

@@ -102,7 +102,7 @@ def split_name(recipe: Recipe, role: str) -> str:
     """The split name the recipe gives to ``role`` (train/val/test)."""
     if role not in ROLES:
         raise UserError(f"--split {role!r}: expected one of {', '.join(ROLES)}")
-    if role == "test" and recipe.data.holdout.seed is not None and not recipe.data.has_test:
+    if role == "test" and recipe.data.holdout.seed is not None and not recipe.data.has_test and not _from_train(recipe):
         raise UserError("data.holdout.scoring = false: this run has no test split (its scoring half is left out)")
     if _from_train(recipe) and role in ("train", "val"):
         return recipe.data.train  # val is a held-out part of train
