@@ -49,6 +49,7 @@ class LogTicker:
         every_s: Seconds between lines; 0 = no time-based lines.
         every_steps: Steps between lines; 0 = no step-based lines.
         after: Work that remains after this one, in this one's steps (later epochs): adds the run's time left.
+        done: Steps already done when counting starts (a resumed epoch): not timed.
     """
 
     def __init__(

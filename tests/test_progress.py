@@ -38,7 +38,7 @@ def test_ticker_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("finetune.console.time.perf_counter", lambda: next(clock))
     console, out = _log()
     ticker = LogTicker(console, "caching pass 1", 100, every_s=60)  # start: 0.0
-    for step, _ in enumerate(range(5), start=1):
+    for step in range(1, 6):
         ticker.tick(step)  # at 10, 30, 61, 90, 125 s: lines at 61 and 125
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("caching pass 1  3/100")

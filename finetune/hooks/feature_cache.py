@@ -71,7 +71,7 @@ def extract_features(
     model = policy.model
     was_training = model.training
     model.eval()
-    feats, targets = [], []
+    feats, targets, seen = [], [], 0
     ticker = LogTicker(console, label, len(loader)) if console is not None else None
     for i, batch in enumerate(loader):
         if "image" in batch:
@@ -80,10 +80,11 @@ def extract_features(
                 out = policy.prefix_maps(images, prefix) if prefix else policy.pooled_features(images)
             feats.append(out.float())
             targets.append(batch["target"].to(device))
+            seen += len(out)
             if index is not None:
                 index.append(batch["index"])
         if ticker is not None:
-            ticker.tick(i + 1, f"{sum(len(t) for t in targets)} images")
+            ticker.tick(i + 1, f"{seen} images")
     model.train(was_training)
     return torch.cat(feats), torch.cat(targets)
 

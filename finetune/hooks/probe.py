@@ -165,9 +165,8 @@ class ProbeHook(Hook):
         train_features: Any = None,
         max_iter: int = 500,
     ) -> None:
-        self.max_iter = max_iter
         self.policy, self.train_loader, self.val_loader = policy, train_loader, val_loader
-        self.train_features = train_features
+        self.train_features, self.max_iter = train_features, max_iter
         self.cs, self.select, self.seed = cs, select, seed
         self.result: dict[str, Any] = {}
         self.head: dict[str, torch.Tensor] = {}  # the solved classifier, saved as RUN/probe.safetensors
@@ -180,15 +179,16 @@ class ProbeHook(Hook):
         """Extract features, pick C, and set ``model``'s classifier to the solution."""
         start = time.perf_counter()
         opts = {"device": settings.device, "precision": settings.precision, "channels_last": settings.channels_last}
+        opts = {**opts, "console": console}
         if self.train_features is not None:
             train = tuple(t.cpu() for t in self.train_features(settings, console))
         else:
-            opts_log = {**opts, "console": console, "label": "probe features (train)"}
-            train = tuple(t.cpu() for t in extract_features(self.policy, self.train_loader, **opts_log))
+            train = tuple(
+                t.cpu() for t in extract_features(self.policy, self.train_loader, **opts, label="probe (train)")
+            )
         val = None
         if self.select == "val":
-            opts_log = {**opts, "console": console, "label": "probe features (val)"}
-            val = tuple(t.cpu() for t in extract_features(self.policy, self.val_loader, **opts_log))
+            val = tuple(t.cpu() for t in extract_features(self.policy, self.val_loader, **opts, label="probe (val)"))
         c, scores, solved = choose_c(settings.task, train, val, self.cs, seed=self.seed, max_iter=self.max_iter)
         weight, bias = solved[c] if c in solved else solve_linear_head(*train, settings.task, c, self.max_iter)
         head = model.get_classifier()
