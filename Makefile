@@ -35,12 +35,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check finetune tests benchmarks
 	$(VENV)/bin/ruff format --check finetune tests benchmarks
 
+# One pytest worker per core (pytest-xdist), a test file to a worker, so a module's trained-run fixture runs once;
+# each worker computes on one thread (tests/conftest.py). The slowest tests are listed at the end.
 test: $(STAMP) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile --durations=15
 
 # Everything but the tests marked slow (subprocesses, torchrun, the notebook, whole training runs).
 test-fast: $(STAMP) lint
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto --dist loadfile -m "not slow"
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.allocator import reuse_freed_memory
 from finetune.config import load_recipe
 from finetune.train.assembly import build_run
 
@@ -110,6 +111,7 @@ def _rate(step, batches, warmup: int, steps: int) -> tuple[float, int]:
 
 def estimate(row: Row, args: argparse.Namespace) -> dict:
     """Time real steps of the row's recipe; the whole run's seconds estimated from them."""
+    reuse_freed_memory()  # as `finetune run` does
     recipe = load_recipe(ROOT / "recipes" / row.recipe, overrides(row, args, f"estimate-{row.table}"))
     parts = build_run(recipe)
     model = parts.place(for_training=True)

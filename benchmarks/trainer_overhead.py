@@ -1,6 +1,7 @@
 """Trainer overhead: ``train_one_epoch`` vs a bare PyTorch loop on the same batches, in one run.
 
     python benchmarks/trainer_overhead.py [--model mobilenetv2_050] [--size 96] [--batches 20] [--repeats 9]
+        [--channels-last] [--malloc reuse|default]
 
 Prints images/s of both and their ratio (1.00 = no overhead). Both use the same model, optimizer, loss, batches
 and fp32 on CPU; the trainer adds its scheduler, grad scaler (disabled), bad-image handling and progress bookkeeping.
@@ -9,6 +10,9 @@ The machine's speed drifts (the bare loop alone moved by up to 15 % between repe
 interleaved in pairs, the order alternating (bare first, then trainer first), and the ratio is taken within each
 pair: drift slower than a pair cancels. Printed: the median ratio and the spread of the per-pair ratios (min, max
 and the middle half); an overhead is real when the whole middle half lies below 1.
+
+Both run in one process with glibc's malloc set as ``finetune run`` sets it (:mod:`finetune.allocator`);
+``--malloc default`` leaves it as it is. ``--model`` takes a timm name or ``mobilenetv2_reduced`` / ``_standard``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from finetune.allocator import reuse_freed_memory
+from finetune.mobilenet import MODEL_NAMES
+from finetune.models import build_mobilenetv2
 from finetune.optim import create_optimizer, create_scheduler, whole_model_groups
 from finetune.train.fit import train_one_epoch
 from finetune.train.loop import FitSettings, Loop
@@ -36,7 +43,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved (bare, trainer) pairs")
+    parser.add_argument("--malloc", choices=["reuse", "default"], default="reuse")
     args = parser.parse_args()
+    reused = args.malloc == "reuse" and reuse_freed_memory()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     batches = [
@@ -48,7 +57,10 @@ def main() -> None:
         }
         for _ in range(args.batches)
     ]
-    model = timm.create_model(args.model, num_classes=10)
+    if args.model in MODEL_NAMES:
+        model = build_mobilenetv2(args.model, 10, 0.2, {})
+    else:
+        model = timm.create_model(args.model, num_classes=10)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -98,7 +110,10 @@ def main() -> None:
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     b_med, o_med = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
     b_spread = (max(p[0] for p in pairs) - min(p[0] for p in pairs)) / b_med
-    print(f"{args.model} {args.size}px batch {args.batch}, {args.batches} batches, {args.repeats} interleaved pairs")
+    print(
+        f"{args.model} {args.size}px batch {args.batch}, {args.batches} batches, {args.repeats} interleaved pairs, "
+        f"malloc {'reuse' if reused else 'default'}{', channels-last' if args.channels_last else ''}"
+    )
     print(f"{'bare PyTorch loop':>22}: {b_med:8.1f} img/s (median; min-max spread {100 * b_spread:.0f} %)")
     print(f"{'finetune trainer':>22}: {o_med:8.1f} img/s (median)")
     print(

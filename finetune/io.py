@@ -13,6 +13,7 @@ import pickle
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,61 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 TMP_SUFFIX = ".tmp"
+_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`", "\n": " ", "\r": " "})
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as Markdown that shows as itself: no HTML a viewer would run, no ``|`` that splits a table cell."""
+    return str(value).translate(_MARKDOWN)
+
+
+def csv_cell(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text, not a formula (OWASP's rule: ``= + - @``, tab or CR first is quoted)."""
+    return f"'{value}" if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+def check_output(
+    path: Path,
+    option: str,
+    *,
+    ours: Callable[[Path], bool] | None = None,
+    force: bool = False,
+    run_dir: Path | None = None,
+    fix: str = "choose another path or pass --force",
+) -> None:
+    """Refuse to write ``path`` where that would replace something this toolkit did not make.
+
+    The one rule for a file a command writes at, or beside, a path the user named: the path may be new, or a file
+    ``ours`` recognises as an earlier output of the same command, or (with ``force``) any regular file. Never a
+    symbolic link or a folder, and never a file of the run directory ``run_dir`` other than those under its
+    ``export/`` folder and its ``README.md`` (the card): ``--force`` does not reach a run's own files.
+
+    Args:
+        path: The file about to be written.
+        option: What named it, for the message (``--out``, ``--csv``).
+        ours: Whether an existing file is one this command wrote before (replaced without asking).
+        force: Replace any other existing regular file.
+        run_dir: The run directory the command reads, whose files are never replaced.
+        fix: What the user can do about an existing file, for the message.
+
+    Raises:
+        UserError: When the path is refused.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{option} {path}: is a symbolic link; give the path of a file to write")
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder, not a file; give the path of a file to write")
+    if not path.is_file():
+        raise UserError(f"{option} {path}: is not a regular file; give the path of a file to write")
+    if run_dir is not None and path.resolve().is_relative_to(Path(run_dir).resolve()):
+        inside = path.resolve().relative_to(Path(run_dir).resolve())
+        if inside.parts[0] != "export" and inside != Path("README.md"):
+            raise UserError(f"{option} {path}: is one of the run's own files; write outside the run or under export/")
+    if not force and not (ours is not None and ours(path)):
+        raise UserError(f"{option} {path}: exists and was not written by this command; {fix}")
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

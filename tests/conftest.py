@@ -10,11 +10,19 @@ import sys
 import traceback
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one compute thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when torch starts, here and in the tests' subprocesses
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from finetune.data.demo import write_demo
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -66,6 +66,7 @@ LAYERS = [
         "shared ground",
         [
             "errors",
+            "allocator",
             "io",
             "schema",
             "objectives",

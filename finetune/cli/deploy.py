@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from finetune.cli.options import check_threshold, err, out
 from finetune.errors import UserError
+from finetune.io import check_output
 
 ThresholdOption = Annotated[
     float | None,
@@ -37,6 +38,7 @@ def predict_command(
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write one row per image: path, labels, a probability per class.")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --csv file.")] = False,
     threshold: ThresholdOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
@@ -55,15 +57,13 @@ def predict_command(
     if as_json and jsonl:
         raise UserError("--json and --jsonl: choose one")
     from finetune.deploy.output import print_predictions, write_csv
-    from finetune.deploy.predictor import IMAGE_SUFFIXES, Predictor, Skipped, expand_paths
+    from finetune.deploy.predictor import Predictor, Skipped, expand_paths
 
     files, missing = expand_paths(paths)
     if not files:
         raise UserError(f"{missing[0] if missing else 'PATH'}; nothing to predict")
-    if csv_out is not None and (
-        csv_out.suffix.lower() in IMAGE_SUFFIXES or csv_out.resolve() in {f.resolve() for f in files}
-    ):
-        raise UserError(f"--csv {csv_out}: names an image (an input, or an image file name); give a .csv path to write")
+    if csv_out is not None:
+        _check_csv(csv_out, files, force)
     predictor = Predictor.load(source, device, threshold)
     skipped = Skipped(list(missing))
     results = []
@@ -82,6 +82,15 @@ def predict_command(
         err.print(f"[yellow]skipped[/] {escape(line)}")
     where = f"; wrote {escape(str(csv_out))}" if csv_out else ""
     err.print(f"{len(results)} images predicted, {len(skipped.items)} skipped{where}")
+
+
+def _check_csv(csv_out: Path, images: list[Path], force: bool) -> None:
+    """Refuse a ``--csv`` path that names an image, or an existing file without ``--force``."""
+    from finetune.deploy.predictor import IMAGE_SUFFIXES
+
+    if csv_out.suffix.lower() in IMAGE_SUFFIXES or csv_out.resolve() in {f.resolve() for f in images}:
+        raise UserError(f"--csv {csv_out}: names an image (an input, or an image file name); give a .csv path to write")
+    check_output(csv_out, "--csv", force=force, fix="choose another file, or pass --force to replace it")
 
 
 def export_command(
@@ -109,6 +118,9 @@ def export_command(
         ),
     ] = None,
     card: Annotated[bool, typer.Option(help="Write the model card, README.md, beside the model.")] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace existing files at --out that an earlier export did not write.")
+    ] = False,
 ) -> None:
     """Export a run's model (uint8 NHWC images in, probabilities out) with its sidecar JSON and a model card."""
     from finetune.deploy.export import export_run
@@ -118,7 +130,7 @@ def export_command(
     int8 = int8 or quantize == "int8"
     if not int8 and calibration_images is not None:
         raise UserError("--calibration-images: only used with --int8")
-    result = export_run(run_dir, fmt, output, int8=int8, calibration_images=calibration_images, card=card)
+    result = export_run(run_dir, fmt, output, int8=int8, calibration_images=calibration_images, card=card, force=force)
     for path in result.files:
         out.print(f"wrote {escape(str(path))}")
     if result.comparison is not None:
@@ -130,8 +142,11 @@ def export_command(
 def card_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     output: Annotated[Path | None, typer.Option("--out", help="File to write (default RUN/README.md).")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing file at --out that is not a model card.")
+    ] = False,
 ) -> None:
     """Write a run's model card (README.md with YAML front matter: task, classes, thresholds, metrics, data)."""
     from finetune.deploy.export import card_run
 
-    out.print(f"wrote {escape(str(card_run(run_dir, output)))}")
+    out.print(f"wrote {escape(str(card_run(run_dir, output, force)))}")

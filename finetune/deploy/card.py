@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from finetune.errors import UserError
-from finetune.io import atomic_write_text
+from finetune.io import atomic_write_text, markdown_text
 from finetune.train.assembly import data as assembly_data
 from finetune.train.rundir import RunDir
 
@@ -104,7 +104,7 @@ def card_fields(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Ex
 def _body(fields: dict[str, Any], info: dict[str, Any], run: RunDir) -> list[str]:
     f = fields["finetune"]
     multi = f["task"] == "multilabel"
-    lines = [f"# {run.path.name}: {f['base_model']['name']}, {len(f['classes'])} classes", ""]
+    lines = [f"# {markdown_text(run.path.name)}: {f['base_model']['name']}, {len(f['classes'])} classes", ""]
     if multi:
         lines += [
             "**Multi-label.** The model outputs one independent **sigmoid** probability per class (already applied "
@@ -137,7 +137,7 @@ def _body(fields: dict[str, Any], info: dict[str, Any], run: RunDir) -> list[str
     lines += ["| class | threshold | train positives |", "|---|---|---|"]
     for c in f["classes"]:
         thr = "arg-max" if c["threshold"] is None else f"{c['threshold']:.4f}"
-        lines.append(f"| {c['name']} | {thr} | {positives.get(c['name'], '?')} |")
+        lines.append(f"| {markdown_text(c['name'])} | {thr} | {positives.get(c['name'], '?')} |")
     lines += ["", f"Thresholds: {info['thresholds_from']}.", ""]
     return lines
 
@@ -203,22 +203,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def check_card_folder(folder: Path) -> None:
-    """Refuse to write a card over a ``README.md`` that is not one (a repository's own README, say).
-
-    Raises:
-        UserError: When ``folder/README.md`` exists and its front matter is not a finetune model card's.
-    """
-    path = Path(folder) / "README.md"
-    if not path.is_file():
-        return
-    text = path.read_text(errors="replace")
+def is_card(path: Path) -> bool:
+    """Whether ``path`` is a finetune model card (YAML front matter with ``library_name: finetune``)."""
     try:
-        ours = text.startswith("---\n") and yaml.safe_load(text.split("---\n")[1]).get("library_name") == "finetune"
-    except (yaml.YAMLError, AttributeError, IndexError):
-        ours = False
-    if not ours:
-        raise UserError(f"{path}: exists and is not a finetune model card; export to another folder or pass --no-card")
+        text = Path(path).read_text(errors="replace")
+        return text.startswith("---\n") and yaml.safe_load(text.split("---\n")[1]).get("library_name") == "finetune"
+    except (OSError, yaml.YAMLError, AttributeError, IndexError):
+        return False
 
 
 def write_card(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exported | None, folder: Path) -> Path:

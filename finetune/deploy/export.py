@@ -28,12 +28,20 @@ from torch import nn
 
 from finetune import __version__
 from finetune.deploy import mobile
-from finetune.deploy.exported import Exported, onnx_backend, sidecar, with_metadata
+from finetune.deploy.exported import (
+    Exported,
+    int8_name,
+    is_export_file,
+    onnx_backend,
+    planned_files,
+    sidecar,
+    with_metadata,
+)
 from finetune.deploy.quantize import calibration_loader, check_int8, nhwc_batches, quantize_onnx
 from finetune.errors import UserError
 from finetune.eval.reject import load_reject
 from finetune.eval.run_report import load_thresholds
-from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output
 from finetune.models import hflip_average
 from finetune.train.assembly import RunParts, build_from_run
 from finetune.train.lock import locking
@@ -177,6 +185,7 @@ def export_run(
     int8: bool = False,
     calibration_images: int | None = None,
     card: bool = True,
+    force: bool = False,
 ) -> Exported:
     """Export a run's model to ``out`` (default ``<run>/export/model.<ext>``), its JSON sidecar and a model card.
 
@@ -187,6 +196,8 @@ def export_run(
         int8: Also write an INT8 model (``model.int8.<ext>``) with thresholds re-fitted on its probabilities.
         calibration_images: Train images the INT8 ranges are collected on (default 300, or all when fewer).
         card: Write ``README.md`` (the model card) beside the model.
+        force: Replace existing files at ``out`` and beside it that an earlier export did not write (never the
+            run's own files).
 
     Returns:
         The files written and, with ``int8``, the fp32/INT8 comparison.
@@ -198,10 +209,13 @@ def export_run(
     _check_request(fmt, int8, Path(out) if out else None)
     run = RunDir.open(run_dir)
     out = Path(out) if out else _default_out(run, fmt)
+    for path in planned_files(out, fmt, int8):
+        check_output(path, "--out", ours=is_export_file, force=force, run_dir=run.path)
     if card:
-        from finetune.deploy.card import check_card_folder
+        from finetune.deploy.card import is_card
 
-        check_card_folder(out.parent)
+        fix = "export to another folder, pass --no-card, or --force to replace it"
+        check_output(out.parent / "README.md", "the card", ours=is_card, force=force, run_dir=run.path, fix=fix)
     # No DataLoader workers: a fork after the LiteRT converter (JAX, TensorFlow) has started its threads, in this
     # export or an earlier one in the same process, crashed (a segfault). Decoding a few hundred images costs seconds.
     parts = build_from_run(run, ("train", "val", "test") if int8 else (), ["data.num_workers=0"])
@@ -241,7 +255,7 @@ def _export_onnx(
     batches = (images for images, _ in nhwc_batches(cal_loader))
     int8 = with_metadata(quantize_onnx(fp32, batches, INPUT_NAME), {})
     int8_info, comparison = check_int8(parts, info, onnx_backend(fp32), onnx_backend(int8), len(cal_loader.dataset))
-    path = out.with_name(f"{out.stem}.int8{out.suffix}")
+    path = int8_name(out)
     atomic_write_bytes(path, with_metadata(int8, int8_info))
     atomic_write_json(sidecar(path), int8_info)
     info["int8"] = {"file": path.name, "comparison": comparison}
@@ -251,14 +265,17 @@ def _export_onnx(
 
 
 @locking("finetune card")
-def card_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """``finetune card RUN``: the card of a run directory, written to ``out`` (default ``RUN/README.md``)."""
-    from finetune.deploy.card import card_text, check_card_folder
+def card_run(run_dir: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+    """``finetune card RUN``: the card of a run directory, written to ``out`` (default ``RUN/README.md``).
+
+    An existing file at ``out`` is replaced only when it is a finetune model card, or with ``force``; never one of
+    the run's own files.
+    """
+    from finetune.deploy.card import card_text, is_card
 
     run = RunDir.open(run_dir)
     path = Path(out) if out else run / "README.md"
-    if path.name == "README.md":
-        check_card_folder(path.parent)
+    check_output(path, "--out", ours=is_card, force=force, run_dir=run.path)
     parts = build_from_run(run)
     _, info = run_classifier(run, parts)
     atomic_write_text(path, card_text(run, parts, info))

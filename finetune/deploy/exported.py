@@ -31,6 +31,29 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def int8_name(path: Path) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx``."""
+    return path.with_name(f"{path.stem}.int8{path.suffix}")
+
+
+def planned_files(out: Path, fmt: str, int8: bool) -> list[Path]:
+    """Every file an export to ``out`` writes besides the card: models, sidecars, OpenVINO's weights and ONNX."""
+    models = [out, out.with_suffix(".onnx")] if fmt == "openvino" else [out]
+    if int8:
+        models += [int8_name(m) for m in models]
+    extra = [m.with_suffix(".bin") for m in models if m.suffix == ".xml"]
+    return list(dict.fromkeys([*models, *extra, *(sidecar(m) for m in models)]))
+
+
+def is_export_file(path: Path) -> bool:
+    """Whether ``path`` is a file an earlier export wrote: a sidecar of ours, or a file whose sidecar is one."""
+    try:
+        info = json.loads(sidecar(path).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and {"format_version", "finetune_version", "classes", "input"} <= info.keys()
+
+
 def with_metadata(data: bytes, info: dict[str, Any]) -> bytes:
     """An ONNX model's bytes with ``info`` as its ``metadata_props`` (one key per field, JSON-encoded)."""
     import onnx

@@ -11,16 +11,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.deploy.predictor import Prediction
-from finetune.io import atomic_write_text
+from finetune.io import atomic_write_text, csv_cell
 
 
 def write_csv(path: Path, results: list[Prediction], classes: list[str]) -> None:
     """One row per image: ``path``, ``labels`` (``|``-separated, most probable first), one probability per class."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "labels", *classes])
+    writer.writerow(["path", "labels", *(csv_cell(c) for c in classes)])  # names and paths never run as formulas
     for r in results:
-        writer.writerow([r.source, "|".join(r.labels), *(f"{r.probabilities[c]:.6f}" for c in classes)])
+        probabilities = (f"{r.probabilities[c]:.6f}" for c in classes)
+        writer.writerow([csv_cell(r.source), csv_cell("|".join(r.labels)), *probabilities])
     atomic_write_text(path, buf.getvalue())
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from finetune.data.split import ClassMap
 from finetune.eval.metrics import average_precision, prf, summarize
+from finetune.io import markdown_text
 from finetune.labels import unknown_counts
 
 SUMMARY_KEYS = ("map", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall", "micro_f1")
@@ -77,11 +78,17 @@ def class_columns(split: dict[str, Any], threshold: str = "threshold") -> list[s
     return ["class", "support", *unknown, "AP", "P", "R", "F1", *cal]
 
 
-def _class_cells(row: dict[str, Any], calibrated: bool, threshold_digits: int, unknown: bool = False) -> list[str]:
-    """One per-class row as text: name, support, (unknown,) AP, P/R/F1, then threshold and P/R/F1 calibrated."""
+def _class_cells(
+    row: dict[str, Any], calibrated: bool, threshold_digits: int, unknown: bool = False, markup: bool = True
+) -> list[str]:
+    """One per-class row as text: name, support, (unknown,) AP, P/R/F1, then threshold and P/R/F1 calibrated.
+
+    ``markup``: the name escaped for rich's console markup (not for Markdown, which escapes every cell itself).
+    """
     prf_keys = ("precision", "recall", "f1")
     counts = [str(row["support"])] + ([str(row.get("unknown", 0))] if unknown else [])
-    cells = [escape(row["name"]), *counts, _pct(row["ap"]), *(_pct(row[k]) for k in prf_keys)]
+    name = escape(row["name"]) if markup else row["name"]
+    cells = [name, *counts, _pct(row["ap"]), *(_pct(row[k]) for k in prf_keys)]
     if calibrated:
         cells += [f"{row['threshold_cal']:.{threshold_digits}f}", *(_pct(row[f"{k}_cal"]) for k in prf_keys)]
     return cells
@@ -183,16 +190,22 @@ def print_report(report: dict[str, Any], console: Console, per_class: bool = Tru
         console.print(t)
 
 
+def _md_row(cells: list[str]) -> str:
+    """A Markdown table row whose cells show as text (class names may hold HTML or ``|``)."""
+    return "| " + " | ".join(markdown_text(c) for c in cells) + " |"
+
+
 def markdown_report(report: dict[str, Any]) -> str:
-    """The same report as Markdown (``report.md`` in the run)."""
-    lines = [f"# {report.get('run', 'evaluation')}", ""]
+    """The same report as Markdown (``report.md`` in the run); every name in it is escaped."""
+    lines = [f"# {markdown_text(report.get('run', 'evaluation'))}", ""]
     if unknown_line(report):
         lines += [str(unknown_line(report)), ""]
     cal = report.get("calibration")
     if cal:
         h = cal["honest"]
         lines += [
-            f"Thresholds fitted on **{cal['fitted_on']}** ({cal['metric']}, min_positives {cal['min_positives']}, "
+            f"Thresholds fitted on **{markdown_text(cal['fitted_on'])}** ({cal['metric']}, "
+            f"min_positives {cal['min_positives']}, "
             f"shrink {cal['shrink']:g}; global threshold {cal['global_threshold']:.3f}). "
             f"Measured on data they were not fitted on ({h['how']}):",
             "",
@@ -207,20 +220,20 @@ def markdown_report(report: dict[str, Any]) -> str:
             t = cal["targets"]
             rule = "|---|---|" + "---:|" * 2 + "---|" + "---:|" * 4
             lines += [targets_line(t), "", "| " + " | ".join(TARGET_COLUMNS) + " |", rule]
-            lines += ["| " + " | ".join(r) + " |" for r in target_rows(t)] + [""]
+            lines += [_md_row(r) for r in target_rows(t)] + [""]
     lines += ["## Summary", "", "| split | thresholds | images | " + " | ".join(SUMMARY_KEYS) + " |"]
     lines.append("|---|---|---:|" + "---:|" * len(SUMMARY_KEYS))
     for name, split in report["splits"].items():
         for kind, s in (("fixed", split["summary"]), ("calibrated", split.get("calibrated", {}).get("summary"))):
             if s is not None:
-                cells = [name, kind, str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS)]
-                lines.append("| " + " | ".join(cells) + " |")
+                lines.append(_md_row([name, kind, str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS)]))
     for name, split in report["splits"].items():
         has_cal, has_unknown = "calibrated" in split, bool(split.get("unknown"))
         cols = class_columns(split)
-        lines += ["", f"## {name}: per class", "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+        title = f"## {markdown_text(name)}: per class"
+        lines += ["", title, "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
         for r in split["per_class"]:
-            lines.append("| " + " | ".join(_class_cells(r, has_cal, 3, has_unknown)) + " |")
+            lines.append(_md_row(_class_cells(r, has_cal, 3, has_unknown, markup=False)))
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ def _holder(info: dict[str, Any]) -> str:
     who = str(info.get("command", "a finetune command"))
     where = " ".join(f"{label}{info[key]}" for key, label in (("pid", "pid "), ("host", "on ")) if key in info)
     since = info.get("since")
-    if isinstance(since, int | float) and not isinstance(since, bool):
+    if isinstance(since, int | float) and not isinstance(since, bool) and 0 <= since < 1e11:  # not NaN, not year 5000
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
         where = f"{where}, since {stamp}" if where else f"since {stamp}"
     return f"{who} ({where})" if where else who
@@ -62,7 +63,15 @@ def _read(fd: int) -> dict[str, Any]:
 def _open_locked(path: Path) -> tuple[int, dict[str, Any]] | dict[str, Any]:
     """``(fd, what the file said)`` once the lock is ours, or the holder's record when it is not free."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symbolic link: that would write over, then delete, the file it points to
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise UserError(f"{path}: is a symbolic link, not a lock this toolkit made; delete the link") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{path}: is not a regular file (a lock this toolkit made is one); delete it")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -72,7 +81,7 @@ def _open_locked(path: Path) -> tuple[int, dict[str, Any]] | dict[str, Any]:
             os.close(fd)
             return info
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
         except FileNotFoundError:
             same = False
         if same:  # not a file its last holder unlinked between our open and our lock
@@ -91,7 +100,7 @@ def acquire(run_path: Path, command: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise UserError(f"{run_path}: is a file; choose another output.dir or output.name") from None
-    key = path.resolve()
+    key = path.parent.resolve() / LOCK_NAME  # the folder resolved, never the lock file (it may be a link)
     if key in _HELD:
         _HELD[key][1] += 1
         return ""
@@ -120,7 +129,7 @@ def acquire(run_path: Path, command: str) -> str:
 
 def release(run_path: Path) -> None:
     """Let go of ``run_path``'s lock (the innermost of nested holds only decrements)."""
-    key = (Path(run_path) / LOCK_NAME).resolve()
+    key = Path(run_path).resolve() / LOCK_NAME
     held = _HELD.get(key)
     if held is None:
         return
@@ -129,7 +138,8 @@ def release(run_path: Path) -> None:
         return
     del _HELD[key]
     with contextlib.suppress(FileNotFoundError):
-        if os.stat(key).st_ino == os.fstat(held[0]).st_ino:  # ours, not one made after ours was deleted by hand
+        # ours, not one made after ours was deleted by hand
+        if os.stat(key, follow_symlinks=False).st_ino == os.fstat(held[0]).st_ino:
             key.unlink()  # while still holding it: a waiter that opened the old file sees the inode change and retries
     os.close(held[0])
 
@@ -180,7 +190,7 @@ def locking(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             run_dir = Path(args[0] if args else kwargs["run_dir"])  # type: ignore[arg-type]
             if not run_dir.is_dir() or not os.access(run_dir, os.W_OK):  # a read-only run (an archive) takes none
                 return fn(*args, **kwargs)
-            with run_lock(run_dir, command):
+            with run_lock(run_dir, command, console=Console(stderr=True)):  # a takeover's note goes to stderr
                 return fn(*args, **kwargs)
 
         return locked

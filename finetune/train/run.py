@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from finetune.allocator import reuse_freed_memory
 from finetune.config import Recipe
 from finetune.console import LogConsole
 from finetune.data.samplers import sampler_line
@@ -247,6 +248,7 @@ def run_recipe(
     Returns:
         The run directory.
     """
+    reuse_freed_memory()  # before any DataLoader worker is forked: they inherit it
     restarted = elastic_resume(recipe, resume)
     if restarted is not None and resume is None:
         recipe, resume = RunDir.open(restarted).recipe(), restarted
