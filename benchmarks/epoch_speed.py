@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from finetune.allocator import reuse_freed_memory
 from finetune.config import load_recipe
 from finetune.train.assembly import build_run
 from finetune.train.run import run_recipe, seed_everything
@@ -80,6 +81,7 @@ def subset(data: Path, n: int, out: Path) -> None:
 
 
 def main() -> None:
+    reuse_freed_memory()  # as `finetune run` does, for every measurement in this process
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--images", type=int, default=2000)

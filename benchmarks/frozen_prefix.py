@@ -28,12 +28,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finetune.allocator import reuse_freed_memory
 from finetune.groups import layer_groups
 from finetune.hooks.freezing import FreezePolicy, Stage
 from finetune.optim import create_optimizer, group_multipliers, param_groups
 
 
 def main() -> None:
+    reuse_freed_memory()  # as `finetune run` does, for every measurement in this process
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--size", type=int, default=160)

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finetune.allocator import reuse_freed_memory
 from finetune.mobilenet import mobilenetv2
 
 MODELS = {"reduced": ("reduced", 32), "standard": ("standard", 224)}
@@ -42,6 +43,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precisio
 
 
 def main() -> None:
+    reuse_freed_memory()  # as `finetune run` does, for every measurement in this process
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="reduced,standard")
     parser.add_argument("--batch", type=int, default=32)

@@ -3,11 +3,11 @@
 A training step frees and reallocates the same large buffers (activations, gradients) every step. glibc serves
 blocks above its mmap threshold (128 KB, raised as far as 32 MB as such blocks are freed) with fresh pages from the
 kernel and gives the top of its heap back when it is freed, so each step pays page faults and zeroing for memory it
-just released. On this project's 2-core CPU that was a quarter of the CPU time spent in the kernel; the trainer ran
-the seed paper's Reduced MobileNetV2 at 32 px at 50 images/s, and at 81 with the setting below (``benchmarks/``
-``trainer_overhead.py --allocator`` measures it). PyTorch's CUDA caching allocator does the same on a GPU; on a CPU,
-PyTorch's performance guide suggests jemalloc or TCMalloc (``LD_PRELOAD``), which need a package and a restart:
-``mallopt`` works from inside the process.
+just released. On this project's 2-core CPU, 28 % (Reduced MobileNetV2, 32 px) to 38 % (mobilenetv2_100, 224 px)
+of the trainer's CPU time went to the kernel; with the setting below, none did, and an epoch ran 1.63x and 1.81x
+as fast (``benchmarks/allocator.py``, fresh processes, the settings alternating). PyTorch's CUDA caching allocator
+does the same on a GPU; on a CPU, PyTorch's performance guide suggests jemalloc or TCMalloc (``LD_PRELOAD``), which
+need a package and a restart: ``mallopt`` works from inside the process.
 
 The cost: the process keeps its peak memory until it exits. ``FINETUNE_MALLOC=default`` leaves glibc as it is.
 """

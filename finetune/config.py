@@ -199,7 +199,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 = off")
     accum_steps: int = Field(1, ge=1)
     channels_last: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="0 to 2**32 - 1 (NumPy's seed range)")
     deterministic: bool = False
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     select: Literal["auto", "map", "macro_f1", "micro_f1", "top1", "loss"] = "auto"  # auto: map, or top1 (single)
@@ -224,7 +224,7 @@ class OutputConfig(_Section):
     """Where the run directory goes: ``<dir>/<name>``."""
 
     dir: str = "runs"
-    name: str = ""
+    name: str = Field("", max_length=255, description="the run directory's name (a file system allows 255 bytes)")
     html: bool = Field(True, description="write report.html after training (finetune report writes it any time)")
 
 
@@ -329,8 +329,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     Returns:
         The validated recipe.
     """
-    raw = apply_overrides(read_toml(path), overrides or [])
-    recipe = validate_recipe(raw, str(path))
+    try:
+        raw = apply_overrides(read_toml(path), overrides or [])
+        recipe = validate_recipe(raw, str(path))
+    except RecursionError:  # tables or arrays nested thousands deep: no recipe is
+        raise UserError(f"{path}: nested too deeply to be a recipe (tables or arrays inside one another)") from None
     if not recipe.output.name:
         recipe.output.name = Path(path).stem
     return recipe

@@ -6,6 +6,7 @@ The CLI prints a ``UserError`` as one line and exits with code 2; anything else 
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -26,6 +27,7 @@ _PATH_ERRORS = {
     errno.EISDIR: "is a folder, not a file",
     errno.ENOTDIR: "a part of this path is a file, not a folder",
     errno.EEXIST: "exists and is not a folder",
+    errno.ENAMETOOLONG: "a name in this path is longer than the file system allows",
 }
 
 
@@ -33,7 +35,16 @@ def _real_name(filename: object) -> str:
     """The file a user asked for, not the hidden ``.NAME.xxxx.tmp`` an atomic write was filling."""
     path = Path(str(filename))
     match = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", path.name)
-    return str(path.with_name(match.group(1))) if match else str(path)
+    name = str(path.with_name(match.group(1))) if match else str(path)
+    return name if len(name) <= 200 else f"{name[:120]}...{name[-60:]} ({len(name)} characters)"
+
+
+def _unreadable(filename: object) -> bool:
+    """Whether ``filename`` exists but this process may not read it (a permission error reading, not writing)."""
+    try:
+        return filename is not None and os.path.isfile(str(filename)) and not os.access(str(filename), os.R_OK)
+    except (OSError, ValueError):
+        return False
 
 
 def os_error_line(e: OSError, command: str = "run") -> str | None:
@@ -43,6 +54,8 @@ def os_error_line(e: OSError, command: str = "run") -> str | None:
     """
     where = _real_name(e.filename) if e.filename else "a file the command writes"
     run = command == "run"
+    if isinstance(e, PermissionError) and _unreadable(e.filename):
+        return f"{where}: permission denied reading it; fix its permissions (chmod u+r) or use a copy you can read"
     if isinstance(e, PermissionError):
         place = " (output.dir)" if run else ""
         return f"{where}: permission denied; choose a folder you can write{place} or fix its permissions"

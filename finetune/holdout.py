@@ -40,7 +40,9 @@ class HoldoutConfig(Section):
     source: Literal["val", "train"] = Field(
         "val", description='"val": val and test halves of data.val; "train": val is a held-out part of data.train'
     )
-    seed: int | None = Field(None, description="on: the pool (data.val) is split in two halves by this seed")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="on: the pool (data.val) is split in two halves by this seed"
+    )
     selection: float = Field(0.5, gt=0.0, lt=1.0, description="the pool's share that becomes val; the rest is test")
     scoring: bool = Field(True, description="false: the scoring half is left out entirely (a sweep's trials)")
 

@@ -63,7 +63,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 TMP_SUFFIX = ".tmp"
-_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`", "\n": " ", "\r": " "})
+# No tag opens without "<" (a lone ">" stays readable: "precision >= 0.9"); "|" would split a table cell.
+_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", "|": "\\|", "`": "\\`", "\n": " ", "\r": " "})
 
 
 def markdown_text(value: object) -> str:
@@ -88,9 +89,10 @@ def check_output(
     """Refuse to write ``path`` where that would replace something this toolkit did not make.
 
     The one rule for a file a command writes at, or beside, a path the user named: the path may be new, or a file
-    ``ours`` recognises as an earlier output of the same command, or (with ``force``) any regular file. Never a
-    symbolic link or a folder, and never a file of the run directory ``run_dir`` other than those under its
-    ``export/`` folder and its ``README.md`` (the card): ``--force`` does not reach a run's own files.
+    ``ours`` recognises as an earlier output of the same command, or (with ``force``) any regular file or symbolic
+    link (the link is replaced, never its target). Never a folder, and never a file of the run directory ``run_dir``
+    but those under its ``export/`` folder (the toolkit's) and its ``README.md`` (when ``ours``): ``--force`` does
+    not reach a run's own files.
 
     Args:
         path: The file about to be written.
@@ -104,20 +106,38 @@ def check_output(
         UserError: When the path is refused.
     """
     path = Path(path)
-    if path.is_symlink():
-        raise UserError(f"{option} {path}: is a symbolic link; give the path of a file to write")
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
     if path.is_dir():
         raise UserError(f"{option} {path}: is a folder, not a file; give the path of a file to write")
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise UserError(f"{option} {path}: is not a regular file; give the path of a file to write")
-    if run_dir is not None and path.resolve().is_relative_to(Path(run_dir).resolve()):
-        inside = path.resolve().relative_to(Path(run_dir).resolve())
-        if inside.parts[0] != "export" and inside != Path("README.md"):
+    here = path.parent.resolve() / path.name  # the link itself, not where it points: a write replaces the link
+    if run_dir is not None and here.is_relative_to(Path(run_dir).resolve()):
+        inside = here.relative_to(Path(run_dir).resolve())
+        if inside.parts[0] == "export":  # the run's export folder is the toolkit's: a new export replaces it
+            return
+        if inside != Path("README.md"):
             raise UserError(f"{option} {path}: is one of the run's own files; write outside the run or under export/")
+    if path.is_symlink() and not force:
+        raise UserError(f"{option} {path}: is a symbolic link; pass --force to replace the link (not its target)")
     if not force and not (ours is not None and ours(path)):
         raise UserError(f"{option} {path}: exists and was not written by this command; {fix}")
+
+
+def check_output_folder(folder: Path, option: str, ours: Callable[[Path], bool]) -> None:
+    """Refuse a folder a command fills (``compare --out``) unless it is new, empty, or one it filled before (``ours``).
+
+    Raises:
+        UserError: For a file, or a folder holding anything else (a user's own ``compare.md`` would be replaced).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder}: is not a folder; give a new folder for this command's files")
+    if folder.is_dir() and any(folder.iterdir()) and not ours(folder):
+        raise UserError(
+            f"{option} {folder}: holds files this command did not write; give a new folder (or an empty one)"
+        )
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -89,6 +89,13 @@ def test_a_stopped_compare_resumes_and_gives_the_same_table(
     assert trained == ["probe-32-s0", "tiny-s0"]
     cmp.compare(entries, [0], tmp_path / "whole", resamples=200)
     assert len(trained) == 2  # a finished compare is read back, nothing trains
+    (tmp_path / "whole").rename(tmp_path / "moved")  # moved elsewhere, it keeps its finished rows
+    results = tmp_path / "moved" / "results"
+    (results / "probe-32-s0.plan.json").write_text("{")  # broken bookkeeping: the row is redone, not a traceback
+    (results / "tiny-s0.npz").write_bytes(b"PK\x03\x04 truncated")
+    again = cmp.compare(entries, [0], tmp_path / "moved", resamples=200)
+    assert len(trained) == 2 and [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in whole["rows"]]
+    (tmp_path / "moved").rename(tmp_path / "whole")
     changed = cmp.plan([tiny_recipe], [*FAST, "optim.lr=0.01"], [])
     with pytest.raises(UserError, match="holds a probe-32 seed 0 made from another recipe; use a new --out"):
         cmp.compare(changed, [0], tmp_path / "whole", resamples=200)

@@ -255,3 +255,30 @@ def test_predict_path_errors_are_one_line(
             cli.main()
         err = capsys.readouterr().err
         assert info.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+def _info(**changes: object) -> dict:
+    info = {"task": "multilabel", "classes": ["a", "b"], "input": {"size": [32, 32]}, "thresholds": [0.5, 0.5]}
+    return {**info, **changes}
+
+
+@pytest.mark.parametrize(
+    ("info", "needle"),
+    [
+        (_info(input={"size": [10**6, 10**6]}), "not a size from 1 to 4096 pixels"),
+        (_info(classes=["a", "a"]), "'classes' names 'a' twice"),
+    ],
+)
+def test_tampered_export_metadata_is_refused(info: dict, needle: str, tmp_path: Path) -> None:
+    from finetune.deploy.predictor import checked_info
+
+    with pytest.raises(UserError, match=needle):
+        checked_info(info, tmp_path / "model.json")
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"bytes", {"a": 1}])
+def test_a_predictor_given_no_image_says_so(bad: object) -> None:
+    predictor = Predictor(lambda x: np.full((len(x), 2), 0.5, np.float32), _info())
+    with pytest.raises(UserError, match="expected image paths, HxWx3 uint8 arrays or PIL images"):
+        predictor(bad)
+    assert predictor(np.zeros((8, 8, 3), np.uint8)).probabilities == {"a": 0.5, "b": 0.5}

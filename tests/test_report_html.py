@@ -222,3 +222,10 @@ def test_planted_missing_labels_rank_at_the_top() -> None:
         hits = sum(any(s.row == i and c in s.missing for s in top) for i, c in planted)
         found.append(hits)
     assert sum(found) >= 0.75 * 6 * 10 and min(found) >= 5, found
+
+
+@pytest.mark.parametrize("key", ["optim.lr=3", "data.image_size=64", "train.epochs=9"])
+def test_report_and_inspect_refuse_settings_they_do_not_read(tiny_run: Path, key: str) -> None:
+    for command in ("report", "inspect"):
+        proc = run_cli(command, str(tiny_run), "--no-cams", "--set", key)
+        assert_user_error(proc, f"--set {key.split('=')[0]}: does nothing here")

@@ -90,7 +90,7 @@ def test_card_never_replaces_a_runs_file_or_a_users_file_unasked(hostile_run: Pa
 
 def test_report_markdown_and_predict_csv_escape_class_names(hostile_run: Path, tmp_path: Path) -> None:
     report = (hostile_run / "report.md").read_text()
-    assert "<script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+    assert "<script>" not in report and "&lt;script>alert(1)&lt;/script>" in report and markdown_text(SCRIPT) in report
     image = next((hostile_run.parent.parent / "data" / "test").glob("*.jpg"))
     out = tmp_path / "p.csv"
     assert run_cli("predict", str(hostile_run), str(image), "--csv", str(out)).returncode == 0
@@ -137,3 +137,38 @@ def test_a_command_that_takes_over_a_stale_lock_says_so(hostile_run: Path, tmp_p
     (hostile_run / lock.LOCK_NAME).write_text(json.dumps(stale))
     proc = run_cli("card", str(hostile_run), "--out", str(tmp_path / "c.md"))
     assert proc.returncode == 0 and "took over" in proc.stderr, proc.stderr
+
+
+def test_every_command_that_writes_leaves_planted_user_files_alone(hostile_run: Path, tmp_path: Path) -> None:
+    """Each command pointed at (or beside) a folder of the user's files: refused, or writing only where it may."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    planted = ["model.onnx", "model.json", "model.pt", "README.md", "preds.csv", "compare.md", "notes.txt"]
+    for name in planted:
+        (mine / name).write_text(f"the user's {name}")
+    before = _hashes(mine)
+    recipe = hostile_run / "recipe.toml"
+    image = str(next((hostile_run.parent.parent / "data" / "test").glob("*.jpg")))
+    exists = "exists and was not written by this command"
+    refused = [
+        (["export", str(hostile_run), "--out", str(mine / "model.onnx")], f"model.onnx: {exists}"),
+        (["export", str(hostile_run), "--format", "torchscript", "--out", str(mine / "model.pt")], "model.pt: "),
+        (["card", str(hostile_run), "--out", str(mine / "README.md")], f"README.md: {exists}"),
+        (["predict", str(hostile_run), image, "--csv", str(mine / "preds.csv")], f"preds.csv: {exists}"),
+        (["data", "demo", str(mine)], "is not empty"),
+        (["compare", str(recipe), "--out", str(mine), "--seeds", "0"], "holds files this command did not write"),
+        (["run", str(recipe), "--set", f'output.dir="{mine}"', "--set", 'output.name="notes.txt"'], "notes.txt"),
+    ]
+    for argv, needle in refused:
+        assert_user_error(run_cli(*argv), needle)
+    writers = [  # they write in the run directory (or the cache) only
+        ["predict", str(hostile_run), image, "--json"],
+        ["calibrate", str(hostile_run)],
+        ["eval", str(hostile_run)],
+        ["report", str(hostile_run), "--no-cams"],
+        ["data", "stats", str(recipe)],
+    ]
+    for argv in writers:
+        proc = run_cli(*argv, cwd=mine, env={"FINETUNE_CACHE_DIR": str(tmp_path / "cache")})
+        assert proc.returncode == 0, (argv, proc.stderr[-800:])
+    assert _hashes(mine) == before

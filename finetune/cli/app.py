@@ -151,6 +151,9 @@ def validate(
 
     parts = build_run(cfg)
     run_dir = Path(parts.recipe.output.dir) / parts.recipe.output.name
+    for where, path in (("output.dir", run_dir.parent), ("output.name", run_dir)):  # what `run` would refuse
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{where}: {path} is not a folder; choose another {where}")
     if features and not check_images:
         raise UserError("--features goes with --check-images")
     if not -1 <= min_cosine <= 1:
@@ -222,9 +225,12 @@ def calibrate(
     report = calibrate_run(run_dir, split, err, overrides)
     TASKS[report["task"]].print_report(report, out)
     if (Path(run_dir) / "report.html").is_file():  # the page shows the thresholds: keep it in step
+        from finetune.overrides import parse_override
         from finetune.train.explain import report_run
+        from finetune.train.rundir import REPORT_KEYS
 
-        report_run(run_dir, console=err, overrides=overrides)
+        kept = [o for o in overrides or [] if ".".join(parse_override(o)[0]) in REPORT_KEYS]  # calibrate.* is done
+        report_run(run_dir, console=err, overrides=kept)
 
 
 def _version(value: bool) -> None:

@@ -62,9 +62,9 @@ def predict_command(
     files, missing = expand_paths(paths)
     if not files:
         raise UserError(f"{missing[0] if missing else 'PATH'}; nothing to predict")
-    if csv_out is not None:
-        _check_csv(csv_out, files, force)
     predictor = Predictor.load(source, device, threshold)
+    if csv_out is not None:
+        _check_csv(csv_out, files, force, source, predictor.classes)
     skipped = Skipped(list(missing))
     results = []
     for r in predictor.predict_files(files, batch_size, workers, skipped):
@@ -84,13 +84,22 @@ def predict_command(
     err.print(f"{len(results)} images predicted, {len(skipped.items)} skipped{where}")
 
 
-def _check_csv(csv_out: Path, images: list[Path], force: bool) -> None:
-    """Refuse a ``--csv`` path that names an image, or an existing file without ``--force``."""
+def _check_csv(csv_out: Path, images: list[Path], force: bool, source: Path, classes: list[str]) -> None:
+    """Refuse a ``--csv`` path that names an image, a run's file, or an existing file but an earlier ``--csv``'s."""
+    from finetune.deploy.output import csv_header
     from finetune.deploy.predictor import IMAGE_SUFFIXES
 
     if csv_out.suffix.lower() in IMAGE_SUFFIXES or csv_out.resolve() in {f.resolve() for f in images}:
         raise UserError(f"--csv {csv_out}: names an image (an input, or an image file name); give a .csv path to write")
-    check_output(csv_out, "--csv", force=force, fix="choose another file, or pass --force to replace it")
+    header = csv_header(classes)
+
+    def ours(path: Path) -> bool:  # the same model's predictions: its exact header (a dataset CSV has another)
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline() == header
+
+    run_dir = source if source.is_dir() else None
+    fix = "choose another file, or pass --force to replace it"
+    check_output(csv_out, "--csv", ours=ours, force=force, run_dir=run_dir, fix=fix)
 
 
 def export_command(

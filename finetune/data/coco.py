@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from finetune.data.split import ClassMap, Split
+from finetune.data.split import ClassMap, Split, inside, split_template
 from finetune.errors import UserError
 
 
@@ -149,6 +149,7 @@ def multi_hot_targets(
 
 def _mark_unknown(coco: COCO, image_ids: list[int], column: dict[int, int], targets: np.ndarray) -> None:
     """Set the unknown entries (NaN) of images with LVIS's ``neg_category_ids`` / ``not_exhaustive_category_ids``."""
+    column_ids = {c: cid for cid, c in column.items()}
     for r, img_id in enumerate(image_ids):
         entry = coco.imgs[img_id]
         lists = {}
@@ -156,10 +157,17 @@ def _mark_unknown(coco: COCO, image_ids: list[int], column: dict[int, int], targ
             ids = entry.get(key)
             if ids is None:
                 continue
-            if not isinstance(ids, list) or any(i not in column for i in ids):
-                bad = ids if not isinstance(ids, list) else next(i for i in ids if i not in column)
+            # an id is an integer of 'categories' (not a list, an object, or true, which would pass for 1)
+            if not isinstance(ids, list) or not all(_is_id(i) and i in column for i in ids):
+                bad = ids if not isinstance(ids, list) else next(i for i in ids if not (_is_id(i) and i in column))
                 raise UserError(f"image {img_id}: {key} holds {bad!r}, not a list of ids in 'categories'")
             lists[key] = [column[i] for i in ids]
+        both = [c for c in lists.get("neg_category_ids", []) if targets[r, c] == 1]
+        if both:
+            raise UserError(
+                f"image {img_id}: category {column_ids[both[0]]} is annotated on it and listed in neg_category_ids "
+                "(verified absent); fix one of the two"
+            )
         if "neg_category_ids" in lists:
             unchecked = np.ones(targets.shape[1], dtype=bool)
             unchecked[lists["neg_category_ids"]] = False
@@ -194,7 +202,7 @@ def read_coco_split(
         The split.
     """
     root = Path(root)
-    ann_file = root / annotations.format(split=split)
+    ann_file = root / split_template(annotations, split, "data.annotations")
     coco = load_coco(ann_file)
     own = class_map_of(coco)
     if classes is not None and (own.ids, own.names) != (classes.ids, classes.names):  # ids, and what they name
@@ -204,9 +212,9 @@ def read_coco_split(
     classes = classes or own
     if not len(classes):
         raise UserError(f"{ann_file}: no categories; a multi-label dataset needs at least one")
-    image_dir = root / images.format(split=split)
+    image_dir = root / split_template(images, split, "data.images")
     image_ids = sorted(coco.getImgIds())
-    paths = [image_dir / coco.imgs[i]["file_name"] for i in image_ids]
+    paths = [inside(image_dir, coco.imgs[i]["file_name"], f"{ann_file}: image id {i}") for i in image_ids]
     targets = multi_hot_targets(coco, image_ids, classes, include_crowd, min_box_area)
     boxes = object_boxes(coco, image_ids, classes, include_crowd, min_box_area)
     return Split(split, ann_file, image_dir, image_ids, paths, targets, classes, boxes)

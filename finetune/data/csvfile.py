@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.split import ClassMap, Split
+from finetune.data.split import ClassMap, Split, split_template
 from finetune.errors import UserError
 from finetune.labels import UNKNOWN
 
@@ -134,6 +134,8 @@ def _labels_of(path: Path, line: int, row: dict[str, str], header: list[str], se
     if c.labels in header:
         given = _names(row[c.labels], sep)
         prefixed = [name[1:].strip() for name in given if name.startswith("-")]
+        if "" in prefixed:
+            raise UserError(f"{path}:{line}: a bare '-'; an unknown label names its class, as in '-cat'")
         unknown = prefixed + (_names(row[c.unknown], sep) if c.unknown in header else [])
         if prefixed and c.unknown in header:
             raise UserError(
@@ -161,6 +163,8 @@ def _labels_of(path: Path, line: int, row: dict[str, str], header: list[str], se
 
 def _check_header(path: Path, header: list[str], c: Columns, per_file: bool, named: bool, single: bool) -> None:
     """One line for a header the chosen form cannot read."""
+    if c.labels not in header and "" in header:  # class columns: an unnamed one would be a class named ""
+        raise UserError(f"{path}:1: column {header.index('') + 1} of the header has no name; name every class column")
     if not per_file and c.split not in header:
         key = " (data.split_column)" if c.split != "split" else ""
         raise UserError(
@@ -204,7 +208,7 @@ def read_csv_split(
         The split.
     """
     root, c = Path(root), columns or Columns()
-    path = root / csv_file.format(split=split)
+    path = root / split_template(csv_file, split, "data.csv")
     header, rows = _rows(path, c)
     per_file = "{split}" in csv_file
     _check_header(path, header, c, per_file, named, single)
@@ -226,7 +230,7 @@ def read_csv_split(
         else:
             labels.append((line, _labels_of(path, line, row, header, label_sep, c)))
     if classes is None:
-        names = class_names or sorted({name for _, (pos, unk) in labels for name in pos + unk})
+        names = class_names or sorted({name for _, (pos, _) in labels for name in pos})  # '-x' alone makes no class
         if not names:
             raise UserError(f"{path}: the {split!r} split has no labels; set data.classes or label its rows")
         classes = ClassMap.of_names(names)

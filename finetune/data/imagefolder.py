@@ -22,7 +22,7 @@ from typing import Any
 from finetune.data.csvfile import Columns, read_records, same_path, targets_of
 from finetune.data.folder import read_folder_split
 from finetune.data.hfdisk import is_saved_dataset, read_saved_split
-from finetune.data.split import ClassMap, Split
+from finetune.data.split import ClassMap, Split, inside
 from finetune.errors import UserError
 
 METADATA = ("metadata.csv", "metadata.jsonl")
@@ -83,6 +83,25 @@ def _names(path: Path, line: int, value: Any, sep: str, single: bool) -> list[st
     return names
 
 
+def _image_paths(path: Path, folder: Path, records: list[tuple[int, dict]]) -> list[Path]:
+    """The images the metadata names, each once and inside the split's folder."""
+    seen: dict[str, int] = {}
+    paths = []
+    for line, record in records:
+        if not isinstance(record["file_name"], str):
+            raise UserError(f"{path}:{line}: file_name is {record['file_name']!r}; give the image's file name")
+        name = record["file_name"].strip()
+        if not name:
+            raise UserError(f"{path}:{line}: empty file_name")
+        if same_path(name) in seen:
+            raise UserError(
+                f"{path}:{line}: duplicate file_name {name!r} (the same image as line {seen[same_path(name)]})"
+            )
+        seen[same_path(name)] = line
+        paths.append(inside(folder, name, f"{path}:{line}"))
+    return paths
+
+
 def read_imagefolder_split(
     root: str | Path,
     split: str,
@@ -122,19 +141,8 @@ def read_imagefolder_split(
     path = found[0]
     records = _records(path)
     column = _label_column(path, records, label_column)
-    seen: dict[str, int] = {}
-    paths, labels = [], []
-    for line, record in records:
-        name = str(record["file_name"]).strip()
-        if not name:
-            raise UserError(f"{path}:{line}: empty file_name")
-        if same_path(name) in seen:
-            raise UserError(
-                f"{path}:{line}: duplicate file_name {name!r} (the same image as line {seen[same_path(name)]})"
-            )
-        seen[same_path(name)] = line
-        paths.append(folder / name)
-        labels.append((line, (_names(path, line, record.get(column), label_sep, single), [])))
+    paths = _image_paths(path, folder, records)
+    labels = [(line, (_names(path, line, record.get(column), label_sep, single), [])) for line, record in records]
     if classes is None:
         names = class_names or sorted({n for _, (pos, _) in labels for n in pos})
         if not names:

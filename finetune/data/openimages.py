@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.data.csvfile import read_records, read_table
-from finetune.data.split import ClassMap, Split
+from finetune.data.split import ClassMap, Split, inside, split_template
 from finetune.errors import UserError
 from finetune.labels import UNKNOWN
 
@@ -91,7 +91,7 @@ def read_openimages_split(
         The split.
     """
     root = Path(root)
-    path = root / labels_file.format(split=split)
+    path = root / split_template(labels_file, split, "data.openimages_labels")
     image_ids, rows = _labels(path)
     shown = read_class_names(root / class_file) if class_file else {}
     name_of = lambda label: shown.get(label, label)  # noqa: E731
@@ -114,6 +114,6 @@ def read_openimages_split(
             )
         given[(r, c)] = (line, value)
         targets[r, c] = value
-    folder = root / images.format(split=split)
-    paths = [folder / f"{image}.jpg" for image in image_ids]
+    folder = root / split_template(images, split, "data.images")
+    paths = [inside(folder, f"{image}.jpg", f"{path}: ImageID {image!r}") for image in image_ids]
     return Split(split, path, folder, list(range(len(paths))), paths, targets, classes)

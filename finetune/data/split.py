@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from finetune.errors import UserError
+
 try:  # libjpeg-turbo without PIL's image storage in between; optional, PIL reads everything without it
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - a dependency, but the toolkit works without it
@@ -58,6 +60,40 @@ class Split:
     targets: np.ndarray
     classes: ClassMap
     boxes: list[np.ndarray] | None = None  # per image [k, 5]: class index, x0, y0, x1, y1 (pixels), where known
+
+
+def split_template(template: str, split: str, key: str) -> str:
+    """``template`` (a recipe's path pattern) with ``{split}`` replaced by the split's name.
+
+    Nothing else is evaluated: ``str.format`` would also read attributes (``{split.__class__}``) and fail with a
+    ``KeyError`` on an unknown name.
+
+    Raises:
+        UserError: For any other brace, naming ``key``.
+    """
+    if "{" in template.replace("{split}", "") or "}" in template.replace("{split}", ""):
+        raise UserError(
+            f"{key} = {template!r}: the only placeholder is {{split}} (the split's name); remove the other braces"
+        )
+    return template.replace("{split}", split)
+
+
+def inside(folder: Path, name: str, where: str) -> Path:
+    """``folder / name`` for an image that annotations name, refused when the name leaves ``folder``.
+
+    The check is on the name as written (absolute, or a ``..`` part), not on where links lead: a folder of images
+    linked from another disk stays usable, and a downloaded annotation file cannot reach a user's other files.
+
+    Raises:
+        UserError: For an absolute name or one that climbs out of ``folder``, naming ``where``.
+    """
+    if "\\" in name:  # a Windows path: its ".." would not be seen as one here
+        raise UserError(f"{where}: image {name!r} uses '\\'; name images relative to {folder} with '/'")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UserError(
+            f"{where}: image {name!r} is outside the image folder {folder}; annotations name images relative to it"
+        )
+    return folder / name
 
 
 # What a file that is not a readable image raises: PIL's own errors, truncation, and a decompression bomb (an image

@@ -14,12 +14,13 @@ that is VOC's own order). Each object's box is kept (0-based pixels) for ``cutmi
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
-from finetune.data.split import ClassMap, Split
+from finetune.data.split import ClassMap, Split, inside
 from finetune.errors import UserError
 from finetune.labels import UNKNOWN
 
@@ -34,19 +35,26 @@ def _ids(path: Path) -> list[tuple[int, str]]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not a UTF-8 text file ({err})") from None
-    out = []
+    out, seen = [], {}
     for line, text in enumerate(lines, 1):
         if text.strip():
-            out.append((line, text.split()[0]))
+            image_id = text.split()[0]
+            if image_id in seen:
+                raise UserError(f"{path}:{line}: image id {image_id!r} again (line {seen[image_id]}); list it once")
+            seen[image_id] = line
+            out.append((line, image_id))
     return out
 
 
 def _number(obj: ET.Element, tag: str, where: str) -> float:
     text = obj.findtext(f"bndbox/{tag}")
     try:
-        return float(text)  # type: ignore[arg-type]
+        value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise UserError(f"{where}: <bndbox><{tag}> is {text!r}, not a number") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{where}: <bndbox><{tag}> is {text!r}, not a finite number")
+    return value
 
 
 def read_objects(xml_file: Path, where: str) -> tuple[str, list[Obj]]:
@@ -55,7 +63,7 @@ def read_objects(xml_file: Path, where: str) -> tuple[str, list[Obj]]:
         raise UserError(f"{where}: no annotation file {xml_file}; remove the id from the image set or add the file")
     try:
         tree = ET.parse(xml_file).getroot()
-    except ET.ParseError as err:
+    except (ET.ParseError, LookupError, ValueError) as err:  # an encoding unknown, or multi-byte (gbk)
         raise UserError(f"{xml_file}: not readable XML ({err})") from None
     objects: list[Obj] = []
     for k, obj in enumerate(tree.findall("object"), 1):
@@ -100,9 +108,13 @@ def read_voc_split(
         classes = ClassMap.of_names(names)
     index = {name: i for i, name in enumerate(classes.names)}
     targets = np.zeros((len(read), len(classes)), dtype=np.float32)
-    paths, boxes = [], []
+    paths, boxes, files = [], [], {}
     for r, (image_id, (file_name, objects)) in enumerate(read):
-        paths.append(root / "JPEGImages" / file_name)
+        xml = root / "Annotations" / f"{image_id}.xml"
+        if file_name in files:
+            raise UserError(f"{xml}: <filename> {file_name!r} is also {files[file_name]}'s image; one file per image")
+        files[file_name] = xml.name
+        paths.append(inside(root / "JPEGImages", file_name, str(xml)))
         kept = []
         for name, hard, box in objects:
             if name not in index:

@@ -178,7 +178,7 @@ def _tail(fields: dict[str, Any], run: RunDir) -> list[str]:
         "## Limitations",
         "",
     ]
-    few = [f"{n} ({k})" for n, k in d.get("train_positives", {}).items() if k < FEW_POSITIVES]
+    few = [f"{markdown_text(n)} ({k})" for n, k in d.get("train_positives", {}).items() if k < FEW_POSITIVES]
     if few:
         lines.append(
             f"Classes with fewer than {FEW_POSITIVES} training positives; their thresholds and scores rest "

@@ -214,8 +214,8 @@ def export_run(
     if card:
         from finetune.deploy.card import is_card
 
-        fix = "export to another folder, pass --no-card, or --force to replace it"
-        check_output(out.parent / "README.md", "the card", ours=is_card, force=force, run_dir=run.path, fix=fix)
+        fix = "export to another folder or pass --no-card"  # a repository's README: not even --force replaces it
+        check_output(out.parent / "README.md", "the card", ours=is_card, run_dir=run.path, fix=fix)
     # No DataLoader workers: a fork after the LiteRT converter (JAX, TensorFlow) has started its threads, in this
     # export or an earlier one in the same process, crashed (a segfault). Decoding a few hundred images costs seconds.
     parts = build_from_run(run, ("train", "val", "test") if int8 else (), ["data.num_workers=0"])

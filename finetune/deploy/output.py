@@ -14,15 +14,21 @@ from finetune.deploy.predictor import Prediction
 from finetune.io import atomic_write_text, csv_cell
 
 
+def csv_header(classes: list[str]) -> str:
+    """The first line :func:`write_csv` writes for these classes (its newline included)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(["path", "labels", *(csv_cell(c) for c in classes)])
+    return buf.getvalue()
+
+
 def write_csv(path: Path, results: list[Prediction], classes: list[str]) -> None:
     """One row per image: ``path``, ``labels`` (``|``-separated, most probable first), one probability per class."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "labels", *(csv_cell(c) for c in classes)])  # names and paths never run as formulas
-    for r in results:
+    for r in results:  # names and paths never run as formulas
         probabilities = (f"{r.probabilities[c]:.6f}" for c in classes)
         writer.writerow([csv_cell(r.source), csv_cell("|".join(r.labels)), *probabilities])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, csv_header(classes) + buf.getvalue())
 
 
 def print_predictions(results: list[Prediction], console: Console, top: int = 3) -> None:

@@ -137,6 +137,9 @@ def _probability(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
 
 
+MAX_INPUT_SIDE = 4096  # a classifier's input side; a tampered size of 10**6 would allocate terabytes per image
+
+
 def _info_problem(info: object) -> str:
     """What makes exported metadata unusable ("" when nothing): the fields prediction relies on, checked."""
     if not isinstance(info, dict):
@@ -146,11 +149,14 @@ def _info_problem(info: object) -> str:
         return f"'task' is {task!r}, not one of {', '.join(TASK_NAMES)}"
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         return "'classes' is not a list of class names"
+    if len(set(classes)) != len(classes):
+        again = next(c for i, c in enumerate(classes) if c in classes[:i])
+        return f"'classes' names {again!r} twice"
     size = inputs.get("size") if isinstance(inputs, dict) else None
     if not (isinstance(size, list) and size and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
         return "'input.size' is not a size in pixels"
-    if min(size) < 1:
-        return f"'input.size' is {size}, not a positive size"
+    if min(size) < 1 or max(size) > MAX_INPUT_SIDE:
+        return f"'input.size' is {size}, not a size from 1 to {MAX_INPUT_SIDE} pixels"
     thresholds, reject = info.get("thresholds"), info.get("reject_below")
     if task == "multilabel" and thresholds is not None:
         if not (isinstance(thresholds, list) and len(thresholds) == len(classes)):
@@ -360,6 +366,8 @@ class Predictor:
             UserError: For a file that cannot be read (use :meth:`predict_files` to skip such files).
         """
         items = [inputs] if isinstance(inputs, str | Path | np.ndarray) or hasattr(inputs, "convert") else inputs
+        if not isinstance(items, Iterable) or isinstance(items, bytes | dict):
+            raise UserError(f"expected image paths, HxWx3 uint8 arrays or PIL images, got {type(inputs).__name__}")
         out: list[Prediction] = []
         for k, item in enumerate(items):
             if isinstance(item, str | Path):

@@ -83,7 +83,12 @@ def _class_cells(
 ) -> list[str]:
     """One per-class row as text: name, support, (unknown,) AP, P/R/F1, then threshold and P/R/F1 calibrated.
 
-    ``markup``: the name escaped for rich's console markup (not for Markdown, which escapes every cell itself).
+    Args:
+        row: The class's row of a report split.
+        calibrated: Add the calibrated threshold and P/R/F1.
+        threshold_digits: Decimals of the threshold.
+        unknown: Add the count of unknown labels.
+        markup: Escape the name for rich's console markup (not for Markdown, whose rows escape every cell).
     """
     prf_keys = ("precision", "recall", "f1")
     counts = [str(row["support"])] + ([str(row.get("unknown", 0))] if unknown else [])

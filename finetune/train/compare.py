@@ -20,6 +20,7 @@ import io
 import json
 import re
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from finetune.errors import UserError
 from finetune.eval.bootstrap import METRICS, Scored, check_paired, interval, metric_draws, resample_plan
 from finetune.eval.run_report import load_thresholds
 from finetune.eval.tasks import task_for
-from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_folder
 
 PROBE = [  # the linear-probe baseline: the solved head, then one epoch that changes nothing (the run's report)
     'freeze.bn="all"',
@@ -82,6 +83,8 @@ def parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds {text!r}: seeds are integers separated by commas") from None
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {text!r}: a seed is repeated; each seed is one paired draw")
+    if not all(0 <= s < 2**32 for s in seeds):
+        raise UserError(f"--seeds {text!r}: seeds are 0 to {2**32 - 1} (NumPy's seed range)")
     return seeds
 
 
@@ -175,19 +178,43 @@ def check_data(entries: list[Entry], seeds: list[int], out: Path) -> dict[int, t
     return {seed: (sel, sco) for seed, (sel, sco, _) in draws.items()}
 
 
-def fingerprint(recipe: Recipe) -> str:
-    """What a (row, seed) result was computed from: a digest of the whole resolved recipe."""
-    return hashlib.sha256(json.dumps(recipe_to_dict(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
+def fingerprint(recipe: Recipe, with_dir: bool = False) -> str:
+    """What a (row, seed) result was computed from: a digest of the resolved recipe but where its run is written.
+
+    ``output.dir`` lies inside ``--out``: a comparison folder moved or copied elsewhere keeps its finished rows.
+    ``with_dir``: the digest as 0.7.0 and earlier made it (the whole recipe), still accepted.
+    """
+    resolved = recipe_to_dict(recipe)
+    if not with_dir:
+        resolved.get("output", {}).pop("dir", None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_same(plan_file: Path, digest: str, label: str, seed: int) -> None:
-    """Refuse to reuse what ``--out`` holds for a (row, seed) made from another recipe; record the digest first."""
-    if plan_file.is_file() and json.loads(plan_file.read_text()).get("recipe") != digest:
+def _read_or_none(path: Path) -> Any:
+    """A bookkeeping JSON file, or None when it is missing or broken (the row is then done again)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_same(plan_file: Path, digest: str, label: str, seed: int, legacy: str = "") -> None:
+    """Refuse to reuse what ``--out`` holds for a (row, seed) made from another recipe; record the digest first.
+
+    A plan file that is broken (a kill mid-write on a file system without atomic renames, an edit) says nothing:
+    that row's results are dropped and redone from its run directory.
+    """
+    plan = _read_or_none(plan_file) if plan_file.exists() else {"recipe": digest}
+    if not isinstance(plan, dict):
+        for done in (plan_file.with_name(f"{label}-s{seed}.json"), plan_file.with_name(f"{label}-s{seed}.npz")):
+            done.unlink(missing_ok=True)
+        plan = {}
+    if plan.get("recipe", digest) not in (digest, legacy):
         raise UserError(
             f"compare: {plan_file.parent.parent} holds a {label} seed {seed} made from another recipe; use a new "
             "--out (or delete its runs/, results/)"
         )
-    if not plan_file.is_file():
+    if not plan_file.is_file() or "recipe" not in plan:
         atomic_write_json(plan_file, {"recipe": digest})
 
 
@@ -211,9 +238,11 @@ def run_entry(entry: Entry, seed: int, out: Path) -> dict[str, Any]:
     result = out / "results" / f"{entry.label}-s{seed}.json"
     recipe = entry.recipe(seed, out)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    _check_same(result.with_suffix(".plan.json"), fingerprint(recipe), entry.label, seed)
-    if result.is_file():
-        return json.loads(result.read_text())
+    plan_file, legacy = result.with_suffix(".plan.json"), fingerprint(recipe, with_dir=True)
+    _check_same(plan_file, fingerprint(recipe), entry.label, seed, legacy)
+    done = _read_or_none(result)
+    if isinstance(done, dict) and _scored_or_none(out, entry.label, seed) is not None:
+        return done
     run_dir = Path(recipe.output.dir) / recipe.output.name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -248,6 +277,14 @@ def run_entry(entry: Entry, seed: int, out: Path) -> dict[str, Any]:
 def _scored(out: Path, label: str, seed: int) -> Scored:
     with np.load(out / "results" / f"{label}-s{seed}.npz") as z:
         return Scored(z["targets"], z["probs"], z["thresholds"])
+
+
+def _scored_or_none(out: Path, label: str, seed: int) -> Scored | None:
+    """The kept predictions of a (row, seed), or None when the file is missing or broken (the row is redone)."""
+    try:
+        return _scored(out, label, seed)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return None
 
 
 def summarize(
@@ -333,6 +370,7 @@ def compare(
 ) -> dict[str, Any]:
     """Run every (row, seed) not yet done, then write ``compare.json`` and ``compare.md`` in ``out``."""
     console = console or Console(stderr=True)
+    check_output_folder(out, "--out", lambda f: any((f / "results").glob("*.plan.json")))  # its own: continued
     out.mkdir(parents=True, exist_ok=True)
     draws = check_data(entries, seeds, out)
     todo = [(e, s) for s in seeds for e in entries]

@@ -333,7 +333,7 @@ def report_run(
     run = _check_run(run_dir, opts)
     console = console or Console(stderr=True)
     report = run.read_json("report.json")
-    roles = [r for r in ("train", "val", "test") if r != "test" or run.recipe(overrides).data.has_test]
+    roles = [r for r in ("train", "val", "test") if r != "test" or run.report_recipe(overrides).data.has_test]
     parts = parts or build_from_run(run, roles, overrides, console)
     outs, why = None, ""
     try:
@@ -358,7 +358,7 @@ def inspect_run(
     opts = opts or HtmlOptions()
     run = _check_run(run_dir, opts)  # before the long pass, not after it
     console = console or Console(stderr=True)
-    roles = [r for r in ("train", "val", "test") if r != "test" or run.recipe(overrides).data.has_test]
+    roles = [r for r in ("train", "val", "test") if r != "test" or run.report_recipe(overrides).data.has_test]
     parts = build_from_run(run, roles, overrides, console)
     label_pass(parts, run.path, console)
     return report_run(run_dir, opts, console, parts, overrides)

@@ -49,6 +49,9 @@ _BEFORE_FIRST_CHECKPOINT = {
 }
 # The keys --resume --set may change: none changes what an epoch computes (epochs may only grow; checked on resume).
 RESUME_KEYS = {"train.epochs", "data.num_workers", "data.root", "log.to"}
+# What `report` / `inspect` read from a recipe: where the images are and how they are predicted. The model's own
+# settings (its input size, training, augmentation) are fixed by the run.
+REPORT_KEYS = {"data.root", "data.num_workers", "data.batch_size", "data.images", "train.device", "train.precision"}
 
 
 class RunDir:
@@ -147,6 +150,21 @@ class RunDir:
                 raise UserError(
                     f"--set {key}: cannot change on --resume (allowed: {', '.join(sorted(RESUME_KEYS))}); "
                     "start a new run to change it"
+                )
+        return self.recipe(overrides)
+
+    def report_recipe(self, overrides: list[str] | None = None) -> Recipe:
+        """The run's recipe for ``report`` / ``inspect``: a ``--set`` of a key they do not read is refused.
+
+        Raises:
+            UserError: For a key outside :data:`REPORT_KEYS`.
+        """
+        for item in overrides or []:
+            key = ".".join(parse_override(item)[0])
+            if key not in REPORT_KEYS:
+                raise UserError(
+                    f"--set {key}: does nothing here (report and inspect read {', '.join(sorted(REPORT_KEYS))}); "
+                    "the run's other settings made its model"
                 )
         return self.recipe(overrides)
 

@@ -32,7 +32,7 @@ from rich.console import Console
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.errors import UserError
 from finetune.eval.tasks import task_for
-from finetune.io import atomic_write_json, atomic_write_text
+from finetune.io import atomic_write_json, atomic_write_text, check_output_folder
 from finetune.overrides import read_toml
 from finetune.train.loop import Hook, Loop
 
@@ -191,6 +191,7 @@ def sweep(
     if task_for(start.data.format, start.data.task).select(start.train.select) == "loss":
         raise UserError('finetune sweep maximises the selection metric: set train.select to "map" (or "top1")')
     optuna = _require()
+    check_output_folder(out, "--out", lambda f: (f / "study.db").is_file())  # a sweep of its own: continued
     out.mkdir(parents=True, exist_ok=True)
     study = _study(optuna, out, seed)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

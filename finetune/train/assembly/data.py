@@ -134,12 +134,34 @@ def build_splits(
         classes = splits[role].classes
         if not len(splits[role].targets):
             raise UserError(f"data.{role}: the {split_name(recipe, role)!r} split has no images; check data.root")
+        if role == "train":
+            _check_known(splits[role], split_name(recipe, role), not build_task(recipe).calibrates)
         if check:
             missing = check_images(splits[role].image_paths)
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise UserError(f"{missing[0]}{more}; check data.root and data.images")
     return splits
+
+
+def _check_known(split: Split, name: str, single_label: bool) -> None:
+    """Refuse a train split with a class unknown on every image (or with no known label at all): nothing teaches it.
+
+    A single-label split needs two classes: with one, the softmax answers it for every image.
+    """
+    if single_label and len(split.classes) < 2:
+        raise UserError(
+            f"data.train: the {name!r} split has one class ({split.classes.names[0]!r}); single-label data needs two "
+            'or more (data.classes), or use data.task = "multi_label" to tell one class from its absence'
+        )
+    never = np.isnan(np.asarray(split.targets, dtype=np.float64)).all(0)
+    if never.any():
+        which = split.classes.names[int(np.argmax(never))]
+        more = f" (and {int(never.sum()) - 1} more)" if never.sum() > 1 else ""
+        raise UserError(
+            f"data.train: class {which!r}{more} is unknown on every image of the {name!r} split, so nothing can teach "
+            "it; label it on some images, or leave it out of data.classes"
+        )
 
 
 def _from_train(recipe: Recipe) -> bool:
