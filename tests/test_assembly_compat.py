@@ -15,8 +15,6 @@ from finetune.train.evaluate import evaluate_run
 from finetune.train.run import run_recipe
 from finetune.train.rundir import RunDir
 
-from .conftest import run_cli
-
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1_0"
 
 
@@ -60,7 +58,13 @@ def test_an_old_run_resumes_then_evaluates_and_exports(old_run: Path) -> None:
 
 def test_report_tables_are_not_cut_in_a_log(old_run: Path) -> None:
     """Written to a pipe or file (not a terminal), the tables are as wide as they need, not 80 columns."""
-    proc = run_cli("eval", str(old_run), "--split", "test")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # pytest-xdist workers have it set
+    exe = str(Path(sys.executable).parent / "finetune")
+    proc = subprocess.run([exe, "eval", str(old_run), "--split", "test"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "support" in proc.stdout and "threshold" in proc.stdout and "…" not in proc.stdout
 

@@ -93,8 +93,11 @@ def test_a_stopped_compare_resumes_and_gives_the_same_table(
     results = tmp_path / "moved" / "results"
     (results / "probe-32-s0.plan.json").write_text("{")  # broken bookkeeping: the row is redone, not a traceback
     (results / "tiny-s0.npz").write_bytes(b"PK\x03\x04 truncated")
+    weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "moved" / "runs").glob("*/best.pt")}
     again = cmp.compare(entries, [0], tmp_path / "moved", resamples=200)
-    assert len(trained) == 2 and [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in whole["rows"]]
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in whole["rows"]]
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights and len(weights) == 2  # scored again, not trained
+    del trained[2:]
     (tmp_path / "moved").rename(tmp_path / "whole")
     changed = cmp.plan([tiny_recipe], [*FAST, "optim.lr=0.01"], [])
     with pytest.raises(UserError, match="holds a probe-32 seed 0 made from another recipe; use a new --out"):

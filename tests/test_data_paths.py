@@ -220,3 +220,8 @@ def test_single_label_temperature_alone_is_accepted(tiny_recipe: Path, folder_da
     sets = [*single, 'calibrate.probabilities="temperature"']
     proc = run_cli("validate", str(tiny_recipe), *(x for s in sets for x in ("--set", s)))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_compare_refuses_a_recipe_with_a_holdout_and_a_test_split(tiny_recipe: Path, tmp_path: Path) -> None:
+    proc = run_cli("compare", str(tiny_recipe), "--set", "data.holdout.seed=1", "--out", str(tmp_path / "c"))
+    assert_user_error(proc, "holdout draws the test role from data.val; leave data.test empty")

@@ -300,7 +300,7 @@ TAMPERED = {
     "no input": "'input.size' is not a size in pixels",
     "no task": "'task' is None, not one of multilabel, singlelabel",
     "task regression": "'task' is 'regression', not one of",
-    "size 0": "'input.size' is [0, 0], not a positive size",
+    "size 0": "'input.size' is [0, 0], not a size from 1 to 4096 pixels",
     "size text": "'input.size' is not a size in pixels",
 }
 

@@ -12,7 +12,6 @@ from rich.markup import escape
 
 from finetune.cli.options import check_threshold, err, out
 from finetune.errors import UserError
-from finetune.io import check_output
 
 ThresholdOption = Annotated[
     float | None,
@@ -62,9 +61,9 @@ def predict_command(
     files, missing = expand_paths(paths)
     if not files:
         raise UserError(f"{missing[0] if missing else 'PATH'}; nothing to predict")
+    _check_csv(csv_out, files)
     predictor = Predictor.load(source, device, threshold)
-    if csv_out is not None:
-        _check_csv(csv_out, files, force, source, predictor.classes)
+    _check_csv(csv_out, files, force, source, predictor.classes)
     skipped = Skipped(list(missing))
     results = []
     for r in predictor.predict_files(files, batch_size, workers, skipped):
@@ -84,13 +83,27 @@ def predict_command(
     err.print(f"{len(results)} images predicted, {len(skipped.items)} skipped{where}")
 
 
-def _check_csv(csv_out: Path, images: list[Path], force: bool, source: Path, classes: list[str]) -> None:
-    """Refuse a ``--csv`` path that names an image, a run's file, or an existing file but an earlier ``--csv``'s."""
+def _check_csv(
+    csv_out: Path | None,
+    images: list[Path],
+    force: bool = False,
+    source: Path | None = None,
+    classes: list[str] | None = None,
+) -> None:
+    """Refuse a ``--csv`` path that names an image; given the model, also one that would replace another file.
+
+    With ``source`` and ``classes``: a run's own file, or an existing file but an earlier ``--csv`` of this model.
+    """
     from finetune.deploy.output import csv_header
     from finetune.deploy.predictor import IMAGE_SUFFIXES
+    from finetune.io import check_output
 
+    if csv_out is None:
+        return
     if csv_out.suffix.lower() in IMAGE_SUFFIXES or csv_out.resolve() in {f.resolve() for f in images}:
         raise UserError(f"--csv {csv_out}: names an image (an input, or an image file name); give a .csv path to write")
+    if source is None or classes is None:
+        return
     header = csv_header(classes)
 
     def ours(path: Path) -> bool:  # the same model's predictions: its exact header (a dataset CSV has another)

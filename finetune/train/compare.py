@@ -116,6 +116,7 @@ def plan(recipes: list[Path], overrides: list[str], variants: list[str], probe: 
     for e in rows:
         if not LABEL.fullmatch(e.label) or e.label.startswith("probe-"):
             raise UserError(f"compare: row name {e.label!r}: use letters, digits and . _ + - (not probe-...)")
+        load_recipe(e.path, e.overrides)  # as written, before compare's own draw: a holdout and data.test refused
     return with_probes(rows) if probe else rows
 
 
