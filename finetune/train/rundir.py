@@ -54,6 +54,12 @@ RESUME_KEYS = {"train.epochs", "data.num_workers", "data.root", "log.to"}
 REPORT_KEYS = {"data.root", "data.num_workers", "data.batch_size", "data.images", "train.device", "train.precision"}
 
 
+def _outside(overrides: list[str] | None, allowed: set[str]) -> str:
+    """The first ``--set`` key not in ``allowed`` ("" when there is none)."""
+    keys = (".".join(parse_override(item)[0]) for item in overrides or [])
+    return next((k for k in keys if k not in allowed), "")
+
+
 class RunDir:
     """One run's directory.
 
@@ -144,13 +150,12 @@ class RunDir:
         Raises:
             UserError: For any other ``--set`` (a new batch size or LR would make the resumed run another run).
         """
-        for item in overrides or []:
-            key = ".".join(parse_override(item)[0])
-            if key not in RESUME_KEYS:
-                raise UserError(
-                    f"--set {key}: cannot change on --resume (allowed: {', '.join(sorted(RESUME_KEYS))}); "
-                    "start a new run to change it"
-                )
+        key = _outside(overrides, RESUME_KEYS)
+        if key:
+            raise UserError(
+                f"--set {key}: cannot change on --resume (allowed: {', '.join(sorted(RESUME_KEYS))}); "
+                "start a new run to change it"
+            )
         return self.recipe(overrides)
 
     def report_recipe(self, overrides: list[str] | None = None) -> Recipe:
@@ -159,13 +164,12 @@ class RunDir:
         Raises:
             UserError: For a key outside :data:`REPORT_KEYS`.
         """
-        for item in overrides or []:
-            key = ".".join(parse_override(item)[0])
-            if key not in REPORT_KEYS:
-                raise UserError(
-                    f"--set {key}: does nothing here (report and inspect read {', '.join(sorted(REPORT_KEYS))}); "
-                    "the run's other settings made its model"
-                )
+        key = _outside(overrides, REPORT_KEYS)
+        if key:
+            raise UserError(
+                f"--set {key}: does nothing here (report and inspect read {', '.join(sorted(REPORT_KEYS))}); "
+                "the run's other settings made its model"
+            )
         return self.recipe(overrides)
 
     def save_recipe(self, recipe: Recipe) -> None:
