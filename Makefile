@@ -10,7 +10,12 @@ DEMO_DATA := data/demo
 # pip on this machine warns once per local index that lacks a package; that is noise, not a problem.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test test-fast lint clean-demo
+# The optional extras get an environment of their own, so that `make test` keeps testing the light base install.
+EXTRAS_VENV := .venv-extras
+EXTRAS_STAMP := $(EXTRAS_VENV)/.installed-stamp
+EXTRAS := inspect,sweep,openvino,litert,wandb,hf
+
+.PHONY: install demo test test-fast test-extras lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +48,16 @@ test: $(STAMP) lint
 # Everything but the tests marked slow (subprocesses, torchrun, the notebook, whole training runs).
 test-fast: $(STAMP) lint
 	$(PY) -m pytest -n auto --dist loadfile -m "not slow"
+
+$(EXTRAS_STAMP): pyproject.toml
+	test -x $(EXTRAS_VENV)/bin/python || $(PYTHON) -m venv $(EXTRAS_VENV)
+	$(EXTRAS_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,$(EXTRAS)]' 2>&1 | $(QUIET_PIP)
+	touch $(EXTRAS_STAMP)
+
+# The tests marked @pytest.mark.extra(...) with every extra installed: a test of an installed extra that skips fails
+# (tests/conftest.py), so CI cannot stay green while an extra's feature breaks.
+test-extras: $(EXTRAS_STAMP)
+	$(EXTRAS_VENV)/bin/python -m pytest -n auto --dist loadfile -m extra -rs $$(grep -l 'mark.extra(' tests/test_*.py)
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one compute thread each
@@ -28,6 +30,57 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 COCO_TINY = SHARED / "data" / "coco-tiny"
 LITE0_WEIGHTS = SHARED / "weights" / "efficientnet_lite0.imagenet.safetensors"
+
+# The optional extras (pyproject.toml) and the modules each one brings. A test that needs one is marked
+# ``@pytest.mark.extra("name")``: skipped where the extra is absent (`make test`), and a failure where it is installed
+# but the test skipped anyway (`make test-extras`, which CI runs): an extra's test never passes CI by skipping.
+EXTRAS = {
+    "inspect": ("pytorch_grad_cam", "cleanlab"),
+    "sweep": ("optuna",),
+    "openvino": ("openvino",),
+    "litert": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+    "wandb": ("wandb",),
+    "hf": ("datasets",),
+}
+
+
+def extra_missing(name: str) -> str | None:
+    """Why the extra ``name`` is unusable here (a module of it is absent), or None when it is installed."""
+    absent = [m for m in EXTRAS[name] if importlib.util.find_spec(m) is None]
+    return f"the {name} extra is not installed ({', '.join(absent)}): pip install -e '.[{name}]'" if absent else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``extra`` marker."""
+    config.addinivalue_line("markers", "extra(name): needs the optional extra `name` (tests/conftest.py EXTRAS)")
+
+
+def _extras_of(item: pytest.Item) -> list[str]:
+    return [m.args[0] for m in item.iter_markers("extra")]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip a test of an extra that is not installed, saying what to install."""
+    for item in items:
+        for name in _extras_of(item):
+            if name not in EXTRAS:
+                raise pytest.UsageError(f"{item.nodeid}: unknown extra {name!r}; known: {', '.join(EXTRAS)}")
+            if (why := extra_missing(name)) is not None:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A test of an installed extra that skips (an importorskip, a data check) fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    installed = [n for n in _extras_of(item) if extra_missing(n) is None]
+    if report.skipped and installed:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"the {', '.join(installed)} extra is installed, yet this test skipped: {reason}"
+
 
 TINY_RECIPE = """
 [data]

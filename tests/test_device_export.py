@@ -191,9 +191,8 @@ def test_single_label_int8_export_works(folder_data: Path, tmp_path: Path) -> No
     assert card["finetune"]["task"] == "singlelabel" and card["finetune"]["activation"] == "softmax"
 
 
+@pytest.mark.extra("litert")
 def test_litert_parity(tiny_run: Path, tiny_coco: Path) -> None:
-    pytest.importorskip("litert_torch", reason="the litert extra is not installed: pip install 'finetune[litert]'")
-    pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed: pip install 'finetune[litert]'")
     result = export_run(tiny_run, "litert", int8=True, calibration_images=16, card=False)
     files = sorted((tiny_coco / "train").glob("*.jpg"))[:16]  # not val: its probabilities are the thresholds
     ours = Predictor.load(result.path).predict(files)
@@ -208,8 +207,8 @@ def test_litert_parity(tiny_run: Path, tiny_coco: Path) -> None:
     )
 
 
+@pytest.mark.extra("openvino")
 def test_openvino_parity(tiny_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
-    pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'finetune[openvino]'")
     result = export_run(tiny_run, "openvino", int8=True, calibration_images=16, card=False)
     files = sorted((tiny_coco / "train").glob("*.jpg"))[:16]
     folder = result.path.parent

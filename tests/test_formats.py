@@ -210,10 +210,12 @@ def test_named_column_missing_is_one_line_in_validate(tiny_recipe: Path, formats
     assert_user_error(proc, "data.csv", "'fold'", "data.split_column")
 
 
+@pytest.mark.extra("hf")
 def test_a_save_to_disk_dataset_reads_like_the_imagefolder(
     tiny_recipe: Path, formats: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is optional")
+    import datasets
+
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     folder = _split(tiny_recipe, formats["imagefolder"], "train")
     names = list(folder.classes.names)

@@ -139,8 +139,8 @@ def _wandb_history(run_dir: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.extra("wandb")
 def test_wandb_logs_offline_the_numbers_of_metrics_jsonl(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("wandb", reason="the wandb extra: pip install -e '.[wandb]'")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = run_recipe(load_recipe(tiny_recipe, ["train.epochs=2", 'log.to=["wandb"]']))

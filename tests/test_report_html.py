@@ -15,14 +15,11 @@ from PIL import Image
 from torch import nn
 
 from finetune.eval import cam
-from finetune.eval.label_issues import cleanlab_missing, find_issues
+from finetune.eval.label_issues import find_issues
 from finetune.eval.tasks import MULTI_LABEL
 from finetune.train.explain import MAX_GALLERIES
 
 from .conftest import TINY_RECIPE, assert_user_error, run_cli
-
-NEEDS_CAM = pytest.mark.skipif(cam.cam_missing() is not None, reason="the inspect extra (grad-cam) is not installed")
-NEEDS_CLEANLAB = pytest.mark.skipif(cleanlab_missing() is not None, reason="the inspect extra (cleanlab) is absent")
 
 
 class Page(HTMLParser):
@@ -179,7 +176,7 @@ def test_the_cam_target_layer_is_the_last_spatial_one() -> None:
     assert cam.target_layer(timm.create_model("mobilenetv2_035", num_classes=3), 64)[0] == "bn2"
 
 
-@NEEDS_CAM
+@pytest.mark.extra("inspect")
 def test_a_cam_peaks_where_its_class_is() -> None:
     model = Corners()
     image = torch.full((2, 3, 64, 64), 0.3)
@@ -198,7 +195,7 @@ def test_a_cam_peaks_where_its_class_is() -> None:
         assert inside > 5 * outside and rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop
 
 
-@NEEDS_CLEANLAB
+@pytest.mark.extra("inspect")
 def test_planted_missing_labels_rank_at_the_top() -> None:
     """k of the given labels removed from a separable multi-label set: how many are in the top k suspected.
 

@@ -448,6 +448,27 @@ def test_os_errors_name_the_real_file_and_only_run_says_resume(tmp_path: Path) -
     assert os_error_line(full, "run").endswith("free space or choose another output.dir, then --resume")
 
 
+def test_a_file_that_cannot_be_read_is_not_blamed_on_a_folder_that_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from finetune.errors import os_error_line
+
+    ann = tmp_path / "instances_train.json"
+    ann.write_text("{}")
+    ann.chmod(0)
+    if os.geteuid() == 0:  # root reads anything; os.access then answers as it would for an ordinary user
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(ann) else real(p, mode, **kw))
+    denied = PermissionError(errno.EACCES, "Permission denied", str(ann))
+    assert os_error_line(denied, "run") == (
+        f"{ann}: permission denied reading it; fix its permissions (chmod u+r) or use a copy you can read"
+    )
+    folder = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "runs" / "tiny"))
+    assert os_error_line(folder, "run").endswith("choose a folder you can write (output.dir) or fix its permissions")
+
+
 def test_an_elastic_restart_resumes_only_a_run_its_own_job_made(
     tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,10 +20,10 @@ high = 2
 
 
 @pytest.mark.slow
+@pytest.mark.extra("sweep")
 def test_a_three_trial_sweep_writes_a_best_recipe_and_never_scores_on_what_it_saw(
     tiny_recipe: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("optuna")
     (tmp_path / "space.toml").write_text(SPACE)
     out = tmp_path / "sweep"
     args = ["sweep", str(tiny_recipe), "--space", str(tmp_path / "space.toml"), "--trials", "3", "--out", str(out)]

@@ -191,8 +191,8 @@ def test_coco_neg_category_ids_mark_the_rest_unknown(tiny_recipe: Path, tiny_coc
         _ = build_run(load_recipe(tiny_recipe, sets), roles=("val",)).splits
 
 
+@pytest.mark.extra("inspect")
 def test_label_issues_never_name_an_unknown_entry() -> None:
-    pytest.importorskip("cleanlab")
     from finetune.eval.label_issues import find_issues
 
     rng = np.random.default_rng(5)

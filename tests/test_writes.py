@@ -172,3 +172,29 @@ def test_every_command_that_writes_leaves_planted_user_files_alone(hostile_run: 
         proc = run_cli(*argv, cwd=mine, env={"FINETUNE_CACHE_DIR": str(tmp_path / "cache")})
         assert proc.returncode == 0, (argv, proc.stderr[-800:])
     assert _hashes(mine) == before
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [pytest.param(name, marks=pytest.mark.extra(name)) for name in ("litert", "openvino", "inspect", "sweep")],
+)
+def test_the_extras_commands_leave_planted_user_files_alone(hostile_run: Path, tmp_path: Path, extra: str) -> None:
+    """The commands of the optional extras, as above: LiteRT and OpenVINO exports, inspect, sweep."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("model.tflite", "model.xml", "model.json", "label_issues.csv", "sweep.json", "best.toml"):
+        (mine / name).write_text(f"the user's {name}")
+    before = _hashes(mine)
+    exists = "exists and was not written by this command"
+    if extra in ("litert", "openvino"):
+        out = mine / ("model.tflite" if extra == "litert" else "model.xml")
+        assert_user_error(run_cli("export", str(hostile_run), "--format", extra, "--out", str(out)), f"{exists}")
+    elif extra == "sweep":
+        (tmp_path / "space.toml").write_text('["optim.lr"]\nlow = 1e-4\nhigh = 1e-3\n')
+        argv = ["sweep", str(hostile_run / "recipe.toml"), "--space", str(tmp_path / "space.toml"), "--out", str(mine)]
+        assert_user_error(run_cli(*argv), "holds files this command did not write")
+    else:  # inspect writes label_issues.csv and report.html in the run directory, whatever the working folder
+        proc = run_cli("inspect", str(hostile_run), "--no-cams", cwd=mine)
+        assert proc.returncode == 0, proc.stderr[-800:]
+        assert (hostile_run / "label_issues.csv").is_file()
+    assert _hashes(mine) == before

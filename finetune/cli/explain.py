@@ -16,7 +16,7 @@ ClassOption = Annotated[
 ]
 WorstOption = Annotated[int, typer.Option(help="Classes with a gallery, lowest AP first.")]
 PerClassOption = Annotated[int, typer.Option(help="False positives and false negatives shown per class.")]
-CamsOption = Annotated[bool, typer.Option(help="Class-activation maps beside the thumbnails (finetune[inspect]).")]
+CamsOption = Annotated[bool, typer.Option(help="Class-activation maps beside the thumbnails (finetune\\[inspect]).")]
 
 
 def _options(classes: list[str] | None, worst: int, per_class: int, cams: bool):  # noqa: ANN202
