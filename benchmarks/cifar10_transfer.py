@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from finetune.assembly import build_run
 from finetune.config import load_recipe
 from finetune.eval.predict import predict_loader
-from finetune.train.assembly import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "cifar10_transfer.toml"

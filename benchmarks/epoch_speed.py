@@ -30,9 +30,9 @@ from PIL import Image
 from rich.console import Console
 
 from finetune.allocator import reuse_freed_memory
+from finetune.assembly import build_run
 from finetune.config import load_recipe
-from finetune.train.assembly import build_run
-from finetune.train.run import run_recipe, seed_everything
+from finetune.runs.run import run_recipe, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 

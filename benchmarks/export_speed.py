@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transfer import COCO_SMALL, FLAGSHIP, WEIGHTS, make_root  # noqa: E402
 
+from finetune.assembly import build_from_run  # noqa: E402
 from finetune.config import load_recipe  # noqa: E402
 from finetune.deploy import mobile  # noqa: E402
 from finetune.deploy.export import export_run, onnx_backend, run_classifier  # noqa: E402
 from finetune.deploy.quantize import backend_outputs, refit  # noqa: E402
 from finetune.errors import UserError  # noqa: E402
 from finetune.eval.metrics import summarize  # noqa: E402
-from finetune.train.assembly import build_from_run  # noqa: E402
-from finetune.train.run import run_recipe  # noqa: E402
-from finetune.train.rundir import RunDir  # noqa: E402
+from finetune.rundir.directory import RunDir  # noqa: E402
+from finetune.runs.run import run_recipe  # noqa: E402
 
 
 def train(out: Path, model: str) -> Path:

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from finetune.allocator import reuse_freed_memory
+from finetune.assembly import build_run
 from finetune.config import load_recipe
-from finetune.train.assembly import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from finetune.deploy.export import run_classifier
 from finetune.deploy.predictor import Predictor, Skipped, expand_paths, resize_rgb
 from finetune.io import save_checkpoint
 from finetune.models import create_model
-from finetune.train.rundir import RunDir
+from finetune.rundir.directory import RunDir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-small"
 

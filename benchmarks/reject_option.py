@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer import COCO_SMALL, FLAGSHIP, WEIGHTS  # noqa: E402
 
 from finetune.config import load_recipe  # noqa: E402
-from finetune.train.run import run_recipe  # noqa: E402
+from finetune.runs.run import run_recipe  # noqa: E402
 
 KEEP = ("person", "furniture", "vehicle", "animal", "appliance", "electronic")
 SCHEDULE = [

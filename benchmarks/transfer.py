@@ -33,7 +33,7 @@ import torch
 from finetune.config import load_recipe
 from finetune.eval.metrics import summarize
 from finetune.eval.thresholds import fit_thresholds
-from finetune.train import compare as cmp
+from finetune.runs import compare as cmp
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -79,10 +79,10 @@ def probe(root: Path, size: int, seed: int, tta: bool = False) -> dict[str, floa
     """
     from sklearn.linear_model import LogisticRegression
 
+    from finetune.assembly import build_run
     from finetune.groups import layer_groups
     from finetune.hooks.feature_cache import extract_features
     from finetune.hooks.freezing import FreezePolicy, Stage
-    from finetune.train.assembly import build_run
 
     recipe = load_recipe(
         FLAGSHIP,

@@ -36,10 +36,10 @@ from sklearn.metrics import average_precision_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer import COCO_SMALL, FLAGSHIP, WEIGHTS, make_root  # noqa: E402
 
+from finetune.assembly import build_run  # noqa: E402
 from finetune.config import load_recipe  # noqa: E402
-from finetune.train.assembly import build_run  # noqa: E402
-from finetune.train.evaluate import predict_run  # noqa: E402
-from finetune.train.run import run_recipe  # noqa: E402
+from finetune.runs.evaluate import predict_run  # noqa: E402
+from finetune.runs.run import run_recipe  # noqa: E402
 
 SCHEDULE = [
     "train.epochs=6",

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from finetune import runfiles
 from finetune.errors import UserError
 from finetune.io import load_error
 from finetune.mobilenet import MODEL_NAMES, mobilenetv2
@@ -58,7 +59,7 @@ _HEAD_PREFIXES = ("classifier.", "head.", "fc.")
 def weights_path(path: str | Path) -> Path:
     """The file to read: ``path`` itself, or ``best.pt`` inside a finetune run directory."""
     path = Path(path)
-    return path / "best.pt" if path.is_dir() and (path / "best.pt").is_file() else path
+    return path / runfiles.BEST if path.is_dir() and (path / runfiles.BEST).is_file() else path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -199,9 +199,9 @@ def interrupt_then_resume(
     """Run ``output.name=cut`` until Ctrl-C in the epoch after ``epochs_done``, then resume it; the run directory."""
     from finetune.config import load_recipe
     from finetune.errors import UserError
+    from finetune.rundir.directory import RunDir
+    from finetune.runs.run import run_recipe
     from finetune.train import fit as trainer
-    from finetune.train.run import run_recipe
-    from finetune.train.rundir import RunDir
 
     real = trainer.train_one_epoch
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from finetune import distributed
+from finetune.assembly import build_from_run
 from finetune.config import load_recipe
 from finetune.eval.predict import predict_loader
-from finetune.train.assembly import build_from_run
+from finetune.rundir.directory import RunDir
+from finetune.runs.run import run_recipe
 from finetune.train.loop import Hook, Loop
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
 
 
 class Dump(Hook):
@@ -51,8 +51,7 @@ class KillRank1(Hook):
 
 def gathered_eval(run_dir: Path, out: Path, d: distributed.Dist) -> None:
     """best.pt on the val split, each rank predicting its shard, gathered (rank 0 saves it)."""
-    parts = build_from_run(RunDir.open(run_dir), ["val"])
-    parts.distributed = True  # this rank's shard of val
+    parts = build_from_run(RunDir.open(run_dir), ["val"], distributed=True)  # this rank's shard of val
     mine = predict_loader(parts.model, parts.loader("val", shard=True), parts.eval_settings, allow_empty=True)
     joined = distributed.gather(mine, d)
     if d.main:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.folder import CIFAR_SPLITS
+from finetune.data.classfolders import CIFAR_SPLITS
 
 
 def write_fake_cifar10(root: str | Path, n_per_batch: int = 20, seed: int = 0) -> Path:
@@ -126,7 +126,7 @@ NO_AUGMENT = ['data.augment.crop="resize"', "data.augment.hflip=0.0", "data.augm
 def plain_and_cached(recipe: Path, sets: list[str], cache: str) -> tuple[Path, Path]:
     """The same unaugmented run twice, without and with ``freeze.<cache> = true``: the two run directories."""
     from finetune.config import load_recipe
-    from finetune.train.run import run_recipe
+    from finetune.runs.run import run_recipe
 
     sets = [*sets, *NO_AUGMENT]
     plain = run_recipe(load_recipe(recipe, [*sets, "output.name=plain"]))

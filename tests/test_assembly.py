@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.assembly import build_run
+from finetune.assembly.hooks import check_hooks
 from finetune.cli.app import validate
 from finetune.config import load_recipe
 from finetune.errors import UserError
@@ -15,9 +17,7 @@ from finetune.hooks.ema import EmaHook
 from finetune.hooks.freezing import FreezeHook
 from finetune.hooks.loggers import JsonlLogger
 from finetune.hooks.probe import ProbeHook
-from finetune.train.assembly import build_run
-from finetune.train.assembly.hooks import check_hooks
-from finetune.train.run import run_recipe
+from finetune.runs.run import run_recipe
 
 PROBE = 'freeze.stages=[{train = ["classifier"], solver = "lbfgs"}, {train = ["all"]}]'
 HEAD_ONLY = 'freeze.stages=[{train = ["classifier"]}]'
@@ -110,7 +110,7 @@ def test_run_refuses_extra_hooks_that_break_the_order(tiny_recipe: Path) -> None
 
 
 def test_each_part_is_built_once(tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune.train.assembly import data, training
+    from finetune.assembly import data, training
 
     calls: dict[str, int] = {}
     for module, name in ((data, "build_device"), (training, "build_groups"), (training, "build_stages")):
@@ -124,6 +124,14 @@ def test_each_part_is_built_once(tiny_recipe: Path, tmp_path: Path, monkeypatch:
     stages = 'freeze.stages=[{epochs = 1, train = ["classifier"]}, {train = ["all"]}]'
     run_recipe(load_recipe(tiny_recipe, [stages, "train.epochs=2", f'output.dir="{tmp_path.as_posix()}"']))
     assert calls == {"build_device": 1, "build_groups": 1, "build_stages": 1}
+
+
+def test_run_parts_are_read_only_once_built(tiny_recipe: Path) -> None:
+    parts = build_run(load_recipe(tiny_recipe))
+    for name, value in (("weights", "none"), ("console", None), ("distributed", True), ("note", "x")):
+        with pytest.raises(AttributeError, match="read-only once built"):
+            setattr(parts, name, value)
+    assert parts.note == "" and parts.recipe is parts.recipe and parts.weights == "recipe"  # parts still build, once
 
 
 def test_the_augmented_feature_cache_reads_the_train_split_in_order(tiny_recipe: Path) -> None:

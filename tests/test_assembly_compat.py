@@ -11,9 +11,9 @@ import pytest
 
 from finetune import Predictor
 from finetune.deploy.export import export_run
-from finetune.train.evaluate import evaluate_run
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
+from finetune.rundir.directory import RunDir
+from finetune.runs.evaluate import evaluate_run
+from finetune.runs.run import run_recipe
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1_0"
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from finetune.assembly.data import build_split
 from finetune.config import load_recipe
 from finetune.data.demo import write_demo
-from finetune.train.assembly.data import build_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import coco_crops  # noqa: E402

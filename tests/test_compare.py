@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from finetune.assembly.data import build_splits, split_name
 from finetune.config import load_recipe
+from finetune.config.holdout import halves
 from finetune.data.demo import write_demo
 from finetune.errors import UserError
 from finetune.eval.bootstrap import METRICS, Scored, paired_bootstrap
-from finetune.holdout import halves
-from finetune.train import compare as cmp
-from finetune.train.assembly.data import build_splits, split_name
+from finetune.runs import compare as cmp
 
 from .conftest import assert_user_error, run_cli
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.assembly import build_from_run, build_run
 from finetune.config import load_recipe
 from finetune.data.coco import read_coco_split
 from finetune.data.samplers import EpochSampler, ShardSampler, epoch_permutation
 from finetune.eval.predict import predict_loader
-from finetune.train.assembly import build_from_run, build_run
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
+from finetune.rundir.directory import RunDir
+from finetune.runs.run import run_recipe
 
 from .conftest import TINY_RECIPE
 

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from finetune import Predictor
+from finetune.assembly import build_run
 from finetune.config import load_recipe
 from finetune.deploy.export import export_run
 from finetune.errors import UserError
-from finetune.train.assembly import build_run
-from finetune.train.run import run_recipe
+from finetune.runs.run import run_recipe
 
 from .conftest import COCO_TINY, TINY_RECIPE, assert_user_error, run_cli
 

@@ -16,13 +16,13 @@ import yaml
 from PIL import Image
 
 from finetune import Predictor
+from finetune.assembly import build_from_run
 from finetune.config import load_recipe
 from finetune.deploy.export import export_run
 from finetune.deploy.quantize import backend_outputs
 from finetune.eval.thresholds import fit_thresholds
-from finetune.train.assembly import build_from_run
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
+from finetune.rundir.directory import RunDir
+from finetune.runs.run import run_recipe
 
 from .conftest import TINY_RECIPE, assert_user_error, run_cli
 

@@ -27,10 +27,10 @@ from finetune.data.split import check_images, read_rgb
 from finetune.data.stats import compute_stats
 from finetune.errors import UserError
 from finetune.eval import plots
-from finetune.eval.report import SUMMARY_KEYS, print_report
+from finetune.eval.tables import SUMMARY_KEYS, print_report
+from finetune.rundir.directory import RunDir
+from finetune.runs.run import run_recipe
 from finetune.train import fit as trainer
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
 
 from .conftest import assert_user_error, run_cli
 
@@ -183,7 +183,7 @@ def test_a_full_disk_is_one_line(
 
 
 def test_a_nan_loss_is_one_line(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune.train.assembly import training as build
+    from finetune.assembly import training as build
 
     real = build.build_loss
 
@@ -307,7 +307,7 @@ def test_a_recipe_error_does_not_import_torch(tmp_path: Path) -> None:
 def test_relative_root_and_second_calibrate(
     tiny_recipe: Path, tiny_coco: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune.train.evaluate import calibrate_run
+    from finetune.runs.evaluate import calibrate_run
 
     data = _copy_data(tiny_coco, tmp_path)
     work = tmp_path / "work"

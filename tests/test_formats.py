@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from finetune.assembly.data import build_split
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.eval.metrics import voc_ap
-from finetune.train.assembly.data import build_split
 from tests.conftest import assert_user_error, run_cli
 from tests.helpers import write_all_formats
 
@@ -176,7 +176,7 @@ def test_bad_voc_files_name_the_file_and_element(tmp_path: Path) -> None:
 
 def test_bad_openimages_imagefolder_and_csv_input(tmp_path: Path) -> None:
     from finetune.data.csvfile import Columns, read_csv_split
-    from finetune.data.imagefolder import read_imagefolder_split
+    from finetune.data.hf_imagefolder import read_imagefolder_split
     from finetune.data.openimages import read_openimages_split
 
     (tmp_path / "train-labels.csv").write_text("ImageID,LabelName,Confidence\na,/m/cat,1\nb,/m/cat,0.5\n")

@@ -7,13 +7,13 @@ import pytest
 import timm
 import torch
 
+from finetune.assembly import build_run
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.groups import layer_groups
 from finetune.hooks.freezing import BNStatsDrift, FreezePolicy, Stage, plan_stages
 from finetune.optim import create_optimizer, group_multipliers, param_groups, warmup_cosine_factor
-from finetune.train.assembly import build_run
-from finetune.train.run import run_recipe, seed_everything
+from finetune.runs.run import run_recipe, seed_everything
 
 from .conftest import interrupt_then_resume
 from .helpers import NO_AUGMENT, plain_and_cached

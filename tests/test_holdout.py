@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
+from finetune.assembly import build_run
 from finetune.config import load_recipe
-from finetune.holdout import held_out
-from finetune.train.assembly import build_run
+from finetune.config.holdout import held_out
 
 from .conftest import assert_user_error, run_cli
 

@@ -8,8 +8,8 @@ import pytest
 
 from finetune.config import load_recipe
 from finetune.hooks.early_stopping import EarlyStopping
+from finetune.runs.run import run_recipe
 from finetune.train.loop import FitSettings, Hook, Loop, TrainState
-from finetune.train.run import run_recipe
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -98,7 +98,7 @@ def test_early_stopping_ends_the_run_and_a_resume_trains_no_more(tiny_recipe: Pa
     assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["best_epoch"] == 1 and "early stopping after epoch 2" in report["stop_reason"]
-    from finetune.train.rundir import RunDir
+    from finetune.rundir.directory import RunDir
 
     run_recipe(RunDir.open(run_dir).recipe(), resume=run_dir)
     assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.assembly import build_run
 from finetune.config import load_recipe
 from finetune.data.dataset import batch_images, collate
 from finetune.data.jitter import apply_jitter, sample_jitter
 from finetune.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from finetune.train.assembly import build_run
 
 
 def _albumentations(img: np.ndarray, row: np.ndarray) -> np.ndarray:

@@ -59,38 +59,59 @@ def test_no_import_cycle() -> None:
             visit(name, [])
 
 
-# The layers, lowest first. A module may import only from its own layer or a lower one: eval/ never imports train/,
-# nothing imports cli/. train/ spans two layers: the loop that hooks build on, and the assembly that builds hooks.
+# The layers, lowest first, one folder each (the package's own top-level modules are the shared ground). A module
+# may import only from its own layer or a lower one: eval/ never imports train/, nothing imports cli/.
+ROOT_MODULES = [
+    "errors",
+    "allocator",
+    "io",
+    "precision",
+    "labels",
+    "console",
+    "distributed",
+    "models",
+    "mobilenet",
+    "groups",
+    "optim",
+    "losses",
+    "summary",
+    "runfiles",
+]
 LAYERS = [
-    (
-        "shared ground",
-        [
-            "errors",
-            "allocator",
-            "io",
-            "schema",
-            "objectives",
-            "holdout",
-            "dataconfig",
-            "config",
-            "rules",
-            "overrides",
-            "precision",
-            "labels",
-            "console",
-        ]
-        + ["distributed"],
-    ),
-    ("models", ["models", "mobilenet", "groups", "optim", "losses", "summary"]),
+    ("shared ground", ROOT_MODULES),
+    ("config", ["config"]),
     ("data", ["data"]),
     ("eval", ["eval"]),
-    ("loop", ["train.loop", "train.fit", "train.mixing", "train.lock", "train.rundir", "train.lr_find"]),
+    ("train", ["train"]),
     ("hooks", ["hooks"]),
-    ("assembly", ["train.assembly", "train.run", "train.evaluate", "train"]),
+    ("run directory", ["rundir"]),
+    ("assembly", ["assembly"]),
+    ("runs", ["runs"]),
     ("deploy", ["deploy"]),
     ("cli", ["cli", "__main__"]),
     ("package API", [""]),  # finetune/__init__.py: `from finetune import Predictor`, imported lazily
 ]
+
+
+def test_one_folder_per_layer() -> None:
+    """Every folder of the package is one layer, every top-level module is shared ground, and nothing else exists."""
+    folders = sorted(p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    assert folders == sorted(prefixes[0] for _, prefixes in LAYERS[1:-1])
+    top = sorted(p.stem for p in PKG.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert top == sorted(ROOT_MODULES)
+    for name in _modules():
+        rel = name.removeprefix("finetune").removeprefix(".")
+        assert "." not in rel or rel.split(".")[0] in folders, name
+
+
+def test_only_the_assembly_and_above_know_runparts() -> None:
+    """Below the assembly, functions take plain typed arguments: no module there imports ``RunParts``."""
+    below = {name for name, _ in LAYERS[: [n for n, _ in LAYERS].index("assembly")]}
+    for name, tree in _modules().items():
+        if LAYERS[_layer(name)][0] in below:
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("finetune.assembly"):
+                    raise AssertionError(f"{name} imports the assembly ({node.module})")
 
 
 def _layer(module: str) -> int:
@@ -142,6 +163,36 @@ def test_each_module_imports_alone() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_only_runfiles_spells_a_run_files_name() -> None:
+    """Every name of a file in a run directory is spelled once, in ``finetune/runfiles.py``; the rest import it."""
+    from finetune import runfiles
+
+    names = {v for k, v in vars(runfiles).items() if k.isupper() and isinstance(v, str)}
+    for name, tree in _modules().items():
+        if name == "finetune.runfiles":
+            continue
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings:
+                raise AssertionError(f"{name}:{node.lineno} spells {node.value!r}: use finetune.runfiles")
+
+
+def test_the_package_api_names_what_it_says() -> None:
+    import finetune
+    from finetune.config import load_recipe
+    from finetune.deploy.predictor import Predictor
+    from finetune.runs.run import run_recipe
+
+    assert (finetune.load_recipe, finetune.run_recipe, finetune.Predictor) == (load_recipe, run_recipe, Predictor)
+    assert set(finetune.__all__) == {"Predictor", "Prediction", "__version__", "load_recipe", "run_recipe"}
 
 
 README = PKG.parent / "README.md"

@@ -13,7 +13,7 @@ from finetune.eval.tasks import MULTI_LABEL, SINGLE_LABEL
 from finetune.hooks.ema import ema_decay
 from finetune.hooks.probe import choose_c, solve_linear_head
 from finetune.optim import warmup_cosine_factor
-from finetune.train.run import run_recipe
+from finetune.runs.run import run_recipe
 
 from .conftest import interrupt_then_resume
 from .helpers import plain_and_cached
@@ -160,8 +160,8 @@ def test_l2sp_pulls_the_backbone_toward_its_start_and_leaves_the_classifier_to_w
 def test_lr_find_changes_no_weight_or_bn_statistic(tiny_recipe: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from finetune.assembly import build_run
     from finetune.cli.app import app
-    from finetune.train.assembly import build_run
     from finetune.train.lr_find import lr_range_test
 
     parts = build_run(load_recipe(tiny_recipe, ['freeze.bn="none"']), roles=("train",))  # BN statistics move

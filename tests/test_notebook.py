@@ -7,7 +7,7 @@ import pytest
 from nbclient import NotebookClient
 
 from finetune.config import load_recipe
-from finetune.train.run import run_recipe
+from finetune.runs.run import run_recipe
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "threshold_calibration.ipynb"
 

@@ -9,7 +9,7 @@ import pytest
 
 from finetune.data.split import ClassMap
 from finetune.eval import plots
-from finetune.eval.report import markdown_report
+from finetune.eval.tables import markdown_report
 from finetune.eval.tasks import MULTI_LABEL
 
 

@@ -97,14 +97,14 @@ def test_a_class_without_positives_is_left_alone() -> None:
 
 @pytest.mark.slow
 def test_a_scaled_run_and_its_exports_give_the_calibrated_probabilities(tiny_recipe: Path, tiny_coco: Path) -> None:
+    from finetune.assembly import build_from_run
     from finetune.config import load_recipe
     from finetune.deploy.export import export_run
     from finetune.deploy.predictor import Predictor
     from finetune.eval.probabilities import Scaling
-    from finetune.train.assembly import build_from_run
-    from finetune.train.evaluate import evaluate_run, predictions
-    from finetune.train.run import run_recipe
-    from finetune.train.rundir import RunDir
+    from finetune.rundir.directory import RunDir
+    from finetune.runs.evaluate import evaluate_run, predictions
+    from finetune.runs.run import run_recipe
 
     run_dir = run_recipe(load_recipe(tiny_recipe, ['calibrate.probabilities="platt"']))
     report = json.loads((run_dir / "report.json").read_text())

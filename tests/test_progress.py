@@ -10,7 +10,7 @@ from rich.console import Console
 
 from finetune.config import load_recipe
 from finetune.console import LogTicker
-from finetune.train.run import run_recipe
+from finetune.runs.run import run_recipe
 
 
 def _log() -> tuple[Console, io.StringIO]:

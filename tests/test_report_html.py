@@ -17,7 +17,7 @@ from torch import nn
 from finetune.eval import cam
 from finetune.eval.label_issues import find_issues
 from finetune.eval.tasks import MULTI_LABEL
-from finetune.train.explain import MAX_GALLERIES
+from finetune.runs.report_page import MAX_GALLERIES
 
 from .conftest import TINY_RECIPE, assert_user_error, run_cli
 
@@ -202,7 +202,7 @@ def test_planted_missing_labels_rank_at_the_top() -> None:
     Measured: 53 of 60 planted labels (88%) over six seeds ([10, 9, 6, 9, 9, 10]); a hit counts only when the image
     is in the top k and names the removed class as missing.
     """
-    from finetune.train.explain import out_of_fold
+    from finetune.runs.report_page import out_of_fold
 
     found = []
     for seed in range(6):

@@ -18,10 +18,10 @@ import torch
 from finetune import io as ckpt
 from finetune.config import load_recipe
 from finetune.errors import UserError
+from finetune.rundir import lock
+from finetune.rundir.directory import RunDir
+from finetune.runs.run import run_recipe
 from finetune.train import fit as trainer
-from finetune.train import lock
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
 
 from .conftest import run_cli
 
@@ -52,7 +52,9 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_refused(tmp_path: Path) ->
 
 def test_a_held_lock_refuses_a_second_process_in_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    script = "import sys; from finetune.train import lock; lock.acquire(sys.argv[1], 'finetune run'); print(1, flush=1)"
+    script = (
+        "import sys; from finetune.rundir import lock; lock.acquire(sys.argv[1], 'finetune run'); print(1, flush=1)"
+    )
     holder = subprocess.Popen(
         [sys.executable, "-c", script + "; sys.stdin.read()", str(run)],
         stdin=subprocess.PIPE,
@@ -472,7 +474,7 @@ def test_a_file_that_cannot_be_read_is_not_blamed_on_a_folder_that_cannot_be_wri
 def test_an_elastic_restart_resumes_only_a_run_its_own_job_made(
     tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune.train.run import ELASTIC_ID, elastic_resume
+    from finetune.runs.run import ELASTIC_ID, elastic_resume
 
     recipe = load_recipe(tiny_recipe)
     run = Path(recipe.output.dir) / recipe.output.name
@@ -515,8 +517,8 @@ def test_nan_starting_weights_are_blamed_on_the_weights_not_the_lr(tiny_recipe: 
 
 
 def test_a_corrupt_stats_cache_is_computed_again(tiny_recipe: Path) -> None:
+    from finetune.assembly import build_run
     from finetune.data.stats import cache_path
-    from finetune.train.assembly import build_run
 
     assert run_cli("data", "stats", str(tiny_recipe)).returncode == 0
     split = build_run(load_recipe(tiny_recipe), roles=("train",)).splits["train"]

@@ -15,9 +15,9 @@ from finetune.config import load_recipe
 from finetune.data.samplers import EpochSampler, ShardSampler, balanced_length, balanced_order, repeat_factors
 from finetune.data.transforms import train_transform
 from finetune.errors import UserError
+from finetune.rundir.directory import RunDir
+from finetune.runs.run import run_recipe
 from finetune.train.mixing import area_targets, cut_box, cutmix_batch
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
 from tests.conftest import run_cli
 from tests.test_run_faults import _StopAtStep
 
@@ -68,8 +68,8 @@ def test_balanced_ddp_ranks_together_take_one_process_steps() -> None:
 
 
 def test_balanced_loaders_of_two_ranks_batch_like_one_process(tiny_recipe: Path) -> None:
+    from finetune.assembly.data import build_dataset, build_loader, build_split
     from finetune.distributed import Dist
-    from finetune.train.assembly.data import build_dataset, build_loader, build_split
 
     cfg = load_recipe(tiny_recipe, ['data.sampler="balanced"', "data.repeat_threshold=0.5"]).data
     split = build_split(cfg, "train")
@@ -153,8 +153,8 @@ def test_area_cutmix_labels_equal_a_pixel_count() -> None:
 
 
 def test_repeats_of_an_image_in_a_balanced_epoch_are_augmented_apart(tiny_recipe: Path) -> None:
+    from finetune.assembly.data import build_dataset, build_split
     from finetune.data.samplers import tag_repeats
-    from finetune.train.assembly.data import build_dataset, build_split
 
     assert tag_repeats([2, 0, 2, 1, 2], 3) == [2, 0, 5, 1, 8]
     cfg = load_recipe(tiny_recipe, ['data.sampler="balanced"']).data

@@ -9,14 +9,14 @@ import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
 
-from finetune.data.folder import read_cifar10_split, read_folder_split
+from finetune.assembly import build_from_run
+from finetune.data.classfolders import read_cifar10_split, read_folder_split
 from finetune.data.stats import compute_stats
 from finetune.errors import UserError
 from finetune.eval.metrics import confusion, summarize_single, topk_accuracy
 from finetune.eval.probabilities import Scaling
-from finetune.train.assembly import build_from_run
-from finetune.train.evaluate import predict_run, predictions
-from finetune.train.rundir import RunDir
+from finetune.rundir.directory import RunDir
+from finetune.runs.evaluate import predict_run, predictions
 
 from .conftest import assert_user_error, run_cli
 from .helpers import write_fake_cifar10
@@ -121,7 +121,10 @@ def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path
     proc = run_cli("predict", str(run_dir), str(image), "--json", env=env)
     (result,) = json.loads(proc.stdout)
     assert len(result["labels"]) == 1 and abs(sum(result["probabilities"].values()) - 1) < 1e-3
-    assert_user_error(run_cli("calibrate", str(run_dir), env=env), "single-label run", "reject option")
+    assert_user_error(run_cli("calibrate", str(run_dir), env=env), "single-label run", "reject option", "temperature")
+    proc = run_cli("calibrate", str(run_dir), "--set", 'calibrate.probabilities="temperature"', env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a temperature alone (issue 35, item 18)
+    assert json.loads((run_dir / "probabilities.json").read_text())["method"] == "temperature"
     reject_sets = ["--set", 'calibrate.objective="accuracy_at_least"', "--set", "calibrate.target=0.9"]
     reject_sets += ["--set", 'calibrate.probabilities="temperature"']
     proc = run_cli("calibrate", str(run_dir), *reject_sets, env=env)

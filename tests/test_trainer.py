@@ -10,10 +10,10 @@ import torch
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
+from finetune.rundir.directory import RunDir
+from finetune.runs.run import run_recipe
 from finetune.train import fit as trainer
 from finetune.train.loop import Hook
-from finetune.train.run import run_recipe
-from finetune.train.rundir import RunDir
 
 
 @pytest.mark.slow

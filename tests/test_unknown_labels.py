@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, precision_score, recall_score
 
+from finetune.assembly import build_run
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.eval.metrics import average_precision, prf
@@ -25,8 +26,7 @@ from finetune.eval.thresholds import best_thresholds, constrained_thresholds, fi
 from finetune.hooks.probe import solve_linear_head
 from finetune.labels import known_of
 from finetune.losses import AsymmetricLoss, BCELoss, FocalLoss
-from finetune.train.assembly import build_run
-from finetune.train.evaluate import predict_run
+from finetune.runs.evaluate import predict_run
 
 from .conftest import assert_user_error, run_cli
 

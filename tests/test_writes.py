@@ -20,8 +20,8 @@ import pytest
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.io import csv_cell, markdown_text
-from finetune.train import lock
-from finetune.train.run import run_recipe
+from finetune.rundir import lock
+from finetune.runs.run import run_recipe
 
 from .conftest import TINY_RECIPE, assert_user_error, run_cli
 

@@ -1,7 +1,7 @@
 """The ``finetune`` command line: each command parses, takes its parts from the assembly, and prints.
 
 ``run`` / ``validate`` / ``eval`` / ``calibrate`` are here; ``groups`` / ``summary`` / ``lr-find`` in
-:mod:`finetune.cli.inspect`, ``predict`` / ``export`` in :mod:`finetune.cli.deploy`, ``data`` in
+:mod:`finetune.cli.model`, ``predict`` / ``export`` in :mod:`finetune.cli.deploy`, ``data`` in
 :mod:`finetune.cli.data`. Heavy imports (torch) wait until a command needs them, so a recipe error is instant.
 """
 
@@ -17,12 +17,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune.cli import inspect
+from finetune import runfiles
+from finetune.cli import model as model_commands
 from finetune.cli.compare import compare_command, sweep_command
 from finetune.cli.data import data_app
 from finetune.cli.deploy import card_command, export_command, predict_command
-from finetune.cli.explain import inspect_command, report_command
 from finetune.cli.options import SetOption, check_threshold, err, out
+from finetune.cli.report import inspect_command, report_command
 from finetune.errors import UserError, os_error_line
 
 app = typer.Typer(help="Transfer learning for small image classifiers.", no_args_is_help=True, add_completion=False)
@@ -34,9 +35,9 @@ app.command("report")(report_command)
 app.command("inspect")(inspect_command)
 app.command("compare")(compare_command)
 app.command("sweep")(sweep_command)
-app.command("groups")(inspect.groups)
-app.command("summary")(inspect.summary)
-app.command("lr-find")(inspect.lr_find)
+app.command("groups")(model_commands.groups)
+app.command("summary")(model_commands.summary)
+app.command("lr-find")(model_commands.lr_find)
 
 
 @app.command()
@@ -49,7 +50,7 @@ def run(
     from finetune.config import load_recipe
 
     if resume is not None:
-        from finetune.train.rundir import RunDir
+        from finetune.rundir.directory import RunDir
 
         if recipe is not None:
             raise UserError("give either RECIPE or --resume RUN_DIR (a resumed run uses its own recipe.toml)")
@@ -59,7 +60,7 @@ def run(
     else:
         cfg = load_recipe(recipe, overrides)
     from finetune.distributed import teardown
-    from finetune.train.run import run_recipe  # after the recipe: a recipe error should not wait for torch
+    from finetune.runs.run import run_recipe  # after the recipe: a recipe error should not wait for torch
 
     try:
         run_recipe(cfg, resume, err)
@@ -74,7 +75,7 @@ def _similar(parts: Any, min_cosine: float) -> list:
 
     from finetune.data.leaks import similar_pairs
     from finetune.hooks.feature_cache import extract_features
-    from finetune.train.explain import Pooled
+    from finetune.runs.report_page import Pooled
 
     m = parts.recipe.model
     if not (m.pretrained or m.checkpoint):
@@ -146,8 +147,8 @@ def validate(
     from finetune.config import load_recipe
 
     cfg = load_recipe(recipe, overrides)
-    from finetune.train.assembly import build_run
-    from finetune.train.rundir import RunDir
+    from finetune.assembly import build_run
+    from finetune.rundir.directory import RunDir
 
     parts = build_run(cfg)
     run_dir = Path(parts.recipe.output.dir) / parts.recipe.output.name
@@ -204,7 +205,7 @@ def evaluate(
     """Score a run's best checkpoint on a split; prints the tables and writes eval_<split>.json."""
     check_threshold(threshold)
     from finetune.eval.tasks import TASKS
-    from finetune.train.evaluate import evaluate_run
+    from finetune.runs.evaluate import evaluate_run
 
     report = evaluate_run(run_dir, split, threshold, err)
     TASKS[report["task"]].print_report(report, out)
@@ -218,16 +219,16 @@ def calibrate(
 ) -> None:
     """Re-fit per-class thresholds; rewrites thresholds.json (the old kept as thresholds.prev.json) and the reports."""
     from finetune.eval.tasks import TASKS
-    from finetune.train.evaluate import calibrate_run
+    from finetune.runs.evaluate import calibrate_run
 
     if split not in ("val", "train"):
         raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
     report = calibrate_run(run_dir, split, err, overrides)
     TASKS[report["task"]].print_report(report, out)
-    if (Path(run_dir) / "report.html").is_file():  # the page shows the thresholds: keep it in step
-        from finetune.overrides import parse_override
-        from finetune.train.explain import report_run
-        from finetune.train.rundir import REPORT_KEYS
+    if (Path(run_dir) / runfiles.REPORT_HTML).is_file():  # the page shows the thresholds: keep it in step
+        from finetune.config.overrides import parse_override
+        from finetune.rundir.directory import REPORT_KEYS
+        from finetune.runs.report_page import report_run
 
         kept = [o for o in overrides or [] if ".".join(parse_override(o)[0]) in REPORT_KEYS]  # calibrate.* is done
         report_run(run_dir, console=err, overrides=kept)
@@ -257,7 +258,7 @@ def main() -> None:
     except (UserError, OSError, RuntimeError) as e:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "run")
         if isinstance(e, RuntimeError):  # of these, only a killed DataLoader worker is the machine's, not a bug
-            from finetune.train.run import worker_killed
+            from finetune.runs.run import worker_killed
 
             if not worker_killed(e):
                 raise

@@ -28,7 +28,7 @@ def compare_command(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 1000,
 ) -> None:
     """Train recipes on the same paired draws of the val split; print and write compare.md / compare.json."""
-    from finetune.train.compare import MAX_RESAMPLES, compare, markdown, parse_seeds, plan
+    from finetune.runs.compare import MAX_RESAMPLES, compare, markdown, parse_seeds, plan
 
     if not 100 <= resamples <= MAX_RESAMPLES:
         raise UserError(f"--resamples {resamples}: use 100 to {MAX_RESAMPLES} (1000 gives a steady 95% interval)")
@@ -56,8 +56,8 @@ def sweep_command(
     ),
 ) -> None:
     """Optuna TPE over recipe keys on the selection half; best.toml, then a compare on the scoring half."""
-    from finetune.train.compare import markdown, parse_seeds
-    from finetune.train.sweep import sweep
+    from finetune.runs.compare import markdown, parse_seeds
+    from finetune.runs.sweep import sweep
 
     if not recipe.is_file():
         raise UserError(f"{recipe}: no such recipe file")

@@ -57,8 +57,8 @@ def data_stats(
     from finetune.config import load_recipe
 
     cfg = load_recipe(recipe, overrides)
+    from finetune.assembly import build_run
     from finetune.data.stats import cache_path, load_or_compute, stats_key
-    from finetune.train.assembly import build_run
 
     split = build_run(cfg, roles=("train",)).splits["train"]
     key = stats_key(cfg.data.format, cfg.data.task)

@@ -16,10 +16,10 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
+from finetune.config.rules import task_name
 from finetune.data.split import DECODE_ERRORS, Split, read_rgb
 from finetune.errors import UserError
 from finetune.io import atomic_write_json, cache_dir
-from finetune.rules import task_name
 
 
 def cache_path(split: Split, fmt: str, image_size: int) -> Path:

@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from finetune import runfiles
+from finetune.assembly import data as assembly_data
 from finetune.errors import UserError
 from finetune.io import atomic_write_text, markdown_text
-from finetune.train.assembly import data as assembly_data
-from finetune.train.rundir import RunDir
+from finetune.rundir.directory import RunDir
 
 if TYPE_CHECKING:
+    from finetune.assembly import RunParts
     from finetune.deploy.exported import Exported
-    from finetune.train.assembly import RunParts
 
 FEW_POSITIVES = 5  # a class with fewer train positives than this is named under the limitations
 
@@ -44,9 +45,9 @@ def _data(parts: RunParts) -> dict[str, Any]:
 
 def _metrics(run: RunDir) -> dict[str, Any]:
     """The held-out headline numbers from ``report.json``: fixed vs calibrated thresholds, and where measured."""
-    if not (run / "report.json").is_file():
+    if not (run / runfiles.REPORT).is_file():
         return {}
-    report = run.read_json("report.json")
+    report = run.read_json(runfiles.REPORT)
     cal = report.get("calibration") or {}
     honest = cal.get("honest")
     if honest:

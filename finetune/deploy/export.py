@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune import __version__
+from finetune import __version__, runfiles
+from finetune.assembly import RunParts, build_from_run
 from finetune.deploy import mobile
 from finetune.deploy.exported import (
     Exported,
@@ -40,12 +41,11 @@ from finetune.deploy.exported import (
 from finetune.deploy.quantize import calibration_loader, check_int8, nhwc_batches, quantize_onnx
 from finetune.errors import UserError
 from finetune.eval.reject import load_reject
-from finetune.eval.run_report import load_thresholds
+from finetune.eval.report import load_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output
 from finetune.models import hflip_average
-from finetune.train.assembly import RunParts, build_from_run
-from finetune.train.lock import locking
-from finetune.train.rundir import RunDir
+from finetune.rundir.directory import RunDir
+from finetune.rundir.lock import locking
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "litert": ".tflite", "openvino": ".xml"}
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
@@ -120,7 +120,7 @@ def run_classifier(run: RunDir, parts: RunParts | None = None) -> tuple[ImageCla
         "precision": "fp32",
         "tta": parts.tta,
         "model_name": parts.model_name,
-        "recipe_sha256": hashlib.sha256((run / "recipe.toml").read_bytes()).hexdigest(),
+        "recipe_sha256": hashlib.sha256((run / runfiles.RECIPE).read_bytes()).hexdigest(),
     }
     hflip = parts.tta == "hflip"
     wrapped = ImageClassifier(model, size, tuple(mean), tuple(std), task.calibrates, hflip).eval()

@@ -29,8 +29,8 @@ from finetune.errors import UserError
 from finetune.io import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
+    from finetune.assembly import RunParts
     from finetune.deploy.exported import Backend
-    from finetune.train.assembly import RunParts
 
 EXTRAS = {  # format -> (modules to export with, module to run with)
     "litert": (("litert_torch", "ai_edge_quantizer", "ai_edge_litert"), "ai_edge_litert"),
@@ -194,8 +194,8 @@ def export_openvino(result: Exported, out: Path, info: dict[str, Any], parts: Ru
 
 def _parity(xml: Path, onnx_path: Path, fields: dict[str, Any], parts: RunParts) -> dict[str, Any]:
     """OpenVINO's CPU runtime vs onnxruntime on the val split: largest probability difference, decisions flipped."""
+    from finetune.assembly import build_from_run
     from finetune.deploy.quantize import backend_outputs
-    from finetune.train.assembly import build_from_run
 
     if "val" not in parts.splits:  # read only now, so that an export without the data still writes its files
         parts = build_from_run(parts.run, ("val",), ["data.num_workers=0"])

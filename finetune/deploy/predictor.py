@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from finetune.data.folder import IMAGE_SUFFIXES
+from finetune.data.classfolders import IMAGE_SUFFIXES
 from finetune.data.split import DECODE_ERRORS, pil_rgb, read_rgb
 from finetune.errors import UserError
 from finetune.io import read_json
@@ -229,7 +229,7 @@ class Predictor:
     def from_run(cls, run_dir: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
         """The run's best (EMA when kept) weights, with its calibrated thresholds."""
         from finetune.deploy.export import run_classifier
-        from finetune.train.rundir import RunDir
+        from finetune.rundir.directory import RunDir
 
         model, info = run_classifier(RunDir.open(run_dir))
         return cls(_torch_backend(model.to(_device(device))), info, threshold)

@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune import runfiles
+from finetune.assembly import RunParts
 from finetune.deploy.exported import Backend
 from finetune.errors import UserError
 from finetune.eval.metrics import summarize, summarize_single
 from finetune.eval.predict import handle_bad_images
-from finetune.eval.run_report import fit_calibration, resolve_shrink
+from finetune.eval.report import fit_calibration, resolve_shrink
 from finetune.eval.thresholds import cross_fit
-from finetune.train.assembly import RunParts
 
 DEFAULT_CALIBRATION_IMAGES = 300
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Clip", "Relu", "GlobalAveragePool", "Flatten"]
@@ -211,7 +212,7 @@ def check_int8(
     if parts.task.calibrates:
         fp32_thr = np.asarray(info["thresholds"])
         int8_thr = fp32_thr
-        if (parts.run / "thresholds.json").is_file() and parts.calibration.enabled:
+        if (parts.run / runfiles.THRESHOLDS).is_file() and parts.calibration.enabled:
             int8_thr, how = refit(parts, outs8)  # a run that never calibrated keeps its fixed threshold
             int8_info.update(thresholds=int8_thr.tolist(), thresholds_from=how)
     comparison = compare(parts, outs32, outs8, fp32_thr, int8_thr)

@@ -1,7 +1,7 @@
 """``report.html``: one self-contained page (inline CSS, a few lines of JS, images as ``data:`` URIs).
 
 Markup only: the caller hands over the report dict, the embedded plots, the galleries and the notes (see
-:mod:`finetune.train.explain`, which gathers them from a run). No server, no network: the file opens in any browser.
+:mod:`finetune.runs.report_page`, which gathers them from a run). No server, no network: the file opens in any browser.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.eval.report import HEADLINE, SUMMARY_KEYS, class_columns, unknown_line
+from finetune.eval.tables import HEADLINE, SUMMARY_KEYS, class_columns, unknown_line
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1280px;padding:0 16px;color:#1b1b1b}

@@ -1,7 +1,7 @@
 """Suspected label errors from out-of-fold probabilities, with cleanlab (the ``finetune[inspect]`` extra).
 
 Arrays in, ranked rows out. The probabilities must be out-of-fold (no image scored by a model that saw its label);
-:func:`finetune.train.explain.out_of_fold` makes them with a k-fold linear probe on the run's pooled features.
+:func:`finetune.runs.report_page.out_of_fold` makes them with a k-fold linear probe on the run's pooled features.
 
 Multi-label: cleanlab's ``find_label_issues`` (confident learning, one-vs-rest per class) flags images; they are
 ranked by cleanlab's ``get_label_quality_scores`` (lowest first), and each flagged image names its suspected

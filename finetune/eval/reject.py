@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
+from finetune import runfiles
 from finetune.eval.probabilities import top_label
 from finetune.eval.thresholds import CalibrationSettings
 from finetune.io import atomic_write_bytes, atomic_write_json
 
-REJECT_FILE = "reject.json"
+REJECT_FILE = runfiles.REJECT
 _EPS = 1e-9  # accuracy compared as acc >= target - eps: 9 of 10 meets a 0.9 target whatever the rounding
 CURVE_POINTS = 101
 
@@ -150,13 +151,13 @@ def save_reject(run: Path, reject: dict[str, Any] | None) -> None:
     """Write ``reject.json`` (the old one kept as ``reject.prev.json``), or retire it with None."""
     path = run / REJECT_FILE
     if path.is_file():
-        atomic_write_bytes(run / "reject.prev.json", path.read_bytes())
+        atomic_write_bytes(run / runfiles.REJECT_PREV, path.read_bytes())
     if reject is not None:
         atomic_write_json(path, {k: v for k, v in reject.items() if k != "curve"})
         return
     path.unlink(missing_ok=True)
-    if (run / "coverage_accuracy.png").is_file():  # no plot without a threshold behind it (the page embeds it)
-        (run / "coverage_accuracy.png").replace(run / "coverage_accuracy.prev.png")
+    if (run / runfiles.COVERAGE).is_file():  # no plot without a threshold behind it (the page embeds it)
+        (run / runfiles.COVERAGE).replace(run / runfiles.COVERAGE_PREV)
 
 
 def load_reject(run: Path) -> float | None:

@@ -1,293 +1,279 @@
-"""The evaluation report: summary and per-class numbers as JSON and Markdown, and rich tables for the console.
+"""A run's report from its predictions: per-class thresholds, report.json / report.md, thresholds.json and plots.
 
-Each split has its numbers at the fixed threshold (``train.threshold``, 0.5 by default) and, when the run has
-calibrated thresholds, at those. The run-level ``calibration`` section says where the thresholds were fitted and
-quotes the gain on data they were not fitted on: the test split, or k-fold cross-fitting on the calibration split.
+Arrays in, files out: the predictions come from the caller (the training run, or ``eval`` / ``calibrate``), and the
+files go to the run directory given as a path.
+
+The calibration gain is quoted on data the thresholds were not fitted on: the test split when there is one,
+otherwise k-fold cross-fitting on the calibration split. A run's task decides what its report holds; only a
+multi-label task has thresholds to calibrate.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from sklearn.model_selection import KFold
 
+from finetune import runfiles
+from finetune.config.objectives import CONSTRAINED, REJECT
 from finetune.data.split import ClassMap
-from finetune.eval.metrics import average_precision, prf, summarize
-from finetune.io import markdown_text
-from finetune.labels import unknown_counts
+from finetune.errors import UserError
+from finetune.eval import plots
+from finetune.eval.metrics import prf, summarize
+from finetune.eval.probabilities import Scaling, brier, ece, fit_scaling, top_label
+from finetune.eval.reject import fit_reject, save_reject
+from finetune.eval.tasks import Task
+from finetune.eval.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
+from finetune.io import atomic_write_bytes, atomic_write_json, read_json
 
-SUMMARY_KEYS = ("map", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall", "micro_f1")
-HEADLINE = ("macro_f1", "micro_f1", "macro_precision", "macro_recall", "cf1", "of1")
+
+def resolve_shrink(cs: CalibrationSettings, out: dict[str, Any]) -> tuple[CalibrationSettings, dict | None]:
+    """``shrink = "auto"`` replaced by the cross-fitted choice on the calibration split (and the scores behind it)."""
+    if cs.shrink != "auto":
+        return cs, None
+    options = {**cs.options}
+    options.pop("shrink")
+    k, scores = choose_shrink(out["targets"], out["probs"], cs.fixed, cs.folds, cs.seed, **options)
+    return replace(cs, shrink=k), {f"{c:g}": v for c, v in scores.items()}
 
 
-def split_report(
-    targets: np.ndarray,
-    probs: np.ndarray,
-    classes: ClassMap,
-    threshold: float = 0.5,
-    calibrated: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Summary metrics and a per-class table for one split, at ``threshold`` and at ``calibrated`` thresholds.
+def fit_calibration(cs: CalibrationSettings, out: dict[str, Any], classes: ClassMap, role: str) -> Calibration:
+    """Per-class thresholds on one split's predictions."""
+    try:
+        cal = fit_thresholds(out["targets"], out["probs"], **cs.options)
+    except ValueError as err:
+        raise UserError(f"calibrate: {err}") from None
+    cal.names, cal.split = list(classes.names), role
+    return cal
 
-    Unknown labels (NaN targets) are counted per class (``unknown``) and left out of every number.
+
+def _honest(
+    cs: CalibrationSettings, report: dict[str, Any], out: dict[str, Any], role: str
+) -> tuple[dict, Any, dict[str, Any]]:
+    """The gain on data the thresholds were not fitted on: the test split, else cross-fitting on ``role``.
+
+    Returns:
+        The summary, per-class F1 at the fixed threshold, and per-class precision/recall/F1/support calibrated.
     """
-    ap = average_precision(targets, probs)
-    unknown = unknown_counts(targets)
-    per = prf(targets, probs, threshold)
-    cal = prf(targets, probs, calibrated) if calibrated is not None else None
-    rows = []
-    for i in range(len(classes)):
-        row = {
-            "index": i,
-            "id": classes.ids[i],
-            "name": classes.names[i],
-            "support": int(per["support"][i]),
-            "unknown": int(unknown[i]),
-            "ap": None if np.isnan(ap[i]) else float(ap[i]),
-            "precision": float(per["precision"][i]),
-            "recall": float(per["recall"][i]),
-            "f1": float(per["f1"][i]),
-        }
-        if cal is not None:
-            row["threshold_cal"] = float(calibrated[i])
-            row.update({f"{k}_cal": float(cal[k][i]) for k in ("precision", "recall", "f1")})
-        rows.append(row)
-    out: dict[str, Any] = {
-        "images": int(len(targets)),
-        "unknown": int(unknown.sum()),
-        "threshold": threshold,
-        "summary": summarize(targets, probs, threshold),
-        "per_class": rows,
+    if "test" in report["splits"] and role != "test":
+        test = report["splits"]["test"]
+        honest = {"how": "test split", "fixed": test["summary"], "calibrated": test["calibrated"]["summary"]}
+        rows = test["per_class"]
+        held = {k: np.array([r[f"{k}_cal"] for r in rows]) for k in ("precision", "recall", "f1")}
+        held["support"] = np.array([r["support"] for r in rows])
+        return honest, [r["f1"] for r in rows], held
+    if len(out["targets"]) < 2:  # no held-out data and nothing to cross-fit on: no gain is claimed
+        per_row, how = np.full(np.shape(out["probs"]), cs.fixed), f"none: {role} has 1 image, too few to cross-fit"
+    else:
+        per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+        how = f"{min(cs.folds, len(per_row))}-fold cross-fitting on {role}"
+    honest = {
+        "how": how,
+        "fixed": summarize(out["targets"], out["probs"], cs.fixed),
+        "calibrated": summarize(out["targets"], out["probs"], per_row),
     }
-    if calibrated is not None:
-        out["calibrated"] = {"summary": summarize(targets, probs, calibrated)}
-    return out
+    return honest, prf(out["targets"], out["probs"], cs.fixed)["f1"], prf(out["targets"], out["probs"], per_row)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
+def operating_points(cal: Calibration, out: dict[str, Any], held: dict[str, Any], how: str) -> dict[str, Any] | None:
+    """Per constrained class: its target, what it reached on the fitting split and on held-out data, and the counts.
 
-
-def class_columns(split: dict[str, Any], threshold: str = "threshold") -> list[str]:
-    """The per-class table's columns: ``unknown`` only where the split has unknown labels, calibrated ones if any."""
-    unknown = ["unknown"] if split.get("unknown") else []
-    cal = [threshold, "P cal", "R cal", "F1 cal"] if "calibrated" in split else []
-    return ["class", "support", *unknown, "AP", "P", "R", "F1", *cal]
-
-
-def _class_cells(
-    row: dict[str, Any], calibrated: bool, threshold_digits: int, unknown: bool = False, markup: bool = True
-) -> list[str]:
-    """One per-class row as text: name, support, (unknown,) AP, P/R/F1, then threshold and P/R/F1 calibrated.
-
-    Args:
-        row: The class's row of a report split.
-        calibrated: Add the calibrated threshold and P/R/F1.
-        threshold_digits: Decimals of the threshold.
-        unknown: Add the count of unknown labels.
-        markup: Escape the name for rich's console markup (not for Markdown, whose rows escape every cell).
+    A class without a held-out positive has no held-out recall; it is listed, and left out of the held-out count.
     """
-    prf_keys = ("precision", "recall", "f1")
-    counts = [str(row["support"])] + ([str(row.get("unknown", 0))] if unknown else [])
-    name = escape(row["name"]) if markup else row["name"]
-    cells = [name, *counts, _pct(row["ap"]), *(_pct(row[k]) for k in prf_keys)]
-    if calibrated:
-        cells += [f"{row['threshold_cal']:.{threshold_digits}f}", *(_pct(row[f"{k}_cal"]) for k in prf_keys)]
-    return cells
-
-
-def probabilities_line(s: dict[str, Any]) -> str:
-    """One line on the probability scaling: ECE and Brier before -> after, on held-out data."""
-    b, a = s["before"], s["after"]
-    return (
-        f"probabilities: {s['method']} scaling fitted on {s['fitted_on']}; on data it was not fitted on ({s['how']}) "
-        f"ECE {b['ece']:.4f} -> {a['ece']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}"
-    )
-
-
-def unknown_line(report: dict[str, Any]) -> str | None:
-    """One line on the unknown labels of each split (None when there are none)."""
-    parts = []
-    for name, split in report["splits"].items():
-        if split.get("unknown"):
-            total = split["images"] * len(split["per_class"])
-            parts.append(f"{name} {split['unknown']} of {total} entries ({100 * split['unknown'] / total:.0f}%)")
-    if not parts:
-        return None
-    return "unknown labels (not checked; left out of every number here): " + ", ".join(parts)
-
-
-def targets_line(t: dict[str, Any]) -> str:
-    """One line on the operating points: how many classes met their target, where."""
-    return (
-        f"operating points: {t['met_fitting']} of {t['classes']} classes meet their target on the fitting split, "
-        f"{t['met_held_out']} of {t['scored_held_out']} with held-out positives on data it was not fitted on "
-        f"({t['how']})"
-    )
-
-
-TARGET_COLUMNS = ["class", "objective", "target", "threshold", "from", "fitting", "held-out", "other held-out", "met"]
-
-
-def target_rows(t: dict[str, Any]) -> list[list[str]]:
-    """The operating-point table as text: the constrained value reached on each side, the other one held out."""
+    fit = prf(out["targets"], out["probs"], cal.thresholds)
     rows = []
-    for r in t["rows"]:
-        met = "-" if r["met_held_out"] is None else ("yes" if r["met_held_out"] else "no")
+    for i, (obj, target) in enumerate(zip(cal.objective, cal.target)):
+        if obj not in CONSTRAINED:
+            continue
+        key, other = ("recall", "precision") if obj == "recall_at_least" else ("precision", "recall")
+        scored = held["support"][i] > 0
         rows.append(
-            [
-                r["name"],
-                r["objective"].replace("_at_least", " >="),
-                f"{r['target']:g}",
-                f"{r['threshold']:.3f}",
-                r["source"],
-                _pct(r["fitting"]),
-                _pct(r["held_out"]),
-                _pct(r["held_out_other"]),
-                met,
-            ]
+            {
+                "name": cal.names[i] if cal.names else str(i),
+                "objective": obj,
+                "target": target,
+                "threshold": float(cal.thresholds[i]),
+                "source": cal.source[i],
+                "fitting": float(fit[key][i]),
+                "fitting_other": float(fit[other][i]),
+                "held_out": float(held[key][i]) if scored else None,
+                "held_out_other": float(held[other][i]) if scored else None,
+                "held_out_positives": int(held["support"][i]),
+                "met_fitting": bool(fit[key][i] >= target - 1e-9),
+                "met_held_out": bool(held[key][i] >= target - 1e-9) if scored else None,
+            }
         )
-    return rows
-
-
-def print_report(report: dict[str, Any], console: Console, per_class: bool = True) -> None:
-    """Print a summary table (one row per split and threshold kind), the calibration gain and per-class tables."""
-    table = Table(title=escape(str(report.get("run", "evaluation"))))
-    table.add_column("split")
-    table.add_column("thresholds")
-    table.add_column("images", justify="right")
-    for key in SUMMARY_KEYS:
-        table.add_column(key.replace("_", " ").replace("map", "mAP"), justify="right")
-    for name, split in report["splits"].items():
-        s = split["summary"]
-        table.add_row(name, f"fixed {split['threshold']:g}", str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS))
-        if "calibrated" in split:
-            c = split["calibrated"]["summary"]
-            table.add_row(name, "calibrated", str(split["images"]), *(_pct(c[k]) for k in SUMMARY_KEYS))
-    console.print(table)
-    if unknown_line(report):
-        console.print(unknown_line(report))
-    cal = report.get("calibration")
-    if cal:
-        h = cal["honest"]
-        console.print(
-            f"calibration: fitted on {escape(str(cal['fitted_on']))}; on data it was not fitted on ({h['how']}): "
-            "macro-F1 "
-            f"{_pct(h['fixed']['macro_f1'])} -> {_pct(h['calibrated']['macro_f1'])}, micro-F1 "
-            f"{_pct(h['fixed']['micro_f1'])} -> {_pct(h['calibrated']['micro_f1'])}"
-        )
-        if cal.get("targets"):
-            console.print(targets_line(cal["targets"]))
-    if report.get("probabilities"):
-        console.print(probabilities_line(report["probabilities"]))
-    if not per_class:
-        return
-    for name, split in report["splits"].items():
-        has_cal, has_unknown = "calibrated" in split, bool(split.get("unknown"))
-        t = Table(title=f"{name}: per class")
-        for col in class_columns(split, "thr"):
-            t.add_column(col, justify="left" if col == "class" else "right")
-        for r in split["per_class"]:
-            t.add_row(*_class_cells(r, has_cal, 2, has_unknown))
-        console.print(t)
-
-
-def _md_row(cells: list[str]) -> str:
-    """A Markdown table row whose cells show as text (class names may hold HTML or ``|``)."""
-    return "| " + " | ".join(markdown_text(c) for c in cells) + " |"
-
-
-def markdown_report(report: dict[str, Any]) -> str:
-    """The same report as Markdown (``report.md`` in the run); every name in it is escaped."""
-    lines = [f"# {markdown_text(report.get('run', 'evaluation'))}", ""]
-    if unknown_line(report):
-        lines += [str(unknown_line(report)), ""]
-    cal = report.get("calibration")
-    if cal:
-        h = cal["honest"]
-        lines += [
-            f"Thresholds fitted on **{markdown_text(cal['fitted_on'])}** ({cal['metric']}, "
-            f"min_positives {cal['min_positives']}, "
-            f"shrink {cal['shrink']:g}; global threshold {cal['global_threshold']:.3f}). "
-            f"Measured on data they were not fitted on ({h['how']}):",
-            "",
-            "| metric | fixed threshold | calibrated |",
-            "|---|---:|---:|",
-            *(f"| {k} | {_pct(h['fixed'][k])} | {_pct(h['calibrated'][k])} |" for k in HEADLINE),
-            "",
-        ]
-        if report.get("probabilities"):
-            lines += [probabilities_line(report["probabilities"]) + " (reliability.png)", ""]
-        if cal.get("targets"):
-            t = cal["targets"]
-            rule = "|---|---|" + "---:|" * 2 + "---|" + "---:|" * 4
-            lines += [targets_line(t), "", "| " + " | ".join(TARGET_COLUMNS) + " |", rule]
-            lines += [_md_row(r) for r in target_rows(t)] + [""]
-    lines += ["## Summary", "", "| split | thresholds | images | " + " | ".join(SUMMARY_KEYS) + " |"]
-    lines.append("|---|---|---:|" + "---:|" * len(SUMMARY_KEYS))
-    for name, split in report["splits"].items():
-        for kind, s in (("fixed", split["summary"]), ("calibrated", split.get("calibrated", {}).get("summary"))):
-            if s is not None:
-                lines.append(_md_row([name, kind, str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS)]))
-    for name, split in report["splits"].items():
-        has_cal, has_unknown = "calibrated" in split, bool(split.get("unknown"))
-        cols = class_columns(split)
-        title = f"## {markdown_text(name)}: per class"
-        lines += ["", title, "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
-        for r in split["per_class"]:
-            lines.append(_md_row(_class_cells(r, has_cal, 3, has_unknown, markup=False)))
-    return "\n".join(lines) + "\n"
-
-
-def single_label_report(targets: np.ndarray, probs: np.ndarray, classes: ClassMap) -> dict[str, Any]:
-    """Top-1/top-5, mean per-class recall, per-class precision/recall and the confusion matrix of one split."""
-    from finetune.eval.metrics import confusion, labels_of, summarize_single
-
-    y = labels_of(targets)
-    pred = np.asarray(probs).argmax(1)
-    cm = confusion(y, pred, len(classes))
-    support, predicted, hits = cm.sum(1), cm.sum(0), np.diag(cm)
-    rows = [
-        {
-            "index": i,
-            "name": classes.names[i],
-            "support": int(support[i]),
-            "recall": float(hits[i] / support[i]) if support[i] else None,
-            "precision": float(hits[i] / predicted[i]) if predicted[i] else None,
-        }
-        for i in range(len(classes))
-    ]
+    if not rows:
+        return None
+    scored = [r for r in rows if r["met_held_out"] is not None]
     return {
-        "images": int(len(y)),
-        "summary": summarize_single(targets, probs),
-        "per_class": rows,
-        # Sparse (true, predicted, count) triples: at most one per image, where a dense list grows with classes².
-        "confusion": [[int(t), int(p), int(cm[t, p])] for t, p in zip(*np.nonzero(cm))],
+        "how": how,
+        "classes": len(rows),
+        "met_fitting": sum(r["met_fitting"] for r in rows),
+        "scored_held_out": len(scored),
+        "met_held_out": sum(bool(r["met_held_out"]) for r in scored),
+        "rows": rows,
     }
 
 
-def print_single_report(report: dict[str, Any], console: Console) -> None:
-    """Summary (top-1, top-5, mean recall, mAP) per split and per-class recall/precision."""
-    table = Table(title=escape(str(report.get("run", "evaluation"))))
-    for col in ("split", "images", "top-1", "top-5", "mean recall", "mAP"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    for name, split in report["splits"].items():
-        s = split["summary"]
-        table.add_row(name, str(split["images"]), *(_pct(s[k]) for k in ("top1", "top5", "mean_recall", "map")))
-    console.print(table)
-    if report.get("probabilities"):
-        console.print(probabilities_line(report["probabilities"]))
-    if report.get("reject"):
-        from finetune.eval.reject import reject_line
+def _add_calibration(
+    run: Path, report: dict[str, Any], cs: CalibrationSettings, cal: Calibration, outs: dict, classes: ClassMap
+) -> None:
+    role = cal.split
+    honest, f1_fixed, held = _honest(cs, report, outs[role], role)
+    f1_cal = held["f1"]
+    report["calibration"] = {
+        "fitted_on": role,
+        "metric": cal.metric,
+        "beta": cal.beta,
+        "min_positives": cs.min_positives,
+        "shrink": cs.shrink,
+        "global_threshold": cal.global_threshold,
+        "margin": cs.margin,
+        "honest": honest,
+        "targets": operating_points(cal, outs[role], held, honest["how"]),
+    }
+    save_thresholds(run, cal)
+    out = outs[role]
+    plotted = plots.pr_curves(
+        out["targets"], out["probs"], cal.thresholds, classes.names, run / runfiles.PR_CURVES, role
+    )
+    title = f"per-class F1, {honest['how']}: fixed {cs.fixed:g} vs calibrated"
+    plots.f1_bars(np.asarray(f1_fixed), np.asarray(f1_cal), classes.names, run / runfiles.F1_BARS, title)
+    report["calibration"]["plots"] = {runfiles.PR_CURVES: plotted, runfiles.F1_BARS: honest["how"]}
 
-        console.print(reject_line(report["reject"]))
-    for name, split in report["splits"].items():
-        t = Table(title=f"{name}: per class")
-        for col in ("class", "support", "recall", "precision"):
-            t.add_column(col, justify="left" if col == "class" else "right")
-        for r in split["per_class"]:
-            t.add_row(escape(r["name"]), str(r["support"]), _pct(r["recall"]), _pct(r["precision"]))
-        console.print(t)
+
+def _held_out_scaling(cs: CalibrationSettings, outs: dict[str, dict[str, Any]], scaling: Scaling) -> tuple:
+    """Targets and probabilities before/after scaling on data it was not fitted on: test, else cross-fitting."""
+    if "test" in outs and cs.split != "test":
+        y, before = outs["test"]["targets"], outs["test"]["probs"]
+        return "test split", y, before, scaling.apply(before)
+    y, before = outs[cs.split]["targets"], outs[cs.split]["probs"]
+    after = np.empty_like(before, dtype=np.float64)
+    folds = KFold(min(cs.folds, len(before)), shuffle=True, random_state=cs.seed)
+    for fit_idx, score_idx in folds.split(before):
+        s = fit_scaling(y[fit_idx], before[fit_idx], cs.probabilities, cs.min_positives, softmax=scaling.softmax)
+        after[score_idx] = s.apply(before[score_idx])
+    return f"{folds.n_splits}-fold cross-fitting on {cs.split}", y, before, after
+
+
+def save_scaling(run: Path, scaling: Scaling | None) -> None:
+    """Write ``probabilities.json`` (which folds into the run's model from then on), or retire it with None.
+
+    Called once the thresholds fitted on that scale are saved, so the model and ``thresholds.json`` never disagree.
+    The file it replaces (and a reliability diagram without a scaling behind it) is kept as ``*.prev.*``.
+    """
+    path = run / runfiles.PROBABILITIES
+    if path.is_file():
+        atomic_write_bytes(run / runfiles.PROBABILITIES_PREV, path.read_bytes())
+    if scaling is not None:
+        atomic_write_json(path, scaling.to_json())
+        return
+    path.unlink(missing_ok=True)
+    if (run / runfiles.RELIABILITY).is_file():
+        (run / runfiles.RELIABILITY).replace(run / runfiles.RELIABILITY_PREV)
+
+
+def scale_probabilities(
+    run: Path, cs: CalibrationSettings, outs: dict[str, dict[str, Any]], classes: ClassMap, softmax: bool = False
+) -> tuple[dict[str, Any] | None, Scaling | None]:
+    """Fit ``calibrate.probabilities`` on the calibration split; replace every split's probabilities by the scaled.
+
+    Writes ``reliability.png``; returns ECE and Brier before/after on held-out data and the scaling (for
+    :func:`save_scaling`). With ``"none"``: nothing to fit, ``(None, None)``. ``softmax``: a single-label run (one
+    temperature; top-label ECE and the reliability of the top probability).
+    """
+    if cs.probabilities == "none":
+        return None, None
+    fit_on = outs[cs.split]
+    scaling = fit_scaling(fit_on["targets"], fit_on["probs"], cs.probabilities, cs.min_positives, softmax=softmax)
+    scaling.names, scaling.split = list(classes.names), cs.split
+    how, y, before, after = _held_out_scaling(cs, outs, scaling)
+    shown = (*top_label(y, before), top_label(y, after)[1]) if softmax else (y, before, after)
+    plots.reliability_png(*shown, run / runfiles.RELIABILITY, f"{cs.probabilities} scaling, {how}")
+    for out in outs.values():
+        out["probs"] = scaling.apply(out["probs"])
+    stats = {
+        "method": cs.probabilities,
+        "fitted_on": cs.split,
+        "how": how,
+        "before": {"ece": ece(y, before, softmax=softmax), "brier": brier(y, before, softmax=softmax)},
+        "after": {"ece": ece(y, after, softmax=softmax), "brier": brier(y, after, softmax=softmax)},
+    }
+    return stats, scaling
+
+
+def write_report(
+    run: Path,
+    task: Task,
+    classes: ClassMap,
+    outs: dict[str, dict[str, Any]],
+    *,
+    cs: CalibrationSettings,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Calibrate (when the task has thresholds and ``cs.enabled``), then write report.json and the task's files.
+
+    With ``calibrate.probabilities``, the probabilities of ``outs`` are replaced by the scaled ones first (in place:
+    the caller's galleries then show what the report scored).
+    """
+    calibration, shrink_scores, scaled, scaling = None, None, None, None
+    if cs.enabled:
+        scaled, scaling = scale_probabilities(run, cs, outs, classes, softmax=not task.calibrates)
+    if task.calibrates and cs.enabled:
+        cs, shrink_scores = resolve_shrink(cs, outs[cs.split])
+        calibration = fit_calibration(cs, outs[cs.split], classes, cs.split)
+    thr = calibration.thresholds if calibration is not None else None
+    report: dict[str, Any] = {"run": str(run), "task": task.name, **(extra or {}), "splits": {}}
+    if task.calibrates:
+        report.update(threshold=cs.fixed, calibration=None)
+    if scaled is not None:
+        report["probabilities"] = scaled
+    for name, out in outs.items():
+        if name != "train":
+            report["splits"][name] = task.split_report(out["targets"], out["probs"], classes, cs.fixed, thr)
+    if calibration is not None:
+        _add_calibration(run, report, cs, calibration, outs, classes)
+        if shrink_scores is not None:
+            report["calibration"]["shrink_auto"] = shrink_scores
+    if not task.calibrates:  # single-label: the reject option (on the scaled scores), or none (an old one retired)
+        report["reject"] = fit_reject(cs, outs) if cs.enabled and cs.metric == REJECT else None
+        save_reject(run, report["reject"])
+    save_scaling(run, scaling)  # after the thresholds: a run without calibration (or "none") keeps no scaling
+    task.write_extras(report, classes, run)
+    atomic_write_json(run / runfiles.REPORT, report)
+    return report
+
+
+def save_thresholds(run: Path, calibration: Calibration) -> None:
+    """Write ``thresholds.json``; an existing one is kept as ``thresholds.prev.json`` (nothing is lost).
+
+    The training run also keeps its own as ``thresholds.run.json`` (see ``training``), which ``calibrate`` never
+    touches: a second ``calibrate`` replaces ``thresholds.prev.json``, not those.
+    """
+    path = run / runfiles.THRESHOLDS
+    if path.exists():
+        atomic_write_bytes(run / runfiles.THRESHOLDS_PREV, path.read_bytes())
+    atomic_write_json(path, calibration.to_json())
+
+
+def load_thresholds(run: Path, threshold: float | None, fixed: float) -> tuple[np.ndarray | float, str]:
+    """The thresholds to apply: ``threshold`` if given, else the run's thresholds.json, else ``fixed``."""
+    if threshold is not None:
+        return threshold, f"fixed {threshold:g}"
+    if (run / runfiles.THRESHOLDS).is_file():
+        fix = f"run `finetune calibrate {run}` to write it again"
+        raw = read_json(run / runfiles.THRESHOLDS, dict, fix)
+        try:
+            cal = Calibration.from_json(raw)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{run / runfiles.THRESHOLDS}: corrupt ({type(err).__name__}: {err}); {fix}") from None
+        n = len(read_json(run / runfiles.CLASSES, list, "restore it")) if (run / runfiles.CLASSES).is_file() else None
+        t = np.asarray(cal.thresholds, dtype=np.float64)
+        if t.ndim != 1 or (n is not None and len(t) != n) or not (np.isfinite(t) & (t >= 0) & (t <= 1)).all():
+            raise UserError(f"{run / runfiles.THRESHOLDS}: corrupt (not one finite threshold per class); {fix}")
+        return cal.thresholds, f"calibrated on {cal.split or 'val'} (thresholds.json)"
+    return fixed, f"fixed {fixed:g}"

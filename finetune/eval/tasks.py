@@ -2,7 +2,7 @@
 
 A :class:`Task` owns the activation (sigmoid or softmax), the losses and selection metrics it accepts, the metrics
 logged every epoch, the per-split report (building, printing, plots) and how a probability row becomes labels. Which
-losses and selection metrics a task accepts is a recipe rule, kept (torch-free) in :mod:`finetune.rules`.
+losses and selection metrics a task accepts is a recipe rule, kept (torch-free) in :mod:`finetune.config.rules`.
 Nothing else in the package asks which kind of run it is: it asks the run's task. Data formats map to tasks in
 :func:`task_for` (``data.format``, or ``data.task`` for CSV and imagefolder data).
 """
@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from finetune import runfiles
+from finetune.config.rules import LOSSES, SELECTS, task_name
 from finetune.data.split import ClassMap
 from finetune.labels import label_indices
-from finetune.rules import LOSSES, SELECTS, task_name
 
 
 class Task:
@@ -103,20 +104,20 @@ class MultiLabel(Task):
     def split_report(  # noqa: D102
         self, targets: np.ndarray, probs: np.ndarray, classes: ClassMap, threshold: float, calibrated: Any = None
     ) -> dict[str, Any]:
-        from finetune.eval.report import split_report
+        from finetune.eval.tables import split_report
 
         return split_report(targets, probs, classes, threshold, calibrated)
 
     def print_report(self, report: dict[str, Any], console: Console) -> None:  # noqa: D102
-        from finetune.eval.report import print_report
+        from finetune.eval.tables import print_report
 
         print_report(report, console)
 
     def write_extras(self, report: dict[str, Any], classes: ClassMap, run_dir: Path) -> None:  # noqa: D102
-        from finetune.eval.report import markdown_report
+        from finetune.eval.tables import markdown_report
         from finetune.io import atomic_write_text
 
-        atomic_write_text(run_dir / "report.md", markdown_report(report))
+        atomic_write_text(run_dir / runfiles.REPORT_MD, markdown_report(report))
 
 
 class SingleLabel(Task):
@@ -144,12 +145,12 @@ class SingleLabel(Task):
     def split_report(  # noqa: D102
         self, targets: np.ndarray, probs: np.ndarray, classes: ClassMap, threshold: float, calibrated: Any = None
     ) -> dict[str, Any]:
-        from finetune.eval.report import single_label_report
+        from finetune.eval.tables import single_label_report
 
         return single_label_report(targets, probs, classes)
 
     def print_report(self, report: dict[str, Any], console: Console) -> None:  # noqa: D102
-        from finetune.eval.report import print_single_report
+        from finetune.eval.tables import print_single_report
 
         print_single_report(report, console)
 
@@ -160,9 +161,9 @@ class SingleLabel(Task):
         cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
         for t, p, count in report["splits"][shown]["confusion"]:
             cm[t, p] = count
-        plots.confusion_png(cm, list(classes.names), run_dir / "confusion_matrix.png", f"{shown}: confusion matrix")
+        plots.confusion_png(cm, list(classes.names), run_dir / runfiles.CONFUSION, f"{shown}: confusion matrix")
         if report.get("reject"):
-            plots.coverage_accuracy_png(report["reject"], run_dir / "coverage_accuracy.png")
+            plots.coverage_accuracy_png(report["reject"], run_dir / runfiles.COVERAGE)
 
     def threshold_note(self, how: str) -> str:  # noqa: D102
         return "the highest-scoring class (single-label)"

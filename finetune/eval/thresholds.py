@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
+from finetune.config.objectives import CONSTRAINED
 from finetune.labels import known_of, positives_of
-from finetune.objectives import CONSTRAINED
 
 
 def _check(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from finetune import runfiles
 from finetune.errors import UserError
 from finetune.io import append_jsonl, atomic_write_text
 from finetune.train.loop import Hook, Loop
@@ -141,7 +142,7 @@ class WandbLogger(Hook):
             import wandb
         except ImportError:
             raise UserError("log.to: \"wandb\" needs Weights & Biases: pip install -e '.[wandb]'") from None
-        id_file = self.run_dir / "wandb_id.txt"
+        id_file = self.run_dir / runfiles.WANDB_ID
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B's id form
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
         self._run = wandb.init(
@@ -178,9 +179,9 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def make_loggers(names: list[str], run_dir: Path, experiment: str, params: dict[str, Any]) -> list[Hook]:
     """The logger hooks for ``[log] to`` (``jsonl`` is always on)."""
-    hooks: list[Hook] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    hooks: list[Hook] = [JsonlLogger(run_dir / runfiles.METRICS)]
     if "csv" in names:
-        hooks.append(CsvLogger(run_dir / "metrics.csv"))
+        hooks.append(CsvLogger(run_dir / runfiles.METRICS_CSV))
     if "tensorboard" in names:
         hooks.append(TensorBoardLogger(run_dir / "tensorboard"))
     if "mlflow" in names:

@@ -19,6 +19,7 @@ from safetensors.torch import save
 from sklearn.model_selection import KFold
 from torch import nn
 
+from finetune import runfiles
 from finetune.eval.predict import EvalSettings
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
@@ -135,7 +136,7 @@ def choose_c(
     return best_c(cs, scores), scores, solved
 
 
-PROBE_FILE = "probe.safetensors"  # the solved classifier (weight, bias) on the starting network's features
+PROBE_FILE = runfiles.PROBE  # the solved classifier (weight, bias) on the starting network's features
 
 
 class ProbeHook(Hook):

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from finetune import runfiles
 from finetune.console import LogTicker
 from finetune.errors import UserError
 from finetune.eval.predict import handle_bad_images, image_inputs, predict_loader
@@ -315,9 +316,9 @@ def fit(loop: Loop, hooks: Sequence[Hook] = ()) -> TrainState:
                 h.on_epoch_end(loop, record)
             full = checkpoint_state(loop, hooks)
             if improved and loop.is_main:
-                save_checkpoint(loop.run_dir / "best.pt", full)
+                save_checkpoint(loop.run_dir / runfiles.BEST, full)
             if loop.is_main:
-                save_checkpoint(loop.run_dir / "last.pt", full)
+                save_checkpoint(loop.run_dir / runfiles.LAST, full)
                 clear_step_checkpoints(loop.run_dir)
             loop.console.print(_epoch_line(loop, stats, record, improved))
             if loop.state.stop_reason:

@@ -15,7 +15,9 @@ from typing import Any
 
 import tomli_w
 
+from finetune import runfiles
 from finetune.config import Recipe, load_recipe, recipe_to_dict
+from finetune.config.overrides import parse_override
 from finetune.data.split import ClassMap
 from finetune.errors import UserError
 from finetune.io import (
@@ -27,25 +29,24 @@ from finetune.io import (
     read_json,
     remove_stale_temporaries,
 )
-from finetune.overrides import parse_override
-from finetune.train.lock import LOCK_NAME
+from finetune.rundir.lock import LOCK_NAME
 
 # What a run writes before its first last.pt; a directory holding only these can be rerun or resumed from scratch.
 # best.pt is written just before last.pt: alone, it is epoch 1's, from a run killed (or out of disk) between the two.
 _BEFORE_FIRST_CHECKPOINT = {
-    ".lock",
-    "best.pt",
-    "recipe.toml",
+    runfiles.LOCK,
+    runfiles.BEST,
+    runfiles.RECIPE,
     "steps",
-    "torchrun_id",
-    "classes.json",
-    "metrics.jsonl",
-    "metrics.csv",
-    "bad_images.json",
+    runfiles.TORCHRUN_ID,
+    runfiles.CLASSES,
+    runfiles.METRICS,
+    runfiles.METRICS_CSV,
+    runfiles.BAD_IMAGES,
     "tensorboard",
     "mlruns",
     "wandb",
-    "wandb_id.txt",
+    runfiles.WANDB_ID,
 }
 # The keys --resume --set may change: none changes what an epoch computes (epochs may only grow; checked on resume).
 RESUME_KEYS = {"train.epochs", "data.num_workers", "data.root", "log.to"}
@@ -115,7 +116,7 @@ class RunDir:
     def open(cls, path: str | Path) -> RunDir:
         """An existing run directory (it has a ``recipe.toml``)."""
         run = cls(path)
-        if not (run.path / "recipe.toml").is_file():
+        if not (run.path / runfiles.RECIPE).is_file():
             raise UserError(f"{path}: not a run directory (no recipe.toml)")
         return run
 
@@ -132,7 +133,7 @@ class RunDir:
         """The checkpoint a resume continues from: ``last.pt``, or a newer mid-epoch ``steps/step-<step>.pt``."""
         from finetune.train.fit import step_checkpoints  # the layer's trainer names them
 
-        last, steps = self.path / "last.pt", step_checkpoints(self.path)
+        last, steps = self.path / runfiles.LAST, step_checkpoints(self.path)
         if not steps:
             return last if last.is_file() else None
         if not last.is_file():
@@ -142,7 +143,7 @@ class RunDir:
 
     def recipe(self, overrides: list[str] | None = None) -> Recipe:
         """The resolved recipe saved in the run, with optional ``--set`` overrides."""
-        return load_recipe(self.path / "recipe.toml", overrides)
+        return load_recipe(self.path / runfiles.RECIPE, overrides)
 
     def resume_recipe(self, overrides: list[str] | None = None) -> Recipe:
         """The run's recipe for ``--resume``: only keys that leave the trained weights' meaning intact may change.
@@ -179,19 +180,21 @@ class RunDir:
         checkpoint = raw["model"].get("checkpoint")
         if checkpoint and Path(checkpoint).exists():
             raw["model"]["checkpoint"] = str(Path(checkpoint).resolve())
-        self.write_text("recipe.toml", tomli_w.dumps(raw))
+        self.write_text(runfiles.RECIPE, tomli_w.dumps(raw))
 
     def classes(self) -> ClassMap:
         """The run's classes (``classes.json``)."""
-        raw = self.read_json("classes.json")
+        raw = self.read_json(runfiles.CLASSES)
         try:
             return ClassMap.from_json(raw)
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise UserError(f"{self.path / 'classes.json'}: corrupt (not a finetune class list); restore it") from None
+            raise UserError(
+                f"{self.path / runfiles.CLASSES}: corrupt (not a finetune class list); restore it"
+            ) from None
 
     def save_classes(self, classes: ClassMap) -> None:
         """Write ``classes.json``."""
-        self.write_json("classes.json", classes.to_json())
+        self.write_json(runfiles.CLASSES, classes.to_json())
 
     def checkpoint(self, which: str = "best") -> dict[str, Any]:
         """A checkpoint of the run (``best`` or ``last``), loaded safely."""
@@ -204,13 +207,13 @@ class RunDir:
         """Drop ``metrics.jsonl`` lines past the checkpoint's epoch, and a partial last line (a kill mid-write)."""
         from finetune.io import read_jsonl
 
-        path = self.path / "metrics.jsonl"
+        path = self.path / runfiles.METRICS
         if not path.is_file():
             return
         rows = read_jsonl(path)
         kept = [r for r in rows if r.get("epoch", 0) <= epochs_done]
         if len(kept) != len(path.read_text().splitlines()):
-            self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            self.write_text(runfiles.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the run."""

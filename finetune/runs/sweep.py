@@ -29,11 +29,12 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
+from finetune import runfiles
 from finetune.config import Recipe, load_recipe, recipe_to_dict
+from finetune.config.overrides import read_toml
 from finetune.errors import UserError
 from finetune.eval.tasks import task_for
 from finetune.io import atomic_write_json, atomic_write_text, check_output_folder
-from finetune.overrides import read_toml
 from finetune.train.loop import Hook, Loop
 
 INSTALL = "pip install 'finetune[sweep]'"
@@ -120,8 +121,8 @@ def _objective(recipe: Path, overrides: list[str], space: dict, seed: int, out: 
     optuna = _require()
 
     def objective(trial: Any) -> float:
-        from finetune.train.assembly.data import build_splits
-        from finetune.train.run import run_recipe
+        from finetune.assembly.data import build_splits
+        from finetune.runs.run import run_recipe
 
         r = trial_recipe(recipe, overrides, _draw(trial, space), seed, out, trial.number)
         splits = build_splits(r, check=False)
@@ -135,7 +136,7 @@ def _objective(recipe: Path, overrides: list[str], space: dict, seed: int, out: 
         trial.set_user_attr("run", str(run_dir))
         if hook.pruned:
             raise optuna.TrialPruned()
-        report = json.loads((run_dir / "report.json").read_text())
+        report = json.loads((run_dir / runfiles.REPORT).read_text())
         return float(report["splits"]["val"]["summary"][select])
 
     return objective
@@ -180,7 +181,7 @@ def sweep(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the study to ``trials`` finished trials, write ``best.toml``, compare it with the start."""
-    from finetune.train import compare as cmp
+    from finetune.runs import compare as cmp
 
     console = console or Console(stderr=True)
     overrides = list(overrides or [])

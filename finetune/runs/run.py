@@ -20,21 +20,22 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from finetune import runfiles
 from finetune.allocator import reuse_freed_memory
+from finetune.assembly import RunParts, build_run
 from finetune.config import Recipe
+from finetune.config.objectives import REJECT
 from finetune.console import LogConsole
 from finetune.data.samplers import sampler_line
 from finetune.distributed import barrier, gather_list
 from finetune.errors import UserError
 from finetune.eval.metrics import voc_ap
 from finetune.eval.predict import predict_loader
-from finetune.eval.run_report import write_report
-from finetune.objectives import REJECT
-from finetune.train.assembly import RunParts, build_run
+from finetune.eval.report import write_report
+from finetune.rundir.directory import RunDir
+from finetune.rundir.lock import run_lock
 from finetune.train.fit import fit, restore, selected_weights
-from finetune.train.lock import run_lock
 from finetune.train.loop import Hook, Loop
-from finetune.train.rundir import RunDir
 
 
 class Terminated(KeyboardInterrupt):
@@ -66,7 +67,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def _stopped(err: KeyboardInterrupt, run_dir: RunDir | Path) -> UserError:
     """The one line for a run stopped by Ctrl-C or SIGTERM (before its run directory was made: run it again)."""
     how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-    if not (Path(run_dir) / "recipe.toml").is_file():
+    if not (Path(run_dir) / runfiles.RECIPE).is_file():
         return UserError(f"{how} before the run started; nothing was written: run the recipe again")
     return UserError(f"{how}; continue with `finetune run --resume {run_dir}`")
 
@@ -106,14 +107,14 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
         n = len(parts.splits["train"].targets)
         extra["sampler"] = {"name": "balanced", "train_images": n, "epoch_size": parts.epoch_size}
     report = write_report(run.path, task, parts.classes, outs, cs=cs, extra=extra)
-    if (run / "thresholds.json").is_file():  # the training run's own thresholds, which calibrate never replaces
-        run.write_bytes("thresholds.run.json", (run / "thresholds.json").read_bytes())
+    if (run / runfiles.THRESHOLDS).is_file():  # the training run's own thresholds, which calibrate never replaces
+        run.write_bytes(runfiles.THRESHOLDS_RUN, (run / runfiles.THRESHOLDS).read_bytes())
     task.print_report(report, LogConsole())
     if report.get("sampler"):
         LogConsole().print(sampler_line(report["sampler"]))
     for role, value in report.get("voc07_map", {}).items():
         LogConsole().print(f"{role}: VOC07 mAP (11-point interpolated) {100 * value:.1f}")
-    from finetune.train.explain import HtmlOptions, write_html  # explain builds on this layer's parts
+    from finetune.runs.report_page import HtmlOptions, write_html  # explain builds on this layer's parts
 
     if not parts.recipe.output.html:
         return report
@@ -192,7 +193,7 @@ def _start(parts: RunParts, run_dir: RunDir, point: Path | None, loop: Loop, hoo
     barrier(d)
 
 
-ELASTIC_ID = "torchrun_id"
+ELASTIC_ID = runfiles.TORCHRUN_ID
 
 
 def elastic_resume(recipe: Recipe, resume: str | Path | None) -> Path | None:
@@ -237,7 +238,7 @@ def run_recipe(
     """Train a recipe end to end (or continue a run), then write and print the final report.
 
     Under ``torchrun`` every process calls this; rank 0 alone writes the run directory, prints and reports. The run
-    directory is locked for the whole run (:mod:`finetune.train.lock`); an elastic restart resumes it.
+    directory is locked for the whole run (:mod:`finetune.rundir.lock`); an elastic restart resumes it.
 
     Args:
         recipe: The validated recipe (for a resume: the run's own, with any overrides).
@@ -252,17 +253,20 @@ def run_recipe(
     restarted = elastic_resume(recipe, resume)
     if restarted is not None and resume is None:
         recipe, resume = RunDir.open(restarted).recipe(), restarted
-    parts = build_run(recipe, distributed=True, extra_hooks=hooks)
-    d = parts.dist
-    console = (console or Console(stderr=True)) if d.main else Console(quiet=True)
-    parts.console = console
+    if resume is not None and not Path(resume).is_dir():
+        raise UserError(f"{resume}: not a run directory (no such folder)")
+    # A resume takes its weights from last.pt (never the hub or the original checkpoint again); a run stopped before
+    # its first checkpoint starts over from the recipe's weights.
+    weights = "none" if resume is not None and RunDir(resume).resume_point() is not None else "recipe"
+    parts = build_run(
+        recipe, weights=weights, distributed=True, extra_hooks=hooks, console=console or Console(stderr=True)
+    )
+    d, console = parts.dist, parts.console
     if restarted is not None:
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         point = RunDir(restarted).resume_point()
         name = point.relative_to(restarted) if point is not None else "its start"
         console.print(f"elastic restart {restarts}: resuming {escape(str(restarted))} from {name}")
-    if resume is not None and not Path(resume).is_dir():
-        raise UserError(f"{resume}: not a run directory (no such folder)")
     target = Path(resume) if resume else Path(parts.recipe.output.dir) / parts.recipe.output.name
     with sigterm_as_interrupt(), run_lock(target, "finetune run", d, console):
         try:
@@ -288,9 +292,9 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
     if run_dir is not None and point is None:
         console.print(f"{escape(str(run_dir))}: stopped before its first checkpoint; starting it again from epoch 1")
         resume = None
+    if (parts.weights == "none") != (point is not None):  # another command wrote the run between the two looks
+        raise UserError(f"{run_dir}: changed while this run was starting; run the command again")
     seed_everything(recipe.train.seed, recipe.train.deterministic)
-    if resume:  # the weights come from last.pt: never touch the hub or the original checkpoint again
-        parts.weights = "none"
     recipe = parts.recipe
     if parts.note:
         console.print(parts.note)
@@ -304,10 +308,10 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
         fit(loop, all_hooks)
     finally:
         if loop.state.bad_images and d.main:
-            run_dir.write_json("bad_images.json", loop.state.bad_images)
+            run_dir.write_json(runfiles.BAD_IMAGES, loop.state.bad_images)
     loop.state.bad_images = gather_list(loop.state.bad_images, d)
     if loop.state.bad_images and d.main:
-        run_dir.write_json("bad_images.json", loop.state.bad_images)
+        run_dir.write_json(runfiles.BAD_IMAGES, loop.state.bad_images)
     barrier(d)
     if d.main:
         _report(parts, loop, run_dir)

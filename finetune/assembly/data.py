@@ -10,11 +10,13 @@ import numpy as np
 import torch
 
 from finetune.config import DataConfig, Recipe, TrainConfig
+from finetune.config.holdout import HoldoutConfig, halves, held_out
+from finetune.config.rules import task_name
+from finetune.data.classfolders import read_cifar10_split, read_folder_split
 from finetune.data.coco import read_coco_split
 from finetune.data.csvfile import Columns, read_csv_split
 from finetune.data.dataset import ImageDataset, collate
-from finetune.data.folder import read_cifar10_split, read_folder_split
-from finetune.data.imagefolder import read_imagefolder_split
+from finetune.data.hf_imagefolder import read_imagefolder_split
 from finetune.data.openimages import read_openimages_split
 from finetune.data.samplers import EpochSampler, ShardSampler, balanced_length, repeat_factors
 from finetune.data.split import ClassMap, Split, check_images
@@ -25,8 +27,6 @@ from finetune.errors import UserError
 from finetune.eval.predict import EvalSettings
 from finetune.eval.tasks import Task, task_for
 from finetune.eval.thresholds import CalibrationSettings
-from finetune.holdout import HoldoutConfig, halves, held_out
-from finetune.rules import task_name
 from finetune.train.loop import FitSettings
 
 ROLES = ("train", "val", "test")
@@ -192,7 +192,7 @@ def _subset(pool: Split, keep: np.ndarray, name: str) -> Split:
 
 
 def holdout_half(pool: Split, cfg: HoldoutConfig, role: str) -> Split:
-    """The val (selection) or test (scoring) half of the pool ``[data.holdout]`` draws (finetune/holdout.py)."""
+    """The val (selection) or test (scoring) half of the pool ``[data.holdout]`` draws (finetune/config/holdout.py)."""
     assert cfg.seed is not None
     try:
         selection, scoring = halves(len(pool.image_paths), cfg.seed, cfg.selection)

@@ -29,10 +29,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from finetune import runfiles
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.errors import UserError
 from finetune.eval.bootstrap import METRICS, Scored, check_paired, interval, metric_draws, resample_plan
-from finetune.eval.run_report import load_thresholds
+from finetune.eval.report import load_thresholds
 from finetune.eval.tasks import task_for
 from finetune.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_folder
 
@@ -152,7 +153,7 @@ def check_data(entries: list[Entry], seeds: list[int], out: Path) -> dict[int, t
     Returns:
         Per seed, the image ids of the selection and of the scoring half.
     """
-    from finetune.train.assembly.data import build_splits
+    from finetune.assembly.data import build_splits
 
     first, draws = None, {}
     for e in entries:
@@ -221,12 +222,12 @@ def _check_same(plan_file: Path, digest: str, label: str, seed: int, legacy: str
 
 def _train(recipe: Recipe, run_dir: Path, log: Console) -> None:
     """Train (or resume) one run of the comparison."""
-    from finetune.train.run import run_recipe
-    from finetune.train.rundir import RunDir
+    from finetune.rundir.directory import RunDir
+    from finetune.runs.run import run_recipe
 
-    if (run_dir / "report.json").is_file():
+    if (run_dir / runfiles.REPORT).is_file():
         return
-    if (run_dir / "last.pt").is_file():
+    if (run_dir / runfiles.LAST).is_file():
         run_recipe(RunDir.open(run_dir).recipe(), resume=run_dir, console=log)
     else:
         run_recipe(recipe, console=log)
@@ -234,7 +235,7 @@ def _train(recipe: Recipe, run_dir: Path, log: Console) -> None:
 
 def run_entry(entry: Entry, seed: int, out: Path) -> dict[str, Any]:
     """One (row, seed): trained once, its scoring-half predictions kept in ``results/``; read back when done."""
-    from finetune.train.evaluate import predict_run
+    from finetune.runs.evaluate import predict_run
 
     result = out / "results" / f"{entry.label}-s{seed}.json"
     recipe = entry.recipe(seed, out)

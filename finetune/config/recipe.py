@@ -1,7 +1,7 @@
 """The recipe schema: TOML -> one typed, validated config, with ``--set a.b=c`` overrides.
 
 Unknown keys, wrong types and bad values become a single-line :class:`~finetune.errors.UserError` that names the
-file, the key path and what is expected. Only the assembly (:mod:`finetune.train.assembly`) reads a :class:`Recipe`.
+file, the key path and what is expected. Only the assembly (:mod:`finetune.assembly`) reads a :class:`Recipe`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from finetune.dataconfig import AugmentConfig, DataConfig
+from finetune.config.data import AugmentConfig, DataConfig
+from finetune.config.objectives import CalibrateConfig
+from finetune.config.overrides import apply_overrides, parse_override, read_toml
+from finetune.config.rules import check_augment_rules, check_calibration_rules, check_model_rules, check_task_rules
+from finetune.config.schema import Section
 from finetune.errors import UserError
-from finetune.objectives import CalibrateConfig
-from finetune.overrides import apply_overrides, parse_override, read_toml
-from finetune.rules import check_augment_rules, check_calibration_rules, check_model_rules, check_task_rules
-from finetune.schema import Section
 
 __all__ = [
     "AugmentConfig",
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-_Section = Section  # the base of every section (finetune/schema.py)
+_Section = Section  # the base of every section (finetune/config/schema.py)
 
 
 class ArchConfig(_Section):

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from finetune import runfiles
+from finetune.assembly import RunParts
 from finetune.data.dataset import batch_images, collate
 from finetune.data.leaks import find_duplicates
 from finetune.data.samplers import sampler_line
@@ -24,14 +26,13 @@ from finetune.errors import UserError
 from finetune.eval import cam, gallery, label_issues, plots
 from finetune.eval.html import Gallery, Page, Tile, render
 from finetune.eval.reject import reject_line
-from finetune.eval.report import TARGET_COLUMNS, probabilities_line, target_rows, targets_line
+from finetune.eval.tables import TARGET_COLUMNS, probabilities_line, target_rows, targets_line
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
 from finetune.hooks.probe import best_c, out_of_fold_probs
 from finetune.io import atomic_write_text
 from finetune.labels import positives_of
-from finetune.train.assembly import RunParts
-from finetune.train.lock import locking
+from finetune.rundir.lock import locking
 
 MAX_GALLERIES = 100  # classes with a gallery, whatever is requested: the file stays bounded (~10 MB at 100)
 # Images: above this the report leaves the scan (about 3 ms of phash per image on 2 cores) to validate --check-images
@@ -105,7 +106,7 @@ def label_pass(parts: RunParts, run: Path, console: Console) -> dict[str, Any]:
     y_np = y.numpy()
     issues = label_issues.find_issues(y_np, probs, parts.task.calibrates)
     rows = label_issues.issue_rows(issues, y_np, probs, list(parts.classes.names), where)
-    atomic_write_text(run / "label_issues.csv", label_issues.csv_text(rows))
+    atomic_write_text(run / runfiles.LABEL_ISSUES, label_issues.csv_text(rows))
     took = time.perf_counter() - t0
     console.print(f"label issues: {len(rows)} of {len(where)} images suspected (probe C={c:g}, {took:.1f} s)")
     return {"images": len(where), "suspected": len(rows), "c": c, "time_s": took}
@@ -197,23 +198,23 @@ def _thresholds(report: dict[str, Any], role: str, n: int) -> np.ndarray:
 
 
 PLOTS = (
-    ("curves.png", "training curves"),
-    ("pr_curves.png", "precision-recall curves, each class's operating point marked"),
-    ("f1_per_class.png", "per-class F1: fixed vs calibrated threshold"),
-    ("confusion_matrix.png", "confusion matrix (most-confused classes)"),
-    ("reliability.png", "reliability diagram: the probabilities before and after scaling, on held-out data"),
-    ("coverage_accuracy.png", "reject option: coverage vs accuracy of the answered images, on held-out data"),
+    (runfiles.CURVES, "training curves"),
+    (runfiles.PR_CURVES, "precision-recall curves, each class's operating point marked"),
+    (runfiles.F1_BARS, "per-class F1: fixed vs calibrated threshold"),
+    (runfiles.CONFUSION, "confusion matrix (most-confused classes)"),
+    (runfiles.RELIABILITY, "reliability diagram: the probabilities before and after scaling, on held-out data"),
+    (runfiles.COVERAGE, "reject option: coverage vs accuracy of the answered images, on held-out data"),
 )
 
 
 def _plots(run: Path, parts: RunParts) -> list[tuple[str, str]]:
     """``curves.png`` drawn from ``metrics.jsonl``, then every plot of the run, as embedded PNGs."""
-    if (run / "metrics.jsonl").is_file():
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if (run / runfiles.METRICS).is_file():
+        records = [json.loads(line) for line in (run / runfiles.METRICS).read_text().splitlines() if line.strip()]
         policy = parts.policy
         trained = {i + 1: s.train for i, s in enumerate(policy.stages)} if policy is not None else None
         if records:
-            plots.training_curves(records, run / "curves.png", f"{run.name}: per epoch", trained)
+            plots.training_curves(records, run / runfiles.CURVES, f"{run.name}: per epoch", trained)
     return [(caption, gallery.png_uri((run / name).read_bytes())) for name, caption in PLOTS if (run / name).is_file()]
 
 
@@ -232,7 +233,7 @@ def _duplicates_note(parts: RunParts) -> str:
 def _label_table(run: Path, limit: int = 50) -> tuple[str, list[str], list[list[str]]] | None:
     import csv
 
-    path = run / "label_issues.csv"
+    path = run / runfiles.LABEL_ISSUES
     if not path.is_file():
         return None
     rows = list(csv.reader(path.open(newline="")))
@@ -294,16 +295,16 @@ def write_html(
         )
     else:
         page.tables.append(labels)
-    atomic_write_text(run / "report.html", render(page, role))
-    return run / "report.html"
+    atomic_write_text(run / runfiles.REPORT_HTML, render(page, role))
+    return run / runfiles.REPORT_HTML
 
 
 def _check_run(run_dir: str | Path, opts: HtmlOptions) -> Any:
     """The run, refused in one line without ``best.pt`` / ``report.json`` or with a ``--class`` it does not have."""
-    from finetune.train.rundir import RunDir
+    from finetune.rundir.directory import RunDir
 
     run = RunDir.open(run_dir)
-    for name, why in (("best.pt", "it has not finished an epoch"), ("report.json", "it has not finished")):
+    for name, why in ((runfiles.BEST, "it has not finished an epoch"), (runfiles.REPORT, "it has not finished")):
         if not (run / name).is_file():
             raise UserError(f"{run_dir}: no {name} ({why}); finish it with finetune run --resume {run_dir}")
     names = list(run.classes().names)
@@ -326,13 +327,13 @@ def report_run(
     When the images cannot be read (a moved data root, a missing split), the page is written from ``report.json``
     without galleries, and says why.
     """
-    from finetune.train.assembly import build_from_run
-    from finetune.train.evaluate import predictions
+    from finetune.assembly import build_from_run
+    from finetune.runs.evaluate import predictions
 
     opts = opts or HtmlOptions()
     run = _check_run(run_dir, opts)
     console = console or Console(stderr=True)
-    report = run.read_json("report.json")
+    report = run.read_json(runfiles.REPORT)
     roles = [r for r in ("train", "val", "test") if r != "test" or run.report_recipe(overrides).data.has_test]
     parts = parts or build_from_run(run, roles, overrides, console)
     outs, why = None, ""
@@ -353,7 +354,7 @@ def inspect_run(
     overrides: list[str] | None = None,
 ) -> Path:
     """``finetune inspect RUN``: the label-issue pass (``label_issues.csv``), then ``report.html`` with it."""
-    from finetune.train.assembly import build_from_run
+    from finetune.assembly import build_from_run
 
     opts = opts or HtmlOptions()
     run = _check_run(run_dir, opts)  # before the long pass, not after it

@@ -1,8 +1,8 @@
 """Scoring and re-calibrating a finished run: its best weights on its splits, from the assembly.
 
 ``evaluate_run`` writes ``eval_<split>.json``; ``calibrate_run`` re-fits ``thresholds.json`` and the report. The
-numbers and files come from :mod:`finetune.eval.run_report`; the parts (recipe, classes, weights, loaders) from
-:func:`finetune.train.assembly.build_from_run`.
+numbers and files come from :mod:`finetune.eval.report`; the parts (recipe, classes, weights, loaders) from
+:func:`finetune.assembly.build_from_run`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from finetune import runfiles
+from finetune.assembly import RunParts, build_from_run, split_name
+from finetune.config.overrides import parse_override
 from finetune.data.split import ClassMap
 from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
-from finetune.eval.run_report import load_thresholds, write_report
-from finetune.overrides import parse_override
-from finetune.train.assembly import RunParts, build_from_run, split_name
-from finetune.train.lock import locking
-from finetune.train.rundir import RunDir
+from finetune.eval.report import load_thresholds, write_report
+from finetune.rundir.directory import RunDir
+from finetune.rundir.lock import locking
 
 
 def predictions(parts: RunParts, roles: list[str]) -> dict[str, dict[str, Any]]:
@@ -56,7 +57,8 @@ def calibrate_run(
     """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the report.
 
     ``overrides`` (``calibrate.shrink=20``...) apply to this calibration only; the run's recipe.toml is unchanged.
-    A single-label run has one threshold to fit: its reject option (``calibrate.objective = "accuracy_at_least"``).
+    A single-label run has one threshold to fit, its reject option (``calibrate.objective = "accuracy_at_least"``),
+    and its temperature (``calibrate.probabilities = "temperature"``): either or both.
     """
     run = RunDir.open(run_dir)
     for item in overrides or []:  # anything else would be silently ignored: the weights are trained
@@ -64,15 +66,17 @@ def calibrate_run(
         if not (key.startswith("calibrate.") or key in ("data.root", "data.num_workers")):
             raise UserError(f"--set {key}: calibrate changes only calibrate.* (and data.root, data.num_workers)")
     recipe = run.recipe(overrides)
-    if not RunParts(recipe).task.calibrates and not recipe.calibrate.reject:
+    nothing = not recipe.calibrate.reject and recipe.calibrate.probabilities == "none"
+    if not RunParts(recipe).task.calibrates and nothing:
         raise UserError(
-            f"{run_dir}: a single-label run predicts the highest-scoring class; its one threshold is the reject "
-            "option: --set calibrate.objective=accuracy_at_least --set calibrate.target=0.95"
+            f"{run_dir}: a single-label run predicts the highest-scoring class; it re-fits its reject option "
+            "(--set calibrate.objective=accuracy_at_least --set calibrate.target=0.95) or its temperature "
+            '(--set calibrate.probabilities="temperature")'
         )
     roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.has_test]
     parts = build_from_run(run, roles, overrides, console, scaled=False)  # the scaling is re-fitted on raw scores
     outs = predictions(parts, roles)
-    old = run.read_json("report.json") if (run / "report.json").is_file() else {}
+    old = run.read_json(runfiles.REPORT) if (run / runfiles.REPORT).is_file() else {}
     extra = {k: v for k, v in old.items() if k in ("best_epoch", "select", "bad_images", "stop_reason")}
     cs = parts.calibration.for_split(role)
     return write_report(run.path, parts.task, parts.classes, outs, cs=cs, extra=extra)
@@ -102,5 +106,5 @@ def evaluate_run(
     else:
         split = task.split_report(targets, probs, classes, recipe.train.threshold)
     report["splits"] = {role: split}
-    run.write_json(f"eval_{role}.json", report)
+    run.write_json(runfiles.eval_report(role), report)
     return report

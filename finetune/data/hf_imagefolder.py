@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finetune.data.classfolders import read_folder_split
 from finetune.data.csvfile import Columns, read_records, same_path, targets_of
-from finetune.data.folder import read_folder_split
 from finetune.data.hfdisk import is_saved_dataset, read_saved_split
 from finetune.data.split import ClassMap, Split, inside
 from finetune.errors import UserError

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
-from finetune.schema import Section
+from finetune.config.schema import Section
 
 Objective = Literal["f1", "fbeta", "precision_at_least", "recall_at_least", "accuracy_at_least"]
 CONSTRAINED = ("precision_at_least", "recall_at_least")

@@ -20,7 +20,7 @@ CamsOption = Annotated[bool, typer.Option(help="Class-activation maps beside the
 
 
 def _options(classes: list[str] | None, worst: int, per_class: int, cams: bool):  # noqa: ANN202
-    from finetune.train.explain import HtmlOptions
+    from finetune.runs.report_page import HtmlOptions
 
     if worst < 0 or per_class < 1:
         raise UserError(f"--worst {worst} / --per-class {per_class}: give --worst >= 0 and --per-class >= 1")
@@ -36,7 +36,7 @@ def report_command(
     overrides: SetOption = None,
 ) -> None:
     """Rewrite a run's report.html: summary, per-class table, curves, galleries of mistakes with CAMs."""
-    from finetune.train.explain import report_run
+    from finetune.runs.report_page import report_run
 
     report_run(run_dir, _options(classes, worst, per_class, cams), err, overrides=overrides)
 
@@ -50,6 +50,6 @@ def inspect_command(
     overrides: SetOption = None,
 ) -> None:
     """Rank suspected label errors (label_issues.csv: cleanlab on k-fold probe probabilities); rewrite report.html."""
-    from finetune.train.explain import inspect_run
+    from finetune.runs.report_page import inspect_run
 
     inspect_run(run_dir, _options(classes, worst, per_class, cams), err, overrides)

@@ -22,6 +22,10 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
+from finetune import runfiles
+from finetune.assembly import data, hooks, training
+from finetune.assembly.data import ROLES, norm_stats, split_name
+from finetune.assembly.training import StepPlan
 from finetune.config import Recipe
 from finetune.data.split import ClassMap, Split
 from finetune.distributed import Dist, convert_sync_bn, gather
@@ -33,12 +37,9 @@ from finetune.hooks.feature_cache import FeatureCache
 from finetune.hooks.freezing import FreezePolicy, Stage
 from finetune.hooks.probe import ProbeHook
 from finetune.models import LoadReport
-from finetune.train.assembly import data, hooks, training
-from finetune.train.assembly.data import ROLES, norm_stats, split_name
-from finetune.train.assembly.training import StepPlan
+from finetune.rundir.directory import RunDir
 from finetune.train.fit import selected_weights
 from finetune.train.loop import FitSettings, Hook, Loop
-from finetune.train.rundir import RunDir
 
 Weights = Literal["recipe", "none", "best"]
 
@@ -46,7 +47,7 @@ __all__ = ["ROLES", "RunParts", "build_from_run", "build_run", "norm_stats", "sp
 
 
 class RunParts:
-    """A run's parts, each built from the recipe on first use and then kept.
+    """A run's parts, each built from the recipe on first use and then kept; read-only once constructed.
 
     Args:
         recipe: The validated recipe (resolved on first use of :attr:`recipe`: ``normalize = "dataset"``, jitter).
@@ -57,7 +58,7 @@ class RunParts:
         classes: The run's classes (``classes.json``), which the splits must match.
         run: The run directory (``best`` weights; where a training run writes).
         distributed: Join the torchrun job the environment describes (``run``); one process otherwise.
-        console: Where notes go.
+        console: Where notes go (on rank 0; the other ranks of a torchrun job print nothing).
         extra_hooks: Hooks from Python, placed after the recipe's own and before the loggers.
     """
 
@@ -76,12 +77,20 @@ class RunParts:
         scaled: bool = True,
     ) -> None:
         self.raw, self.weights, self.roles, self.check = recipe, weights, tuple(roles), check_images
-        self.given_classes, self.run, self.console = classes, run, console or Console(stderr=True, quiet=True)
-        self.distributed = distributed
-        self.scaled = scaled  # weights = "best": the run's probabilities.json folded into the classifier
-        self.extra_hooks = list(extra_hooks)
-        self.note = ""  # what resolving the recipe did, for the caller to print
-        self._loaders: dict[tuple[str, bool, bool], torch.utils.data.DataLoader] = {}
+        self.given_classes, self.run, self._console = classes, run, console or Console(stderr=True, quiet=True)
+        self.distributed, self.scaled = distributed, scaled  # scaled: best.pt with probabilities.json folded in
+        self.extra_hooks = tuple(extra_hooks)
+        self._loaders: dict[tuple[str, bool, bool], torch.utils.data.DataLoader] = {}  # the last: built from here
+
+    def __setattr__(self, name: str, value: Any) -> None:  # every part derives from the arguments, once
+        if "_loaders" in self.__dict__:
+            raise AttributeError(f"RunParts is read-only once built: build another with {name}={value!r}")
+        super().__setattr__(name, value)
+
+    @cached_property
+    def console(self) -> Console:
+        """Where notes go: the given console on rank 0 (or alone), a quiet one on the other ranks."""
+        return self._console if self.dist.main else Console(quiet=True)
 
     # -- the machine and the data ------------------------------------------------------------------------------------
 
@@ -118,8 +127,16 @@ class RunParts:
         that needs no data (``groups``, ``summary``, ``export``) neither computes dataset statistics nor checks the
         machine's device.
         """
-        resolved, self.note = data.build_resolved_recipe(self.raw, lambda: self.device, lambda: self.splits["train"])
-        return resolved
+        return self._resolved[0]
+
+    @cached_property
+    def _resolved(self) -> tuple[Recipe, str]:
+        return data.build_resolved_recipe(self.raw, lambda: self.device, lambda: self.splits["train"])
+
+    @property
+    def note(self) -> str:
+        """What resolving the recipe did (empty until :attr:`recipe` is read), for the caller to print."""
+        return self.__dict__["_resolved"][1] if "_resolved" in self.__dict__ else ""
 
     @cached_property
     def classes(self) -> ClassMap:
@@ -165,9 +182,8 @@ class RunParts:
         shuffle = augment if shuffle is None else shuffle
         key = (role, augment, shard and self.dist.enabled, shuffle)
         if key not in self._loaders:
-            r = self.recipe
+            r, d = self.recipe, (self.dist if key[2] else None)
             dataset = data.build_dataset(r.data, self.splits[role], augment, r.train.seed)
-            d = self.dist if key[2] else None
             self._loaders[key] = data.build_loader(r.data, dataset, shuffle, r.train.seed, d)
         return self._loaders[key]
 
@@ -213,8 +229,8 @@ class RunParts:
         model = training.build_bare_model(self.raw, len(self.classes))
         if self.weights == "best":
             model.load_state_dict(selected_weights(self.checkpoint))
-            if self.scaled and (self.run / "probabilities.json").is_file():
-                training.fold_probabilities(model, self.run.read_json("probabilities.json"))
+            if self.scaled and (self.run / runfiles.PROBABILITIES).is_file():
+                training.fold_probabilities(model, self.run.read_json(runfiles.PROBABILITIES))
         return model, None
 
     @property
@@ -371,11 +387,14 @@ def build_from_run(
     overrides: list[str] | None = None,
     console: Console | None = None,
     scaled: bool = True,
+    distributed: bool = False,
 ) -> RunParts:
     """The parts of a finished run: its recipe (with ``overrides``), classes, best weights and ``roles``' splits.
 
     ``scaled``: the run's probability scaling (``probabilities.json``) folded into the classifier, as every consumer
-    of the run's model sees it; ``calibrate`` re-fits it on the raw model (``False``).
+    of the run's model sees it; ``calibrate`` re-fits it on the raw model (``False``). ``distributed``: join the
+    torchrun job (each rank then predicts its shard of a split).
     """
     recipe, classes = run.recipe(overrides), run.classes()
-    return RunParts(recipe, weights="best", roles=roles, classes=classes, run=run, console=console, scaled=scaled)
+    options = {"roles": roles, "classes": classes, "run": run, "console": console, "scaled": scaled}
+    return RunParts(recipe, weights="best", distributed=distributed, **options)

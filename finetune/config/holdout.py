@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from finetune.schema import Section
+from finetune.config.schema import Section
 
 
 class HoldoutConfig(Section):

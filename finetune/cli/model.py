@@ -22,7 +22,7 @@ def groups(
     from finetune.config import load_recipe
 
     cfg = load_recipe(recipe, overrides)
-    from finetune.train.assembly import build_run
+    from finetune.assembly import build_run
 
     parts = build_run(cfg, weights="none", roles=("train",), check_images=False)
     views = parts.stage_views()
@@ -109,9 +109,9 @@ def summary(
     if num_classes < 1:
         raise UserError(f"--num-classes {num_classes}: give at least 1 class")
     size = _parse_size(input_size) if input_size else None
+    from finetune.assembly import build_run
     from finetune.data.split import ClassMap
     from finetune.summary import summarize_model
-    from finetune.train.assembly import build_run
 
     if recipe is not None:
         cfg = load_recipe(recipe, overrides)
@@ -149,10 +149,10 @@ def lr_find(
     cfg = load_recipe(recipe, overrides)
     if not 0 < start < end or steps < 3:
         raise UserError("--start/--end/--steps: need 0 < start < end and at least 3 steps")
+    from finetune.assembly import build_run
     from finetune.eval import plots
-    from finetune.train.assembly import build_run
+    from finetune.runs.run import seed_everything
     from finetune.train.lr_find import lr_range_test
-    from finetune.train.run import seed_everything
 
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # the head's init, dropout: the same sweep every time
     parts = build_run(cfg, roles=("train", "val"), console=err)  # resolved as a run resolves it

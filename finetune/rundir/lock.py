@@ -30,10 +30,11 @@ from typing import Any, ParamSpec, TypeVar
 from rich.console import Console
 from rich.markup import escape
 
+from finetune import runfiles
 from finetune.distributed import Dist, broadcast_object
 from finetune.errors import UserError, os_error_line
 
-LOCK_NAME = ".lock"
+LOCK_NAME = runfiles.LOCK
 P = ParamSpec("P")
 R = TypeVar("R")
 _HELD: dict[Path, list[Any]] = {}  # lock path -> [fd, depth]: a command that locks twice (calibrate -> report) nests

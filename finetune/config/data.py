@@ -1,7 +1,7 @@
 """The recipe's ``[data]`` and ``[data.augment]`` sections: where the data is, how it is read, sampled and augmented.
 
 :mod:`finetune.config` assembles them into the whole recipe; the readers live in :mod:`finetune.data` (one module per
-format) and the task a format implies in :mod:`finetune.rules`.
+format) and the task a format implies in :mod:`finetune.config.rules`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.holdout import HoldoutConfig
-from finetune.schema import Section
+from finetune.config.holdout import HoldoutConfig
+from finetune.config.schema import Section
 
 FORMATS = ("coco", "csv", "folder", "cifar10", "voc", "openimages", "imagefolder")
 
