@@ -80,7 +80,7 @@ class RunParts:
         self.given_classes, self.run, self._console = classes, run, console or Console(stderr=True, quiet=True)
         self.distributed, self.scaled = distributed, scaled  # scaled: best.pt with probabilities.json folded in
         self.extra_hooks = tuple(extra_hooks)
-        self._loaders: dict[tuple[str, bool, bool], torch.utils.data.DataLoader] = {}  # the last: built from here
+        self._loaders: dict[tuple[str, bool, bool], torch.utils.data.DataLoader] = {}  # set last: read-only from here
 
     def __setattr__(self, name: str, value: Any) -> None:  # every part derives from the arguments, once
         if "_loaders" in self.__dict__:
