@@ -188,7 +188,7 @@ def test_the_extras_commands_leave_planted_user_files_alone(hostile_run: Path, t
     exists = "exists and was not written by this command"
     if extra in ("litert", "openvino"):
         out = mine / ("model.tflite" if extra == "litert" else "model.xml")
-        assert_user_error(run_cli("export", str(hostile_run), "--format", extra, "--out", str(out)), f"{exists}")
+        assert_user_error(run_cli("export", str(hostile_run), "--format", extra, "--out", str(out)), exists)
     elif extra == "sweep":
         (tmp_path / "space.toml").write_text('["optim.lr"]\nlow = 1e-4\nhigh = 1e-3\n')
         argv = ["sweep", str(hostile_run / "recipe.toml"), "--space", str(tmp_path / "space.toml"), "--out", str(mine)]
