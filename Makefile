@@ -54,6 +54,7 @@ test-fast: $(STAMP) lint
 $(EXTRAS_STAMP): pyproject.toml
 	test -x $(EXTRAS_VENV)/bin/python || $(PYTHON) -m venv $(EXTRAS_VENV)
 	$(EXTRAS_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,$(EXTRAS)]' 2>&1 | $(QUIET_PIP)
+	$(EXTRAS_VENV)/bin/python -c "import finetune, pytorch_grad_cam, cleanlab, optuna, openvino, wandb, datasets"
 	touch $(EXTRAS_STAMP)
 
 # The tests marked @pytest.mark.extra(...) with every extra installed: a test of an installed extra that skips fails
