@@ -5,23 +5,20 @@
 use, so that ``import finetune`` (and a recipe error on the command line) does not wait for torch.
 """
 
+import importlib
 from typing import Any
 
 __version__ = "0.7.0"  # the one place the version is kept (pyproject.toml reads it)
-__all__ = ["Predictor", "Prediction", "__version__", "load_recipe", "run_recipe"]
+_LAZY = {  # name -> the module it is imported from on first use
+    "Predictor": "finetune.deploy.predictor",
+    "Prediction": "finetune.deploy.predictor",
+    "load_recipe": "finetune.config",
+    "run_recipe": "finetune.runs.run",
+}
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Predictor", "Prediction"):
-        from finetune.deploy import predictor
-
-        return getattr(predictor, name)
-    if name == "load_recipe":
-        from finetune.config import load_recipe
-
-        return load_recipe
-    if name == "run_recipe":
-        from finetune.runs.run import run_recipe
-
-        return run_recipe
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

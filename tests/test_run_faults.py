@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from finetune import io as ckpt
+from finetune import runfiles
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.rundir import lock
@@ -36,16 +37,16 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_refused(tmp_path: Path) ->
     run = tmp_path / "run"
     run.mkdir()
     stale = {"command": "finetune run", "pid": _dead_pid(), "host": socket.gethostname(), "since": 0}
-    (run / lock.LOCK_NAME).write_text(json.dumps(stale))  # what a SIGKILLed run leaves: the file, no lock held
+    (run / runfiles.LOCK).write_text(json.dumps(stale))  # what a SIGKILLed run leaves: the file, no lock held
     note = lock.acquire(run, "finetune run")
-    assert note.startswith(f"took over {run / lock.LOCK_NAME}: its holder, finetune run (pid {stale['pid']} on ")
-    assert json.loads((run / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert note.startswith(f"took over {run / runfiles.LOCK}: its holder, finetune run (pid {stale['pid']} on ")
+    assert json.loads((run / runfiles.LOCK).read_text())["pid"] == os.getpid()
     assert lock.acquire(run, "finetune report") == ""  # the same process nests (calibrate -> report)
     lock.release(run)
-    assert (run / lock.LOCK_NAME).is_file()  # still held: the outer hold
+    assert (run / runfiles.LOCK).is_file()  # still held: the outer hold
     lock.release(run)
-    assert not (run / lock.LOCK_NAME).exists()  # released: a finished run holds no .lock
-    (run / lock.LOCK_NAME).write_text(json.dumps({**stale, "host": "elsewhere"}))
+    assert not (run / runfiles.LOCK).exists()  # released: a finished run holds no .lock
+    (run / runfiles.LOCK).write_text(json.dumps({**stale, "host": "elsewhere"}))
     with pytest.raises(UserError, match=r"locked by finetune run \(pid .* on elsewhere.* on another host; if that"):
         lock.acquire(run, "finetune run")
 
@@ -90,7 +91,7 @@ def test_a_run_killed_between_best_and_last_in_epoch_1_can_be_rerun_and_resumed(
     with pytest.raises(UserError, match="interrupted; continue with"):
         run_recipe(load_recipe(tiny_recipe))
     run = tiny_recipe.parent / "runs" / "tiny"
-    assert (run / "best.pt").is_file() and not (run / "last.pt").exists() and not (run / lock.LOCK_NAME).exists()
+    assert (run / "best.pt").is_file() and not (run / "last.pt").exists() and not (run / runfiles.LOCK).exists()
     monkeypatch.setattr(trainer, "save_checkpoint", real)
     assert run_cli("run", "--resume", str(run)).returncode == 0  # was: "holds more than a run stopped in epoch 1"
     (run / "last.pt").unlink()
@@ -474,7 +475,7 @@ def test_a_file_that_cannot_be_read_is_not_blamed_on_a_folder_that_cannot_be_wri
 def test_an_elastic_restart_resumes_only_a_run_its_own_job_made(
     tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune.runs.run import ELASTIC_ID, elastic_resume
+    from finetune.runs.run import elastic_resume
 
     recipe = load_recipe(tiny_recipe)
     run = Path(recipe.output.dir) / recipe.output.name
@@ -485,9 +486,9 @@ def test_an_elastic_restart_resumes_only_a_run_its_own_job_made(
     assert elastic_resume(recipe, None) is None  # the first attempt never resumes by itself
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert elastic_resume(recipe, None) is None  # an older run of the same name: attempt 0 refused it; so do we
-    (run / ELASTIC_ID).write_text("job-1\n")
+    (run / runfiles.TORCHRUN_ID).write_text("job-1\n")
     assert elastic_resume(recipe, None) is None
-    (run / ELASTIC_ID).write_text("job-2\n")
+    (run / runfiles.TORCHRUN_ID).write_text("job-2\n")
     assert elastic_resume(recipe, None) == run
     assert elastic_resume(recipe, run) is None  # an explicit --resume is not an elastic one
 

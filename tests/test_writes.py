@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune import runfiles
 from finetune.config import load_recipe
 from finetune.errors import UserError
 from finetune.io import csv_cell, markdown_text
@@ -111,13 +112,13 @@ def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path: Path) ->
     run, target = tmp_path / "run", tmp_path / "precious.txt"
     run.mkdir()
     target.write_text("the user's file")
-    (run / lock.LOCK_NAME).symlink_to(target)
+    (run / runfiles.LOCK).symlink_to(target)
     with pytest.raises(UserError, match="is a symbolic link"):
         lock.acquire(run, "finetune card")
-    assert target.read_text() == "the user's file" and (run / lock.LOCK_NAME).is_symlink()
+    assert target.read_text() == "the user's file" and (run / runfiles.LOCK).is_symlink()
     os.mkfifo(run / "fifo")
-    (run / lock.LOCK_NAME).unlink()
-    (run / "fifo").rename(run / lock.LOCK_NAME)
+    (run / runfiles.LOCK).unlink()
+    (run / "fifo").rename(run / runfiles.LOCK)
     with pytest.raises(UserError, match="not a regular file"):
         lock.acquire(run, "finetune card")
 
@@ -125,16 +126,16 @@ def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path: Path) ->
 @pytest.mark.parametrize("since", [1e300, -5.0, math.nan, math.inf])
 def test_a_stale_lock_with_a_strange_time_is_taken_over_with_a_note(tmp_path: Path, since: float) -> None:
     stale = {"command": "finetune run", "pid": 2**22 + 7, "host": socket.gethostname(), "since": since}
-    (tmp_path / lock.LOCK_NAME).write_text(json.dumps(stale))
+    (tmp_path / runfiles.LOCK).write_text(json.dumps(stale))
     note = lock.acquire(tmp_path, "finetune calibrate")
     lock.release(tmp_path)
-    assert note.startswith(f"took over {tmp_path / lock.LOCK_NAME}: its holder, finetune run (pid")
+    assert note.startswith(f"took over {tmp_path / runfiles.LOCK}: its holder, finetune run (pid")
     assert "since" not in note
 
 
 def test_a_command_that_takes_over_a_stale_lock_says_so(hostile_run: Path, tmp_path: Path) -> None:
     stale = {"command": "finetune run", "pid": 2**22 + 7, "host": socket.gethostname(), "since": 0}
-    (hostile_run / lock.LOCK_NAME).write_text(json.dumps(stale))
+    (hostile_run / runfiles.LOCK).write_text(json.dumps(stale))
     proc = run_cli("card", str(hostile_run), "--out", str(tmp_path / "c.md"))
     assert proc.returncode == 0 and "took over" in proc.stderr, proc.stderr
 

@@ -27,7 +27,6 @@ from finetune.eval.probabilities import top_label
 from finetune.eval.thresholds import CalibrationSettings
 from finetune.io import atomic_write_bytes, atomic_write_json
 
-REJECT_FILE = runfiles.REJECT
 _EPS = 1e-9  # accuracy compared as acc >= target - eps: 9 of 10 meets a 0.9 target whatever the rounding
 CURVE_POINTS = 101
 
@@ -149,7 +148,7 @@ def reject_line(r: dict[str, Any]) -> str:
 
 def save_reject(run: Path, reject: dict[str, Any] | None) -> None:
     """Write ``reject.json`` (the old one kept as ``reject.prev.json``), or retire it with None."""
-    path = run / REJECT_FILE
+    path = run / runfiles.REJECT
     if path.is_file():
         atomic_write_bytes(run / runfiles.REJECT_PREV, path.read_bytes())
     if reject is not None:
@@ -162,5 +161,5 @@ def save_reject(run: Path, reject: dict[str, Any] | None) -> None:
 
 def load_reject(run: Path) -> float | None:
     """The run's reject threshold (``reject.json``), or None when it answers every image."""
-    path = run / REJECT_FILE
+    path = run / runfiles.REJECT
     return float(json.loads(path.read_text())["threshold"]) if path.is_file() else None

@@ -136,9 +136,6 @@ def choose_c(
     return best_c(cs, scores), scores, solved
 
 
-PROBE_FILE = runfiles.PROBE  # the solved classifier (weight, bias) on the starting network's features
-
-
 class ProbeHook(Hook):
     """Before the first epoch of a fresh run, set the classifier to the solved linear probe.
 
@@ -211,4 +208,4 @@ class ProbeHook(Hook):
         if self.result and record["epoch"] == 1:
             record["probe"] = self.result
             if loop.is_main and self.head:  # the probe alone stays scorable after later stages change the network
-                atomic_write_bytes(loop.run_dir / PROBE_FILE, save(self.head))
+                atomic_write_bytes(loop.run_dir / runfiles.PROBE, save(self.head))

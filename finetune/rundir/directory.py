@@ -29,7 +29,6 @@ from finetune.io import (
     read_json,
     remove_stale_temporaries,
 )
-from finetune.rundir.lock import LOCK_NAME
 
 # What a run writes before its first last.pt; a directory holding only these can be rerun or resumed from scratch.
 # best.pt is written just before last.pt: alone, it is epoch 1's, from a run killed (or out of disk) between the two.
@@ -100,7 +99,7 @@ class RunDir:
             raise UserError(f"{run.path}: is a file; choose another output.dir or output.name")
         cls.check_new(path)
         for entry in list(run.path.iterdir()) if run.path.exists() else []:
-            if entry.name == LOCK_NAME:  # the lock this run holds
+            if entry.name == runfiles.LOCK:  # the lock this run holds
                 continue
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         run.path.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ from finetune import runfiles
 from finetune.distributed import Dist, broadcast_object
 from finetune.errors import UserError, os_error_line
 
-LOCK_NAME = runfiles.LOCK
 P = ParamSpec("P")
 R = TypeVar("R")
 _HELD: dict[Path, list[Any]] = {}  # lock path -> [fd, depth]: a command that locks twice (calibrate -> report) nests
@@ -96,12 +95,12 @@ def acquire(run_path: Path, command: str) -> str:
     Raises:
         UserError: Another live process holds it, or a lock file from another host is there.
     """
-    path = Path(run_path) / LOCK_NAME
+    path = Path(run_path) / runfiles.LOCK
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise UserError(f"{run_path}: is a file; choose another output.dir or output.name") from None
-    key = path.parent.resolve() / LOCK_NAME  # the folder resolved, never the lock file (it may be a link)
+    key = path.parent.resolve() / runfiles.LOCK  # the folder resolved, never the lock file (it may be a link)
     if key in _HELD:
         _HELD[key][1] += 1
         return ""
@@ -130,7 +129,7 @@ def acquire(run_path: Path, command: str) -> str:
 
 def release(run_path: Path) -> None:
     """Let go of ``run_path``'s lock (the innermost of nested holds only decrements)."""
-    key = Path(run_path).resolve() / LOCK_NAME
+    key = Path(run_path).resolve() / runfiles.LOCK
     held = _HELD.get(key)
     if held is None:
         return

@@ -187,13 +187,10 @@ def _start(parts: RunParts, run_dir: RunDir, point: Path | None, loop: Loop, hoo
     elif d.main:
         RunDir.create(run_dir.path).save_classes(parts.classes)
         if os.environ.get("TORCHELASTIC_RUN_ID") and d.enabled:  # what an elastic restart checks it resumes
-            run_dir.write_text(ELASTIC_ID, os.environ["TORCHELASTIC_RUN_ID"] + "\n")
+            run_dir.write_text(runfiles.TORCHRUN_ID, os.environ["TORCHELASTIC_RUN_ID"] + "\n")
     if d.main:
         run_dir.save_recipe(recipe)
     barrier(d)
-
-
-ELASTIC_ID = runfiles.TORCHRUN_ID
 
 
 def elastic_resume(recipe: Recipe, resume: str | Path | None) -> Path | None:
@@ -209,7 +206,7 @@ def elastic_resume(recipe: Recipe, resume: str | Path | None) -> Path | None:
         return None
     path = Path(recipe.output.dir) / recipe.output.name
     job = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    mine = (path / ELASTIC_ID).is_file() and (path / ELASTIC_ID).read_text().strip() == job
+    mine = (path / runfiles.TORCHRUN_ID).is_file() and (path / runfiles.TORCHRUN_ID).read_text().strip() == job
     return path if mine and RunDir(path).resume_point() is not None else None
 
 
