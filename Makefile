@@ -11,13 +11,16 @@ DEMO_DATA := data/demo
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 # The optional extras get an environment of their own, so that `make test` keeps testing the light base install.
-# Not litert: its converter needs xdsl 0.28, which pins typing-extensions < 4.13, so pydantic < 2.12 beside it, and
-# pip's resolver backtracked for over 15 minutes without an answer; its tests skip here (they run where it is installed).
+# LiteRT gets a third: its converter needs xdsl 0.28, which pins typing-extensions < 4.13 and so pydantic 2.11, where
+# the other extras take the newest; it installs from exact pins (.ci/litert-constraints.txt), without which pip's
+# resolver backtracked for over 15 minutes.
 EXTRAS_VENV := .venv-extras
 EXTRAS_STAMP := $(EXTRAS_VENV)/.installed-stamp
 EXTRAS := inspect,sweep,openvino,wandb,hf
+LITERT_VENV := .venv-litert
+LITERT_STAMP := $(LITERT_VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast test-extras lint clean-demo
+.PHONY: install demo test test-fast test-extras test-litert lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +64,17 @@ $(EXTRAS_STAMP): pyproject.toml
 # (tests/conftest.py), so CI cannot stay green while an extra's feature breaks.
 test-extras: $(EXTRAS_STAMP)
 	$(EXTRAS_VENV)/bin/python -m pytest -n auto --dist loadfile -m extra -rs $$(grep -l 'mark.extra(' tests/test_*.py)
+
+$(LITERT_STAMP): pyproject.toml .ci/litert-constraints.txt
+	test -x $(LITERT_VENV)/bin/python || $(PYTHON) -m venv $(LITERT_VENV)
+	$(LITERT_VENV)/bin/python -m pip install -q --disable-pip-version-check -c .ci/litert-constraints.txt \
+		-e '.[dev,litert]' 2>&1 | $(QUIET_PIP)
+	$(LITERT_VENV)/bin/python -c "import finetune, litert_torch, ai_edge_litert, ai_edge_quantizer"
+	touch $(LITERT_STAMP)
+
+# LiteRT's tests (their names say litert) in its own environment; as above, one that skips there fails.
+test-litert: $(LITERT_STAMP)
+	$(LITERT_VENV)/bin/python -m pytest -m extra -k litert -rs $$(grep -l 'mark.extra("litert")' tests/test_*.py)
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

@@ -24,10 +24,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from finetune.predictions import Predictions
 
 
 @dataclass(frozen=True)
@@ -119,21 +120,13 @@ def gather_list(items: list[Any], d: Dist) -> list[Any]:
     return list(dict.fromkeys(x for part in parts for x in part))
 
 
-def gather(out: dict[str, Any], d: Dist) -> dict[str, Any]:
-    """Join every rank's predictions (``targets``, ``probs``, ``index`` arrays; ``loss``) in dataset order."""
+def gather(out: Predictions, d: Dist) -> Predictions:
+    """Join every rank's predictions in dataset order, each image once (whatever a sampler padded)."""
     if not d.enabled:
         return out
     parts: list[Any] = [None] * d.world
     dist.all_gather_object(parts, out)
-    parts = [p for p in parts if len(p["index"])] or parts[:1]  # an empty shard (fewer images than ranks) adds none
-    index = np.concatenate([p["index"] for p in parts])
-    order = np.argsort(index, kind="stable")
-    keep = order[np.r_[True, np.diff(index[order]) != 0]]  # one row per image, whatever a sampler padded
-    joined = {k: np.concatenate([p[k] for p in parts])[keep] for k in ("targets", "probs", "index")}
-    if "loss" in out:
-        sizes = [len(p["index"]) for p in parts]
-        joined["loss"] = float(sum(p["loss"] * s for p, s in zip(parts, sizes)) / max(sum(sizes), 1))
-    return joined
+    return Predictions.join(parts)
 
 
 def gather_features(feats: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, d: Dist) -> tuple[Any, Any]:

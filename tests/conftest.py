@@ -34,7 +34,7 @@ LITE0_WEIGHTS = SHARED / "weights" / "efficientnet_lite0.imagenet.safetensors"
 # The optional extras (pyproject.toml) and the modules each one brings. A test that needs one is marked
 # ``@pytest.mark.extra("name")``: skipped where the extra is absent (`make test`), and a failure where it is installed
 # but the test skipped anyway (`make test-extras`, which CI runs): a test of an installed extra never passes by
-# skipping. (litert is not installed in CI: see the Makefile.)
+# skipping. (litert has its own environment, `make test-litert`: see the Makefile.)
 EXTRAS = {
     "inspect": ("pytorch_grad_cam", "cleanlab"),
     "sweep": ("optuna",),

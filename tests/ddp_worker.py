@@ -55,7 +55,7 @@ def gathered_eval(run_dir: Path, out: Path, d: distributed.Dist) -> None:
     mine = predict_loader(parts.model, parts.loader("val", shard=True), parts.eval_settings, allow_empty=True)
     joined = distributed.gather(mine, d)
     if d.main:
-        torch.save({k: torch.as_tensor(v) for k, v in joined.items()}, out / "gathered.pt")
+        torch.save({k: torch.as_tensor(getattr(joined, k)) for k in ("probs", "targets", "index")}, out / "gathered.pt")
 
 
 def main() -> None:

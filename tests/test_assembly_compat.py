@@ -36,7 +36,7 @@ def _expected() -> dict:
 
 def test_an_old_run_evaluates_and_exports_as_it_did(old_run: Path, tiny_coco: Path) -> None:
     report = evaluate_run(old_run, "test")
-    assert report["splits"]["test"]["summary"]["map"] == pytest.approx(_expected()["fixture_test_map"], abs=1e-9)
+    assert report.splits["test"].summary["map"] == pytest.approx(_expected()["fixture_test_map"], abs=1e-9)
     onnx = export_run(old_run).path
     probs = _expected()["onnx_probabilities"]
     results = Predictor.from_onnx(onnx).predict([tiny_coco / "test" / name for name in probs])
@@ -52,7 +52,7 @@ def test_an_old_run_resumes_then_evaluates_and_exports(old_run: Path) -> None:
     lines = (old_run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert json.loads(lines[-1])["step"] == 9  # 3 steps per epoch, continued from step 6
-    assert evaluate_run(old_run, "test")["splits"]["test"]["images"] == 12
+    assert evaluate_run(old_run, "test").splits["test"].images == 12
     assert export_run(old_run).path.is_file()
 
 

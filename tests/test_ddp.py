@@ -120,8 +120,8 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
     split = parts.splits["val"]
     single = predict_loader(parts.model, parts.loader("val"), parts.eval_settings)
     assert gathered["index"].tolist() == list(range(len(split.targets)))
-    torch.testing.assert_close(gathered["probs"], torch.as_tensor(single["probs"]), atol=1e-6, rtol=0)
-    assert torch.equal(gathered["targets"], torch.as_tensor(single["targets"]))
+    torch.testing.assert_close(gathered["probs"], torch.as_tensor(single.probs), atol=1e-6, rtol=0)
+    assert torch.equal(gathered["targets"], torch.as_tensor(single.targets))
 
 
 @pytest.mark.parametrize(

@@ -66,14 +66,14 @@ def test_int8_carries_thresholds_refitted_on_its_own_probabilities(tiny_run: Pat
     # settings (min_positives 5, no shrinkage), equal what the file carries, and not the fp32 ones.
     parts = build_from_run(RunDir.open(tiny_run), ("val",))
     out = backend_outputs(int8, parts, ["val"])["val"]
-    expected = fit_thresholds(out["targets"], out["probs"], min_positives=5).thresholds
+    expected = fit_thresholds(out.targets, out.probs, min_positives=5).thresholds
     np.testing.assert_allclose(meta["thresholds"], expected, rtol=0, atol=1e-6)
     assert not np.allclose(meta["thresholds"], meta32["thresholds"])
     assert json.loads((export / "model.int8.json").read_text())["thresholds"] == meta["thresholds"]
     # Probabilities on the generated test images stay within the stated tolerance of fp32, and the file is smaller.
     test = build_from_run(RunDir.open(tiny_run), ("test",))
     diff = np.abs(
-        backend_outputs(int8, test, ["test"])["test"]["probs"] - backend_outputs(fp32, test, ["test"])["test"]["probs"]
+        backend_outputs(int8, test, ["test"])["test"].probs - backend_outputs(fp32, test, ["test"])["test"].probs
     )
     assert diff.max() <= INT8_MAX and diff.mean() <= INT8_MEAN, (diff.max(), diff.mean())
     assert (export / "model.int8.onnx").stat().st_size < (export / "model.onnx").stat().st_size / 2

@@ -27,6 +27,7 @@ from finetune.data.split import check_images, read_rgb
 from finetune.data.stats import compute_stats
 from finetune.errors import UserError
 from finetune.eval import plots
+from finetune.eval.run_report import RunReport
 from finetune.eval.tables import SUMMARY_KEYS, print_report
 from finetune.rundir.directory import RunDir
 from finetune.runs.run import run_recipe
@@ -208,7 +209,7 @@ def test_markup_in_names_prints_as_text() -> None:
         "splits": {"val": {"summary": summary, "threshold": 0.5, "images": 3, "per_class": [row]}},
     }
     out = StringIO()
-    print_report(report, Console(file=out, width=200))  # was a rich MarkupError
+    print_report(RunReport(report), Console(file=out, width=200))  # was a rich MarkupError
     assert "[/b]odd [bold]" in out.getvalue() and "runs/[x]" in out.getvalue()
 
 

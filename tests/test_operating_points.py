@@ -87,7 +87,7 @@ def test_a_run_aims_at_its_targets_and_reports_them_held_out(tiny_recipe: Path, 
     targets = json.loads((run / "report.json").read_text())["calibration"]["targets"]
     assert targets["classes"] == 10 and "operating points" in proc.stdout + proc.stderr
     outs, classes = predict_run(run, ["test"])
-    y, p = outs["test"]["targets"] > 0, outs["test"]["probs"]
+    y, p = outs["test"].targets > 0, outs["test"].probs
     for r in targets["rows"]:  # the held-out numbers, recomputed with scikit-learn from the test predictions
         j = classes.names.index(r["name"])
         pred = p[:, j] >= r["threshold"]

@@ -9,6 +9,7 @@ import pytest
 
 from finetune.data.split import ClassMap
 from finetune.eval import plots
+from finetune.eval.run_report import RunReport
 from finetune.eval.tables import markdown_report
 from finetune.eval.tasks import MULTI_LABEL
 
@@ -36,6 +37,8 @@ def test_markdown_summary_rows_are_closed() -> None:
     probs = rng.random((40, 3))
     classes = ClassMap((1, 2, 3), ("a", "b", "c"))
     split = MULTI_LABEL.split_report(targets, probs, classes, 0.5, np.full(3, 0.4))
-    text = markdown_report({"task": "multi_label", "threshold": 0.5, "calibration": None, "splits": {"val": split}})
+    text = markdown_report(
+        RunReport({"task": "multi_label", "threshold": 0.5, "calibration": None, "splits": {"val": split}})
+    )
     rows = [line for line in text.splitlines() if line.startswith("| val |")]
     assert len(rows) == 2 and all(row.endswith(" |") for row in rows)

@@ -111,12 +111,12 @@ def test_a_scaled_run_and_its_exports_give_the_calibrated_probabilities(tiny_rec
     assert report["probabilities"]["how"] == "test split" and (run_dir / "reliability.png").is_file()
     scaling = Scaling.from_json(json.loads((run_dir / "probabilities.json").read_text()))
     run = RunDir.open(run_dir)
-    raw = predictions(build_from_run(run, ["test"], scaled=False), ["test"])["test"]["probs"]
-    folded = predictions(build_from_run(run, ["test"]), ["test"])["test"]["probs"]
+    raw = predictions(build_from_run(run, ["test"], scaled=False), ["test"])["test"].probs
+    folded = predictions(build_from_run(run, ["test"]), ["test"])["test"].probs
     np.testing.assert_allclose(folded, scaling.apply(raw), atol=1e-5, rtol=0)  # the model itself is scaled
     # the report scored the scaled probabilities: its calibrated test numbers are what `eval` gets from the model, up
     # to a probability within float32 rounding of a threshold (a 1-epoch model's scaled scores sit close together)
-    evaluated = evaluate_run(run_dir, "test")["splits"]["test"]["calibrated"]["summary"]
+    evaluated = evaluate_run(run_dir, "test").splits["test"].calibrated_summary
     assert evaluated["micro_f1"] == pytest.approx(
         report["splits"]["test"]["calibrated"]["summary"]["micro_f1"], abs=0.01
     )
@@ -138,8 +138,8 @@ def test_a_scaled_run_and_its_exports_give_the_calibrated_probabilities(tiny_rec
     export_run(run_dir, "onnx", int8=True)
     test = build_from_run(run, ("test",))
     int8, fp32 = (_onnx(run_dir / "export" / name)[0] for name in ("model.int8.onnx", "model.onnx"))
-    diff = np.abs(backend_outputs(int8, test, ["test"])["test"]["probs"] - folded)
-    assert np.abs(backend_outputs(fp32, test, ["test"])["test"]["probs"] - folded).max() < 1e-5
+    diff = np.abs(backend_outputs(int8, test, ["test"])["test"].probs - folded)
+    assert np.abs(backend_outputs(fp32, test, ["test"])["test"].probs - folded).max() < 1e-5
     assert diff.max() <= INT8_MAX and diff.mean() <= INT8_MEAN, (diff.max(), diff.mean())
 
 

@@ -10,6 +10,7 @@ from finetune.errors import UserError
 from finetune.eval.reject import coverage_accuracy, curve, fit_reject, reject_threshold
 from finetune.eval.thresholds import CalibrationSettings
 from finetune.labels import label_indices
+from finetune.predictions import Predictions
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -66,12 +67,12 @@ def test_held_out_numbers_are_measured_on_the_test_split() -> None:
     y, p = _data(1)
     yt, pt = _data(2)
     cs = CalibrationSettings(metric="accuracy_at_least", target=0.8, margin=0.05)
-    r = fit_reject(cs, {"val": {"targets": y, "probs": p}, "test": {"targets": yt, "probs": pt}})
+    r = fit_reject(cs, {"val": Predictions(probs=p, targets=y), "test": Predictions(probs=pt, targets=yt)})
     assert r["threshold"] == reject_threshold(y, p, 0.85)[0]
     cov, acc = coverage_accuracy(yt, pt, r["threshold"])
     assert r["held_out"]["how"] == "test split" and (r["held_out"]["coverage"], r["held_out"]["accuracy"]) == (cov, acc)
     assert r["answer_all"]["coverage"] == 1.0
-    folds = fit_reject(cs, {"val": {"targets": y, "probs": p}})
+    folds = fit_reject(cs, {"val": Predictions(probs=p, targets=y)})
     assert folds["held_out"]["how"].startswith("5-fold cross-fitting on val")
 
 

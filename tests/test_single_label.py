@@ -133,14 +133,14 @@ def test_folder_dataset_trains_through_the_cli(folder_data: Path, tmp_path: Path
     report = json.loads((run_dir / "report.json").read_text())
     scaling = Scaling.from_json(json.loads((run_dir / "probabilities.json").read_text()))
     assert scaling.softmax and "ECE" in proc.stdout and report["probabilities"]["method"] == "temperature"
-    raw = predictions(build_from_run(RunDir.open(run_dir), ["test"], scaled=False), ["test"])["test"]["probs"]
+    raw = predictions(build_from_run(RunDir.open(run_dir), ["test"], scaled=False), ["test"])["test"].probs
     scaled, _ = predict_run(run_dir, ["test"])  # every consumer of the run gets the folded temperature
     # rows whose raw probabilities float32 still resolves (a one-epoch toy model puts some below 1e-38, where
     # recovering log p from the probability is clipped; the folded model has the logits)
     rows = raw.min(1) > 1e-30
     assert rows.any()
-    np.testing.assert_allclose(scaled["test"]["probs"][rows], scaling.apply(raw[rows]), atol=1e-5)
-    assert (scaled["test"]["probs"].argmax(1) == raw.argmax(1)).all()
+    np.testing.assert_allclose(scaled["test"].probs[rows], scaling.apply(raw[rows]), atol=1e-5)
+    assert (scaled["test"].probs.argmax(1) == raw.argmax(1)).all()
     assert report["reject"]["threshold"] == reject["threshold"] and (run_dir / "coverage_accuracy.png").is_file()
     assert "reject option" in proc.stdout and "reject option" in (run_dir / "report.html").read_text()
     proc = run_cli("predict", str(run_dir), str(folder_data / "test"), "--json", env=env)

@@ -151,11 +151,11 @@ def test_hflip_tta_averages_the_logits_of_the_image_and_its_mirror() -> None:
         plain, mirrored = model(x), model(x.flip(3))
     settings = EvalSettings(device=torch.device("cpu"))
     out = predict_loader(model, [batch], settings)
-    np.testing.assert_allclose(out["probs"], torch.sigmoid(plain).numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.probs, torch.sigmoid(plain).numpy(), atol=1e-6)
     settings.tta = "hflip"
     out = predict_loader(model, [batch], settings)
-    np.testing.assert_allclose(out["probs"], torch.sigmoid((plain + mirrored) / 2).numpy(), atol=1e-6)
-    assert not np.allclose(torch.sigmoid(plain).numpy(), out["probs"], atol=1e-4)  # the mirror changed something
+    np.testing.assert_allclose(out.probs, torch.sigmoid((plain + mirrored) / 2).numpy(), atol=1e-6)
+    assert not np.allclose(torch.sigmoid(plain).numpy(), out.probs, atol=1e-4)  # the mirror changed something
 
 
 class _FirstLr(Hook):

@@ -228,7 +228,7 @@ def test_a_csv_with_30_percent_unknown_trains_and_is_scored_on_known_entries(
     assert np.isfinite(losses).all()
     report = json.loads((run / "report.json").read_text())
     outs, _ = predict_run(run, ["test"])
-    y, p = outs["test"]["targets"], outs["test"]["probs"]
+    y, p = outs["test"].targets, outs["test"].probs
     unknown = np.isnan(y)
     assert 0.2 < unknown.mean() < 0.4 and report["splits"]["test"]["unknown"] == unknown.sum()
     for c, row in enumerate(report["splits"]["test"]["per_class"]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -294,6 +295,13 @@ def epoch_size(cfg: DataConfig, targets: np.ndarray) -> int:
     if cfg.sampler != "balanced":
         return len(targets)
     return balanced_length(repeat_factors(targets, cfg.repeat_threshold))
+
+
+def sampler_facts(cfg: DataConfig, train_images: int, drawn: int) -> dict[str, Any]:
+    """What a report says of the training sampler: the balanced one's fixed draw per epoch, beside the split's size."""
+    if cfg.sampler != "balanced":  # an epoch is the split
+        return {}
+    return {"sampler": {"name": "balanced", "train_images": train_images, "epoch_size": drawn}}
 
 
 def build_dist(recipe: Recipe, device: torch.device) -> Dist:

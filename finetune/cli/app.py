@@ -208,7 +208,7 @@ def evaluate(
     from finetune.runs.evaluate import evaluate_run
 
     report = evaluate_run(run_dir, split, threshold, err)
-    TASKS[report["task"]].print_report(report, out)
+    TASKS[report.task].print_report(report, out)
 
 
 @app.command()
@@ -224,7 +224,7 @@ def calibrate(
     if split not in ("val", "train"):
         raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
     report = calibrate_run(run_dir, split, err, overrides)
-    TASKS[report["task"]].print_report(report, out)
+    TASKS[report.task].print_report(report, out)
     if (Path(run_dir) / runfiles.REPORT_HTML).is_file():  # the page shows the thresholds: keep it in step
         from finetune.config.overrides import parse_override
         from finetune.rundir.directory import REPORT_KEYS

@@ -19,6 +19,7 @@ import yaml
 from finetune import runfiles
 from finetune.assembly import data as assembly_data
 from finetune.errors import UserError
+from finetune.eval.run_report import RunReport
 from finetune.io import atomic_write_text, markdown_text
 from finetune.rundir.directory import RunDir
 
@@ -47,19 +48,18 @@ def _metrics(run: RunDir) -> dict[str, Any]:
     """The held-out headline numbers from ``report.json``: fixed vs calibrated thresholds, and where measured."""
     if not (run / runfiles.REPORT).is_file():
         return {}
-    report = run.read_json(runfiles.REPORT)
-    cal = report.get("calibration") or {}
-    honest = cal.get("honest")
+    report = RunReport.load(run / runfiles.REPORT)
+    honest = report.honest
     if honest:
         keys = ("map", "macro_f1", "micro_f1")
         return {
-            "measured_on": honest["how"],
-            "fixed_threshold": report.get("threshold"),
-            "at_fixed_threshold": {k: round(honest["fixed"][k], 4) for k in keys},
-            "at_calibrated_thresholds": {k: round(honest["calibrated"][k], 4) for k in keys},
+            "measured_on": honest.how,
+            "fixed_threshold": report.threshold,
+            "at_fixed_threshold": {k: round(honest.fixed[k], 4) for k in keys},
+            "at_calibrated_thresholds": {k: round(honest.calibrated[k], 4) for k in keys},
         }
-    role = "test" if "test" in report["splits"] else "val"
-    summary = report["splits"][role]["summary"]
+    role = report.shown_split
+    summary = report.splits[role].summary
     return {"measured_on": f"{role} split", **{k: round(v, 4) for k, v in summary.items() if isinstance(v, float)}}
 
 

@@ -199,8 +199,8 @@ def _parity(xml: Path, onnx_path: Path, fields: dict[str, Any], parts: RunParts)
 
     if "val" not in parts.splits:  # read only now, so that an export without the data still writes its files
         parts = build_from_run(parts.run, ("val",), ["data.num_workers=0"])
-    ours = backend_outputs(openvino_backend(xml)[0], parts, ["val"])["val"]["probs"]
-    ref = backend_outputs(onnx_backend(onnx_path.read_bytes()), parts, ["val"])["val"]["probs"]
+    ours = backend_outputs(openvino_backend(xml)[0], parts, ["val"])["val"].probs
+    ref = backend_outputs(onnx_backend(onnx_path.read_bytes()), parts, ["val"])["val"].probs
     if fields["thresholds"]:
         thr = np.asarray(fields["thresholds"])
         flips = int(((ours >= thr) != (ref >= thr)).sum())

@@ -37,6 +37,7 @@ from finetune.eval.metrics import summarize, summarize_single
 from finetune.eval.predict import handle_bad_images
 from finetune.eval.report import fit_calibration, resolve_shrink
 from finetune.eval.thresholds import cross_fit
+from finetune.predictions import Predictions
 
 DEFAULT_CALIBRATION_IMAGES = 300
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Clip", "Relu", "GlobalAveragePool", "Flatten"]
@@ -106,7 +107,7 @@ def quantize_onnx(fp32: bytes, batches: Iterator[np.ndarray], input_name: str) -
         return dst.read_bytes()
 
 
-def backend_outputs(backend: Backend, parts: RunParts, roles: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def backend_outputs(backend: Backend, parts: RunParts, roles: list[str]) -> dict[str, Predictions]:
     """A backend's probabilities and the targets on each of ``roles`` (evaluation pipeline, dataset order)."""
     outs = {}
     for role in roles:
@@ -114,11 +115,11 @@ def backend_outputs(backend: Backend, parts: RunParts, roles: list[str]) -> dict
         for images, target in nhwc_batches(parts.loader(role), parts.recipe.data.on_bad_image):
             probs.append(np.asarray(backend(images), dtype=np.float64))
             targets.append(target)
-        outs[role] = {"targets": np.concatenate(targets), "probs": np.concatenate(probs)}
+        outs[role] = Predictions(probs=np.concatenate(probs), targets=np.concatenate(targets))
     return outs
 
 
-def refit(parts: RunParts, outs: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarray, str]:
+def refit(parts: RunParts, outs: dict[str, Predictions]) -> tuple[np.ndarray, str]:
     """Thresholds fitted on ``outs`` with the run's calibration settings and split, and where they came from."""
     cs = parts.calibration
     cs, _ = resolve_shrink(cs, outs[cs.split])
@@ -134,7 +135,7 @@ def _held_out(parts: RunParts, outs: dict, thresholds: np.ndarray) -> tuple[dict
     out = outs[cs.split]
     cs, _ = resolve_shrink(cs, out)
     try:
-        per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+        per_row, _ = cross_fit(out.targets, out.probs, cs.folds, cs.seed, **cs.options)
     except ValueError as err:
         raise UserError(f"INT8 check on {cs.split}: {err}") from None
     return out, per_row, f"{min(cs.folds, len(per_row))}-fold cross-fitting on {cs.split}"
@@ -162,23 +163,23 @@ def compare(parts: RunParts, fp32: dict, int8: dict, fp32_thr: np.ndarray | None
     """
     if fp32_thr is None or int8_thr is None:
         out32, out8 = (o["test"] if "test" in o else o["val"] for o in (fp32, int8))
-        top32, top8 = out32["probs"].argmax(1), out8["probs"].argmax(1)
+        top32, top8 = out32.probs.argmax(1), out8.probs.argmax(1)
         rows = [
-            {"model": m, "top1": summarize_single(o["targets"], o["probs"])["top1"], "images_changed": n}
+            {"model": m, "top1": summarize_single(o.targets, o.probs)["top1"], "images_changed": n}
             for m, o, n in (("fp32", out32, 0), ("int8", out8, int((top32 != top8).sum())))
         ]
         how = "test split" if "test" in fp32 else "val split"
     else:
         held32, thr32, how = _held_out(parts, fp32, fp32_thr)
         held8, thr8, _ = _held_out(parts, int8, int8_thr)
-        y, p32, p8 = held32["targets"], held32["probs"], held8["probs"]
+        y, p32, p8 = held32.targets, held32.probs, held8.probs
         ref = p32 >= thr32
         rows = [
             _row("fp32", y, p32, thr32, ref),
             _row("int8, fp32 thresholds", y, p8, thr32, ref),
             _row("int8, re-fitted thresholds", y, p8, thr8, ref),
         ]
-    diff = np.abs(fp32[parts.calibration.split]["probs"] - int8[parts.calibration.split]["probs"])
+    diff = np.abs(fp32[parts.calibration.split].probs - int8[parts.calibration.split].probs)
     return {
         "scored_on": how,
         "rows": rows,

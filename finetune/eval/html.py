@@ -1,6 +1,6 @@
 """``report.html``: one self-contained page (inline CSS, a few lines of JS, images as ``data:`` URIs).
 
-Markup only: the caller hands over the report dict, the embedded plots, the galleries and the notes (see
+Markup only: the caller hands over the report, the embedded plots, the galleries and the notes (see
 :mod:`finetune.runs.report_page`, which gathers them from a run). No server, no network: the file opens in any browser.
 """
 
@@ -10,6 +10,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.eval.run_report import RunReport
 from finetune.eval.tables import HEADLINE, SUMMARY_KEYS, class_columns, unknown_line
 
 CSS = """
@@ -61,7 +62,7 @@ class Page:
     """Everything ``report.html`` shows."""
 
     title: str
-    report: dict[str, Any]
+    report: RunReport
     notes: list[str] = field(default_factory=list)
     plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, data URI)
     galleries: list[Gallery] = field(default_factory=list)
@@ -86,42 +87,40 @@ def table(header: list[str], rows: list[list[str]], sortable: bool = False, raw:
     return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _summary(report: dict[str, Any]) -> str:
+def _summary(report: RunReport) -> str:
     """The honest calibration gain and each split's headline numbers."""
     parts = []
-    cal = report.get("calibration")
-    if cal:
-        h = cal["honest"]
+    cal, h = report.calibration, report.honest
+    if cal and h:
         rows = []
         for k in HEADLINE:
-            f, c = h["fixed"][k], h["calibrated"][k]
+            f, c = h.fixed[k], h.calibrated[k]
             arrow = "up" if c > f else "down" if c < f else ""
             rows.append([k, _pct(f), f'<span class="{arrow}">{_pct(c)}</span>'])
         parts.append(
             f"<p>Thresholds fitted on <b>{_e(cal['fitted_on'])}</b> ({_e(cal['metric'])}); the gain measured on data "
-            f"they were not fitted on (<b>{_e(h['how'])}</b>):</p>"
-            + table(["metric", f"fixed {report.get('threshold', 0.5):g}", "calibrated"], rows, raw=True)
+            f"they were not fitted on (<b>{_e(h.how)}</b>):</p>"
+            + table(["metric", f"fixed {report.threshold or 0.5:g}", "calibrated"], rows, raw=True)
         )
-    keys = [k for k in SUMMARY_KEYS if k in next(iter(report["splits"].values()))["summary"]]
+    keys = [k for k in SUMMARY_KEYS if k in next(iter(report.splits.values())).summary]
     if not keys:  # single-label
         keys = ["top1", "top5", "mean_recall", "map"]
     rows = []
-    for name, split in report["splits"].items():
-        rows.append([name, "fixed" if "calibrated" in split else "", str(split["images"])])
-        rows[-1] += [_pct(split["summary"].get(k)) for k in keys]
-        if "calibrated" in split:
-            rows.append(
-                [name, "calibrated", str(split["images"])] + [_pct(split["calibrated"]["summary"][k]) for k in keys]
-            )
+    for name, split in report.splits.items():
+        cal_summary = split.calibrated_summary
+        rows.append([name, "fixed" if cal_summary is not None else "", str(split.images)])
+        rows[-1] += [_pct(split.summary.get(k)) for k in keys]
+        if cal_summary is not None:
+            rows.append([name, "calibrated", str(split.images)] + [_pct(cal_summary[k]) for k in keys])
     parts.append(table(["split", "thresholds", "images", *keys], rows))
     if unknown_line(report):
         parts.append(f"<p>{_e(str(unknown_line(report)))}</p>")
     return "\n".join(parts)
 
 
-def _per_class(report: dict[str, Any], split: str, linked: set[str]) -> str:
+def _per_class(report: RunReport, split: str, linked: set[str]) -> str:
     """The sortable per-class table of one split; a class with a gallery (its id in ``linked``) links to it."""
-    rows = report["splits"][split]["per_class"]
+    rows = report.splits[split].per_class
 
     def name(r: dict[str, Any]) -> str:
         key = f"class-{r['index']}"
@@ -132,8 +131,8 @@ def _per_class(report: dict[str, Any], split: str, linked: set[str]) -> str:
         header = ["class", "support", "recall", "precision"]
         body = [[name(r), str(r["support"]), _pct(r["recall"]), _pct(r["precision"])] for r in rows]
         return table(header, body, sortable=True, raw=True)
-    unknown = bool(report["splits"][split].get("unknown"))
-    header = class_columns(report["splits"][split])
+    unknown = bool(report.splits[split].unknown)
+    header = class_columns(report.splits[split])
     body = []
     for r in rows:
         counts = [str(r["support"])] + ([str(r["unknown"])] if unknown else [])

@@ -19,6 +19,7 @@ from finetune.errors import UserError
 from finetune.eval.tasks import MULTI_LABEL, Task
 from finetune.models import hflip_average
 from finetune.precision import autocast
+from finetune.predictions import Predictions
 
 
 @dataclass(kw_only=True)
@@ -62,7 +63,7 @@ def predict_loader(
     bad_images: list[str] | None = None,
     console: Console | None = None,
     allow_empty: bool = False,
-) -> dict[str, Any]:
+) -> Predictions:
     """Probabilities (the task's activation) for every readable image of ``loader``.
 
     Args:
@@ -75,8 +76,7 @@ def predict_loader(
         allow_empty: Return empty arrays, not an error, when nothing was read (a DDP rank's share, gathered next).
 
     Returns:
-        ``targets`` and ``probs`` (``[n, classes]`` arrays, rows in loader order), ``index`` (dataset indices) and,
-        with ``loss_fn``, the mean ``loss``.
+        The rows in loader order, with their dataset indices and, with ``loss_fn``, the mean loss.
     """
     model.eval()
     bad_images = [] if bad_images is None else bad_images
@@ -101,11 +101,10 @@ def predict_loader(
     if not probs:  # a DDP rank's empty shard (a split with fewer images than ranks): the gather joins the others
         n = len(getattr(loader.dataset, "classes", ()) or ())
         targets, probs, indices = [np.zeros((0, n), np.float32)], [np.zeros((0, n), np.float32)], [np.zeros(0, int)]
-    out: dict[str, Any] = {
-        "targets": np.concatenate(targets),
-        "probs": np.concatenate(probs),
-        "index": np.concatenate(indices),
-    }
-    if loss_fn is not None:
-        out["loss"] = total_loss / max(len(out["probs"]), 1)
-    return out
+    n = sum(len(p) for p in probs)
+    return Predictions(
+        probs=np.concatenate(probs),
+        targets=np.concatenate(targets),
+        index=np.concatenate(indices),
+        loss=None if loss_fn is None else total_loss / max(n, 1),
+    )

@@ -26,6 +26,7 @@ from finetune import runfiles
 from finetune.eval.probabilities import top_label
 from finetune.eval.thresholds import CalibrationSettings
 from finetune.io import atomic_write_bytes, atomic_write_json
+from finetune.predictions import Predictions
 
 _EPS = 1e-9  # accuracy compared as acc >= target - eps: 9 of 10 meets a 0.9 target whatever the rounding
 CURVE_POINTS = 101
@@ -89,29 +90,29 @@ def curve(targets: np.ndarray, probs: np.ndarray, points: int = CURVE_POINTS) ->
     }
 
 
-def _held_out(cs: CalibrationSettings, outs: dict[str, dict[str, Any]], aim: float) -> tuple[str, np.ndarray, Any]:
+def _held_out(cs: CalibrationSettings, outs: dict[str, Predictions], aim: float) -> tuple[str, np.ndarray, Any]:
     """Targets, probabilities and per-row thresholds on data the threshold was not fitted on."""
     if "test" in outs and cs.split != "test":
         test = outs["test"]
-        thr, _, _ = reject_threshold(outs[cs.split]["targets"], outs[cs.split]["probs"], aim)
-        return "test split", test, np.full(len(test["probs"]), thr)
+        thr, _, _ = reject_threshold(outs[cs.split].targets, outs[cs.split].probs, aim)
+        return "test split", test, np.full(len(test.probs), thr)
     out = outs[cs.split]
-    per_row = np.empty(len(out["probs"]))
+    per_row = np.empty(len(out.probs))
     folds = KFold(min(cs.folds, len(per_row)), shuffle=True, random_state=cs.seed)
     for fit_idx, score_idx in folds.split(per_row):
-        per_row[score_idx], _, _ = reject_threshold(out["targets"][fit_idx], out["probs"][fit_idx], aim)
+        per_row[score_idx], _, _ = reject_threshold(out.targets[fit_idx], out.probs[fit_idx], aim)
     return f"{folds.n_splits}-fold cross-fitting on {cs.split}", out, per_row
 
 
-def fit_reject(cs: CalibrationSettings, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def fit_reject(cs: CalibrationSettings, outs: dict[str, Predictions]) -> dict[str, Any]:
     """Fit the reject threshold on ``cs.split`` and measure it on held-out data (what ``reject.json`` holds)."""
     assert cs.target is not None  # the recipe check asks for one
     aim = min(1.0, cs.target + cs.margin)
     fit_on = outs[cs.split]
-    thr, reached, met = reject_threshold(fit_on["targets"], fit_on["probs"], aim)
+    thr, reached, met = reject_threshold(fit_on.targets, fit_on.probs, aim)
     how, held, per_row = _held_out(cs, outs, aim)
-    coverage, accuracy = coverage_accuracy(held["targets"], held["probs"], per_row)
-    all_coverage, all_accuracy = coverage_accuracy(held["targets"], held["probs"], 0.0)
+    coverage, accuracy = coverage_accuracy(held.targets, held.probs, per_row)
+    all_coverage, all_accuracy = coverage_accuracy(held.targets, held.probs, 0.0)
     return {
         "objective": "accuracy_at_least",
         "target": cs.target,
@@ -120,7 +121,7 @@ def fit_reject(cs: CalibrationSettings, outs: dict[str, dict[str, Any]]) -> dict
         "fitted_on": cs.split,
         "source": "fitted" if met else "unmet",
         "fitting": dict(
-            zip(("coverage", "accuracy"), map(_finite, coverage_accuracy(fit_on["targets"], fit_on["probs"], thr)))
+            zip(("coverage", "accuracy"), map(_finite, coverage_accuracy(fit_on.targets, fit_on.probs, thr)))
         ),
         "held_out": {
             "how": how,
@@ -129,7 +130,7 @@ def fit_reject(cs: CalibrationSettings, outs: dict[str, dict[str, Any]]) -> dict
             "met": bool(accuracy >= cs.target),
         },
         "answer_all": {"coverage": all_coverage, "accuracy": all_accuracy},
-        "curve": curve(held["targets"], held["probs"]),
+        "curve": curve(held.targets, held.probs),
     }
 
 

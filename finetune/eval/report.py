@@ -25,25 +25,27 @@ from finetune.eval import plots
 from finetune.eval.metrics import prf, summarize
 from finetune.eval.probabilities import Scaling, brier, ece, fit_scaling, top_label
 from finetune.eval.reject import fit_reject, save_reject
+from finetune.eval.run_report import RunReport
 from finetune.eval.tasks import Task
 from finetune.eval.thresholds import Calibration, CalibrationSettings, choose_shrink, cross_fit, fit_thresholds
 from finetune.io import atomic_write_bytes, atomic_write_json, read_json
+from finetune.predictions import Predictions
 
 
-def resolve_shrink(cs: CalibrationSettings, out: dict[str, Any]) -> tuple[CalibrationSettings, dict | None]:
+def resolve_shrink(cs: CalibrationSettings, out: Predictions) -> tuple[CalibrationSettings, dict | None]:
     """``shrink = "auto"`` replaced by the cross-fitted choice on the calibration split (and the scores behind it)."""
     if cs.shrink != "auto":
         return cs, None
     options = {**cs.options}
     options.pop("shrink")
-    k, scores = choose_shrink(out["targets"], out["probs"], cs.fixed, cs.folds, cs.seed, **options)
+    k, scores = choose_shrink(out.targets, out.probs, cs.fixed, cs.folds, cs.seed, **options)
     return replace(cs, shrink=k), {f"{c:g}": v for c, v in scores.items()}
 
 
-def fit_calibration(cs: CalibrationSettings, out: dict[str, Any], classes: ClassMap, role: str) -> Calibration:
+def fit_calibration(cs: CalibrationSettings, out: Predictions, classes: ClassMap, role: str) -> Calibration:
     """Per-class thresholds on one split's predictions."""
     try:
-        cal = fit_thresholds(out["targets"], out["probs"], **cs.options)
+        cal = fit_thresholds(out.targets, out.probs, **cs.options)
     except ValueError as err:
         raise UserError(f"calibrate: {err}") from None
     cal.names, cal.split = list(classes.names), role
@@ -51,7 +53,7 @@ def fit_calibration(cs: CalibrationSettings, out: dict[str, Any], classes: Class
 
 
 def _honest(
-    cs: CalibrationSettings, report: dict[str, Any], out: dict[str, Any], role: str
+    cs: CalibrationSettings, report: dict[str, Any], out: Predictions, role: str
 ) -> tuple[dict, Any, dict[str, Any]]:
     """The gain on data the thresholds were not fitted on: the test split, else cross-fitting on ``role``.
 
@@ -65,25 +67,25 @@ def _honest(
         held = {k: np.array([r[f"{k}_cal"] for r in rows]) for k in ("precision", "recall", "f1")}
         held["support"] = np.array([r["support"] for r in rows])
         return honest, [r["f1"] for r in rows], held
-    if len(out["targets"]) < 2:  # no held-out data and nothing to cross-fit on: no gain is claimed
-        per_row, how = np.full(np.shape(out["probs"]), cs.fixed), f"none: {role} has 1 image, too few to cross-fit"
+    if len(out.targets) < 2:  # no held-out data and nothing to cross-fit on: no gain is claimed
+        per_row, how = np.full(np.shape(out.probs), cs.fixed), f"none: {role} has 1 image, too few to cross-fit"
     else:
-        per_row, _ = cross_fit(out["targets"], out["probs"], cs.folds, cs.seed, **cs.options)
+        per_row, _ = cross_fit(out.targets, out.probs, cs.folds, cs.seed, **cs.options)
         how = f"{min(cs.folds, len(per_row))}-fold cross-fitting on {role}"
     honest = {
         "how": how,
-        "fixed": summarize(out["targets"], out["probs"], cs.fixed),
-        "calibrated": summarize(out["targets"], out["probs"], per_row),
+        "fixed": summarize(out.targets, out.probs, cs.fixed),
+        "calibrated": summarize(out.targets, out.probs, per_row),
     }
-    return honest, prf(out["targets"], out["probs"], cs.fixed)["f1"], prf(out["targets"], out["probs"], per_row)
+    return honest, prf(out.targets, out.probs, cs.fixed)["f1"], prf(out.targets, out.probs, per_row)
 
 
-def operating_points(cal: Calibration, out: dict[str, Any], held: dict[str, Any], how: str) -> dict[str, Any] | None:
+def operating_points(cal: Calibration, out: Predictions, held: dict[str, Any], how: str) -> dict[str, Any] | None:
     """Per constrained class: its target, what it reached on the fitting split and on held-out data, and the counts.
 
     A class without a held-out positive has no held-out recall; it is listed, and left out of the held-out count.
     """
-    fit = prf(out["targets"], out["probs"], cal.thresholds)
+    fit = prf(out.targets, out.probs, cal.thresholds)
     rows = []
     for i, (obj, target) in enumerate(zip(cal.objective, cal.target)):
         if obj not in CONSTRAINED:
@@ -120,7 +122,12 @@ def operating_points(cal: Calibration, out: dict[str, Any], held: dict[str, Any]
 
 
 def _add_calibration(
-    run: Path, report: dict[str, Any], cs: CalibrationSettings, cal: Calibration, outs: dict, classes: ClassMap
+    run: Path,
+    report: dict[str, Any],
+    cs: CalibrationSettings,
+    cal: Calibration,
+    outs: dict[str, Predictions],
+    classes: ClassMap,
 ) -> None:
     role = cal.split
     honest, f1_fixed, held = _honest(cs, report, outs[role], role)
@@ -138,20 +145,18 @@ def _add_calibration(
     }
     save_thresholds(run, cal)
     out = outs[role]
-    plotted = plots.pr_curves(
-        out["targets"], out["probs"], cal.thresholds, classes.names, run / runfiles.PR_CURVES, role
-    )
+    plotted = plots.pr_curves(out.targets, out.probs, cal.thresholds, classes.names, run / runfiles.PR_CURVES, role)
     title = f"per-class F1, {honest['how']}: fixed {cs.fixed:g} vs calibrated"
     plots.f1_bars(np.asarray(f1_fixed), np.asarray(f1_cal), classes.names, run / runfiles.F1_BARS, title)
     report["calibration"]["plots"] = {runfiles.PR_CURVES: plotted, runfiles.F1_BARS: honest["how"]}
 
 
-def _held_out_scaling(cs: CalibrationSettings, outs: dict[str, dict[str, Any]], scaling: Scaling) -> tuple:
+def _held_out_scaling(cs: CalibrationSettings, outs: dict[str, Predictions], scaling: Scaling) -> tuple:
     """Targets and probabilities before/after scaling on data it was not fitted on: test, else cross-fitting."""
     if "test" in outs and cs.split != "test":
-        y, before = outs["test"]["targets"], outs["test"]["probs"]
+        y, before = outs["test"].targets, outs["test"].probs
         return "test split", y, before, scaling.apply(before)
-    y, before = outs[cs.split]["targets"], outs[cs.split]["probs"]
+    y, before = outs[cs.split].targets, outs[cs.split].probs
     after = np.empty_like(before, dtype=np.float64)
     folds = KFold(min(cs.folds, len(before)), shuffle=True, random_state=cs.seed)
     for fit_idx, score_idx in folds.split(before):
@@ -178,9 +183,9 @@ def save_scaling(run: Path, scaling: Scaling | None) -> None:
 
 
 def scale_probabilities(
-    run: Path, cs: CalibrationSettings, outs: dict[str, dict[str, Any]], classes: ClassMap, softmax: bool = False
+    run: Path, cs: CalibrationSettings, outs: dict[str, Predictions], classes: ClassMap, softmax: bool = False
 ) -> tuple[dict[str, Any] | None, Scaling | None]:
-    """Fit ``calibrate.probabilities`` on the calibration split; replace every split's probabilities by the scaled.
+    """Fit ``calibrate.probabilities`` on the calibration split (``outs`` is left as it is; apply the scaling).
 
     Writes ``reliability.png``; returns ECE and Brier before/after on held-out data and the scaling (for
     :func:`save_scaling`). With ``"none"``: nothing to fit, ``(None, None)``. ``softmax``: a single-label run (one
@@ -189,13 +194,11 @@ def scale_probabilities(
     if cs.probabilities == "none":
         return None, None
     fit_on = outs[cs.split]
-    scaling = fit_scaling(fit_on["targets"], fit_on["probs"], cs.probabilities, cs.min_positives, softmax=softmax)
+    scaling = fit_scaling(fit_on.targets, fit_on.probs, cs.probabilities, cs.min_positives, softmax=softmax)
     scaling.names, scaling.split = list(classes.names), cs.split
     how, y, before, after = _held_out_scaling(cs, outs, scaling)
     shown = (*top_label(y, before), top_label(y, after)[1]) if softmax else (y, before, after)
     plots.reliability_png(*shown, run / runfiles.RELIABILITY, f"{cs.probabilities} scaling, {how}")
-    for out in outs.values():
-        out["probs"] = scaling.apply(out["probs"])
     stats = {
         "method": cs.probabilities,
         "fitted_on": cs.split,
@@ -210,19 +213,22 @@ def write_report(
     run: Path,
     task: Task,
     classes: ClassMap,
-    outs: dict[str, dict[str, Any]],
+    outs: dict[str, Predictions],
     *,
     cs: CalibrationSettings,
     extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> tuple[RunReport, dict[str, Predictions]]:
     """Calibrate (when the task has thresholds and ``cs.enabled``), then write report.json and the task's files.
 
-    With ``calibrate.probabilities``, the probabilities of ``outs`` are replaced by the scaled ones first (in place:
-    the caller's galleries then show what the report scored).
+    Returns:
+        The report, and the predictions it scored: with ``calibrate.probabilities``, new ones holding the scaled
+        probabilities (what the caller's galleries should show); otherwise ``outs`` itself, which is never changed.
     """
     calibration, shrink_scores, scaled, scaling = None, None, None, None
     if cs.enabled:
         scaled, scaling = scale_probabilities(run, cs, outs, classes, softmax=not task.calibrates)
+    if scaling is not None:
+        outs = {role: out.with_probs(scaling.apply(out.probs)) for role, out in outs.items()}
     if task.calibrates and cs.enabled:
         cs, shrink_scores = resolve_shrink(cs, outs[cs.split])
         calibration = fit_calibration(cs, outs[cs.split], classes, cs.split)
@@ -234,7 +240,7 @@ def write_report(
         report["probabilities"] = scaled
     for name, out in outs.items():
         if name != "train":
-            report["splits"][name] = task.split_report(out["targets"], out["probs"], classes, cs.fixed, thr)
+            report["splits"][name] = task.split_report(out.targets, out.probs, classes, cs.fixed, thr)
     if calibration is not None:
         _add_calibration(run, report, cs, calibration, outs, classes)
         if shrink_scores is not None:
@@ -243,9 +249,10 @@ def write_report(
         report["reject"] = fit_reject(cs, outs) if cs.enabled and cs.metric == REJECT else None
         save_reject(run, report["reject"])
     save_scaling(run, scaling)  # after the thresholds: a run without calibration (or "none") keeps no scaling
-    task.write_extras(report, classes, run)
+    written = RunReport(report)
+    task.write_extras(written, classes, run)
     atomic_write_json(run / runfiles.REPORT, report)
-    return report
+    return written, outs
 
 
 def save_thresholds(run: Path, calibration: Calibration) -> None:
@@ -277,3 +284,17 @@ def load_thresholds(run: Path, threshold: float | None, fixed: float) -> tuple[n
             raise UserError(f"{run / runfiles.THRESHOLDS}: corrupt (not one finite threshold per class); {fix}")
         return cal.thresholds, f"calibrated on {cal.split or 'val'} (thresholds.json)"
     return fixed, f"fixed {fixed:g}"
+
+
+def one_split_report(
+    run: str, task: str, role: str, split: dict[str, Any], thresholds: tuple[float, str] | None = None
+) -> RunReport:
+    """An ``eval_<split>.json``: one split scored, nothing fitted.
+
+    ``thresholds``: multi-label, the fixed threshold and which thresholds scored the split (a file, or that one).
+    """
+    report: dict[str, Any] = {"run": run, "task": task}
+    if thresholds is not None:
+        report.update(threshold=thresholds[0], thresholds=thresholds[1])
+    report["splits"] = {role: split}
+    return RunReport(report)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from finetune.data.split import ClassMap
 from finetune.eval.metrics import average_precision, prf, summarize
+from finetune.eval.run_report import RunReport, SplitReport
 from finetune.io import markdown_text
 from finetune.labels import unknown_counts
 
@@ -71,10 +72,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
 
-def class_columns(split: dict[str, Any], threshold: str = "threshold") -> list[str]:
+def class_columns(split: SplitReport, threshold: str = "threshold") -> list[str]:
     """The per-class table's columns: ``unknown`` only where the split has unknown labels, calibrated ones if any."""
-    unknown = ["unknown"] if split.get("unknown") else []
-    cal = [threshold, "P cal", "R cal", "F1 cal"] if "calibrated" in split else []
+    unknown = ["unknown"] if split.unknown else []
+    cal = [threshold, "P cal", "R cal", "F1 cal"] if split.calibrated_summary is not None else []
     return ["class", "support", *unknown, "AP", "P", "R", "F1", *cal]
 
 
@@ -108,13 +109,13 @@ def probabilities_line(s: dict[str, Any]) -> str:
     )
 
 
-def unknown_line(report: dict[str, Any]) -> str | None:
+def unknown_line(report: RunReport) -> str | None:
     """One line on the unknown labels of each split (None when there are none)."""
     parts = []
-    for name, split in report["splits"].items():
-        if split.get("unknown"):
-            total = split["images"] * len(split["per_class"])
-            parts.append(f"{name} {split['unknown']} of {total} entries ({100 * split['unknown'] / total:.0f}%)")
+    for name, split in report.splits.items():
+        if split.unknown:
+            total = split.images * len(split.per_class)
+            parts.append(f"{name} {split.unknown} of {total} entries ({100 * split.unknown / total:.0f}%)")
     if not parts:
         return None
     return "unknown labels (not checked; left out of every number here): " + ", ".join(parts)
@@ -153,44 +154,43 @@ def target_rows(t: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def print_report(report: dict[str, Any], console: Console, per_class: bool = True) -> None:
+def print_report(report: RunReport | dict[str, Any], console: Console, per_class: bool = True) -> None:
     """Print a summary table (one row per split and threshold kind), the calibration gain and per-class tables."""
-    table = Table(title=escape(str(report.get("run", "evaluation"))))
+    report = RunReport.of(report)
+    table = Table(title=escape(report.run))
     table.add_column("split")
     table.add_column("thresholds")
     table.add_column("images", justify="right")
     for key in SUMMARY_KEYS:
         table.add_column(key.replace("_", " ").replace("map", "mAP"), justify="right")
-    for name, split in report["splits"].items():
-        s = split["summary"]
-        table.add_row(name, f"fixed {split['threshold']:g}", str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS))
-        if "calibrated" in split:
-            c = split["calibrated"]["summary"]
-            table.add_row(name, "calibrated", str(split["images"]), *(_pct(c[k]) for k in SUMMARY_KEYS))
+    for name, split in report.splits.items():
+        s, c = split.summary, split.calibrated_summary
+        table.add_row(name, f"fixed {split.threshold:g}", str(split.images), *(_pct(s[k]) for k in SUMMARY_KEYS))
+        if c is not None:
+            table.add_row(name, "calibrated", str(split.images), *(_pct(c[k]) for k in SUMMARY_KEYS))
     console.print(table)
     if unknown_line(report):
         console.print(unknown_line(report))
-    cal = report.get("calibration")
-    if cal:
-        h = cal["honest"]
+    cal, h = report.calibration, report.honest
+    if cal and h:
         console.print(
-            f"calibration: fitted on {escape(str(cal['fitted_on']))}; on data it was not fitted on ({h['how']}): "
+            f"calibration: fitted on {escape(str(cal['fitted_on']))}; on data it was not fitted on ({h.how}): "
             "macro-F1 "
-            f"{_pct(h['fixed']['macro_f1'])} -> {_pct(h['calibrated']['macro_f1'])}, micro-F1 "
-            f"{_pct(h['fixed']['micro_f1'])} -> {_pct(h['calibrated']['micro_f1'])}"
+            f"{_pct(h.fixed['macro_f1'])} -> {_pct(h.calibrated['macro_f1'])}, micro-F1 "
+            f"{_pct(h.fixed['micro_f1'])} -> {_pct(h.calibrated['micro_f1'])}"
         )
-        if cal.get("targets"):
-            console.print(targets_line(cal["targets"]))
-    if report.get("probabilities"):
-        console.print(probabilities_line(report["probabilities"]))
+        if report.operating_points:
+            console.print(targets_line(report.operating_points))
+    if report.probabilities:
+        console.print(probabilities_line(report.probabilities))
     if not per_class:
         return
-    for name, split in report["splits"].items():
-        has_cal, has_unknown = "calibrated" in split, bool(split.get("unknown"))
+    for name, split in report.splits.items():
+        has_cal, has_unknown = split.calibrated_summary is not None, bool(split.unknown)
         t = Table(title=f"{name}: per class")
         for col in class_columns(split, "thr"):
             t.add_column(col, justify="left" if col == "class" else "right")
-        for r in split["per_class"]:
+        for r in split.per_class:
             t.add_row(*_class_cells(r, has_cal, 2, has_unknown))
         console.print(t)
 
@@ -200,44 +200,44 @@ def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(markdown_text(c) for c in cells) + " |"
 
 
-def markdown_report(report: dict[str, Any]) -> str:
+def markdown_report(report: RunReport | dict[str, Any]) -> str:
     """The same report as Markdown (``report.md`` in the run); every name in it is escaped."""
-    lines = [f"# {markdown_text(report.get('run', 'evaluation'))}", ""]
+    report = RunReport.of(report)
+    lines = [f"# {markdown_text(report.run)}", ""]
     if unknown_line(report):
         lines += [str(unknown_line(report)), ""]
-    cal = report.get("calibration")
-    if cal:
-        h = cal["honest"]
+    cal, h = report.calibration, report.honest
+    if cal and h:
         lines += [
             f"Thresholds fitted on **{markdown_text(cal['fitted_on'])}** ({cal['metric']}, "
             f"min_positives {cal['min_positives']}, "
             f"shrink {cal['shrink']:g}; global threshold {cal['global_threshold']:.3f}). "
-            f"Measured on data they were not fitted on ({h['how']}):",
+            f"Measured on data they were not fitted on ({h.how}):",
             "",
             "| metric | fixed threshold | calibrated |",
             "|---|---:|---:|",
-            *(f"| {k} | {_pct(h['fixed'][k])} | {_pct(h['calibrated'][k])} |" for k in HEADLINE),
+            *(f"| {k} | {_pct(h.fixed[k])} | {_pct(h.calibrated[k])} |" for k in HEADLINE),
             "",
         ]
-        if report.get("probabilities"):
-            lines += [probabilities_line(report["probabilities"]) + " (reliability.png)", ""]
-        if cal.get("targets"):
-            t = cal["targets"]
+        if report.probabilities:
+            lines += [probabilities_line(report.probabilities) + " (reliability.png)", ""]
+        if report.operating_points:
+            t = report.operating_points
             rule = "|---|---|" + "---:|" * 2 + "---|" + "---:|" * 4
             lines += [targets_line(t), "", "| " + " | ".join(TARGET_COLUMNS) + " |", rule]
             lines += [_md_row(r) for r in target_rows(t)] + [""]
     lines += ["## Summary", "", "| split | thresholds | images | " + " | ".join(SUMMARY_KEYS) + " |"]
     lines.append("|---|---|---:|" + "---:|" * len(SUMMARY_KEYS))
-    for name, split in report["splits"].items():
-        for kind, s in (("fixed", split["summary"]), ("calibrated", split.get("calibrated", {}).get("summary"))):
+    for name, split in report.splits.items():
+        for kind, s in (("fixed", split.summary), ("calibrated", split.calibrated_summary)):
             if s is not None:
-                lines.append(_md_row([name, kind, str(split["images"]), *(_pct(s[k]) for k in SUMMARY_KEYS)]))
-    for name, split in report["splits"].items():
-        has_cal, has_unknown = "calibrated" in split, bool(split.get("unknown"))
+                lines.append(_md_row([name, kind, str(split.images), *(_pct(s[k]) for k in SUMMARY_KEYS)]))
+    for name, split in report.splits.items():
+        has_cal, has_unknown = split.calibrated_summary is not None, bool(split.unknown)
         cols = class_columns(split)
         title = f"## {markdown_text(name)}: per class"
         lines += ["", title, "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
-        for r in split["per_class"]:
+        for r in split.per_class:
             lines.append(_md_row(_class_cells(r, has_cal, 3, has_unknown, markup=False)))
     return "\n".join(lines) + "\n"
 
@@ -269,25 +269,26 @@ def single_label_report(targets: np.ndarray, probs: np.ndarray, classes: ClassMa
     }
 
 
-def print_single_report(report: dict[str, Any], console: Console) -> None:
+def print_single_report(report: RunReport | dict[str, Any], console: Console) -> None:
     """Summary (top-1, top-5, mean recall, mAP) per split and per-class recall/precision."""
-    table = Table(title=escape(str(report.get("run", "evaluation"))))
+    report = RunReport.of(report)
+    table = Table(title=escape(report.run))
     for col in ("split", "images", "top-1", "top-5", "mean recall", "mAP"):
         table.add_column(col, justify="left" if col == "split" else "right")
-    for name, split in report["splits"].items():
-        s = split["summary"]
-        table.add_row(name, str(split["images"]), *(_pct(s[k]) for k in ("top1", "top5", "mean_recall", "map")))
+    for name, split in report.splits.items():
+        s = split.summary
+        table.add_row(name, str(split.images), *(_pct(s[k]) for k in ("top1", "top5", "mean_recall", "map")))
     console.print(table)
-    if report.get("probabilities"):
-        console.print(probabilities_line(report["probabilities"]))
-    if report.get("reject"):
+    if report.probabilities:
+        console.print(probabilities_line(report.probabilities))
+    if report.reject:
         from finetune.eval.reject import reject_line
 
-        console.print(reject_line(report["reject"]))
-    for name, split in report["splits"].items():
+        console.print(reject_line(report.reject))
+    for name, split in report.splits.items():
         t = Table(title=f"{name}: per class")
         for col in ("class", "support", "recall", "precision"):
             t.add_column(col, justify="left" if col == "class" else "right")
-        for r in split["per_class"]:
+        for r in split.per_class:
             t.add_row(escape(r["name"]), str(r["support"]), _pct(r["recall"]), _pct(r["precision"]))
         console.print(t)

@@ -20,7 +20,9 @@ from rich.console import Console
 from finetune import runfiles
 from finetune.config.rules import LOSSES, SELECTS, task_name
 from finetune.data.split import ClassMap
+from finetune.eval.run_report import RunReport
 from finetune.labels import label_indices
+from finetune.predictions import Predictions
 
 
 class Task:
@@ -57,12 +59,16 @@ class Task:
         """Summary and per-class numbers of one split."""
         raise NotImplementedError
 
-    def print_report(self, report: dict[str, Any], console: Console) -> None:
+    def print_report(self, report: RunReport, console: Console) -> None:
         """The report's tables on the console."""
         raise NotImplementedError
 
-    def write_extras(self, report: dict[str, Any], classes: ClassMap, run_dir: Path) -> None:
+    def write_extras(self, report: RunReport, classes: ClassMap, run_dir: Path) -> None:
         """Task-specific files beside ``report.json`` (plots, Markdown)."""
+
+    def report_extras(self, outs: dict[str, Predictions]) -> dict[str, Any]:
+        """Numbers a training run's report adds for this task (none by default)."""
+        return {}
 
     def threshold_note(self, how: str) -> str:
         """How labels are chosen, for a prediction's output."""
@@ -108,16 +114,28 @@ class MultiLabel(Task):
 
         return split_report(targets, probs, classes, threshold, calibrated)
 
-    def print_report(self, report: dict[str, Any], console: Console) -> None:  # noqa: D102
+    def print_report(self, report: RunReport, console: Console) -> None:  # noqa: D102
         from finetune.eval.tables import print_report
 
         print_report(report, console)
+        for role, value in report.voc07_map.items():
+            console.print(f"{role}: VOC07 mAP (11-point interpolated) {100 * value:.1f}")
 
-    def write_extras(self, report: dict[str, Any], classes: ClassMap, run_dir: Path) -> None:  # noqa: D102
+    def write_extras(self, report: RunReport, classes: ClassMap, run_dir: Path) -> None:  # noqa: D102
         from finetune.eval.tables import markdown_report
         from finetune.io import atomic_write_text
 
         atomic_write_text(run_dir / runfiles.REPORT_MD, markdown_report(report))
+
+
+class VocMultiLabel(MultiLabel):
+    """PASCAL VOC: multi-label, and its report also gives VOC07's own 11-point interpolated mAP per split."""
+
+    def report_extras(self, outs: dict[str, Predictions]) -> dict[str, Any]:  # noqa: D102
+        from finetune.eval.metrics import voc_ap
+
+        aps = {r: voc_ap(o.targets, o.probs) for r, o in outs.items() if r != "train"}
+        return {"voc07_map": {r: float(np.nanmean(ap)) for r, ap in aps.items() if np.isfinite(ap).any()}}
 
 
 class SingleLabel(Task):
@@ -149,21 +167,21 @@ class SingleLabel(Task):
 
         return single_label_report(targets, probs, classes)
 
-    def print_report(self, report: dict[str, Any], console: Console) -> None:  # noqa: D102
+    def print_report(self, report: RunReport, console: Console) -> None:  # noqa: D102
         from finetune.eval.tables import print_single_report
 
         print_single_report(report, console)
 
-    def write_extras(self, report: dict[str, Any], classes: ClassMap, run_dir: Path) -> None:  # noqa: D102
+    def write_extras(self, report: RunReport, classes: ClassMap, run_dir: Path) -> None:  # noqa: D102
         from finetune.eval import plots
 
-        shown = "test" if "test" in report["splits"] else next(iter(report["splits"]))
+        shown = report.shown_split
         cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
-        for t, p, count in report["splits"][shown]["confusion"]:
+        for t, p, count in report.splits[shown].confusion:
             cm[t, p] = count
         plots.confusion_png(cm, list(classes.names), run_dir / runfiles.CONFUSION, f"{shown}: confusion matrix")
-        if report.get("reject"):
-            plots.coverage_accuracy_png(report["reject"], run_dir / runfiles.COVERAGE)
+        if report.reject:
+            plots.coverage_accuracy_png(report.reject, run_dir / runfiles.COVERAGE)
 
     def threshold_note(self, how: str) -> str:  # noqa: D102
         return "the highest-scoring class (single-label)"
@@ -173,6 +191,9 @@ MULTI_LABEL, SINGLE_LABEL = MultiLabel(), SingleLabel()
 TASKS = {t.name: t for t in (MULTI_LABEL, SINGLE_LABEL)}
 
 
+VOC_MULTI_LABEL = VocMultiLabel()
+
+
 def task_for(fmt: str, task: str = "auto") -> Task:
     """The task of ``data.format`` (``coco``: multi-label, ``folder``/``cifar10``: single-label) or ``data.task``."""
-    return TASKS[task_name(fmt, task)]
+    return VOC_MULTI_LABEL if fmt == "voc" else TASKS[task_name(fmt, task)]

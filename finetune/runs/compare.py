@@ -253,7 +253,7 @@ def run_entry(entry: Entry, seed: int, out: Path) -> dict[str, Any]:
     wall = time.perf_counter() - start
     quiet = Console(file=io.StringIO())
     outs, _ = predict_run(run_dir, ["test"], console=quiet)
-    y, p = outs["test"]["targets"], outs["test"]["probs"]
+    y, p = outs["test"].targets, outs["test"].probs
     multi = task_for(recipe.data.format, recipe.data.task).name == "multi_label"
     thr = load_thresholds(run_dir, None, recipe.train.threshold)[0] if multi else 0.0
     buf = io.BytesIO()

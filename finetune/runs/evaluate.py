@@ -7,6 +7,7 @@ numbers and files come from :mod:`finetune.eval.report`; the parts (recipe, clas
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +20,33 @@ from finetune.config.overrides import parse_override
 from finetune.data.split import ClassMap
 from finetune.errors import UserError
 from finetune.eval.predict import predict_loader
-from finetune.eval.report import load_thresholds, write_report
+from finetune.eval.report import load_thresholds, one_split_report, write_report
+from finetune.eval.run_report import RunReport
+from finetune.predictions import Predictions
 from finetune.rundir.directory import RunDir
 from finetune.rundir.lock import locking
 
 
-def predictions(parts: RunParts, roles: list[str]) -> dict[str, dict[str, Any]]:
+def predictions(parts: RunParts, roles: list[str]) -> dict[str, Predictions]:
     """Probabilities and targets of the parts' model on each of ``roles``, unaugmented, in dataset order.
 
     Returns:
-        Role -> ``{"targets", "probs", "index"}`` arrays.
+        Role -> its predictions.
     """
     for role in roles:
         split_name(parts.recipe, role)  # a role the recipe has no split for is one clear line
-    settings = parts.eval_settings
-    settings.channels_last = False
+    settings = dataclasses.replace(parts.eval_settings, channels_last=False)  # place() keeps the default layout
     model = parts.place()
     return {role: predict_loader(model, parts.loader(role), settings, console=parts.console) for role in roles}
 
 
 def predict_run(
     run_dir: str | Path, roles: list[str], overrides: list[str] | None = None, console: Console | None = None
-) -> tuple[dict[str, dict[str, Any]], ClassMap]:
+) -> tuple[dict[str, Predictions], ClassMap]:
     """Probabilities and targets of a run's best checkpoint on each of ``roles`` (train/val/test), unaugmented.
 
     Returns:
-        Role -> ``{"targets", "probs", "index"}`` arrays, and the run's classes.
+        Role -> its predictions, and the run's classes.
     """
     parts = build_from_run(RunDir.open(run_dir), roles, overrides, console)
     return predictions(parts, roles), parts.classes
@@ -76,10 +78,9 @@ def calibrate_run(
     roles = [r for r in dict.fromkeys([role, "val", "test"]) if r != "test" or recipe.data.has_test]
     parts = build_from_run(run, roles, overrides, console, scaled=False)  # the scaling is re-fitted on raw scores
     outs = predictions(parts, roles)
-    old = run.read_json(runfiles.REPORT) if (run / runfiles.REPORT).is_file() else {}
-    extra = {k: v for k, v in old.items() if k in ("best_epoch", "select", "bad_images", "stop_reason")}
+    extra = RunReport.load(run / runfiles.REPORT).carried if (run / runfiles.REPORT).is_file() else {}
     cs = parts.calibration.for_split(role)
-    return write_report(run.path, parts.task, parts.classes, outs, cs=cs, extra=extra)
+    return write_report(run.path, parts.task, parts.classes, outs, cs=cs, extra=extra)[0]
 
 
 @locking("finetune eval")
@@ -96,15 +97,14 @@ def evaluate_run(
             "(finetune calibrate RUN --set calibrate.objective=accuracy_at_least)"
         )
     out = predictions(parts, [role])[role]
-    targets, probs = out["targets"], out["probs"]
-    report: dict[str, Any] = {"run": str(run), "task": task.name}
+    targets, probs = out.targets, out.probs
     if task.calibrates:
         thr, how = load_thresholds(run.path, threshold, recipe.train.threshold)
         fixed = thr if np.isscalar(thr) else recipe.train.threshold
-        report.update(threshold=fixed, thresholds=how)
         split = task.split_report(targets, probs, classes, fixed, None if np.isscalar(thr) else thr)
+        report = one_split_report(str(run), task.name, role, split, (fixed, how))
     else:
         split = task.split_report(targets, probs, classes, recipe.train.threshold)
-    report["splits"] = {role: split}
-    run.write_json(runfiles.eval_report(role), report)
+        report = one_split_report(str(run), task.name, role, split)
+    run.write_json(runfiles.eval_report(role), report.to_json())
     return report

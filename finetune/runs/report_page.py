@@ -26,12 +26,14 @@ from finetune.errors import UserError
 from finetune.eval import cam, gallery, label_issues, plots
 from finetune.eval.html import Gallery, Page, Tile, render
 from finetune.eval.reject import reject_line
+from finetune.eval.run_report import RunReport
 from finetune.eval.tables import TARGET_COLUMNS, probabilities_line, target_rows, targets_line
 from finetune.eval.tasks import Task
 from finetune.hooks.feature_cache import extract_features
 from finetune.hooks.probe import best_c, out_of_fold_probs
 from finetune.io import atomic_write_text
 from finetune.labels import positives_of
+from finetune.predictions import Predictions
 from finetune.rundir.lock import locking
 
 MAX_GALLERIES = 100  # classes with a gallery, whatever is requested: the file stays bounded (~10 MB at 100)
@@ -119,7 +121,7 @@ class _Split:
     parts: RunParts
     model: torch.nn.Module
     role: str
-    out: dict[str, Any]
+    out: Predictions
     opts: HtmlOptions
 
     def tiles(self, rows: list[int], cam_classes: list[int], captions: list[str]) -> list[Tile]:
@@ -127,7 +129,7 @@ class _Split:
         if not rows:
             return []
         dataset = self.parts.loader(self.role).dataset
-        samples = [dataset[int(i)] for i in self.out["index"][rows]]
+        samples = [dataset[int(i)] for i in self.out.index[rows]]
         good = [i for i, s in enumerate(samples) if "image" in s]
         heat: dict[int, np.ndarray] = {}
         if self.opts.cams and good:
@@ -147,9 +149,9 @@ class _Split:
     def caption(self, row: int, cls: int) -> str:
         """Score of ``cls``, the given labels and the file name of one prediction row."""
         names, out = self.parts.classes.names, self.out
-        given = ", ".join(names[c] for c in np.flatnonzero(positives_of(out["targets"][row]))) or "no label"
-        path = Path(image_name(self.parts.splits[self.role], int(out["index"][row]))).name
-        return f"p({names[cls]}) = {out['probs'][row, cls]:.2f}; labels: {given}; {path}"
+        given = ", ".join(names[c] for c in np.flatnonzero(positives_of(out.targets[row]))) or "no label"
+        path = Path(image_name(self.parts.splits[self.role], int(out.index[row]))).name
+        return f"p({names[cls]}) = {out.probs[row, cls]:.2f}; labels: {given}; {path}"
 
 
 def _multi_label_galleries(s: _Split, thr: np.ndarray) -> list[Gallery]:
@@ -157,9 +159,9 @@ def _multi_label_galleries(s: _Split, thr: np.ndarray) -> list[Gallery]:
     requested = [names.index(c) for c in opts.classes][:MAX_GALLERIES]
     worst = max(0, min(opts.worst, MAX_GALLERIES - len(requested)))
     galleries = []
-    for c in gallery.classes_to_show(out["targets"], out["probs"], worst, requested):
-        m = gallery.class_mistakes(out["targets"], out["probs"], c, float(thr[c]), opts.per_class)
-        support = int(positives_of(out["targets"][:, c]).sum())
+    for c in gallery.classes_to_show(out.targets, out.probs, worst, requested):
+        m = gallery.class_mistakes(out.targets, out.probs, c, float(thr[c]), opts.per_class)
+        support = int(positives_of(out.targets[:, c]).sum())
         title = f"{names[c]}: {support} positive{'s' * (support != 1)} in {s.role}, threshold {thr[c]:.3f}"
         g = Gallery(f"class-{c}", title)
         heads = ("false positives (highest scores first)", "false negatives (lowest scores first)")
@@ -172,15 +174,15 @@ def _multi_label_galleries(s: _Split, thr: np.ndarray) -> list[Gallery]:
 
 def _single_label_galleries(s: _Split) -> tuple[list[Gallery], tuple[str, list[str], list[list[str]]]]:
     names, out = list(s.parts.classes.names), s.out
-    rows = gallery.confident_mistakes(out["targets"], out["probs"], 2 * s.opts.per_class)
-    pred = out["probs"].argmax(1)
+    rows = gallery.confident_mistakes(out.targets, out.probs, 2 * s.opts.per_class)
+    pred = out.probs.argmax(1)
     caps = [
-        f"true {names[int(out['targets'][r].argmax())]}, predicted {names[pred[r]]} ({out['probs'][r, pred[r]]:.2f})"
+        f"true {names[int(out.targets[r].argmax())]}, predicted {names[pred[r]]} ({out.probs[r, pred[r]]:.2f})"
         for r in rows
     ]
     g = Gallery("mistakes", f"most confident mistakes in {s.role} (CAM: the predicted class)")
     g.rows.append((f"{len(rows)} shown", s.tiles(rows, [int(pred[r]) for r in rows], caps)))
-    pairs = gallery.confused_pairs(out["targets"], out["probs"], 20)
+    pairs = gallery.confused_pairs(out.targets, out.probs, 20)
     table = (
         "most confused pairs",
         ["true", "predicted", "images"],
@@ -189,12 +191,12 @@ def _single_label_galleries(s: _Split) -> tuple[list[Gallery], tuple[str, list[s
     return [g], table
 
 
-def _thresholds(report: dict[str, Any], role: str, n: int) -> np.ndarray:
+def _thresholds(report: RunReport, role: str, n: int) -> np.ndarray:
     """The thresholds the report's split was scored at: calibrated when there are, else the fixed one."""
-    rows = report["splits"][role]["per_class"]
+    rows = report.splits[role].per_class
     if rows and "threshold_cal" in rows[0]:
         return np.array([r["threshold_cal"] for r in rows])
-    return np.full(n, float(report.get("threshold", 0.5)))
+    return np.full(n, float(report.threshold or 0.5))
 
 
 PLOTS = (
@@ -245,8 +247,8 @@ def write_html(
     run: Path,
     parts: RunParts,
     model: torch.nn.Module,
-    report: dict[str, Any],
-    outs: dict[str, dict[str, Any]] | None,
+    report: RunReport,
+    outs: dict[str, Predictions] | None,
     opts: HtmlOptions,
     why_no_images: str = "",
 ) -> Path:
@@ -256,12 +258,12 @@ def write_html(
         run: The run directory.
         parts: The run's parts (classes, splits, loaders, device).
         model: The model the predictions came from (CAMs are drawn on it).
-        report: The run's ``report.json`` content.
+        report: The run's ``report.json``.
         outs: Predictions per split (``predict_loader``); None when the images cannot be read.
         opts: What to show.
         why_no_images: Said in place of the galleries when ``outs`` is None.
     """
-    role = "test" if "test" in report["splits"] else "val"
+    role = report.shown_split
     page = Page(f"{run.name}: {parts.model_name}, {len(parts.classes)} classes, {parts.task.name}", report)
     page.plots = _plots(run, parts)
     if outs is None:
@@ -277,13 +279,13 @@ def write_html(
         else:
             page.galleries, confused = _single_label_galleries(s)
             page.tables.append(confused)
-    if report.get("probabilities"):
-        page.notes.append(probabilities_line(report["probabilities"]))
-    if report.get("reject"):
-        page.notes.append(reject_line(report["reject"]))
-    if report.get("sampler"):
-        page.notes.append(sampler_line(report["sampler"]))
-    targets = (report.get("calibration") or {}).get("targets")
+    if report.probabilities:
+        page.notes.append(probabilities_line(report.probabilities))
+    if report.reject:
+        page.notes.append(reject_line(report.reject))
+    if report.sampler:
+        page.notes.append(sampler_line(report.sampler))
+    targets = report.operating_points
     if targets:
         page.notes.append(targets_line(targets))
         page.tables.append(("operating points", TARGET_COLUMNS, target_rows(targets)))
@@ -333,12 +335,12 @@ def report_run(
     opts = opts or HtmlOptions()
     run = _check_run(run_dir, opts)
     console = console or Console(stderr=True)
-    report = run.read_json(runfiles.REPORT)
+    report = RunReport.load(run / runfiles.REPORT)
     roles = [r for r in ("train", "val", "test") if r != "test" or run.report_recipe(overrides).data.has_test]
     parts = parts or build_from_run(run, roles, overrides, console)
     outs, why = None, ""
     try:
-        outs = predictions(parts, [r for r in report["splits"] if r in ("val", "test")])
+        outs = predictions(parts, [r for r in report.splits if r in ("val", "test")])
     except UserError as err:
         why = str(err)
         console.print(f"[yellow]note[/] report.html without galleries: {why}")

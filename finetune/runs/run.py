@@ -23,15 +23,16 @@ from rich.markup import escape
 from finetune import runfiles
 from finetune.allocator import reuse_freed_memory
 from finetune.assembly import RunParts, build_run
+from finetune.assembly.data import sampler_facts
 from finetune.config import Recipe
 from finetune.config.objectives import REJECT
 from finetune.console import LogConsole
 from finetune.data.samplers import sampler_line
 from finetune.distributed import barrier, gather_list
 from finetune.errors import UserError
-from finetune.eval.metrics import voc_ap
 from finetune.eval.predict import predict_loader
 from finetune.eval.report import write_report
+from finetune.eval.run_report import RunReport
 from finetune.rundir.directory import RunDir
 from finetune.rundir.lock import run_lock
 from finetune.train.fit import fit, restore, selected_weights
@@ -82,7 +83,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
+def _report(parts: RunParts, loop: Loop, run: RunDir) -> RunReport:
     """Predict val/test (and train, to calibrate on it) with the best checkpoint; write and print the report."""
     loop.model.load_state_dict(selected_weights(run.checkpoint("best")))
     task, cs = parts.task, parts.calibration
@@ -100,20 +101,13 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> dict[str, Any]:
     extra = {"best_epoch": s.best_epoch, "select": loop.settings.select, "bad_images": s.bad_images}
     if s.stop_reason:
         extra["stop_reason"] = s.stop_reason
-    if parts.recipe.data.format == "voc":  # VOC07's own 11-point interpolated mAP, beside the report's (area) mAP
-        aps = {r: voc_ap(o["targets"], o["probs"]) for r, o in outs.items() if r != "train"}
-        extra["voc07_map"] = {r: float(np.nanmean(ap)) for r, ap in aps.items() if np.isfinite(ap).any()}
-    if parts.recipe.data.sampler == "balanced":  # the epoch is a fixed repeat-factor draw, not the split
-        n = len(parts.splits["train"].targets)
-        extra["sampler"] = {"name": "balanced", "train_images": n, "epoch_size": parts.epoch_size}
-    report = write_report(run.path, task, parts.classes, outs, cs=cs, extra=extra)
+    extra |= task.report_extras(outs) | _sampler(parts)
+    report, outs = write_report(run.path, task, parts.classes, outs, cs=cs, extra=extra)
     if (run / runfiles.THRESHOLDS).is_file():  # the training run's own thresholds, which calibrate never replaces
         run.write_bytes(runfiles.THRESHOLDS_RUN, (run / runfiles.THRESHOLDS).read_bytes())
     task.print_report(report, LogConsole())
-    if report.get("sampler"):
-        LogConsole().print(sampler_line(report["sampler"]))
-    for role, value in report.get("voc07_map", {}).items():
-        LogConsole().print(f"{role}: VOC07 mAP (11-point interpolated) {100 * value:.1f}")
+    if report.sampler:
+        LogConsole().print(sampler_line(report.sampler))
     from finetune.runs.report_page import HtmlOptions, write_html  # explain builds on this layer's parts
 
     if not parts.recipe.output.html:
@@ -315,12 +309,16 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
     return run_dir.path
 
 
+def _sampler(parts: RunParts) -> dict[str, Any]:
+    return sampler_facts(parts.recipe.data, len(parts.splits["train"].targets), parts.epoch_size)
+
+
 def _start_line(parts: RunParts, run_dir: RunDir) -> str:
     recipe, d = parts.recipe, parts.dist
     return (
         f"{run_dir}: {recipe.model.name}, {len(parts.classes)} classes, {len(parts.splits['train'].image_paths)} "
         f"train / {len(parts.splits['val'].image_paths)} val images, {parts.plan.total_steps} steps, "
-        + (f"balanced epochs of {parts.epoch_size} draws, " if recipe.data.sampler == "balanced" else "")
+        + (f"balanced epochs of {parts.epoch_size} draws, " if _sampler(parts) else "")
         + f"{parts.device.type} {parts.precision}"
         + (
             f"; DDP: {d.world} processes, {recipe.data.batch_size // d.world} images per process and step"

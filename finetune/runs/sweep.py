@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from finetune import runfiles
 from finetune.config import Recipe, load_recipe, recipe_to_dict
 from finetune.config.overrides import read_toml
 from finetune.errors import UserError
+from finetune.eval.run_report import RunReport
 from finetune.eval.tasks import task_for
 from finetune.io import atomic_write_json, atomic_write_text, check_output_folder
 from finetune.train.loop import Hook, Loop
@@ -136,8 +136,7 @@ def _objective(recipe: Path, overrides: list[str], space: dict, seed: int, out: 
         trial.set_user_attr("run", str(run_dir))
         if hook.pruned:
             raise optuna.TrialPruned()
-        report = json.loads((run_dir / runfiles.REPORT).read_text())
-        return float(report["splits"]["val"]["summary"][select])
+        return float(RunReport.load(run_dir / runfiles.REPORT).splits["val"].summary[select])
 
     return objective
 

@@ -269,13 +269,13 @@ def _validate(loop: Loop, stats: dict[str, float]) -> tuple[dict[str, Any], bool
     )
     if loop.gather is not None:
         out = loop.gather(out)
-        if not len(out["index"]):
+        if not len(out.index):
             raise UserError("no readable image in the evaluation split")
-    metrics = s.task.metrics(out["targets"], out["probs"], s.threshold)
+    metrics = s.task.metrics(out.targets, out.probs, s.threshold)
     record = {"epoch": state.epoch, "step": state.step, **stats, "lr_groups": group_lrs(loop.optimizer)}
-    record["val_loss"] = out["loss"]
+    record["val_loss"] = out.loss
     record.update({f"val_{k}": v for k, v in metrics.items()})
-    score = out["loss"] if s.select == "loss" else metrics[s.select]
+    score = out.loss if s.select == "loss" else metrics[s.select]
     improved = _is_better(score, state.best_score, s.select)
     if improved:
         state.best_score, state.best_epoch = score, state.epoch
