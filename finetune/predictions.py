@@ -19,7 +19,7 @@ class Predictions:
 
     Attributes:
         probs: ``[n, classes]``: the task's activation (sigmoid or softmax) of the logits.
-        targets: ``[n, classes]`` multi-hot (NaN where a label is unknown), or ``[n]`` class indices.
+        targets: ``[n, classes]``: multi-hot (NaN where a label is unknown), or one-hot for single-label data.
         index: ``[n]``: each row's index in the split's dataset (what a path or an image id is looked up by);
             empty when the rows are not tied to a dataset.
         loss: The mean loss over the rows, when it was asked for.
@@ -43,7 +43,7 @@ class Predictions:
     @property
     def unknown(self) -> np.ndarray:
         """Where a label is unknown (NaN in a multi-label target): the metrics leave those pairs out."""
-        return np.isnan(self.targets) if self.targets.dtype.kind == "f" else np.zeros(self.targets.shape, bool)
+        return np.isnan(self.targets)
 
     def with_probs(self, probs: np.ndarray) -> Predictions:
         """The same rows with other probabilities (scaled, or another backend's)."""

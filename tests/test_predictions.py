@@ -33,7 +33,7 @@ def test_rows_paths_and_unknown() -> None:
     assert p.paths(["a", "b", "c", "d"]) == ["d", "b", "c"]
     with_nan = dataclasses.replace(p, targets=np.array([[np.nan, 1.0], [0.0, 1.0], [1.0, 0.0]]))
     assert with_nan.unknown.tolist() == [[True, False], [False, False], [False, False]]
-    assert not Predictions(probs=np.ones((2, 3)), targets=np.array([0, 2])).unknown.any()  # single-label indices
+    assert not Predictions(probs=np.ones((2, 3)) / 3, targets=np.eye(3)[[0, 2]]).unknown.any()  # single-label
 
 
 def test_with_probs_leaves_the_original_alone() -> None:

@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune import runfiles
 from finetune.cli import model as model_commands
 from finetune.cli.compare import compare_command, sweep_command
 from finetune.cli.data import data_app
@@ -225,13 +224,6 @@ def calibrate(
         raise UserError(f"--split {split!r}: thresholds are fitted on val or train (test stays unseen)")
     report = calibrate_run(run_dir, split, err, overrides)
     TASKS[report.task].print_report(report, out)
-    if (Path(run_dir) / runfiles.REPORT_HTML).is_file():  # the page shows the thresholds: keep it in step
-        from finetune.config.overrides import parse_override
-        from finetune.rundir.directory import REPORT_KEYS
-        from finetune.runs.report_page import report_run
-
-        kept = [o for o in overrides or [] if ".".join(parse_override(o)[0]) in REPORT_KEYS]  # calibrate.* is done
-        report_run(run_dir, console=err, overrides=kept)
 
 
 def _version(value: bool) -> None:

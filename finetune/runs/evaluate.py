@@ -23,7 +23,7 @@ from finetune.eval.predict import predict_loader
 from finetune.eval.report import load_thresholds, one_split_report, write_report
 from finetune.eval.run_report import RunReport
 from finetune.predictions import Predictions
-from finetune.rundir.directory import RunDir
+from finetune.rundir.directory import REPORT_KEYS, RunDir
 from finetune.rundir.lock import locking
 
 
@@ -53,15 +53,10 @@ def predict_run(
 
 
 @locking("finetune calibrate")
-def calibrate_run(
+def _calibrate(
     run_dir: str | Path, role: str = "val", console: Console | None = None, overrides: list[str] | None = None
-) -> dict[str, Any]:
-    """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the report.
-
-    ``overrides`` (``calibrate.shrink=20``...) apply to this calibration only; the run's recipe.toml is unchanged.
-    A single-label run has one threshold to fit, its reject option (``calibrate.objective = "accuracy_at_least"``),
-    and its temperature (``calibrate.probabilities = "temperature"``): either or both.
-    """
+) -> RunReport:
+    """:func:`calibrate_run` up to the page, holding the run's lock."""
     run = RunDir.open(run_dir)
     for item in overrides or []:  # anything else would be silently ignored: the weights are trained
         key = ".".join(parse_override(item)[0])
@@ -81,6 +76,25 @@ def calibrate_run(
     extra = RunReport.load(run / runfiles.REPORT).carried if (run / runfiles.REPORT).is_file() else {}
     cs = parts.calibration.for_split(role)
     return write_report(run.path, parts.task, parts.classes, outs, cs=cs, extra=extra)[0]
+
+
+def calibrate_run(
+    run_dir: str | Path, role: str = "val", console: Console | None = None, overrides: list[str] | None = None
+) -> RunReport:
+    """Re-fit a run's thresholds on ``role`` with its best checkpoint; rewrites thresholds.json and the reports.
+
+    ``overrides`` (``calibrate.shrink=20``...) apply to this calibration only; the run's recipe.toml is unchanged.
+    A single-label run has one threshold to fit, its reject option (``calibrate.objective = "accuracy_at_least"``),
+    and its temperature (``calibrate.probabilities = "temperature"``): either or both. A run that keeps a
+    ``report.html`` gets it rewritten too, since the page shows the thresholds.
+    """
+    report = _calibrate(run_dir, role, console, overrides)
+    if (Path(run_dir) / runfiles.REPORT_HTML).is_file():
+        from finetune.runs.report_page import report_run
+
+        kept = [o for o in overrides or [] if ".".join(parse_override(o)[0]) in REPORT_KEYS]  # calibrate.* is done
+        report_run(run_dir, console=console, overrides=kept)
+    return report
 
 
 @locking("finetune eval")
