@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from finetune.data.classfolders import CIFAR_SPLITS
+from finetune.train.loop import Hook, Loop
 
 
 def write_fake_cifar10(root: str | Path, n_per_batch: int = 20, seed: int = 0) -> Path:
@@ -132,3 +134,30 @@ def plain_and_cached(recipe: Path, sets: list[str], cache: str) -> tuple[Path, P
     plain = run_recipe(load_recipe(recipe, [*sets, "output.name=plain"]))
     cached = run_recipe(load_recipe(recipe, [*sets, f"freeze.{cache}=true", "output.name=cached"]))
     return plain, cached
+
+
+def copy_data(tiny_coco: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny COCO data under ``tmp_path`` (for tests that change or break files)."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_coco, root)
+    return root
+
+
+def recipe_at(tiny_recipe: Path, root: Path) -> Path:
+    """``tiny_recipe`` pointed at another copy of the data."""
+    text = tiny_recipe.read_text()
+    lines = [f'root = "{root.as_posix()}"' if ln.startswith("root = ") else ln for ln in text.splitlines()]
+    path = tiny_recipe.with_name("copy.toml")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class StopAtStep(Hook):
+    """Ctrl-C right after optimizer step ``step`` (before that step's own mid-epoch checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, loop: Loop) -> None:  # noqa: D102
+        if loop.state.step == self.step:
+            raise KeyboardInterrupt

@@ -1,4 +1,4 @@
-"""Issue 11: export (ONNX, TorchScript) with model.json, batch prediction, the Predictor API and CSV data."""
+"""Export (ONNX, TorchScript) with model.json, batch prediction, the Predictor API and CSV data."""
 
 from __future__ import annotations
 

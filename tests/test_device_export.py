@@ -1,4 +1,4 @@
-"""Issue 20: INT8 ONNX with re-fitted thresholds, LiteRT / OpenVINO (extras), the model card, a callable Predictor."""
+"""INT8 ONNX with re-fitted thresholds, LiteRT / OpenVINO (extras), the model card, a callable Predictor."""
 
 from __future__ import annotations
 

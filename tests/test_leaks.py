@@ -1,4 +1,4 @@
-"""Issue 21, item 3: exact and near duplicates within and across splits, and leaks in validate --check-images."""
+"""Exact and near duplicates within and across splits, and leaks in validate --check-images."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 22, item 1: operating points (precision / recall at least a target), against an exhaustive search."""
+"""Operating points (precision / recall at least a target), against an exhaustive search."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 22, item 2: per-class temperature and Platt scaling, ECE and Brier, against independent references."""
+"""Per-class temperature and Platt scaling, ECE and Brier, against independent references."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 21: report.html (galleries, CAMs), suspected label errors, and what a report does with bad input."""
+"""``report.html`` (galleries, CAMs), suspected label errors, and what a report does with bad input."""
 
 from __future__ import annotations
 

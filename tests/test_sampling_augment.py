@@ -19,7 +19,7 @@ from finetune.rundir.directory import RunDir
 from finetune.runs.run import run_recipe
 from finetune.train.mixing import area_targets, cut_box, cutmix_batch
 from tests.conftest import run_cli
-from tests.test_run_faults import _StopAtStep
+from tests.helpers import StopAtStep
 
 
 def _targets(seed: int = 0) -> np.ndarray:
@@ -100,7 +100,7 @@ def test_balanced_run_reports_its_epoch_and_resumes_bitwise_with_randaugment_and
     report = json.loads((straight / "report.json").read_text())
     assert report["sampler"]["train_images"] == 24 and report["sampler"]["epoch_size"] > 24
     with pytest.raises(UserError, match="interrupted"):
-        run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=cut"]), hooks=[_StopAtStep(5)])
+        run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=cut"]), hooks=[StopAtStep(5)])
     cut = tiny_recipe.parent / "runs" / "cut"
     assert RunDir(cut).resume_point().parent.name == "steps"  # mid-epoch: the sampler skips the batches done
     done = run_cli("run", "--resume", str(cut))
