@@ -16,14 +16,19 @@ def _modules() -> dict[str, ast.Module]:
     return out
 
 
+# STYLE.md: "split a module that passes ~500 lines or takes a second noun". The cap was 400, and RunParts, the Predictor
+# and compare (one concept each) sat at 399-400 lines, shaped by it; a module splits by concept, not by line count.
+MODULE_LINES, FUNCTION_LINES = 500, 60
+
+
 def test_modules_and_functions_are_small() -> None:
     for path in PKG.rglob("*.py"):
         text = path.read_text()
-        assert len(text.splitlines()) <= 400, path
+        assert len(text.splitlines()) <= MODULE_LINES, path
         assert "fmt: skip" not in text, path
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                assert node.end_lineno - node.lineno + 1 <= 60, f"{path}:{node.lineno} {node.name}"
+                assert node.end_lineno - node.lineno + 1 <= FUNCTION_LINES, f"{path}:{node.lineno} {node.name}"
 
 
 def test_every_module_says_what_it_owns() -> None:
