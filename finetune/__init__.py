@@ -1,8 +1,9 @@
 """finetune: transfer learning for small image classifiers (MobileNetV2-class backbones).
 
-``from finetune import Predictor`` is the Python API for prediction (see :mod:`finetune.deploy.predictor`), and
-``from finetune import load_recipe, run_recipe`` for training (:mod:`finetune.runs.run`). Each is imported on first
-use, so that ``import finetune`` (and a recipe error on the command line) does not wait for torch.
+``run = finetune.train("recipe.toml", train__epochs=2)`` trains and returns a :class:`~finetune.api.Run`
+(``finetune.Run.load(path)`` opens one); ``from finetune import Predictor`` predicts (:mod:`finetune.deploy.predictor`).
+Each is imported on first use, so that ``import finetune`` (and a recipe error on the command line) does not wait
+for torch.
 """
 
 import importlib
@@ -14,11 +15,15 @@ _LAZY = {  # name -> the module it is imported from on first use
     "Prediction": "finetune.deploy.predictor",
     "load_recipe": "finetune.config",
     "run_recipe": "finetune.runs.run",
+    "Run": "finetune.api",
+    "UserError": "finetune.errors",
 }
-__all__ = [*_LAZY, "__version__"]
+__all__ = [*_LAZY, "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "train":  # the subpackage finetune.train, callable: finetune.train(recipe) is finetune.api.train
+        return importlib.import_module("finetune.train")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -94,6 +94,7 @@ LAYERS = [
     ("assembly", ["assembly"]),
     ("runs", ["runs"]),
     ("deploy", ["deploy"]),
+    ("api", ["api"]),
     ("cli", ["cli", "__main__"]),
     ("package API", [""]),  # finetune/__init__.py: `from finetune import Predictor`, imported lazily
 ]
@@ -198,7 +199,16 @@ def test_the_package_api_names_what_it_says() -> None:
     from finetune.runs.run import run_recipe
 
     assert (finetune.load_recipe, finetune.run_recipe, finetune.Predictor) == (load_recipe, run_recipe, Predictor)
-    assert set(finetune.__all__) == {"Predictor", "Prediction", "__version__", "load_recipe", "run_recipe"}
+    assert set(finetune.__all__) == {
+        "Predictor",
+        "Prediction",
+        "__version__",
+        "load_recipe",
+        "run_recipe",
+        "Run",
+        "UserError",
+        "train",
+    }
 
 
 README = PKG.parent / "README.md"
