@@ -38,7 +38,7 @@ from transfer import COCO_SMALL, FLAGSHIP, WEIGHTS, make_root  # noqa: E402
 
 from finetune.assembly import build_run  # noqa: E402
 from finetune.config import load_recipe  # noqa: E402
-from finetune.runs.evaluate import predict_run  # noqa: E402
+from finetune.runs.predict import predict_run  # noqa: E402
 from finetune.runs.run import run_recipe  # noqa: E402
 
 SCHEDULE = [

@@ -73,7 +73,7 @@ def test_fit_thresholds_mixes_objectives_and_keeps_f1_classes_as_before() -> Non
 def test_a_run_aims_at_its_targets_and_reports_them_held_out(tiny_recipe: Path, tmp_path: Path) -> None:
     from sklearn.metrics import precision_score, recall_score
 
-    from finetune.runs.evaluate import predict_run
+    from finetune.runs.predict import predict_run
 
     sets = ['calibrate.objective="recall_at_least"', "calibrate.target=0.8", "calibrate.min_positives=1"]
     sets += ['calibrate.classes={circle={objective="precision_at_least",target=0.5}}']

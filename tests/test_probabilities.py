@@ -103,7 +103,8 @@ def test_a_scaled_run_and_its_exports_give_the_calibrated_probabilities(tiny_rec
     from finetune.deploy.predictor import Predictor
     from finetune.eval.probabilities import Scaling
     from finetune.rundir.directory import RunDir
-    from finetune.runs.evaluate import evaluate_run, predictions
+    from finetune.runs.evaluate import evaluate_run
+    from finetune.runs.predict import predictions
     from finetune.runs.run import run_recipe
 
     run_dir = run_recipe(load_recipe(tiny_recipe, ['calibrate.probabilities="platt"']))

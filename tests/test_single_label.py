@@ -16,7 +16,7 @@ from finetune.errors import UserError
 from finetune.eval.metrics import confusion, summarize_single, topk_accuracy
 from finetune.eval.probabilities import Scaling
 from finetune.rundir.directory import RunDir
-from finetune.runs.evaluate import predict_run, predictions
+from finetune.runs.predict import predict_run, predictions
 
 from .conftest import assert_user_error, run_cli
 from .helpers import write_fake_cifar10

@@ -26,7 +26,7 @@ from finetune.eval.thresholds import best_thresholds, constrained_thresholds, fi
 from finetune.hooks.probe import solve_linear_head
 from finetune.labels import known_of
 from finetune.losses import AsymmetricLoss, BCELoss, FocalLoss
-from finetune.runs.evaluate import predict_run
+from finetune.runs.predict import predict_run
 
 from .conftest import assert_user_error, run_cli
 

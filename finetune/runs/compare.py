@@ -235,7 +235,7 @@ def _train(recipe: Recipe, run_dir: Path, log: Console) -> None:
 
 def run_entry(entry: Entry, seed: int, out: Path) -> dict[str, Any]:
     """One (row, seed): trained once, its scoring-half predictions kept in ``results/``; read back when done."""
-    from finetune.runs.evaluate import predict_run
+    from finetune.runs.predict import predict_run
 
     result = out / "results" / f"{entry.label}-s{seed}.json"
     recipe = entry.recipe(seed, out)

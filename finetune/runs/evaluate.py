@@ -7,7 +7,6 @@ numbers and files come from :mod:`finetune.eval.report`; the parts (recipe, clas
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,41 +14,14 @@ import numpy as np
 from rich.console import Console
 
 from finetune import runfiles
-from finetune.assembly import RunParts, build_from_run, split_name
+from finetune.assembly import RunParts, build_from_run
 from finetune.config.overrides import parse_override
-from finetune.data.split import ClassMap
 from finetune.errors import UserError
-from finetune.eval.predict import predict_loader
 from finetune.eval.report import load_thresholds, one_split_report, write_report
 from finetune.eval.run_report import RunReport
-from finetune.predictions import Predictions
 from finetune.rundir.directory import REPORT_KEYS, RunDir
 from finetune.rundir.lock import locking
-
-
-def predictions(parts: RunParts, roles: list[str]) -> dict[str, Predictions]:
-    """Probabilities and targets of the parts' model on each of ``roles``, unaugmented, in dataset order.
-
-    Returns:
-        Role -> its predictions.
-    """
-    for role in roles:
-        split_name(parts.recipe, role)  # a role the recipe has no split for is one clear line
-    settings = dataclasses.replace(parts.eval_settings, channels_last=False)  # place() keeps the default layout
-    model = parts.place()
-    return {role: predict_loader(model, parts.loader(role), settings, console=parts.console) for role in roles}
-
-
-def predict_run(
-    run_dir: str | Path, roles: list[str], overrides: list[str] | None = None, console: Console | None = None
-) -> tuple[dict[str, Predictions], ClassMap]:
-    """Probabilities and targets of a run's best checkpoint on each of ``roles`` (train/val/test), unaugmented.
-
-    Returns:
-        Role -> its predictions, and the run's classes.
-    """
-    parts = build_from_run(RunDir.open(run_dir), roles, overrides, console)
-    return predictions(parts, roles), parts.classes
+from finetune.runs.predict import predict_run, predictions  # noqa: F401 - importable from here as in 0.7
 
 
 @locking("finetune calibrate")

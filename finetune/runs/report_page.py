@@ -330,7 +330,7 @@ def report_run(
     without galleries, and says why.
     """
     from finetune.assembly import build_from_run
-    from finetune.runs.evaluate import predictions
+    from finetune.runs.predict import predictions
 
     opts = opts or HtmlOptions()
     run = _check_run(run_dir, opts)
