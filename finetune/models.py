@@ -57,9 +57,15 @@ _HEAD_PREFIXES = ("classifier.", "head.", "fc.")
 
 
 def weights_path(path: str | Path) -> Path:
-    """The file to read: ``path`` itself, or ``best.pt`` inside a finetune run directory."""
+    """The file to read: ``path``, or ``best.pt`` in a run directory, or ``model.safetensors`` in a timm folder.
+
+    A timm folder is what timm and the Hugging Face Hub read (``finetune export --format hf``, timm's ``save_for_hf``).
+    """
     path = Path(path)
-    return path / runfiles.BEST if path.is_dir() and (path / runfiles.BEST).is_file() else path
+    for inside in (runfiles.BEST, runfiles.HF_WEIGHTS):
+        if path.is_dir() and (path / inside).is_file():
+            return path / inside
+    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

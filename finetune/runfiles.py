@@ -34,6 +34,9 @@ COVERAGE = "coverage_accuracy.png"
 COVERAGE_PREV = "coverage_accuracy.prev.png"
 TORCHRUN_ID = "torchrun_id"  # the elastic job a run belongs to
 WANDB_ID = "wandb_id.txt"
+# A folder timm and the Hugging Face Hub read (finetune export --format hf): timm's own file names.
+HF_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
 
 
 def eval_report(split: str) -> str:

@@ -63,6 +63,7 @@ def test_train_gives_the_clis_numbers_and_the_run_round_trips(
     for a, b in zip(direct, from_file):
         assert a.labels == b.labels
         np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-5)
+    _timm_folder_round_trip(opened)
     evaluated = opened.evaluate("test")
     assert evaluated["calibrated"] == pytest.approx(opened.metrics["test"]["calibrated"])
     assert "calibrated" not in opened.evaluate("test", threshold=0.3)
@@ -83,3 +84,29 @@ def test_finetune_train_stays_callable_once_its_modules_are_imported() -> None:
     import finetune.train.loop  # binds finetune.train to the package, as any import of the loop does
 
     assert callable(finetune.train) and finetune.train.loop.Hook is not None
+
+
+def _timm_folder_round_trip(run: finetune.Run) -> None:
+    """``export --format hf``: timm rebuilds the network from the folder, and a recipe can start from it."""
+    import timm
+    import torch
+
+    from finetune.assembly import build_from_run
+    from finetune.models import read_state_dict
+    from finetune.rundir.directory import RunDir
+
+    folder = run.export("hf").path.parent
+    assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "config.json", "model.json", "README.md"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["label_names"] == run.classes and config["num_classes"] == len(run.classes)
+    assert "library_name: timm" in (folder / "README.md").read_text()  # the Hub shows timm's loading snippet
+    ours = build_from_run(RunDir.open(run.dir)).model.eval()
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    size = config["pretrained_cfg"]["input_size"][1]
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=0)  # logits, before the sigmoid
+    assert set(read_state_dict(folder)) == set(ours.state_dict())  # model.checkpoint = "FOLDER" reads it
+    assert run.export("hf").path.parent == folder  # a second export replaces its own files
+    with pytest.raises(UserError, match="--int8: hf has no INT8 export"):
+        run.export("hf", int8=True)

@@ -118,7 +118,12 @@ def _check_csv(
 def export_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     fmt: Annotated[
-        str, typer.Option("--format", help="onnx, torchscript, litert (.tflite; extra) or openvino (IR; extra).")
+        str,
+        typer.Option(
+            "--format",
+            help="onnx, torchscript, hf (a folder timm and the Hub load), litert (.tflite; extra) or openvino "
+            "(IR; extra).",
+        ),
     ] = "onnx",
     output: Annotated[
         Path | None,

@@ -95,6 +95,13 @@ def card_fields(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Ex
             "base_weights": str(recipe.model.checkpoint) or ("timm hub" if recipe.model.pretrained else "random init"),
         },
     }
+    if exported is not None and exported.path.suffix == ".safetensors":  # timm's folder: the network alone
+        fields["library_name"] = "timm"
+        fields["tags"].insert(0, "timm")
+        fields["finetune"]["timm"] = (
+            f'timm.create_model("local-dir:FOLDER", pretrained=True): the network alone, float NCHW in (0..1, then '
+            f"mean/std as config.json's pretrained_cfg says), logits out: apply {info['output']['activation']}"
+        )
     if exported is not None:
         fields["finetune"]["files"] = [f.name for f in exported.files]
         if exported.comparison is not None:
@@ -114,6 +121,8 @@ def _body(fields: dict[str, Any], info: dict[str, Any], run: RunDir) -> list[str
         ]
     else:
         lines += [f"**Single-label.** Softmax probabilities (applied in the graph); the label is {f['decision']}."]
+    if "timm" in f:  # a timm folder holds the network without the graph's preprocessing and activation
+        lines += ["", f"**This folder is timm's**: `{f['timm']}`."]
     size = f["input"]["size"]
     lines += [
         "",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from finetune.models import hflip_average
 from finetune.rundir.directory import RunDir
 from finetune.rundir.lock import locking
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "litert": ".tflite", "openvino": ".xml"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "litert": ".tflite", "openvino": ".xml", "hf": ".safetensors"}
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 OPSET = 17
 
@@ -158,16 +159,16 @@ def _torchscript_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
 
 
 def _default_out(run: RunDir, fmt: str) -> Path:
-    """``RUN/export/model.onnx`` or ``.pt``; LiteRT and OpenVINO in folders of their own (sidecars, card)."""
+    """``RUN/export/model.onnx`` or ``.pt``; LiteRT, OpenVINO and timm's folder in folders of their own."""
     name = f"model{FORMATS[fmt]}"
-    return run / "export" / (f"{fmt}/{name}" if fmt in ("litert", "openvino") else name)
+    return run / "export" / (f"{fmt}/{name}" if fmt in ("litert", "openvino", "hf") else name)
 
 
 def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if int8 and fmt == "torchscript":
-        raise UserError("--int8: TorchScript has no INT8 export here; use --format onnx, openvino or litert")
+    if int8 and fmt in ("torchscript", "hf"):
+        raise UserError(f"--int8: {fmt} has no INT8 export here; use --format onnx, openvino or litert")
     if out is not None and (out.suffix != FORMATS[fmt] or out.stem.endswith(".int8")):
         raise UserError(f"--out {out}: a {fmt} file is named like model{FORMATS[fmt]}")
     if out is not None and out.exists() and out.is_dir():
@@ -224,6 +225,8 @@ def export_run(
     if fmt == "torchscript":
         atomic_write_bytes(out, _torchscript_bytes(model, info))
         result = Exported(out, [out])
+    elif fmt == "hf":
+        result = _export_timm_folder(parts, info, out)
     elif fmt == "litert":
         result = mobile.export_litert(model, info, out, parts, cal_loader)
     else:
@@ -262,6 +265,33 @@ def _export_onnx(
     result.files += [path, sidecar(path)]
     result.comparison = comparison
     return result
+
+
+def _export_timm_folder(parts: RunParts, info: dict[str, Any], out: Path) -> Exported:
+    """``model.safetensors`` and timm's ``config.json`` in ``out``'s folder, written by timm's own ``save_for_hf``.
+
+    ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds the network with these weights (logits out:
+    the folder holds the network, not the uint8 preprocessing or the activation), and ``huggingface_hub``'s
+    ``upload_folder`` publishes it as it is.
+    """
+    from timm.models import save_for_hf
+
+    model = parts.model.eval()
+    if parts.recipe.model.head != "linear" or not hasattr(model, "pretrained_cfg"):
+        why = f"model.head = {parts.recipe.model.head!r}" if hasattr(model, "pretrained_cfg") else "no timm config"
+        raise UserError(
+            f"--format hf: timm rebuilds its own {parts.recipe.model.name} with a linear classifier, and this run has "
+            f"{why}; export it as onnx or torchscript"
+        )
+    (mean, std), size = parts.normalization, parts.image_size
+    data = {"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # every file whole, or none replaced
+        save_for_hf(model, tmp, {"label_names": info["classes"]}, safe_serialization=True, data_config=data)
+        config = out.with_name(runfiles.HF_CONFIG)
+        for name, dst in ((runfiles.HF_WEIGHTS, out), (runfiles.HF_CONFIG, config)):
+            atomic_write_bytes(dst, (Path(tmp) / name).read_bytes())
+    return Exported(out, [out, config])
 
 
 @locking("finetune card")

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from finetune import runfiles
+
 Backend = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC images -> probabilities
 
 
@@ -39,6 +41,8 @@ def int8_name(path: Path) -> Path:
 def planned_files(out: Path, fmt: str, int8: bool) -> list[Path]:
     """Every file an export to ``out`` writes besides the card: models, sidecars, OpenVINO's weights and ONNX."""
     models = [out, out.with_suffix(".onnx")] if fmt == "openvino" else [out]
+    if fmt == "hf":  # timm's config.json beside the weights
+        return [out, out.with_name(runfiles.HF_CONFIG), sidecar(out)]
     if int8:
         models += [int8_name(m) for m in models]
     extra = [m.with_suffix(".bin") for m in models if m.suffix == ".xml"]
@@ -47,6 +51,8 @@ def planned_files(out: Path, fmt: str, int8: bool) -> list[Path]:
 
 def is_export_file(path: Path) -> bool:
     """Whether ``path`` is a file an earlier export wrote: a sidecar of ours, or a file whose sidecar is one."""
+    if path.name == runfiles.HF_CONFIG:  # timm's config.json: ours when the weights beside it are
+        return is_export_file(path.with_name(runfiles.HF_WEIGHTS))
     try:
         info = json.loads(sidecar(path).read_bytes())
     except (OSError, ValueError):
