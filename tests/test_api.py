@@ -108,5 +108,5 @@ def _timm_folder_round_trip(run: finetune.Run) -> None:
         torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=0)  # logits, before the sigmoid
     assert set(read_state_dict(folder)) == set(ours.state_dict())  # model.checkpoint = "FOLDER" reads it
     assert run.export("hf").path.parent == folder  # a second export replaces its own files
-    with pytest.raises(UserError, match="--int8: hf has no INT8 export"):
+    with pytest.raises(UserError, match=r"--int8: timm's folder \(hf\) has no INT8 export"):
         run.export("hf", int8=True)

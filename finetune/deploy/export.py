@@ -168,7 +168,8 @@ def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if int8 and fmt in ("torchscript", "hf"):
-        raise UserError(f"--int8: {fmt} has no INT8 export here; use --format onnx, openvino or litert")
+        name = {"torchscript": "TorchScript", "hf": "timm's folder (hf)"}[fmt]
+        raise UserError(f"--int8: {name} has no INT8 export here; use --format onnx, openvino or litert")
     if out is not None and (out.suffix != FORMATS[fmt] or out.stem.endswith(".int8")):
         raise UserError(f"--out {out}: a {fmt} file is named like model{FORMATS[fmt]}")
     if out is not None and out.exists() and out.is_dir():
