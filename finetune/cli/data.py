@@ -1,4 +1,4 @@
-"""``finetune data``: the dataset commands (the demo generator, statistics)."""
+"""``finetune data``: the dataset commands (the demo generator, splitting, statistics)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,33 @@ def data_demo(
     err.print(
         f"wrote {sum(counts.values())} images {counts} to {escape(str(out_dir))} in {time.perf_counter() - start:.1f}s"
     )
+
+
+@data_app.command("split")
+def data_split(
+    source: Annotated[
+        Path, typer.Argument(help="A folder of class folders, a CSV of path and labels, or a COCO .json.")
+    ],
+    fractions: Annotated[str, typer.Option(help="train,val,test shares of the images, summing to 1.")] = "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="The random tie-breaks (the same seed gives the same split).")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The CSV to write (default SOURCE/splits.csv, or NAME.split.csv); COCO: the folder."),
+    ] = None,
+    label_sep: Annotated[str, typer.Option(help="The separator inside a CSV's labels column.")] = "|",
+) -> None:
+    """Split a dataset into train/val/test, stratified; every class of 3+ images lands in every split."""
+    from finetune.data.stratify import SPLITS, split_source
+
+    try:
+        shares = tuple(float(x) for x in fractions.split(","))
+    except ValueError:
+        raise UserError(f"--fractions {fractions}: give three numbers, e.g. 0.8,0.1,0.1") from None
+    written, split = split_source(source, shares, seed, out, label_sep)
+    counts = ", ".join(f"{name} {int((split == i).sum())}" for i, name in enumerate(SPLITS))
+    err.print(f"split {len(split)} images: {counts}")
+    for path in written:
+        err.print(f"wrote {escape(str(path))}")
 
 
 @data_app.command("stats")

@@ -1,0 +1,214 @@
+"""Splitting a dataset into train/val/test: iterative stratification, every class of 3 or more images in every split.
+
+:func:`iterative_split` is Sechidis, Tsoumakas and Vlahavas (2011), "On the stratification of multi-label data"
+(ECML PKDD), the algorithm of the ``iterative-stratification`` package: labels are placed rarest first, each image
+going to the split that most lacks that label (then the split that most lacks images), ties broken at random. Two
+things are added, which is why it is written here rather than imported: any number of splits with their own
+fractions in one pass (the package splits in two, so three splits take two passes), and a guarantee the paper does
+not give: a class with at least as many images as there are splits is in every split (a split that lacks it is
+served first while its images are placed, and a last pass moves one image where that was not enough). The tests
+compare its proportions with the package's. Single-label data is the same with one-hot targets.
+
+:func:`split_source` reads a folder of class folders, a CSV file without a split column, or a COCO annotation file,
+and writes the split the same format reads: a CSV with a ``split`` column, or one COCO file per split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from finetune.data.classfolders import IMAGE_SUFFIXES
+from finetune.errors import UserError
+from finetune.io import atomic_write_text
+
+SPLITS = ("train", "val", "test")
+
+
+def check_fractions(fractions: tuple[float, ...]) -> np.ndarray:
+    """The fractions as an array; refused unless each is in [0, 1], train's above 0, and they sum to 1."""
+    f = np.asarray(fractions, dtype=np.float64)
+    if len(f) != len(SPLITS) or (f < 0).any() or f[0] <= 0 or abs(f.sum() - 1) > 1e-6:
+        shown = ",".join(f"{x:g}" for x in fractions)
+        raise UserError(f"--fractions {shown}: give train,val,test fractions of 0 to 1 that sum to 1, e.g. 0.8,0.1,0.1")
+    return f
+
+
+def _pick(scores: np.ndarray, tiebreak: np.ndarray, rng: np.random.Generator) -> int:
+    """The index of the highest score, then the highest tiebreak, then at random."""
+    best = np.flatnonzero(scores == scores.max())
+    if len(best) > 1:
+        best = best[tiebreak[best] == tiebreak[best].max()]
+    return int(rng.choice(best))
+
+
+def iterative_split(targets: np.ndarray, fractions: tuple[float, ...], seed: int = 0) -> np.ndarray:
+    """Each image's split (0 = train, 1 = val, 2 = test).
+
+    Args:
+        targets: ``[images, classes]``; positives are values > 0.5 (NaN, an unknown label, counts as absent).
+        fractions: The splits' shares of the images (train, val, test), summing to 1.
+        seed: The random tie-breaks.
+
+    Returns:
+        ``[images]`` split indices.
+    """
+    f = check_fractions(fractions)
+    y = np.nan_to_num(np.asarray(targets, dtype=np.float64), nan=0.0) > 0.5
+    rng = np.random.default_rng(seed)
+    n, k = len(y), len(f)
+    want_images = f * n
+    want_labels = f[:, None] * y.sum(0)[None, :]
+    have = np.zeros((k, y.shape[1]), dtype=np.int64)
+    split = np.full(n, -1)
+    live = f > 0
+    while True:
+        left = y[split < 0].sum(0)
+        if not left.any():
+            break
+        counts = np.where(left > 0, left, np.iinfo(np.int64).max)
+        label = int(rng.choice(np.flatnonzero(counts == counts.min())))
+        rows = rng.permutation(np.flatnonzero((split < 0) & y[:, label]))
+        for r in rows:
+            lacking = live & (have[:, label] == 0)
+            allowed = lacking if y[:, label].sum() >= live.sum() and lacking.any() else live
+            s = _pick(np.where(allowed, want_labels[:, label], -np.inf), np.where(allowed, want_images, -np.inf), rng)
+            split[r], want_images[s] = s, want_images[s] - 1
+            want_labels[s] -= y[r]
+            have[s] += y[r]
+    for r in rng.permutation(np.flatnonzero(split < 0)):  # images without a label: by the images still wanted
+        s = _pick(np.where(live, want_images, -np.inf), np.zeros(k), rng)
+        split[r], want_images[s] = s, want_images[s] - 1
+    return _repair(y, split, live, rng)
+
+
+def _repair(y: np.ndarray, split: np.ndarray, live: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Move one image into each split that still lacks a class of enough images, from the split with most of it.
+
+    The image moved is the one whose other classes the donor split has most of, so no class is emptied by the move.
+    """
+    for _ in range(y.shape[1] * len(live)):
+        have = np.stack([y[split == s].sum(0) for s in range(len(live))])
+        enough = np.flatnonzero(y.sum(0) >= live.sum())
+        short = [(s, c) for c in enough for s in np.flatnonzero(live & (have[:, c] == 0))]
+        if not short:
+            return split
+        s, c = short[int(rng.integers(len(short)))]
+        donor = int(np.argmax(have[:, c]))
+        rows = np.flatnonzero((split == donor) & y[:, c])
+        spare = [(np.min(np.where(y[r], have[donor], np.inf)), r) for r in rows]  # the donor keeps 1 of each class
+        split[max(spare)[1]] = s
+    return split
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write a file that must not exist yet: a file the user made is never replaced."""
+    if path.exists():
+        raise UserError(f"{path}: already exists; remove it or give another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+
+
+def _csv_text(header: list[str], rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _split_folder(root: Path, f: tuple[float, ...], seed: int, out: Path | None) -> tuple[list[Path], np.ndarray]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if set(classes) & set(SPLITS):
+        raise UserError(f"{root}: already holds split folders ({', '.join(sorted(set(classes) & set(SPLITS)))})")
+    images = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((root / c).rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not images:
+        raise UserError(f"{root}: no images in class folders (root/<class>/<image>); check the path")
+    labels = np.array([i for _, i in images])
+    split = iterative_split(np.eye(len(classes))[labels], f, seed)
+    rows = [[p.relative_to(root).as_posix(), classes[i], SPLITS[s]] for (p, i), s in zip(images, split)]
+    path = out or root / "splits.csv"
+    _write_new(path, _csv_text(["path", "label", "split"], rows))
+    return [path], split
+
+
+def _split_csv(src: Path, f: tuple[float, ...], seed: int, out: Path | None, sep: str) -> tuple[list[Path], np.ndarray]:
+    with src.open(newline="", encoding="utf-8-sig") as fh:
+        table = list(csv.reader(fh))
+    if len(table) < 2:
+        raise UserError(f"{src}: no rows below the header; a CSV of path and labels is split")
+    header, rows = table[0], table[1:]
+    if "split" in header:
+        raise UserError(f"{src}: already has a split column; remove it to split again")
+    if "labels" in header or "label" in header:
+        col = header.index("labels" if "labels" in header else "label")
+        names = [[x for x in row[col].split(sep) if x and not x.startswith("-")] for row in rows]
+        classes = sorted({x for n in names for x in n})
+        y = np.array([[c in n for c in classes] for n in names], dtype=np.float64).reshape(len(rows), len(classes))
+    else:  # class columns: 0 / 1 / empty (unknown)
+        cols = [i for i, h in enumerate(header) if h not in ("path", "unknown")]
+        y = np.array([[row[i].strip() == "1" for i in cols] for row in rows], dtype=np.float64)
+    split = iterative_split(y, f, seed)
+    path = out or src.with_name(f"{src.stem}.split.csv")
+    _write_new(path, _csv_text([*header, "split"], [[*row, SPLITS[s]] for row, s in zip(rows, split)]))
+    return [path], split
+
+
+def _split_coco(src: Path, f: tuple[float, ...], seed: int, out: Path | None) -> tuple[list[Path], np.ndarray]:
+    try:
+        doc = json.loads(src.read_text(encoding="utf-8"))
+        images, anns, cats = doc["images"], doc.get("annotations", []), doc["categories"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{src}: not a COCO annotation file ({type(err).__name__}: {err})") from None
+    if not images:
+        raise UserError(f"{src}: no images to split")
+    row = {im["id"]: i for i, im in enumerate(images)}
+    col = {c["id"]: j for j, c in enumerate(cats)}
+    y = np.zeros((len(images), len(cats)))
+    for a in anns:
+        if a.get("image_id") in row and a.get("category_id") in col:
+            y[row[a["image_id"]], col[a["category_id"]]] = 1
+    split = iterative_split(y, f, seed)
+    folder = out or src.parent
+    paths = [folder / f"{src.stem}_{name}.json" for name in SPLITS]
+    for p in paths:  # all refused before any is written
+        if p.exists():
+            raise UserError(f"{p}: already exists; remove it or give another --out folder")
+    for s, p in enumerate(paths):
+        ids = {im["id"] for im, k in zip(images, split) if k == s}
+        part = {**doc, "images": [im for im in images if im["id"] in ids]}
+        part["annotations"] = [a for a in anns if a.get("image_id") in ids]
+        _write_new(p, json.dumps(part))
+    return paths, split
+
+
+def split_source(
+    src: Path, fractions: tuple[float, ...], seed: int = 0, out: Path | None = None, label_sep: str = "|"
+) -> tuple[list[Path], np.ndarray]:
+    """Split a folder of class folders, a CSV without a split column, or a COCO file; write what its format reads.
+
+    Returns:
+        The files written, and each image's split (0 = train, 1 = val, 2 = test) in the source's order.
+
+    Raises:
+        UserError: For fractions that do not sum to 1, an output that exists, a source with no images, or another
+            kind of source.
+    """
+    check_fractions(fractions)
+    src = Path(src)
+    if src.is_dir():
+        return _split_folder(src, fractions, seed, out)
+    if src.suffix.lower() == ".csv" and src.is_file():
+        return _split_csv(src, fractions, seed, out, label_sep)
+    if src.suffix.lower() == ".json" and src.is_file():
+        return _split_coco(src, fractions, seed, out)
+    raise UserError(f"{src}: give a folder of class folders, a .csv of path and labels, or a COCO .json file")
