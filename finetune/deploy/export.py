@@ -223,17 +223,7 @@ def export_run(
     parts = build_from_run(run, ("train", "val", "test") if int8 else (), ["data.num_workers=0"])
     cal_loader = calibration_loader(parts, calibration_images) if int8 else None  # a bad count fails before work
     model, info = run_classifier(run, parts)
-    if fmt == "torchscript":
-        atomic_write_bytes(out, _torchscript_bytes(model, info))
-        result = Exported(out, [out])
-    elif fmt == "hf":
-        result = _export_timm_folder(parts, info, out)
-    elif fmt == "litert":
-        result = mobile.export_litert(model, info, out, parts, cal_loader)
-    else:
-        result = _export_onnx(model, info, out.with_suffix(".onnx"), parts, cal_loader)
-        if fmt == "openvino":
-            result = mobile.export_openvino(result, out, info, parts)
+    result = _write_model(fmt, model, info, out, parts, cal_loader)
     atomic_write_json(sidecar(out), info)
     result.files.insert(1, sidecar(out))
     if card:
@@ -241,6 +231,26 @@ def export_run(
 
         result.files.append(write_card(run, parts, info, result, out.parent))
     return result
+
+
+def _write_model(
+    fmt: str,
+    model: ImageClassifier,
+    info: dict[str, Any],
+    out: Path,
+    parts: RunParts,
+    cal_loader: torch.utils.data.DataLoader | None,
+) -> Exported:
+    """The model file(s) of one format (the sidecar and the card come after)."""
+    if fmt == "torchscript":
+        atomic_write_bytes(out, _torchscript_bytes(model, info))
+        return Exported(out, [out])
+    if fmt == "hf":
+        return _export_timm_folder(parts, info, out)
+    if fmt == "litert":
+        return mobile.export_litert(model, info, out, parts, cal_loader)
+    result = _export_onnx(model, info, out.with_suffix(".onnx"), parts, cal_loader)
+    return mobile.export_openvino(result, out, info, parts) if fmt == "openvino" else result
 
 
 def _export_onnx(
