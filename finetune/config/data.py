@@ -19,9 +19,16 @@ FORMATS = ("coco", "csv", "folder", "cifar10", "voc", "openimages", "imagefolder
 class AugmentConfig(Section):
     """Train-time augmentation (albumentations, timm's RandAugment) and normalisation."""
 
-    crop: Literal["random_resized_crop", "resize"] = "random_resized_crop"
-    scale: list[float] = Field([0.5, 1.0], min_length=2, max_length=2)
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    crop: Literal["random_resized_crop", "resize"] = Field(
+        "random_resized_crop", description='"random_resized_crop" (scale range below), or "resize" (the whole image)'
+    )
+    scale: list[float] = Field(
+        [0.5, 1.0],
+        min_length=2,
+        max_length=2,
+        description="random_resized_crop's range of the crop's share of the image area",
+    )
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="the probability of a horizontal flip")
     vflip: float = Field(0.0, ge=0.0, le=1.0, description="vertical flip probability (aerial, microscopy, shapes)")
     rot90: bool = Field(False, description="rotate by a random multiple of 90 degrees (with flips: all 8 symmetries)")
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation strength; 0 = off")
@@ -62,14 +69,20 @@ class AugmentConfig(Section):
 class DataConfig(Section):
     """Where the data is and how it is read: COCO, VOC, Open Images, CSV, Hugging Face imagefolder, class folders."""
 
-    format: Literal["coco", "csv", "folder", "cifar10", "voc", "openimages", "imagefolder"] = "coco"
+    format: Literal["coco", "csv", "folder", "cifar10", "voc", "openimages", "imagefolder"] = Field(
+        "coco",
+        description=(
+            "multi-label: coco, voc, openimages, csv, imagefolder (Hugging Face layout); single-label: folder"
+            " (root/<split>/<class>/*.jpg), cifar10 (the python batches)"
+        ),
+    )
     task: Literal["auto", "multi_label", "single_label"] = Field(
         "auto", description='csv / imagefolder: "single_label" for one label per image (auto: multi-label)'
     )
-    root: str = "data/demo"
-    train: str = "train"
-    val: str = "val"
-    test: str = ""
+    root: str = Field("data/demo", description="the dataset root; every other path is relative to it")
+    train: str = Field("train", description="the train split's name")
+    val: str = Field("val", description="the val split's name (checkpoint selection, calibration)")
+    test: str = Field("", description='the test split\'s name, only scored ("": no test split)')
     annotations: str = Field("annotations/instances_{split}.json", description="relative to root")
     images: str = Field("{split}", description="image folder relative to root")
     csv: str = Field("labels.csv", description='format = "csv": the file, relative to root ({split}: one per split)')
@@ -92,15 +105,19 @@ class DataConfig(Section):
         "shuffle", description='"balanced": repeat-factor sampling (LVIS), rare-class images repeated per epoch'
     )
     repeat_threshold: float = Field(0.1, gt=0.0, le=1.0, description="balanced: classes rarer than this repeat")
-    image_size: int = Field(224, ge=16, le=2048)
+    image_size: int = Field(224, ge=16, le=2048, description="input side in pixels")
     eval_size: int = Field(0, ge=0, le=2048, description="the side every prediction sees (0: image_size); FixRes")
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0)
+    batch_size: int = Field(32, ge=1, description="images per optimizer step (over all processes)")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (0: load in the training process)")
     persistent_workers: bool = Field(True, description="keep DataLoader workers between epochs")
     prefetch: int = Field(2, ge=1, description="batches each worker loads ahead")
-    include_crowd: bool = True
-    min_box_area: float = Field(0.0, ge=0.0)
-    on_bad_image: Literal["skip", "error"] = "skip"
+    include_crowd: bool = Field(True, description="whether COCO iscrowd=1 annotations make their class positive")
+    min_box_area: float = Field(
+        0.0, ge=0.0, description="objects whose box (w x h px) is smaller do not count as a label (COCO, VOC)"
+    )
+    on_bad_image: Literal["skip", "error"] = Field(
+        "skip", description='"skip" an unreadable image (listed in bad_images.json), or stop with an "error"'
+    )
     on_leak: Literal["warn", "error"] = Field(
         "warn", description="validate --check-images: an image in two splits (exact or near duplicate) warns or errs"
     )

@@ -47,8 +47,10 @@ def _needs_target(objective: str, target: float | None, where: str) -> None:
 class ClassObjective(Section):
     """One class's operating point, in place of the section's."""
 
-    metric: Objective = Field("f1", **_OBJECTIVE)
-    target: Target | None = None
+    metric: Objective = Field(
+        "f1", **_OBJECTIVE, description="this class's objective: f1, precision_at_least or recall_at_least"
+    )
+    target: Target | None = Field(None, description="this class's floor for a *_at_least objective (0..1)")
 
     _names = model_validator(mode="before")(_one_name)
 
@@ -63,10 +65,12 @@ class ClassObjective(Section):
 class CalibrateConfig(Section):
     """Per-class decision thresholds fitted after training (finetune/eval/thresholds.py)."""
 
-    enabled: bool = True
-    split: Literal["val", "train"] = "val"
+    enabled: bool = Field(True, description="fit per-class thresholds after training")
+    split: Literal["val", "train"] = Field(
+        "val", description='"val", or "train" (unaugmented) when val is small; test is never used to fit'
+    )
     metric: Objective = Field("f1", description="what each threshold aims at (key: objective or metric)", **_OBJECTIVE)
-    beta: float = Field(1.0, gt=0.0)
+    beta: float = Field(1.0, gt=0.0, description="F-beta's beta for metric = fbeta (2: recall weighs more)")
     target: Target | None = Field(
         None, description="the precision, recall or (single-label) accuracy a constrained objective must reach"
     )

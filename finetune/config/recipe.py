@@ -41,10 +41,12 @@ class ArchConfig(_Section):
     expansion: float | list[float] | None = Field(None, description="t for every row, or one per row")
     stem: int = Field(0, ge=0, description="stem channels (0 = the preset's)")
     head: int = Field(0, ge=0, description="final 1x1 conv channels (0 = the preset's)")
-    output_stride: Literal[8, 16, 32] = 32
+    output_stride: Literal[8, 16, 32] = Field(
+        32, description="32, 16 or 8: the later stages dilate instead of striding"
+    )
     bn_momentum: float = Field(0.1, gt=0.0, lt=1.0, description="PyTorch convention: Keras 0.99 is 0.01")
-    bn_eps: float = Field(1e-5, gt=0.0)
-    act: str = "relu6"
+    bn_eps: float = Field(1e-5, gt=0.0, description="BatchNorm epsilon")
+    act: str = Field("relu6", description="activation (timm name: relu6, relu, hard_swish...)")
 
     @field_validator("bn_momentum")
     @classmethod
@@ -68,14 +70,32 @@ class ArchConfig(_Section):
 class ModelConfig(_Section):
     """Backbone and head."""
 
-    name: str = "mobilenetv2_100"
-    pretrained: bool = False
-    checkpoint: str = ""
-    drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    name: str = Field(
+        "mobilenetv2_100",
+        description=(
+            "any timm model (mobilenetv2_035 ... mobilenetv2_140, efficientnet_lite0...), or "
+            "mobilenetv2_standard / mobilenetv2_reduced (the paper's, shaped by model.arch)"
+        ),
+    )
+    pretrained: bool = Field(
+        False,
+        description="timm's own hub download of ImageNet weights (needs internet; model.checkpoint is the offline way)",
+    )
+    checkpoint: str = Field(
+        "",
+        description=(
+            "local weights: a safetensors or torch file (weights_only), a run directory (its best.pt) or a "
+            "timm folder (model.safetensors)"
+        ),
+    )
+    drop_rate: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the classifier")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth of residual blocks; 0 = off")
     head: Literal["linear", "mlp"] = Field("linear", description="linear (dropout = drop_rate) or a 2-layer MLP")
     head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
-    init: Literal["timm", "blog"] = "timm"
+    init: Literal["timm", "blog"] = Field(
+        "timm",
+        description='"timm", or "blog": He (fan-out) convs, normal(0, 0.01) linear, BN 1/0, before any weights load',
+    )
     arch: ArchConfig = ArchConfig()
 
     @model_validator(mode="after")
@@ -88,11 +108,19 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     """Multi-label loss."""
 
-    name: Literal["bce", "focal", "asl", "ce"] = "bce"
-    pos_weight: Literal["none", "auto"] | float | list[float] = "none"
-    pos_weight_max: float = Field(100.0, gt=0.0)
+    name: Literal["bce", "focal", "asl", "ce"] = Field(
+        "bce", description='multi-label: "bce", "focal" or "asl" (asymmetric loss); single-label: "ce"'
+    )
+    pos_weight: Literal["none", "auto"] | float | list[float] = Field(
+        "none",
+        description=(
+            'BCE: "auto" = negatives/positives per class from the train labels (clipped to pos_weight_max), a '
+            "number, or one per class"
+        ),
+    )
+    pos_weight_max: float = Field(100.0, gt=0.0, description='the largest "auto" pos_weight')
     alpha: float = Field(0.25, description="focal alpha; < 0 disables the class-balance term")
-    gamma: float = Field(2.0, ge=0.0)
+    gamma: float = Field(2.0, ge=0.0, description="focal loss focusing (torchvision's sigmoid_focal_loss)")
     gamma_neg: float = Field(4.0, ge=0.0, description="asl: focusing for negatives")
     gamma_pos: float = Field(1.0, ge=0.0, description="asl: focusing for positives")
     clip: float = Field(0.05, ge=0.0, lt=1.0, description="asl: probability margin for negatives")
@@ -110,13 +138,21 @@ class LossConfig(_Section):
 class OptimConfig(_Section):
     """Optimizer and learning-rate schedule (linear warmup, then cosine decay)."""
 
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    warmup_epochs: float = Field(1.0, ge=0.0)
-    warmup_factor: float = Field(0.01, gt=0.0, le=1.0)
-    min_lr_factor: float = Field(0.0, ge=0.0, le=1.0)
+    name: Literal["adamw", "sgd"] = Field(
+        "adamw", description='"adamw" or "sgd" (momentum); norm and bias parameters get no weight decay'
+    )
+    lr: float = Field(
+        1e-3,
+        gt=0.0,
+        description="peak learning rate (the classifier's; other groups scale it by layer_decay or lr_mult)",
+    )
+    weight_decay: float = Field(0.05, ge=0.0, description="decoupled (AdamW) or L2 (SGD) weight decay")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    warmup_epochs: float = Field(
+        1.0, ge=0.0, description="linear warmup length in epochs (fractions allowed), stepped per optimizer step"
+    )
+    warmup_factor: float = Field(0.01, gt=0.0, le=1.0, description="warmup starts at lr x warmup_factor")
+    min_lr_factor: float = Field(0.0, ge=0.0, le=1.0, description="the cosine ends at lr x min_lr_factor")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: cosine decay or constant")
     layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="LR x decay**k for the k-th group below the top")
     l2sp: float = Field(0.0, ge=0.0, description="L2-SP: decay the backbone toward its starting weights (0 = off)")
@@ -193,16 +229,31 @@ class FreezeConfig(_Section):
 class TrainConfig(_Section):
     """The training loop."""
 
-    epochs: int = Field(10, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(10, ge=1, description="training epochs (every stage's together)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            '"auto" (bf16 on a GPU that has it or a CPU with AMX, else fp16 on CUDA, fp32 on CPU), or fp32, '
+            "bf16, fp16 (CUDA, with a GradScaler)"
+        ),
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description='"auto" (CUDA when present), "cpu" or "cuda"')
     grad_clip: float = Field(0.0, ge=0.0, description="max gradient norm; 0 = off")
-    accum_steps: int = Field(1, ge=1)
-    channels_last: bool = False
+    accum_steps: int = Field(1, ge=1, description="batches accumulated per optimizer step")
+    channels_last: bool = Field(False, description="NHWC memory layout (faster convolutions on recent GPUs)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="0 to 2**32 - 1 (NumPy's seed range)")
-    deterministic: bool = False
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    select: Literal["auto", "map", "macro_f1", "micro_f1", "top1", "loss"] = "auto"  # auto: map, or top1 (single)
+    deterministic: bool = Field(
+        False, description="deterministic algorithms (torch.use_deterministic_algorithms); slower on GPU"
+    )
+    threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="the fixed decision threshold calibration is measured against"
+    )
+    select: Literal["auto", "map", "macro_f1", "micro_f1", "top1", "loss"] = Field(
+        "auto",
+        description=(
+            '"auto" (mAP; top-1 for single-label), map, macro_f1, micro_f1, top1 or loss: what picks best.pt on val'
+        ),
+    )
     patience: int = Field(0, ge=0, description="early stopping: epochs without a better val select metric; 0 = off")
     ema: float = Field(0.0, ge=0.0, lt=1.0, description="EMA decay of the weights (0 = off); evaluated and selected")
     sync_bn: bool = Field(False, description="under DDP: BatchNorm statistics over the global batch")
@@ -217,13 +268,15 @@ class TrainConfig(_Section):
 class LogConfig(_Section):
     """Where each epoch's metrics go besides ``metrics.jsonl`` (always written)."""
 
-    to: list[Literal["jsonl", "csv", "tensorboard", "mlflow", "wandb"]] = ["jsonl"]
+    to: list[Literal["jsonl", "csv", "tensorboard", "mlflow", "wandb"]] = Field(
+        ["jsonl"], description="where each epoch's metrics go: jsonl (always), csv, tensorboard, mlflow, wandb"
+    )
 
 
 class OutputConfig(_Section):
     """Where the run directory goes: ``<dir>/<name>``."""
 
-    dir: str = "runs"
+    dir: str = Field("runs", description="the folder runs are written in")
     name: str = Field("", max_length=255, description="the run directory's name (a file system allows 255 bytes)")
     html: bool = Field(True, description="write report.html after training (finetune report writes it any time)")
 

@@ -1,0 +1,63 @@
+"""The recipe-key reference, generated from the schema: every key with its default and description, by section.
+
+The documentation's key table is this (``docs/hooks.py`` puts it in the page at build time), so a key is described
+once, in its pydantic ``Field``; ``tests/test_docs.py`` fails when a key has no description.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from finetune.config.recipe import Recipe
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds (``DataConfig``, ``list[StageConfig]``...), or None for a value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for t in typing.get_args(annotation):
+        inner = _section(t)
+        if inner is not None:
+            return inner
+    return None
+
+
+def recipe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """Every key of a recipe, depth first: ``(dotted key, default, description)``."""
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        section = _section(field.annotation)
+        if section is not None:
+            yield from recipe_keys(section, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        yield key, (None if default is PydanticUndefined else default), field.description or ""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _default(value: Any) -> str:
+    if value is None or value == "" or value == [] or value == {}:
+        return "" if value is None else f"`{json.dumps(value)}`"
+    return f"`{json.dumps(value) if not isinstance(value, BaseModel) else value.model_dump_json()}`"
+
+
+def keys_markdown() -> str:
+    """The reference as Markdown: one table per top-level section."""
+    out: list[str] = []
+    section = None
+    for key, default, description in recipe_keys():
+        top = key.split(".")[0]
+        if top != section:
+            section = top
+            out += ["", f"### `[{top}]`", "", "| key | default | meaning |", "|---|---|---|"]
+        out.append(f"| `{key}` | {_cell(_default(default))} | {_cell(description)} |")
+    return "\n".join(out).lstrip("\n") + "\n"
