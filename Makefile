@@ -20,7 +20,7 @@ EXTRAS := inspect,sweep,openvino,wandb,hf
 LITERT_VENV := .venv-litert
 LITERT_STAMP := $(LITERT_VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast test-extras test-litert lint clean-demo
+.PHONY: install demo test test-fast test-extras test-litert docs lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,9 +72,18 @@ $(LITERT_STAMP): pyproject.toml .ci/litert-constraints.txt
 	$(LITERT_VENV)/bin/python -c "import finetune, litert_torch, ai_edge_litert, ai_edge_quantizer"
 	touch $(LITERT_STAMP)
 
-# LiteRT's tests (their names say litert) in its own environment; as above, one that skips there fails.
+# LiteRT's tests (their names or parameters say litert) in its own environment; as above, one that skips there fails.
 test-litert: $(LITERT_STAMP)
-	$(LITERT_VENV)/bin/python -m pytest -m extra -k litert -rs $$(grep -l 'mark.extra("litert")' tests/test_*.py)
+	$(LITERT_VENV)/bin/python -m pytest -m extra -k litert -rs $$(grep -l 'mark.extra(' tests/test_*.py)
+
+$(VENV)/.docs-stamp: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,docs]' 2>&1 | $(QUIET_PIP)
+	touch $(VENV)/.docs-stamp
+
+# The documentation site, warnings as errors: a broken link, a missing page or a docstring mkdocstrings cannot read
+# fails the build. The recipe-key table is generated from the schema (docs/hooks.py).
+docs: $(VENV)/.docs-stamp
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

@@ -1,6 +1,6 @@
 """Where a dataset's annotations may send the reader: only inside its image folder; path templates take {split} only.
 
-Issue 35's fault sweep: VOC, Open Images, imagefolder and COCO annotations naming a file outside the dataset (an
+VOC, Open Images, imagefolder and COCO annotations naming a file outside the dataset (an
 absolute path, ``..``) had it read; templates with another placeholder, and names over the file system's limit, were
 tracebacks. Each case is ``finetune validate`` on a tampered copy: one line and exit 2, or (before) a pass.
 """

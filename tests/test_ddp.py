@@ -96,7 +96,7 @@ def test_staged_run_resume_and_gathered_evaluation(tiny_recipe: Path, tmp_path: 
             assert not torch.equal(end0, start), key
     assert torch.equal(ranks[0]["end"]["classifier.weight"], _weights(straight)["classifier.weight"])
 
-    # Issue 24: rank 1 SIGKILLed mid-epoch 2 under torchrun --max-restarts 1 (train.checkpoint_every = 1, mixup, EMA).
+    # Rank 1 SIGKILLed mid-epoch 2 under torchrun --max-restarts 1 (train.checkpoint_every = 1, mixup, EMA).
     # The restarted workers resume from the newest mid-epoch checkpoint (not "already holds a run") and end bitwise on
     # the uninterrupted DDP run's weights and EMA.
     err = _torchrun("elastic", tiny_recipe, tmp_path / "elastic", *sets, "output.name=elastic", restarts=1)

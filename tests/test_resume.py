@@ -140,7 +140,7 @@ def test_sigterm_resumes_exactly_and_a_second_run_is_refused(tiny_recipe: Path, 
         time.sleep(0.1)
     assert mark.exists(), proc.communicate()[1][-2000:]
     cut = tmp_path / "runs" / "cut"
-    # Issue 24: while it trains, a second run into its directory (another seed) and a command that writes there are
+    # While it trains, a second run into its directory (another seed) and a command that writes there are
     # refused in one line naming the holder; nothing of the first run's is touched.
     before = {p.name: p.stat().st_mtime_ns for p in cut.iterdir()}
     for other in (["run", str(tiny_recipe), *args[1:], "--set", "train.seed=1"], ["eval", str(cut)]):

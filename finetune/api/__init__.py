@@ -9,9 +9,7 @@ to stdout unless asked (``verbose=True``, or a ``console``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,8 +119,8 @@ def train(
     r = build_recipe(recipe, as_overrides(overrides, keys))
     quiet = console is None and not verbose
     progress = console or Console(stderr=True, quiet=quiet)
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        path = run_recipe(r, resume=resume, console=progress, hooks=hooks)
+    tables = Console(quiet=True) if quiet else None  # the report's tables: stdout (or a notebook's output) if asked
+    path = run_recipe(r, resume=resume, console=progress, hooks=hooks, report_console=tables)
     return Run(path)
 
 
@@ -194,7 +192,7 @@ class Run:
 
         return report_run(self.dir, console=console or Console(stderr=True, quiet=True))
 
-    def calibrate(self, split: str = "val", overrides: Overrides = None, **keys: Any) -> RunReport:
+    def calibrate(self, overrides: Overrides = None, *, split: str = "val", **keys: Any) -> RunReport:
         """Re-fit the thresholds on ``split`` (``finetune calibrate``), with ``calibrate.*`` overrides."""
         from finetune.runs.evaluate import calibrate_run
 

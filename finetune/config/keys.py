@@ -41,13 +41,16 @@ def recipe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> Iterator[t
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text for a Markdown table cell: ``|`` escaped, and ``<``/``>`` kept as text (``root/<split>/<class>``)."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
 
 
 def _default(value: Any) -> str:
-    if value is None or value == "" or value == [] or value == {}:
-        return "" if value is None else f"`{json.dumps(value)}`"
-    return f"`{json.dumps(value) if not isinstance(value, BaseModel) else value.model_dump_json()}`"
+    """The default as code, or as escaped text where it holds a ``|`` (a table cell cannot escape it in code)."""
+    if value is None:
+        return ""
+    text = value.model_dump_json() if isinstance(value, BaseModel) else json.dumps(value)
+    return _cell(text) if "|" in text else f"`{text}`"
 
 
 def keys_markdown() -> str:
@@ -59,5 +62,5 @@ def keys_markdown() -> str:
         if top != section:
             section = top
             out += ["", f"### `[{top}]`", "", "| key | default | meaning |", "|---|---|---|"]
-        out.append(f"| `{key}` | {_cell(_default(default))} | {_cell(description)} |")
+        out.append(f"| `{key.partition('.')[2]}` | {_default(default)} | {_cell(description)} |")
     return "\n".join(out).lstrip("\n") + "\n"

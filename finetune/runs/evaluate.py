@@ -60,6 +60,8 @@ def calibrate_run(
     and its temperature (``calibrate.probabilities = "temperature"``): either or both. A run that keeps a
     ``report.html`` gets it rewritten too, since the page shows the thresholds.
     """
+    if role not in ("val", "train"):
+        raise UserError(f"--split {role!r}: thresholds are fitted on val or train (test stays unseen)")
     report = _calibrate(run_dir, role, console, overrides)
     if (Path(run_dir) / runfiles.REPORT_HTML).is_file():
         from finetune.runs.report_page import report_run

@@ -83,7 +83,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _report(parts: RunParts, loop: Loop, run: RunDir) -> RunReport:
+def _report(parts: RunParts, loop: Loop, run: RunDir, out: Console) -> RunReport:
     """Predict val/test (and train, to calibrate on it) with the best checkpoint; write and print the report."""
     loop.model.load_state_dict(selected_weights(run.checkpoint("best")))
     task, cs = parts.task, parts.calibration
@@ -105,9 +105,9 @@ def _report(parts: RunParts, loop: Loop, run: RunDir) -> RunReport:
     report, outs = write_report(run.path, task, parts.classes, outs, cs=cs, extra=extra)
     if (run / runfiles.THRESHOLDS).is_file():  # the training run's own thresholds, which calibrate never replaces
         run.write_bytes(runfiles.THRESHOLDS_RUN, (run / runfiles.THRESHOLDS).read_bytes())
-    task.print_report(report, LogConsole())
+    task.print_report(report, out)
     if report.sampler:
-        LogConsole().print(sampler_line(report.sampler))
+        out.print(sampler_line(report.sampler))
     from finetune.runs.report_page import HtmlOptions, write_html  # explain builds on this layer's parts
 
     if not parts.recipe.output.html:
@@ -224,7 +224,11 @@ def _worker_line(err: BaseException, run_dir: RunDir | Path) -> UserError:
 
 
 def run_recipe(
-    recipe: Recipe, resume: str | Path | None = None, console: Console | None = None, hooks: Sequence[Hook] = ()
+    recipe: Recipe,
+    resume: str | Path | None = None,
+    console: Console | None = None,
+    hooks: Sequence[Hook] = (),
+    report_console: Console | None = None,
 ) -> Path:
     """Train a recipe end to end (or continue a run), then write and print the final report.
 
@@ -236,6 +240,7 @@ def run_recipe(
         resume: A run directory to continue from its ``last.pt``.
         console: Where progress goes.
         hooks: Extra hooks, called after the recipe's own (freezing, early stopping) and before the loggers.
+        report_console: Where the final report's tables go (default: stdout).
 
     Returns:
         The run directory.
@@ -261,7 +266,7 @@ def run_recipe(
     target = Path(resume) if resume else Path(parts.recipe.output.dir) / parts.recipe.output.name
     with sigterm_as_interrupt(), run_lock(target, "finetune run", d, console):
         try:
-            return _locked_run(parts, resume, console)
+            return _locked_run(parts, resume, console, report_console or LogConsole())
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM at any moment: setting up, training, reporting
             raise _stopped(err, target) from None
         except RuntimeError as err:  # training, validation or the report's predictions
@@ -275,7 +280,7 @@ def run_recipe(
             raise
 
 
-def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) -> Path:
+def _locked_run(parts: RunParts, resume: str | Path | None, console: Console, out: Console) -> Path:
     """:func:`run_recipe` once the run directory's lock is held."""
     d, recipe = parts.dist, parts.recipe
     run_dir = (RunDir.for_resume(resume) if d.main else RunDir.open(resume)) if resume else None
@@ -305,7 +310,7 @@ def _locked_run(parts: RunParts, resume: str | Path | None, console: Console) ->
         run_dir.write_json(runfiles.BAD_IMAGES, loop.state.bad_images)
     barrier(d)
     if d.main:
-        _report(parts, loop, run_dir)
+        _report(parts, loop, run_dir, out)
     return run_dir.path
 
 
