@@ -22,12 +22,17 @@ def test_overrides_read_as_the_command_lines() -> None:
     assert as_overrides(["train.epochs=3"], {"data__image_size": 64}) == ["train.epochs=3", "data.image_size=64"]
     with pytest.raises(UserError, match=r"train\.seed=None: a recipe has no null value"):
         as_overrides({"train.seed": None})
+    # A map-valued key is one value, as --set takes it: its keys (layer selectors, class names) may hold dots.
+    got = as_overrides({"optim.lr_mult": {"blocks.5:": 0.1}, "calibrate": {"classes": {"a.b": {"target": 0.9}}}})
+    assert got == ['optim.lr_mult={"blocks.5:" = 0.1}', 'calibrate.classes={"a.b" = {target = 0.9}}']
 
 
 def test_a_recipe_from_a_dict_or_an_object(tiny_recipe: Path) -> None:
     recipe = load_recipe(tiny_recipe)
     again = build_recipe(recipe, as_overrides(keys={"train__epochs": 3}))
     assert again.train.epochs == 3 and recipe.train.epochs != 3 and again.output.name == "tiny"
+    mult = build_recipe(recipe, as_overrides(keys={"optim__lr_mult": {"blocks.5:": 0.1}})).optim.lr_mult
+    assert mult == {"blocks.5:": 0.1}
     raw = {"data": {"root": recipe.data.root}, "output": {"dir": str(tiny_recipe.parent / "runs")}}
     assert build_recipe(raw).output.name == "run"
     (tiny_recipe.parent / "runs" / "run").mkdir(parents=True)

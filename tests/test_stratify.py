@@ -133,6 +133,38 @@ def test_csv_and_coco_sources(tmp_path: Path) -> None:
     assert sum(len(p["annotations"]) for p in parts) == len(doc["annotations"])
 
 
+def test_a_voc_folder_gets_image_sets_beside_its_own(tmp_path: Path) -> None:
+    from finetune.data.voc import read_voc_split
+
+    root = tmp_path / "VOC2007"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    y = _multi_label(50, seed=5)[:, [0, 1, 3, 4]]  # two common classes, two of 3 images
+    names = ["person", "dog", "kite", "boat"]
+    for i, row in enumerate(y):
+        objects = "".join(f"<object><name>{n}</name></object>" for n, v in zip(names, row) if v) or (
+            "<object><name>person</name><difficult>1</difficult></object>"
+        )
+        (root / "Annotations" / f"{i:06d}.xml").write_text(f"<annotation>{objects}</annotation>")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("000000\n")  # VOC's own set: left as it is
+    assert run_cli("data", "split", str(root)).returncode == 0
+    sets = {s: (root / "ImageSets" / "Main" / f"split_{s}.txt").read_text().split() for s in ("train", "val", "test")}
+    assert sorted(sum(sets.values(), [])) == [f"{i:06d}" for i in range(50)]
+    assert (root / "ImageSets" / "Main" / "train.txt").read_text() == "000000\n"
+    split = read_voc_split(root, "split_val", difficult="positive")  # the reader takes the new set by name
+    assert len(split.image_paths) == len(sets["val"])
+    for j in (2, 3):  # the 3-image classes: one in each set
+        holders = {f"{i:06d}" for i in np.flatnonzero(y[:, j])}
+        assert all(holders & set(ids) for ids in sets.values()), names[j]
+    assert_user_error(run_cli("data", "split", str(root)), "split_train.txt: already exists")
+
+    from finetune.data.stratify import split_source
+
+    out = tmp_path / "two"  # a split with no share gets no file
+    written, split, notes = split_source(root, (0.9, 0.1, 0.0), seed=1, out=out)
+    assert [p.name for p in written] == ["split_train.txt", "split_val.txt"] and set(split) == {0, 1} and not notes
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -10,12 +10,15 @@ to stdout unless asked (``verbose=True``, or a ``console``).
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tomli_w
+from pydantic import BaseModel
 from rich.console import Console
 
 from finetune import runfiles
@@ -28,20 +31,45 @@ from finetune.rundir.directory import RunDir
 Overrides = Mapping[str, Any] | Sequence[str] | None
 
 
+def _is_section(path: str) -> bool:
+    """Whether a dotted path names a table of recipe keys (``train``, ``data.augment``), not a map-valued key.
+
+    A map value (``optim.lr_mult``, ``calibrate.classes``) is written whole: its keys, layer selectors and class
+    names, may hold dots.
+    """
+    model: Any = Recipe
+    for part in path.split("."):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):  # Optional[Section]
+            ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        model = ann
+    return True
+
+
 def _flat(pairs: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in pairs.items():
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and _is_section(f"{prefix}{key}"):
             yield from _flat(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 
 
 def _toml_value(key: str, value: Any) -> str:
+    """``value`` as TOML, maps as inline tables (``--set optim.lr_mult={"blocks.5:" = 0.1}`` replaces the map)."""
     if value is None:
         raise UserError(f"{key}=None: a recipe has no null value; leave the key out to keep its default")
     if isinstance(value, Path):
-        value = value.as_posix()
-    value = list(value) if isinstance(value, tuple) else value
+        return _toml_value(key, value.as_posix())
+    if isinstance(value, Mapping):
+        quoted = (tomli_w.dumps({str(k): 0}).rpartition("=")[0].strip() for k in value)
+        return "{" + ", ".join(f"{k} = {_toml_value(key, v)}" for k, v in zip(quoted, value.values())) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(key, v) for v in value) + "]"
     return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
@@ -49,8 +77,8 @@ def as_overrides(overrides: Overrides = None, keys: Mapping[str, Any] | None = N
     """``--set`` strings, so that Python overrides are parsed and validated exactly as the command line's are.
 
     Args:
-        overrides: ``{"data.root": "...", "train": {"epochs": 2}}`` (dotted keys or nested dicts), or ``--set``
-            strings (``["train.epochs=2"]``).
+        overrides: ``{"data.root": "...", "train": {"epochs": 2}}`` (dotted keys, or nested dicts for sections; a
+            map-valued key such as ``optim.lr_mult`` takes its dict whole, as ``--set`` does), or ``--set`` strings.
         keys: Keyword arguments, a double underscore for each dot: ``train__epochs=2``.
 
     Returns:

@@ -66,9 +66,11 @@ def data_split(
         shares = tuple(float(x) for x in fractions.split(","))
     except ValueError:
         raise UserError(f"--fractions {fractions}: give three numbers, e.g. 0.8,0.1,0.1") from None
-    written, split = split_source(source, shares, seed, out, label_sep)
+    written, split, notes = split_source(source, shares, seed, out, label_sep)
     counts = ", ".join(f"{name} {int((split == i).sum())}" for i, name in enumerate(SPLITS))
     err.print(f"split {len(split)} images: {counts}")
+    for note in notes:
+        err.print(f"note: {escape(note)}")
     for path in written:
         err.print(f"wrote {escape(str(path))}")
 

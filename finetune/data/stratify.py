@@ -9,8 +9,9 @@ not give: a class with at least as many images as there are splits is in every s
 served first while its images are placed, and a last pass moves one image where that was not enough). The tests
 compare its proportions with the package's. Single-label data is the same with one-hot targets.
 
-:func:`split_source` reads a folder of class folders, a CSV file without a split column, or a COCO annotation file,
-and writes the split the same format reads: a CSV with a ``split`` column, or one COCO file per split.
+:func:`split_source` reads a folder of class folders, a CSV file without a split column, a COCO annotation file or
+a VOC folder, and writes the split the same format reads: a CSV with a ``split`` column, one COCO file per split, or
+VOC image sets (``ImageSets/Main/split_<name>.txt``, beside VOC's own).
 """
 
 from __future__ import annotations
@@ -86,23 +87,60 @@ def iterative_split(targets: np.ndarray, fractions: tuple[float, ...], seed: int
     return _repair(y, split, live, rng)
 
 
-def _repair(y: np.ndarray, split: np.ndarray, live: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Move one image into each split that still lacks a class of enough images, from the split with most of it.
+def shortages(targets: np.ndarray, split: np.ndarray, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
+    """``(split, class)`` pairs where a class with at least as many images as there are splits is missing."""
+    y = np.nan_to_num(np.asarray(targets, dtype=np.float64), nan=0.0) > 0.5
+    live = np.asarray(fractions) > 0
+    have = np.stack([y[split == s].sum(0) for s in range(len(live))])
+    return [
+        (int(s), int(c))
+        for c in np.flatnonzero(y.sum(0) >= live.sum())
+        for s in np.flatnonzero(live & (have[:, c] == 0))
+    ]
 
-    The image moved is the one whose other classes the donor split has most of, so no class is emptied by the move.
+
+def _repair(y: np.ndarray, split: np.ndarray, live: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Give each split that still lacks a class of enough images one image of it.
+
+    The image is moved from the split with most of the class, or swapped with one of the lacking split's own. A move
+    or swap is made only when every split keeps each such class it had, so no repair undoes another; what cannot be
+    repaired is left, and :func:`shortages` says so.
     """
-    for _ in range(y.shape[1] * len(live)):
-        have = np.stack([y[split == s].sum(0) for s in range(len(live))])
-        enough = np.flatnonzero(y.sum(0) >= live.sum())
-        short = [(s, c) for c in enough for s in np.flatnonzero(live & (have[:, c] == 0))]
-        if not short:
+    fractions = tuple(live.astype(float))
+    stuck: set[tuple[int, int]] = set()
+    while True:
+        todo = [pair for pair in shortages(y, split, fractions) if pair not in stuck]
+        if not todo:
             return split
-        s, c = short[int(rng.integers(len(short)))]
-        donor = int(np.argmax(have[:, c]))
+        s, c = todo[int(rng.integers(len(todo)))]
+        if not _give(y, split, s, c, int(live.sum())):
+            stuck.add((s, c))
+
+
+def _give(y: np.ndarray, split: np.ndarray, s: int, c: int, splits: int) -> bool:
+    """Move (or swap) one image of class ``c`` into split ``s``, keeping every split's guaranteed classes."""
+    guaranteed = y.sum(0) >= splits
+    have = np.stack([y[split == t].sum(0) for t in range(len(SPLITS))]).astype(np.int64)
+    for donor in np.argsort(-have[:, c], kind="stable"):
+        if donor == s or have[donor, c] < 2:
+            continue
+        kept = guaranteed & (have[donor] > 0)
         rows = np.flatnonzero((split == donor) & y[:, c])
-        spare = [(np.min(np.where(y[r], have[donor], np.inf)), r) for r in rows]  # the donor keeps 1 of each class
-        split[max(spare)[1]] = s
-    return split
+        for r in rows:  # a move: the donor still holds each guaranteed class it had
+            if ((have[donor] - y[r])[kept] >= 1).all():
+                split[r] = s
+                return True
+        mine = np.flatnonzero(split == s)
+        held = guaranteed & (have[s] > 0)
+        for r in rows:  # a swap with an image of s that gives the donor back what it loses
+            donor_after = have[donor] - y[r] + y[mine]
+            s_after = have[s] + y[r] - y[mine]
+            ok = (donor_after[:, kept] >= 1).all(1) & (s_after[:, held] >= 1).all(1)
+            if ok.any():
+                q = mine[int(np.flatnonzero(ok)[0])]
+                split[r], split[q] = s, donor
+                return True
+    return False
 
 
 def _write_new(path: Path, text: str) -> None:
@@ -121,7 +159,11 @@ def _csv_text(header: list[str], rows: list[list[str]]) -> str:
     return buf.getvalue()
 
 
-def _split_folder(root: Path, f: tuple[float, ...], seed: int, out: Path | None) -> tuple[list[Path], np.ndarray]:
+Written = tuple[list[Path], np.ndarray, np.ndarray, list[str]]
+"""What a source's splitter returns: the files written, each image's split, its targets and the class names."""
+
+
+def _split_folder(root: Path, f: tuple[float, ...], seed: int, out: Path | None) -> Written:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if set(classes) & set(SPLITS):
         raise UserError(f"{root}: already holds split folders ({', '.join(sorted(set(classes) & set(SPLITS)))})")
@@ -133,15 +175,15 @@ def _split_folder(root: Path, f: tuple[float, ...], seed: int, out: Path | None)
     ]
     if not images:
         raise UserError(f"{root}: no images in class folders (root/<class>/<image>); check the path")
-    labels = np.array([i for _, i in images])
-    split = iterative_split(np.eye(len(classes))[labels], f, seed)
+    y = np.eye(len(classes))[np.array([i for _, i in images])]
+    split = iterative_split(y, f, seed)
     rows = [[p.relative_to(root).as_posix(), classes[i], SPLITS[s]] for (p, i), s in zip(images, split)]
     path = out or root / "splits.csv"
     _write_new(path, _csv_text(["path", "label", "split"], rows))
-    return [path], split
+    return [path], split, y, classes
 
 
-def _split_csv(src: Path, f: tuple[float, ...], seed: int, out: Path | None, sep: str) -> tuple[list[Path], np.ndarray]:
+def _split_csv(src: Path, f: tuple[float, ...], seed: int, out: Path | None, sep: str) -> Written:
     with src.open(newline="", encoding="utf-8-sig") as fh:
         table = list(csv.reader(fh))
     if len(table) < 2:
@@ -156,14 +198,15 @@ def _split_csv(src: Path, f: tuple[float, ...], seed: int, out: Path | None, sep
         y = np.array([[c in n for c in classes] for n in names], dtype=np.float64).reshape(len(rows), len(classes))
     else:  # class columns: 0 / 1 / empty (unknown)
         cols = [i for i, h in enumerate(header) if h not in ("path", "unknown")]
+        classes = [header[i] for i in cols]
         y = np.array([[row[i].strip() == "1" for i in cols] for row in rows], dtype=np.float64)
     split = iterative_split(y, f, seed)
     path = out or src.with_name(f"{src.stem}.split.csv")
     _write_new(path, _csv_text([*header, "split"], [[*row, SPLITS[s]] for row, s in zip(rows, split)]))
-    return [path], split
+    return [path], split, y, classes
 
 
-def _split_coco(src: Path, f: tuple[float, ...], seed: int, out: Path | None) -> tuple[list[Path], np.ndarray]:
+def _split_coco(src: Path, f: tuple[float, ...], seed: int, out: Path | None) -> Written:
     try:
         doc = json.loads(src.read_text(encoding="utf-8"))
         images, anns, cats = doc["images"], doc.get("annotations", []), doc["categories"]
@@ -179,25 +222,50 @@ def _split_coco(src: Path, f: tuple[float, ...], seed: int, out: Path | None) ->
             y[row[a["image_id"]], col[a["category_id"]]] = 1
     split = iterative_split(y, f, seed)
     folder = out or src.parent
-    paths = [folder / f"{src.stem}_{name}.json" for name in SPLITS]
-    for p in paths:  # all refused before any is written
-        if p.exists():
-            raise UserError(f"{p}: already exists; remove it or give another --out folder")
-    for s, p in enumerate(paths):
+    paths = _new_files([folder / f"{src.stem}_{name}.json" for name in SPLITS], f)
+    for s, p in paths.items():
         ids = {im["id"] for im, k in zip(images, split) if k == s}
         part = {**doc, "images": [im for im in images if im["id"] in ids]}
         part["annotations"] = [a for a in anns if a.get("image_id") in ids]
         _write_new(p, json.dumps(part))
-    return paths, split
+    return list(paths.values()), split, y, [str(c.get("name", c["id"])) for c in cats]
+
+
+def _split_voc(root: Path, f: tuple[float, ...], seed: int, out: Path | None) -> Written:
+    """VOC image sets ``ImageSets/Main/split_{train,val,test}.txt`` beside its own (``data.train = "split_train"``)."""
+    from finetune.data.voc import read_objects
+
+    xmls = sorted((root / "Annotations").glob("*.xml"))
+    if not xmls:
+        raise UserError(f"{root / 'Annotations'}: no .xml annotation files to split")
+    objects = [read_objects(x, str(x))[1] for x in xmls]
+    names = sorted({o[0] for objs in objects for o in objs})
+    y = np.array([[any(o[0] == n for o in objs) for n in names] for objs in objects], dtype=np.float64)
+    split = iterative_split(y, f, seed)
+    folder = out or root / "ImageSets" / "Main"
+    paths = _new_files([folder / f"split_{name}.txt" for name in SPLITS], f)  # VOC's own train.txt is never touched
+    for s, p in paths.items():
+        _write_new(p, "".join(f"{x.stem}\n" for x, k in zip(xmls, split) if k == s))
+    return list(paths.values()), split, y, names
+
+
+def _new_files(paths: list[Path], f: tuple[float, ...]) -> dict[int, Path]:
+    """The files of the splits with a share (a split of fraction 0 gets none), all refused if any exists."""
+    chosen = {s: p for s, p in enumerate(paths) if f[s] > 0}
+    for p in chosen.values():
+        if p.exists():
+            raise UserError(f"{p}: already exists; remove it or give another --out folder")
+    return chosen
 
 
 def split_source(
     src: Path, fractions: tuple[float, ...], seed: int = 0, out: Path | None = None, label_sep: str = "|"
-) -> tuple[list[Path], np.ndarray]:
-    """Split a folder of class folders, a CSV without a split column, or a COCO file; write what its format reads.
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Split class folders, a CSV without a split column, a COCO file or a VOC folder; write what its format reads.
 
     Returns:
-        The files written, and each image's split (0 = train, 1 = val, 2 = test) in the source's order.
+        The files written, each image's split (0 = train, 1 = val, 2 = test) in the source's order, and notes: a
+        class of 3 or more images that could not be put in every split.
 
     Raises:
         UserError: For fractions that do not sum to 1, an output that exists, a source with no images, or another
@@ -205,10 +273,19 @@ def split_source(
     """
     check_fractions(fractions)
     src = Path(src)
-    if src.is_dir():
-        return _split_folder(src, fractions, seed, out)
-    if src.suffix.lower() == ".csv" and src.is_file():
-        return _split_csv(src, fractions, seed, out, label_sep)
-    if src.suffix.lower() == ".json" and src.is_file():
-        return _split_coco(src, fractions, seed, out)
-    raise UserError(f"{src}: give a folder of class folders, a .csv of path and labels, or a COCO .json file")
+    if src.is_dir() and (src / "Annotations").is_dir():
+        written = _split_voc(src, fractions, seed, out)
+    elif src.is_dir():
+        written = _split_folder(src, fractions, seed, out)
+    elif src.suffix.lower() == ".csv" and src.is_file():
+        written = _split_csv(src, fractions, seed, out, label_sep)
+    elif src.suffix.lower() == ".json" and src.is_file():
+        written = _split_coco(src, fractions, seed, out)
+    else:
+        raise UserError(f"{src}: give a folder of class folders, a VOC folder, a path-and-labels .csv or a COCO .json")
+    paths, split, y, names = written
+    notes = [
+        f"{names[c]!r} ({int(y[:, c].sum())} images) has none in {SPLITS[s]}: no move kept every other class placed"
+        for s, c in shortages(y, split, fractions)
+    ]
+    return paths, split, notes
