@@ -40,6 +40,10 @@ class Predictions:
         warnings.warn(f"Predictions[{key!r}] is deprecated; use .{key}", DeprecationWarning, stacklevel=2)
         return getattr(self, key)
 
+    def __contains__(self, key: str) -> bool:
+        """``"probs" in out``, as the dicts were asked (0.7 and before)."""
+        return key in ("probs", "targets", "index") or (key == "loss" and self.loss is not None)
+
     @property
     def unknown(self) -> np.ndarray:
         """Where a label is unknown (NaN in a multi-label target): the metrics leave those pairs out."""

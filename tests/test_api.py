@@ -104,14 +104,23 @@ def _timm_folder_round_trip(run: finetune.Run) -> None:
     assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "config.json", "model.json", "README.md"}
     config = json.loads((folder / "config.json").read_text())
     assert config["label_names"] == run.classes and config["num_classes"] == len(run.classes)
-    assert "library_name: timm" in (folder / "README.md").read_text()  # the Hub shows timm's loading snippet
+    card = (folder / "README.md").read_text()
+    assert "library_name: timm" in card and "Predictor.load" not in card  # the Hub shows timm's loading snippet
+    sidecar = json.loads((folder / "model.json").read_text())
+    assert sidecar["input"]["layout"] == "NCHW" and sidecar["output"]["applied"] is False  # the network, not a graph
     ours = build_from_run(RunDir.open(run.dir)).model.eval()
     theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     size = config["pretrained_cfg"]["input_size"][1]
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=0)  # logits, before the sigmoid
+    from PIL import Image
+
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=theirs))
+    assert transform(Image.new("RGB", (3 * size, size))).shape == (3, size, size)  # squashed whole, not centre-cropped
     assert set(read_state_dict(folder)) == set(ours.state_dict())  # model.checkpoint = "FOLDER" reads it
     assert run.export("hf").path.parent == folder  # a second export replaces its own files
     with pytest.raises(UserError, match=r"--int8: timm's folder \(hf\) has no INT8 export"):
         run.export("hf", int8=True)
+    with pytest.raises(UserError, match="timm reads model.safetensors by name"):
+        run.export("hf", out=folder / "weights.safetensors")

@@ -34,6 +34,8 @@ def test_every_recipe_key_is_described() -> None:
     assert not missing, f"recipe keys without a Field description (the docs' table needs one): {missing}"
     table = keys_markdown()
     assert all(f"| `{key.partition('.')[2]}` |" in table for key, _, _ in keys)
+    names = {key for key, _, _ in keys}
+    assert {"freeze.stages[].epochs", "calibrate.classes.<class>.metric"} <= names  # a list's and a map's shape
     assert "&lt;split&gt;" in table  # angle brackets stay text, not an HTML tag the page would swallow
 
 

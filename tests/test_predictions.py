@@ -54,3 +54,14 @@ def test_string_keys_still_read_with_a_deprecation_warning() -> None:
         assert p["loss"] == 0.5
     with pytest.raises(KeyError):
         p["logits"]
+    assert "probs" in p and "loss" in p and "logits" not in p and "loss" not in _shard([0, 1])
+
+
+def test_a_report_still_reads_as_a_dict_with_a_deprecation_warning() -> None:
+    from finetune.eval.run_report import RunReport
+
+    report = RunReport({"task": "multi_label", "threshold": 0.5, "splits": {"val": {"summary": {"mAP": 0.5}}}})
+    with pytest.warns(DeprecationWarning, match="RunReport"):
+        splits = report["splits"]
+    splits["val"]["summary"]["mAP"] = 1.0  # a copy: the report is not changed through it
+    assert report.splits["val"].summary["mAP"] == 0.5 and "threshold" in report and "calibration" not in report

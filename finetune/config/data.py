@@ -107,13 +107,15 @@ class DataConfig(Section):
     repeat_threshold: float = Field(0.1, gt=0.0, le=1.0, description="balanced: classes rarer than this repeat")
     image_size: int = Field(224, ge=16, le=2048, description="input side in pixels")
     eval_size: int = Field(0, ge=0, le=2048, description="the side every prediction sees (0: image_size); FixRes")
-    batch_size: int = Field(32, ge=1, description="images per optimizer step (over all processes)")
+    batch_size: int = Field(
+        32, ge=1, description="images per batch, all processes together; a step takes train.accum_steps batches"
+    )
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes (0: load in the training process)")
     persistent_workers: bool = Field(True, description="keep DataLoader workers between epochs")
     prefetch: int = Field(2, ge=1, description="batches each worker loads ahead")
     include_crowd: bool = Field(True, description="whether COCO iscrowd=1 annotations make their class positive")
     min_box_area: float = Field(
-        0.0, ge=0.0, description="objects whose box (w x h px) is smaller do not count as a label (COCO, VOC)"
+        0.0, ge=0.0, description="objects whose box (w x h px) is smaller do not count as a label (COCO only)"
     )
     on_bad_image: Literal["skip", "error"] = Field(
         "skip", description='"skip" an unreadable image (listed in bad_images.json), or stop with an "error"'

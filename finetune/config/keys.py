@@ -17,24 +17,36 @@ from pydantic_core import PydanticUndefined
 from finetune.config.recipe import Recipe
 
 
-def _section(annotation: Any) -> type[BaseModel] | None:
-    """The section model a field holds (``DataConfig``, ``list[StageConfig]``...), or None for a value."""
+def _section(annotation: Any, shape: str = "") -> tuple[type[BaseModel], str] | None:
+    """The section model a field holds and how its keys are reached, or None for a value.
+
+    ``DataConfig`` is reached as ``""``, ``list[StageConfig]`` as ``"[]"``, ``dict[str, ClassConfig]`` as
+    ``".<class>"``.
+    """
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return annotation, shape
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        shape = "[]"
+    elif origin is dict:
+        shape = ".<class>"
     for t in typing.get_args(annotation):
-        inner = _section(t)
+        inner = _section(t, shape)
         if inner is not None:
             return inner
     return None
 
 
 def recipe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
-    """Every key of a recipe, depth first: ``(dotted key, default, description)``."""
+    """Every key of a recipe, depth first: ``(dotted key, default, description)``.
+
+    A list of sections is shown as ``freeze.stages[].epochs`` and a map of them as ``calibrate.classes.<class>.metric``.
+    """
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         section = _section(field.annotation)
         if section is not None:
-            yield from recipe_keys(section, key + ".")
+            yield from recipe_keys(section[0], key + section[1] + ".")
             continue
         default = field.get_default(call_default_factory=True)
         yield key, (None if default is PydanticUndefined else default), field.description or ""

@@ -69,6 +69,65 @@ def _single_decision(info: dict[str, Any]) -> str:
     return top if reject is None else f"{top}, none when its probability is below {reject:.4f} (reject option)"
 
 
+def _graph_use(f: dict[str, Any], multi: bool) -> list[str]:
+    """What the exported graph takes and gives, and how to call it: preprocessing and activation inside."""
+    if multi:
+        head = (
+            "**Multi-label.** The model outputs one independent **sigmoid** probability per class (already applied "
+            "in the graph). A class is present when its probability is at least its threshold below. **Do not apply "
+            "softmax**: the probabilities do not sum to 1, and several classes can be present at once."
+        )
+    else:
+        head = f"**Single-label.** Softmax probabilities (applied in the graph); the label is {f['decision']}."
+    size = f["input"]["size"]
+    return [
+        head,
+        "",
+        "## Input",
+        "",
+        f"uint8 RGB images, NHWC `[batch, height, width, 3]`; resized to {size[0]}x{size[1]} "
+        f"({f['input']['resize']}) and normalised (mean {f['normalization']['mean']}, std "
+        f"{f['normalization']['std']}, 0..1 scale) **inside the graph**: feed decoded pixels, nothing else.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from finetune import Predictor",
+        f"predict = Predictor.load({(f.get('files') or ['RUN_DIR'])[0]!r})   # the file carries its thresholds",
+        'print(predict("photo.jpg").labels)',
+        "```",
+        "",
+    ]
+
+
+def _timm_use(f: dict[str, Any], multi: bool) -> list[str]:
+    """The Use section of timm's folder: the network alone; the caller normalises and applies the activation."""
+    act = "torch.sigmoid(logits)" if multi else "logits.softmax(-1)"
+    decide = "a class is present when its probability is at least its threshold below" if multi else f["decision"]
+    size = f["input"]["size"]
+    return [
+        f"**timm's folder.** `model.safetensors` and `config.json` hold the network alone: it takes float RGB NCHW "
+        f"`[batch, 3, {size[0]}, {size[1]}]` (0..1, then mean {f['normalization']['mean']}, std "
+        f"{f['normalization']['std']}), and gives **logits**: apply {f['activation']} yourself; {decide}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import timm, torch",
+        "from PIL import Image",
+        'model = timm.create_model("local-dir:FOLDER", pretrained=True).eval()',
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
+        "with torch.no_grad():",
+        '    logits = model(transform(Image.open("photo.jpg").convert("RGB"))[None])',
+        f"probabilities = {act}",
+        "```",
+        "",
+        "timm's transform resizes with PIL (antialiased), the toolkit without antialiasing, so probabilities differ "
+        "slightly from `finetune predict`'s; the run directory's `Predictor` is the reference.",
+        "",
+    ]
+
+
 def card_fields(run: RunDir, parts: RunParts, info: dict[str, Any], exported: Exported | None = None) -> dict:
     """The front matter as a dict."""
     multi = info["task"] == "multilabel"
@@ -113,36 +172,11 @@ def _body(fields: dict[str, Any], info: dict[str, Any], run: RunDir) -> list[str
     f = fields["finetune"]
     multi = f["task"] == "multilabel"
     lines = [f"# {markdown_text(run.path.name)}: {f['base_model']['name']}, {len(f['classes'])} classes", ""]
-    if multi:
-        lines += [
-            "**Multi-label.** The model outputs one independent **sigmoid** probability per class (already applied "
-            "in the graph). A class is present when its probability is at least its threshold below. **Do not apply "
-            "softmax**: the probabilities do not sum to 1, and several classes can be present at once.",
-        ]
-    else:
-        lines += [f"**Single-label.** Softmax probabilities (applied in the graph); the label is {f['decision']}."]
     if "timm" in f:  # a timm folder holds the network without the graph's preprocessing and activation
-        lines += ["", f"**This folder is timm's**: `{f['timm']}`."]
-    size = f["input"]["size"]
-    lines += [
-        "",
-        "## Input",
-        "",
-        f"uint8 RGB images, NHWC `[batch, height, width, 3]`; resized to {size[0]}x{size[1]} "
-        f"({f['input']['resize']}) and normalised (mean {f['normalization']['mean']}, std "
-        f"{f['normalization']['std']}, 0..1 scale) **inside the graph**: feed decoded pixels, nothing else.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from finetune import Predictor",
-        f"predict = Predictor.load({(f.get('files') or ['RUN_DIR'])[0]!r})   # the file carries its thresholds",
-        'print(predict("photo.jpg").labels)',
-        "```",
-        "",
-        "## Classes and thresholds",
-        "",
-    ]
+        lines += _timm_use(f, multi)
+    else:
+        lines += _graph_use(f, multi)
+    lines += ["## Classes and thresholds", ""]
     positives = f["data"].get("train_positives", {})
     lines += ["| class | threshold | train positives |", "|---|---|---|"]
     for c in f["classes"]:

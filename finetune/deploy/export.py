@@ -172,6 +172,8 @@ def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
         raise UserError(f"--int8: {name} has no INT8 export here; use --format onnx, openvino or litert")
     if out is not None and (out.suffix != FORMATS[fmt] or out.stem.endswith(".int8")):
         raise UserError(f"--out {out}: a {fmt} file is named like model{FORMATS[fmt]}")
+    if fmt == "hf" and out is not None and out.name != runfiles.HF_WEIGHTS:
+        raise UserError(f"--out {out}: timm reads {runfiles.HF_WEIGHTS} by name; give FOLDER/{runfiles.HF_WEIGHTS}")
     if out is not None and out.exists() and out.is_dir():
         raise UserError(f"{out}: is a folder; give a file name for the exported model")
     if fmt in ("litert", "openvino"):
@@ -295,9 +297,25 @@ def _export_timm_folder(parts: RunParts, info: dict[str, Any], out: Path) -> Exp
             f"{why}; export it as onnx or torchscript"
         )
     (mean, std), size = parts.normalization, parts.image_size
-    data = {"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0}
+    data = {
+        "input_size": (3, size, size),
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "crop_pct": 1.0,
+        "crop_mode": "squash",  # the whole image resized to size x size, as the toolkit does: no centre crop
+        "interpolation": "bilinear",
+    }
+    info["input"] = {
+        "dtype": "float32",
+        "layout": "NCHW",
+        "channels": "RGB",
+        "size": [size, size],
+        "resize": "by the caller: timm's resolve_data_config + create_transform read config.json",
+    }
+    info["normalization"] = {"mean": list(mean), "std": list(std), "scale": "0..1, then mean/std, by the caller"}
+    info["output"] = {"name": "logits", "activation": info["output"]["activation"], "applied": False}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # every file whole, or none replaced
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # timm writes here; each file then replaced atomically
         save_for_hf(model, tmp, {"label_names": info["classes"]}, safe_serialization=True, data_config=data)
         config = out.with_name(runfiles.HF_CONFIG)
         for name, dst in ((runfiles.HF_WEIGHTS, out), (runfiles.HF_CONFIG, config)):

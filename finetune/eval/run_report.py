@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,15 @@ class RunReport:
     def to_json(self) -> dict[str, Any]:
         """The JSON document (a copy)."""
         return copy.deepcopy(self._d)
+
+    def __getitem__(self, key: str) -> Any:
+        """``report["splits"]``, as the ``report.json`` dicts were read (0.7 and before): deprecated, use properties."""
+        warnings.warn(f"RunReport[{key!r}] is deprecated; use its properties or .to_json()", DeprecationWarning, 2)
+        return copy.deepcopy(self._d[key])
+
+    def __contains__(self, key: str) -> bool:
+        """``"calibration" in report``, as the dicts were asked (0.7 and before)."""
+        return key in self._d
 
     @property
     def run(self) -> str:

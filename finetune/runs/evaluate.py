@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from finetune import runfiles
 from finetune.assembly import RunParts, build_from_run
@@ -67,7 +68,13 @@ def calibrate_run(
         from finetune.runs.report_page import report_run
 
         kept = [o for o in overrides or [] if ".".join(parse_override(o)[0]) in REPORT_KEYS]  # calibrate.* is done
-        report_run(run_dir, console=console, overrides=kept)
+        try:
+            report_run(run_dir, console=console, overrides=kept)
+        except Exception as err:  # noqa: BLE001 - the thresholds are saved; the page is not worth a traceback
+            (console or Console(stderr=True)).print(
+                f"[yellow]note[/] report.html not rewritten ({type(err).__name__}: {escape(str(err))}); "
+                f"try finetune report {escape(str(run_dir))}"
+            )
     return report
 
 
