@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from finetune import runfiles
 from finetune.cli.options import check_threshold, err, out
 from finetune.errors import UserError
 
@@ -164,6 +165,23 @@ def export_command(
         from finetune.deploy.quantize import comparison_markdown
 
         out.print(escape(comparison_markdown(result.comparison)))
+
+
+def benchmark_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    formats: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: onnx, openvino, litert (default: onnx and each installed extra's)."),
+    ] = None,
+    images: Annotated[int, typer.Option(help="The batch the images/s is measured on.")] = 32,
+    reps: Annotated[int, typer.Option(help="Batch-1 calls timed per backend (median and p90).")] = 50,
+) -> None:
+    """Every backend's fp32 and INT8 file: size, latency, images/s and held-out quality; RUN/benchmark.json, .png."""
+    from finetune.deploy.benchmark import benchmark_markdown, benchmark_run, parse_formats
+
+    doc = benchmark_run(run_dir, parse_formats(formats), images, reps, console=err)
+    out.print(escape(benchmark_markdown(doc)))
+    out.print(f"scored on the {doc['scored_on']}; wrote {escape(str(Path(run_dir) / runfiles.BENCHMARK))} and .png")
 
 
 def card_command(

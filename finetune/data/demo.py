@@ -1,8 +1,15 @@
 """Embedded demo data: a deterministic, synthetic COCO-format multi-label dataset.
 
-Scenes of 0-4 textured shapes (10 categories, deliberately imbalanced) on noisy backgrounds, written as JPEG files
-plus ``annotations/instances_{split}.json`` with real boxes and polygons, so the whole COCO path is exercised on a
+Scenes of 0-4 textured shapes (10 categories) on noisy backgrounds, written as JPEG files plus
+``annotations/instances_{split}.json`` with real boxes and polygons, so the whole COCO path is exercised on a
 machine with no data. Category ids have gaps (like COCO's 1..90) so the id <-> index mapping is exercised too.
+
+It is made to behave like real multi-label data where per-class thresholds matter (the seed blog's MobileNetV2 on
+COCO: precision 87, recall 46 at 0.5). Classes are imbalanced, the rarest in about 2 % of the images; rare classes
+co-occur with a common partner (a crescent with a star, as a mouse with a keyboard); and a third of the objects are
+hard to see, small or faint, but labelled all the same, as COCO labels a cup half hidden behind a laptop. A model
+then gives such positives probabilities well below 0.5, the F1-optimal threshold of a class falls below 0.5 (it is
+half the F1 the class reaches, for calibrated probabilities) and a per-class threshold fitted on val gains on test.
 """
 
 from __future__ import annotations
@@ -18,19 +25,23 @@ from PIL import Image, ImageDraw
 
 from finetune.io import atomic_write_text
 
-# (COCO id, name, share of objects): the last classes are rare on purpose.
+# (COCO id, name, share of the objects drawn on their own): the last classes are rare on purpose.
 CATEGORIES: tuple[tuple[int, str, float], ...] = (
     (1, "circle", 0.20),
-    (2, "square", 0.17),
-    (3, "triangle", 0.14),
-    (5, "star", 0.12),
-    (6, "cross", 0.10),
+    (2, "square", 0.18),
+    (3, "triangle", 0.15),
+    (5, "star", 0.13),
+    (6, "cross", 0.11),
     (8, "ring", 0.08),
     (10, "diamond", 0.07),
-    (11, "hexagon", 0.055),
-    (13, "crescent", 0.035),
-    (15, "arrow", 0.02),
+    (11, "hexagon", 0.03),
+    (13, "crescent", 0.01),
+    (15, "arrow", 0.005),
 )
+# A class drawn brings its partner into the scene with this probability: the rare classes mostly come with a common
+# one, so the context is evidence for them, and a similar shape (hexagon beside circle) is a confuser.
+PARTNERS = {"star": ("crescent", 0.12), "square": ("arrow", 0.05), "circle": ("hexagon", 0.10)}
+SMALL_P, FAINT_P = 0.2, 0.2  # shares of the objects drawn small (radius 6-11 % of the side), or faint (30-55 % alpha)
 OBJECT_COUNT_P = (0.08, 0.30, 0.30, 0.20, 0.12)  # P(0..4 objects in an image)
 # "source" is a disjoint set of scenes for recipes/demo_pretrain.toml (the stand-in for ImageNet pretraining);
 # it comes last so train/val/test are the same images with or without it.
@@ -115,12 +126,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _place(
-    rng: np.random.Generator, size: int, cat: int, taken: np.ndarray, tries: int = 8
+    rng: np.random.Generator, size: int, cat: int, taken: np.ndarray, small: bool, tries: int = 8
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """A random pose for one shape that stays inside the image and overlaps no earlier shape (mask, outline)."""
     outer, hole = _shape(CATEGORIES[cat][1])
     for _ in range(tries):
-        radius = rng.uniform(0.14, 0.26) * size
+        radius = (rng.uniform(0.06, 0.11) if small else rng.uniform(0.14, 0.26)) * size
         ang = rng.uniform(0, 2 * math.pi)
         rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
         aspect = np.array([rng.uniform(0.8, 1.25), 1.0])
@@ -146,16 +157,29 @@ def _grow(mask: np.ndarray, px: int = 2) -> np.ndarray:
     return out
 
 
+def _categories(rng: np.random.Generator) -> list[int]:
+    """The category indices of one scene: 0-4 drawn by their shares, each maybe followed by its partner (4 at most)."""
+    shares = np.array([c[2] for c in CATEGORIES])
+    names = [c[1] for c in CATEGORIES]
+    n = rng.choice(len(OBJECT_COUNT_P), p=OBJECT_COUNT_P)
+    cats: list[int] = []
+    for _ in range(n):
+        cat = int(rng.choice(len(CATEGORIES), p=shares / shares.sum()))
+        cats.append(cat)
+        partner, p = PARTNERS.get(names[cat], ("", 0.0))
+        if rng.random() < p:
+            cats.append(names.index(partner))
+    return cats[: len(OBJECT_COUNT_P) - 1]
+
+
 def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Draw one scene; return the uint8 image and its objects (category index, bbox, polygon, area)."""
     img = _background(rng, size)
-    shares = np.array([c[2] for c in CATEGORIES])
-    n = rng.choice(len(OBJECT_COUNT_P), p=OBJECT_COUNT_P)
     objects: list[dict[str, Any]] = []
     taken = np.zeros((size, size), bool)
-    for _ in range(n):
-        cat = int(rng.choice(len(CATEGORIES), p=shares / shares.sum()))
-        placed = _place(rng, size, cat, taken)
+    for cat in _categories(rng):
+        small, alpha = rng.random() < SMALL_P, rng.uniform(0.3, 0.55) if rng.random() < FAINT_P else 1.0
+        placed = _place(rng, size, cat, taken, small)
         if placed is None:  # no free spot: a labelled object is never hidden under another one
             continue
         mask, outer_px = placed
@@ -165,7 +189,7 @@ def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray,
         tex = _texture(rng, y1 - y0, x1 - x0, hue=cat / len(CATEGORIES))
         region = img[y0:y1, x0:x1]
         m = mask[y0:y1, x0:x1]
-        region[m] = tex[m]
+        region[m] = (1 - alpha) * region[m] + alpha * tex[m]
         clipped = np.clip(outer_px, 0, size)
         objects.append(
             {

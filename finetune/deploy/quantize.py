@@ -127,7 +127,7 @@ def refit(parts: RunParts, outs: dict[str, Predictions]) -> tuple[np.ndarray, st
     return cal.thresholds, f"re-fitted on the INT8 model's probabilities of {cs.split} (the run's calibration)"
 
 
-def _held_out(parts: RunParts, outs: dict, thresholds: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+def held_out(parts: RunParts, outs: dict, thresholds: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
     """The data to score on and the thresholds that apply there: the test split, else out-of-fold thresholds."""
     if "test" in outs:
         return outs["test"], thresholds, "test split"
@@ -170,8 +170,8 @@ def compare(parts: RunParts, fp32: dict, int8: dict, fp32_thr: np.ndarray | None
         ]
         how = "test split" if "test" in fp32 else "val split"
     else:
-        held32, thr32, how = _held_out(parts, fp32, fp32_thr)
-        held8, thr8, _ = _held_out(parts, int8, int8_thr)
+        held32, thr32, how = held_out(parts, fp32, fp32_thr)
+        held8, thr8, _ = held_out(parts, int8, int8_thr)
         y, p32, p8 = held32.targets, held32.probs, held8.probs
         ref = p32 >= thr32
         rows = [
