@@ -16,7 +16,7 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 # resolver backtracked for over 15 minutes.
 EXTRAS_VENV := .venv-extras
 EXTRAS_STAMP := $(EXTRAS_VENV)/.installed-stamp
-EXTRAS := inspect,sweep,openvino,wandb,hf
+EXTRAS := inspect,sweep,openvino,wandb,hf,executorch
 LITERT_VENV := .venv-litert
 LITERT_STAMP := $(LITERT_VENV)/.installed-stamp
 
@@ -57,7 +57,7 @@ test-fast: $(STAMP) lint
 $(EXTRAS_STAMP): pyproject.toml
 	test -x $(EXTRAS_VENV)/bin/python || $(PYTHON) -m venv $(EXTRAS_VENV)
 	$(EXTRAS_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,$(EXTRAS)]' 2>&1 | $(QUIET_PIP)
-	$(EXTRAS_VENV)/bin/python -c "import finetune, pytorch_grad_cam, cleanlab, optuna, openvino, wandb, datasets"
+	$(EXTRAS_VENV)/bin/python -c "import finetune, pytorch_grad_cam, cleanlab, optuna, openvino, wandb, datasets, executorch"
 	touch $(EXTRAS_STAMP)
 
 # The tests marked @pytest.mark.extra(...) with every extra installed: a test of an installed extra that skips fails

@@ -42,6 +42,7 @@ EXTRAS = {
     "litert": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
     "wandb": ("wandb",),
     "hf": ("datasets",),
+    "executorch": ("executorch", "torchao"),
 }
 
 

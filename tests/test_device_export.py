@@ -226,5 +226,36 @@ def test_openvino_parity(tiny_run: Path, tiny_coco: Path, tmp_path: Path) -> Non
     assert set(parity) == {"model.xml", "model.int8.xml"}
 
 
+@pytest.mark.extra("executorch")
+def test_executorch_runtime_reads_the_pte(tiny_run: Path, tiny_coco: Path) -> None:
+    """ExecuTorch's own runtime (not the toolkit's wrapper) on the .pte gives the toolkit's probabilities."""
+    import torch
+    from executorch.runtime import Runtime
+
+    from finetune.deploy.export import run_classifier
+
+    result = export_run(tiny_run, "executorch", int8=True, calibration_images=16, card=False)
+    assert result.path == tiny_run / "export" / "executorch" / "model.pte"
+    model, info = run_classifier(RunDir.open(tiny_run))
+    size = info["input"]["size"][0]
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, size, size, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        eager = model(images).numpy()
+    for name, tol in (("model.pte", 1e-5), ("model.int8.pte", INT8_MAX)):
+        method = Runtime.get().load_program(result.path.with_name(name)).load_method("forward")
+        theirs = method.execute([images])[0].numpy()
+        np.testing.assert_allclose(theirs, eager, atol=tol, rtol=0)  # batch 5: the batch is dynamic
+    files = sorted((tiny_coco / "train").glob("*.jpg"))[:16]  # not val: its probabilities are the thresholds
+    ref = _probs(Predictor.from_run(tiny_run, "cpu").predict(files))
+    np.testing.assert_allclose(_probs(Predictor.load(result.path).predict(files)), ref, atol=1e-4, rtol=0)
+    int8 = Predictor.load(result.path.with_name("model.int8.pte"))
+    diff = np.abs(_probs(int8.predict(files)) - ref)
+    assert diff.max() <= INT8_MAX and diff.mean() <= INT8_MEAN, (diff.max(), diff.mean())
+    refitted = json.loads(result.path.with_name("model.int8.json").read_text())
+    assert int8.thresholds.tolist() == pytest.approx(refitted["thresholds"])
+    assert "re-fitted" in refitted["thresholds_from"]
+    assert refitted["quantization"]["tool"].startswith("ExecuTorch XNNPACKQuantizer")
+
+
 def _probs(results) -> np.ndarray:
     return np.array([list(r.probabilities.values()) for r in results])

@@ -23,8 +23,8 @@ def data_demo(
     seed: int = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     train: int = 2200,
-    val: int = 400,
-    test: int = 400,
+    val: int = 600,
+    test: int = 600,
     source: Annotated[int, typer.Option(help="Images in the 'source' split that demo_pretrain trains on.")] = 2200,
 ) -> None:
     """Write the synthetic COCO-format demo dataset (deterministic)."""

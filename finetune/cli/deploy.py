@@ -27,7 +27,7 @@ def predict_command(
     source: Annotated[
         Path,
         typer.Argument(
-            help="A run directory, or a file from `finetune export`: .onnx (fp32, INT8), .pt, .tflite, .xml."
+            help="A run directory, or a file from `finetune export`: .onnx (fp32, INT8), .pt, .tflite, .xml, .pte."
         ),
     ],
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
@@ -122,8 +122,8 @@ def export_command(
         str,
         typer.Option(
             "--format",
-            help="onnx, torchscript, hf (a folder timm and the Hub load), litert (.tflite; extra) or openvino "
-            "(IR; extra).",
+            help="onnx, torchscript, hf (a folder timm and the Hub load), litert (.tflite; extra), openvino "
+            "(IR; extra) or executorch (.pte; extra).",
         ),
     ] = "onnx",
     output: Annotated[
@@ -171,7 +171,9 @@ def benchmark_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     formats: Annotated[
         str | None,
-        typer.Option(help="Comma-separated: onnx, openvino, litert (default: onnx and each installed extra's)."),
+        typer.Option(
+            help="Comma-separated: onnx, openvino, litert, executorch (default: onnx and each installed extra's)."
+        ),
     ] = None,
     images: Annotated[int, typer.Option(help="The batch the images/s is measured on.")] = 32,
     reps: Annotated[int, typer.Option(help="Batch-1 calls timed per backend (median and p90).")] = 50,

@@ -31,7 +31,7 @@ from rich.markup import escape
 
 from finetune import __version__, runfiles
 from finetune.assembly import RunParts, build_from_run
-from finetune.deploy import mobile
+from finetune.deploy import mobile, pte
 from finetune.deploy.export import FORMATS, export_run, run_classifier
 from finetune.deploy.exported import Backend, int8_name, onnx_backend
 from finetune.deploy.quantize import backend_outputs, held_out, nhwc_batches, refit
@@ -42,7 +42,7 @@ from finetune.predictions import Predictions
 from finetune.rundir.directory import RunDir
 from finetune.rundir.lock import locking
 
-BENCH_FORMATS = ("onnx", "openvino", "litert")  # the formats with an INT8 file and a runtime here
+BENCH_FORMATS = ("onnx", "openvino", "litert", "executorch")  # the formats with an INT8 file and a runtime here
 
 
 @dataclass
@@ -72,14 +72,20 @@ def parse_formats(text: str | None) -> tuple[str, ...]:
         shown = ", ".join(bad) or repr(text)
         raise UserError(f"--formats {shown}: give a comma-separated list of {', '.join(BENCH_FORMATS)}")
     for fmt in chosen:
-        if fmt != "onnx":
-            mobile.require(fmt)  # one line naming the extra to install
+        _require(fmt)  # one line naming the extra to install
     return chosen
+
+
+def _require(fmt: str) -> None:
+    if fmt == "executorch":
+        pte.require()
+    elif fmt != "onnx":
+        mobile.require(fmt)
 
 
 def _installed(fmt: str) -> bool:
     try:
-        mobile.require(fmt)
+        _require(fmt)
     except UserError:
         return False
     return True
@@ -132,6 +138,8 @@ def _backends(run: RunDir, parts: RunParts, formats: tuple[str, ...]) -> list[tu
                 fn = onnx_backend(path.read_bytes())
             elif fmt == "litert":
                 fn = mobile.litert_backend(path)
+            elif fmt == "executorch":
+                fn = pte.pte_backend(path)
             else:
                 fn = mobile.openvino_backend(path)[0]
             found.append((fmt, precision, fn, path))
@@ -171,7 +179,7 @@ def benchmark_run(
 
     Args:
         run_dir: The run directory.
-        formats: Among ``onnx``, ``openvino``, ``litert``.
+        formats: Among ``onnx``, ``openvino``, ``litert``, ``executorch``.
         images: The batch the throughput is measured on.
         reps: Batch-1 calls timed per backend.
         console: Where each row prints as it is measured (default: stderr).

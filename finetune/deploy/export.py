@@ -29,7 +29,7 @@ from torch import nn
 
 from finetune import __version__, runfiles
 from finetune.assembly import RunParts, build_from_run
-from finetune.deploy import mobile
+from finetune.deploy import mobile, pte
 from finetune.deploy.exported import (
     Exported,
     int8_name,
@@ -48,7 +48,15 @@ from finetune.models import hflip_average
 from finetune.rundir.directory import RunDir
 from finetune.rundir.lock import locking
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "litert": ".tflite", "openvino": ".xml", "hf": ".safetensors"}
+FORMATS = {
+    "onnx": ".onnx",
+    "torchscript": ".pt",
+    "litert": ".tflite",
+    "openvino": ".xml",
+    "executorch": ".pte",
+    "hf": ".safetensors",
+}
+FOLDERS = ("litert", "openvino", "executorch", "hf")  # formats exported into a folder of their own
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 OPSET = 17
 
@@ -161,7 +169,7 @@ def _torchscript_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
 def _default_out(run: RunDir, fmt: str) -> Path:
     """``RUN/export/model.onnx`` or ``.pt``; LiteRT, OpenVINO and timm's folder in folders of their own."""
     name = f"model{FORMATS[fmt]}"
-    return run / "export" / (f"{fmt}/{name}" if fmt in ("litert", "openvino", "hf") else name)
+    return run / "export" / (f"{fmt}/{name}" if fmt in FOLDERS else name)
 
 
 def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
@@ -178,6 +186,8 @@ def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
         raise UserError(f"{out}: is a folder; give a file name for the exported model")
     if fmt in ("litert", "openvino"):
         mobile.require(fmt)
+    if fmt == "executorch":
+        pte.require()
 
 
 @locking("finetune export")
@@ -195,7 +205,8 @@ def export_run(
 
     Args:
         run_dir: The run directory.
-        fmt: ``onnx``, ``torchscript``, ``litert`` (``.tflite``) or ``openvino`` (IR ``.xml`` + ``.bin``).
+        fmt: ``onnx``, ``torchscript``, ``hf`` (timm's folder), ``litert`` (``.tflite``), ``openvino`` (IR ``.xml`` +
+            ``.bin``) or ``executorch`` (``.pte``).
         out: The model file to write.
         int8: Also write an INT8 model (``model.int8.<ext>``) with thresholds re-fitted on its probabilities.
         calibration_images: Train images the INT8 ranges are collected on (default 300, or all when fewer).
@@ -251,6 +262,8 @@ def _write_model(
         return _export_timm_folder(parts, info, out)
     if fmt == "litert":
         return mobile.export_litert(model, info, out, parts, cal_loader)
+    if fmt == "executorch":
+        return pte.export_executorch(model, info, out, parts, cal_loader)
     result = _export_onnx(model, info, out.with_suffix(".onnx"), parts, cal_loader)
     return mobile.export_openvino(result, out, info, parts) if fmt == "openvino" else result
 

@@ -288,8 +288,15 @@ class Predictor:
         return cls(backend, _read_info(Path(path), info), threshold)
 
     @classmethod
+    def from_executorch(cls, path: str | Path, threshold: float | None = None) -> Predictor:
+        """A ``finetune export --format executorch`` file (``.pte``), run by ExecuTorch (the ``executorch`` extra)."""
+        from finetune.deploy import pte
+
+        return cls(pte.pte_backend(Path(path)), _read_info(Path(path)), threshold)
+
+    @classmethod
     def load(cls, source: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
-        """A run directory or an exported file: ``.onnx``, TorchScript ``.pt``, ``.tflite``, ``.xml``."""
+        """A run directory or an exported file: ``.onnx``, TorchScript ``.pt``, ``.tflite``, ``.xml``, ``.pte``."""
         source = Path(source)
         if source.is_dir():
             return cls.from_run(source, device, threshold)
@@ -301,6 +308,8 @@ class Predictor:
             return cls.from_litert(source, threshold)
         if source.suffix == ".xml":
             return cls.from_openvino(source, device, threshold)
+        if source.suffix == ".pte":
+            return cls.from_executorch(source, threshold)
         return cls.from_torchscript(source, device, threshold)
 
     def __call__(
