@@ -40,6 +40,9 @@ CATEGORIES: tuple[tuple[int, str, float], ...] = (
     (13, "crescent", 0.01),
     (15, "arrow", 0.005),
 )
+# Shapes only the "source" split has, as ImageNet has classes a user's data does not: the pretrained run's classifier
+# then has 12 outputs, and fine-tuning starts a fresh head for the 10 target classes, as it would from ImageNet.
+SOURCE_ONLY: tuple[tuple[int, str, float], ...] = ((20, "pentagon", 0.0), (21, "ellipse", 0.0))
 # A class drawn brings its partner into the scene with this probability: the rare classes mostly come with a common
 # one, so the context is evidence for them, and a similar shape (hexagon beside circle) is a confuser.
 PARTNERS = {"star": ("crescent", 0.12), "square": ("arrow", 0.06), "triangle": ("hexagon", 0.10)}
@@ -82,6 +85,10 @@ def _shape(name: str) -> tuple[np.ndarray, np.ndarray | None]:
         return _regular(6), None
     if name == "crescent":
         return _regular(32), _regular(32, 0.85) + [0.45, -0.1]
+    if name == "pentagon":
+        return _regular(5, 1.0, -math.pi / 2), None
+    if name == "ellipse":
+        return _regular(32) * [0.5, 1.0], None
     if name == "arrow":
         pts = [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)]
         return np.array(pts, float), None
@@ -134,7 +141,7 @@ def _place(
     rng: np.random.Generator, size: int, cat: int, taken: np.ndarray, small: bool, tries: int = 8
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """A random pose for one shape that stays inside the image and overlaps no earlier shape (mask, outline)."""
-    outer, hole = _shape(CATEGORIES[cat][1])
+    outer, hole = _shape((*CATEGORIES, *SOURCE_ONLY)[cat][1])
     for _ in range(tries):
         radius = (rng.uniform(0.08, 0.12) if small else rng.uniform(0.14, 0.26)) * size
         ang = rng.uniform(0, 2 * math.pi)
@@ -165,14 +172,15 @@ def _grow(mask: np.ndarray, px: int = 2) -> np.ndarray:
 def _categories(rng: np.random.Generator, balanced: bool = False) -> list[int]:
     """The category indices of one scene: 0-4 drawn by their shares, each maybe followed by its partner (4 at most).
 
-    ``balanced``: every class equally likely and no partners (the source split).
+    ``balanced``: every class, the source-only ones too, equally likely and no partners (the source split).
     """
-    shares = np.ones(len(CATEGORIES)) if balanced else np.array([c[2] for c in CATEGORIES])
-    names = [c[1] for c in CATEGORIES]
+    pool = (*CATEGORIES, *SOURCE_ONLY) if balanced else CATEGORIES
+    shares = np.ones(len(pool)) if balanced else np.array([c[2] for c in pool])
+    names = [c[1] for c in pool]
     n = rng.choice(len(OBJECT_COUNT_P), p=OBJECT_COUNT_P)
     cats: list[int] = []
     for _ in range(n):
-        cat = int(rng.choice(len(CATEGORIES), p=shares / shares.sum()))
+        cat = int(rng.choice(len(pool), p=shares / shares.sum()))
         cats.append(cat)
         partner, p = ("", 0.0) if balanced else PARTNERS.get(names[cat], ("", 0.0))
         if rng.random() < p:
@@ -196,7 +204,7 @@ def render_scene(
         taken |= mask
         ys, xs = np.nonzero(mask)
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        tex = _texture(rng, y1 - y0, x1 - x0, hue=cat / len(CATEGORIES))
+        tex = _texture(rng, y1 - y0, x1 - x0, hue=cat / len(CATEGORIES) % 1.0)
         region = img[y0:y1, x0:x1]
         m = mask[y0:y1, x0:x1]
         region[m] = (1 - alpha) * region[m] + alpha * tex[m]
@@ -229,7 +237,7 @@ def write_demo(
     """
     out = Path(out_dir)
     splits = splits or DEFAULT_SPLITS
-    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in CATEGORIES]
+    every = (*CATEGORIES, *SOURCE_ONLY)
     for s_index, (split, count) in enumerate(splits.items()):
         (out / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
@@ -247,7 +255,7 @@ def write_demo(
                     {
                         "id": len(annotations) + 1 + s_index * 10_000_000,
                         "image_id": image_id,
-                        "category_id": CATEGORIES[obj["category"]][0],
+                        "category_id": every[obj["category"]][0],
                         "bbox": obj["bbox"],
                         "segmentation": obj["segmentation"],
                         "area": obj["area"],
@@ -259,7 +267,10 @@ def write_demo(
             "licenses": [],
             "images": images,
             "annotations": annotations,
-            "categories": categories,
+            "categories": [
+                {"id": cid, "name": name, "supercategory": "shape"}
+                for cid, name, _ in (every if split in BALANCED else CATEGORIES)
+            ],
         }
         (out / "annotations").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "annotations" / f"instances_{split}.json", json.dumps(doc))
