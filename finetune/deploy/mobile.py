@@ -4,8 +4,9 @@
   from the PyTorch graph: uint8 NHWC ``[1, size, size, 3]`` in (the batch can be resized), probabilities out. INT8:
   Google's ai-edge-quantizer (installed with litert-torch) on the fp32 file, int8 weights and activations, ranges
   from the same calibration images as the ONNX INT8, thresholds re-fitted on the LiteRT INT8 model's probabilities.
-  Classes and thresholds travel in the sidecar JSON (``model.json`` / ``model.int8.json``): the LiteRT runtime has
-  no key-value metadata API.
+  Both files carry TFLite metadata that MediaPipe Tasks' ``ImageClassifier`` reads (labels, input, score
+  threshold) and the sidecar's fields as custom metadata (:mod:`finetune.deploy.tflite_metadata`); the sidecar JSON
+  (``model.json`` / ``model.int8.json``) is written beside them too.
 - **OpenVINO** from the exported ONNX files (fp32, and the QDQ INT8 one, which OpenVINO runs as INT8), with the
   sidecar's fields in the IR's ``rt_info`` (``finetune/model_json``). The export checks OpenVINO's CPU runtime
   against onnxruntime on the calibration split and records the difference.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from finetune.deploy.exported import Backend
 
 EXTRAS = {  # format -> (modules to export with, module to run with)
-    "litert": (("litert_torch", "ai_edge_quantizer", "ai_edge_litert"), "ai_edge_litert"),
+    "litert": (("litert_torch", "ai_edge_quantizer", "ai_edge_litert", "mediapipe"), "ai_edge_litert"),
     "openvino": (("openvino",), "openvino"),
 }
 RT_INFO = ["finetune", "model_json"]
@@ -62,13 +64,23 @@ def _litert_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
 def _litert_int8_bytes(fp32: bytes, batches: list[np.ndarray]) -> bytes:
     """Static INT8 (int8 weights and activations) by Google's ai-edge-quantizer, calibrated image by image.
 
-    litert-torch's own PT2E route was tried first: with ``fold_quantize=True`` its converter fails on per-channel
-    weights, and with ``fold_quantize=False`` the file kept its float weights and its outputs moved by 0.4.
+    The last op (the sigmoid or softmax, or the flip average) stays in float, so the file's output is float
+    probabilities: MediaPipe Tasks refuses an int8 output tensor, and the probabilities keep their resolution (as
+    the ONNX INT8 file keeps its sigmoid in float). litert-torch's own PT2E route was tried first: with
+    ``fold_quantize=True`` its converter fails on per-channel weights, and with ``fold_quantize=False`` the file kept
+    its float weights and its outputs moved by 0.4.
     """
     _quiet_tf()
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe_manager
 
-    q = quantizer.Quantizer(bytearray(fp32), recipe.static_wi8_ai8())
+    everything = qtyping.TFLOperationName.ALL_SUPPORTED
+    plan = recipe_manager.RecipeManager()
+    plan.add_static_config(regex=".*", operation_name=everything, activation_num_bits=8, weight_num_bits=8)
+    output = Interpreter(model_content=fp32).get_output_details()[0]["name"]
+    no = algorithm_manager.AlgorithmName.NO_QUANTIZE
+    plan.add_quantization_config(regex=re.escape(output), operation_name=everything, algorithm_key=no)
+    q = quantizer.Quantizer(bytearray(fp32), plan.get_quantization_recipe())
     ((name, key),) = _signatures(fp32)
     data = {name: [{key: image[None]} for batch in batches for image in batch]}
     ranges = q.calibrate(data, num_threads=os.cpu_count() or 1)
@@ -90,23 +102,26 @@ def export_litert(
 ) -> Exported:
     """``model.tflite`` and, with a calibration loader, ``model.int8.tflite`` with re-fitted thresholds."""
     from finetune.deploy.quantize import check_int8, nhwc_batches
+    from finetune.deploy.tflite_metadata import with_metadata
 
     example = torch.zeros(1, model.size, model.size, 3, dtype=torch.uint8)
     fp32 = _litert_bytes(model, example)
-    atomic_write_bytes(out, fp32)
+    atomic_write_bytes(out, with_metadata(fp32, info))
     result = Exported(out, [out])
     if cal_loader is None:
         return result
     batches = [images for images, _ in nhwc_batches(cal_loader)]
     path = out.with_name(f"{out.stem}.int8{out.suffix}")
-    atomic_write_bytes(path, _litert_int8_bytes(fp32, batches))
+    int8 = _litert_int8_bytes(fp32, batches)
+    atomic_write_bytes(path, int8)
     int8_info, comparison = check_int8(parts, info, litert_backend(out), litert_backend(path), len(cal_loader.dataset))
     int8_info["quantization"] = {
         "tool": "ai_edge_quantizer static_wi8_ai8",
         "weights": "int8, per channel",
-        "activations": "int8, per tensor, min/max (the output is dequantized by the runtime wrapper)",
+        "activations": "int8, per tensor, min/max; the last op (the probabilities) in float",
         "calibration_images": len(cal_loader.dataset),
     }
+    atomic_write_bytes(path, with_metadata(int8, int8_info))  # the re-fitted thresholds inside the file too
     atomic_write_json(sidecar(path), int8_info)
     info["int8"] = {"file": path.name, "comparison": comparison}
     result.files += [path, sidecar(path)]

@@ -272,9 +272,11 @@ class Predictor:
     def from_litert(cls, path: str | Path, threshold: float | None = None) -> Predictor:
         """A ``finetune export --format litert`` file, run by the LiteRT interpreter (the ``litert`` extra)."""
         from finetune.deploy import mobile
+        from finetune.deploy.tflite_metadata import read_model_json
 
         mobile.require("litert", runtime=True)
-        return cls(mobile.litert_backend(Path(path)), _read_info(Path(path)), threshold)
+        backend = mobile.litert_backend(Path(path))  # a file that is not LiteRT is refused here, before it is read
+        return cls(backend, _read_info(Path(path), read_model_json(Path(path).read_bytes())), threshold)
 
     @classmethod
     def from_openvino(cls, path: str | Path, device: str = "CPU", threshold: float | None = None) -> Predictor:
