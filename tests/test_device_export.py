@@ -207,45 +207,56 @@ def test_litert_parity(tiny_run: Path, tiny_coco: Path) -> None:
     )
 
 
-@pytest.mark.extra("litert")
-def test_mediapipe_reads_the_tflite_without_a_sidecar(tiny_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
-    """MediaPipe Tasks' ImageClassifier (a runtime nobody here wrote) on the .tflite files alone."""
+def _mediapipe_scores(path: Path, images: np.ndarray, classes: list[str], **options) -> np.ndarray:
+    """MediaPipe Tasks' ImageClassifier on each image: its scores by category index (0 where it listed none)."""
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions
     from mediapipe.tasks.python.vision import ImageClassifier, ImageClassifierOptions
 
+    config = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=-1, **options)
+    scores = np.zeros((len(images), len(classes)))
+    with ImageClassifier.create_from_options(config) as classifier:
+        for i, image in enumerate(images):
+            res = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
+            for c in res.classifications[0].categories:
+                assert c.category_name == classes[c.index]  # the labels inside the file are the run's classes
+                scores[i, c.index] = c.score
+    return scores
+
+
+def _check_mediapipe(run_dir: Path, files: list[Path], tmp_path: Path) -> None:
+    """The fp32 and INT8 .tflite, each alone in a folder, read by MediaPipe and by Predictor from their metadata."""
     from finetune.deploy.predictor import resize_rgb
 
-    result = export_run(tiny_run, "litert", int8=True, calibration_images=16, card=False, out=tmp_path / "m.tflite")
-    run = Predictor.from_run(tiny_run, "cpu")
-    size = run.size
-    files = sorted((tiny_coco / "train").glob("*.jpg"))[:8]
-    images = np.stack([resize_rgb(np.asarray(Image.open(f).convert("RGB")), size) for f in files])  # no resize left
+    export_run(run_dir, "litert", int8=True, calibration_images=16, card=False, out=tmp_path / "m.tflite")
+    run = Predictor.from_run(run_dir, "cpu")
+    images = np.stack([resize_rgb(np.asarray(Image.open(f).convert("RGB")), run.size) for f in files])  # no resize
     alone = tmp_path / "alone"
     alone.mkdir()
     for name, tol in (("m.tflite", 1e-4), ("m.int8.tflite", INT8_MAX)):
         shutil.copy(tmp_path / name, alone / name)  # no sidecar beside it
         ours = Predictor.load(alone / name)  # classes and thresholds from the file's own metadata
         sidecar = json.loads((tmp_path / name.replace(".tflite", ".json")).read_text())
-        assert ours.classes == run.classes and ours.thresholds.tolist() == pytest.approx(sidecar["thresholds"])
-        options = ImageClassifierOptions(
-            base_options=BaseOptions(model_asset_path=str(alone / name)), max_results=-1, score_threshold=1e-9
-        )
-        with ImageClassifier.create_from_options(options) as classifier:
-            scores = np.zeros((len(images), len(run.classes)))
-            for i, image in enumerate(images):
-                res = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
-                for c in res.classifications[0].categories:
-                    assert c.category_name == run.classes[c.index]
-                    scores[i, c.index] = c.score
+        assert ours.classes == run.classes and ours.info["thresholds"] == sidecar["thresholds"]
+        scores = _mediapipe_scores(alone / name, images, run.classes, score_threshold=1e-9)
         np.testing.assert_allclose(scores, ours.probabilities(images), atol=1e-5, rtol=0)  # MediaPipe = our runtime
         np.testing.assert_allclose(scores, run.probabilities(images), atol=tol, rtol=0)  # and the run's model
-        default = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(alone / name)), max_results=-1)
-        with ImageClassifier.create_from_options(default) as classifier:  # the file's own global score threshold
-            res = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(images[0])))
-        kept = {c.index for c in res.classifications[0].categories}
-        assert kept == set(np.flatnonzero(scores[0] >= min(sidecar["thresholds"]) - 1e-6))
-    assert result.path == tmp_path / "m.tflite"
+        if run.multi_label:  # by default MediaPipe keeps the classes at or above the file's global threshold
+            kept = _mediapipe_scores(alone / name, images[:1], run.classes)[0] > 0
+            np.testing.assert_array_equal(kept, scores[0] >= min(sidecar["thresholds"]) - 1e-6)
+
+
+@pytest.mark.extra("litert")
+def test_mediapipe_reads_the_tflite_without_a_sidecar(tiny_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
+    """MediaPipe Tasks' ImageClassifier (a runtime nobody here wrote) on the .tflite files alone: multi-label."""
+    _check_mediapipe(tiny_run, sorted((tiny_coco / "train").glob("*.jpg"))[:8], tmp_path)
+
+
+@pytest.mark.extra("litert")
+def test_mediapipe_reads_a_single_label_tflite(folder_data: Path, tmp_path: Path) -> None:
+    sets = ['data.format="folder"', 'loss.name="ce"', "data.image_size=24", f'data.root="{folder_data.as_posix()}"']
+    run_dir = _run(tmp_path, folder_data, [*sets, "train.epochs=1"])
+    _check_mediapipe(run_dir, sorted((folder_data / "train").rglob("*.png"))[:8], tmp_path)
 
 
 @pytest.mark.extra("openvino")
