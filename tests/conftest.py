@@ -39,7 +39,7 @@ EXTRAS = {
     "inspect": ("pytorch_grad_cam", "cleanlab"),
     "sweep": ("optuna",),
     "openvino": ("openvino",),
-    "litert": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+    "litert": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "mediapipe"),
     "wandb": ("wandb",),
     "hf": ("datasets",),
     "executorch": ("executorch", "torchao"),

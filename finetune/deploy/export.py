@@ -36,6 +36,7 @@ from finetune.deploy.exported import (
     is_export_file,
     onnx_backend,
     planned_files,
+    record_int8,
     sidecar,
     with_metadata,
 )
@@ -286,11 +287,7 @@ def _export_onnx(
     int8_info, comparison = check_int8(parts, info, onnx_backend(fp32), onnx_backend(int8), len(cal_loader.dataset))
     path = int8_name(out)
     atomic_write_bytes(path, with_metadata(int8, int8_info))
-    atomic_write_json(sidecar(path), int8_info)
-    info["int8"] = {"file": path.name, "comparison": comparison}
-    result.files += [path, sidecar(path)]
-    result.comparison = comparison
-    return result
+    return record_int8(result, info, path, int8_info, comparison)
 
 
 def _export_timm_folder(parts: RunParts, info: dict[str, Any], out: Path) -> Exported:

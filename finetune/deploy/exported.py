@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from finetune import runfiles
+from finetune.io import atomic_write_json
 
 Backend = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC images -> probabilities
 
@@ -26,6 +27,17 @@ class Exported:
     path: Path
     files: list[Path] = field(default_factory=list)
     comparison: dict[str, Any] | None = None
+
+
+def record_int8(
+    result: Exported, info: dict[str, Any], path: Path, int8_info: dict[str, Any], comparison: dict[str, Any]
+) -> Exported:
+    """An INT8 file written: its sidecar, its name and comparison in the fp32 fields, and both in the result."""
+    atomic_write_json(sidecar(path), int8_info)
+    info["int8"] = {"file": path.name, "comparison": comparison}
+    result.files += [path, sidecar(path)]
+    result.comparison = comparison
+    return result
 
 
 def sidecar(path: Path) -> Path:

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from finetune.deploy.exported import Exported, onnx_backend, sidecar
+from finetune.deploy.exported import Exported, onnx_backend, record_int8, sidecar
 from finetune.errors import UserError
-from finetune.io import atomic_write_bytes, atomic_write_json
+from finetune.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from finetune.assembly import RunParts
@@ -122,11 +122,7 @@ def export_litert(
         "calibration_images": len(cal_loader.dataset),
     }
     atomic_write_bytes(path, with_metadata(int8, int8_info))  # the re-fitted thresholds inside the file too
-    atomic_write_json(sidecar(path), int8_info)
-    info["int8"] = {"file": path.name, "comparison": comparison}
-    result.files += [path, sidecar(path)]
-    result.comparison = comparison
-    return result
+    return record_int8(result, info, path, int8_info, comparison)
 
 
 def litert_backend(path: Path) -> Backend:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from finetune.deploy.exported import Exported, int8_name, sidecar
+from finetune.deploy.exported import Exported, int8_name, record_int8
 from finetune.errors import UserError
-from finetune.io import atomic_write_bytes, atomic_write_json
+from finetune.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from finetune.assembly import RunParts
@@ -93,11 +93,7 @@ def export_executorch(
         "activations": "int8, per tensor",
         "calibration_images": len(cal_loader.dataset),
     }
-    atomic_write_json(sidecar(path), int8_info)
-    info["int8"] = {"file": path.name, "comparison": comparison}
-    result.files += [path, sidecar(path)]
-    result.comparison = comparison
-    return result
+    return record_int8(result, info, path, int8_info, comparison)
 
 
 def pte_backend(path: Path) -> Backend:
