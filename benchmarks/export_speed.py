@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transfer import COCO_SMALL, FLAGSHIP, WEIGHTS, make_root  # noqa: E402
 
+from finetune import runfiles  # noqa: E402
 from finetune.config import load_recipe  # noqa: E402
 from finetune.deploy.benchmark import benchmark_markdown, benchmark_run, timing  # noqa: E402
 from finetune.deploy.export import onnx_backend, run_classifier  # noqa: E402
@@ -62,7 +63,7 @@ def exporter_check(run_dir: Path, reps: int) -> None:
     x = torch.randint(
         0, 256, (4, model.size, model.size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    legacy = (run_dir / "benchmark" / "onnx" / "model.onnx").read_bytes()  # benchmark_run exported it
+    legacy = (run_dir / runfiles.BENCHMARK_DIR / "onnx" / "model.onnx").read_bytes()  # benchmark_run exported it
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             prog = torch.onnx.export(
@@ -73,8 +74,8 @@ def exporter_check(run_dir: Path, reps: int) -> None:
                 output_names=["probabilities"],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
-            prog.save(str(run_dir / "benchmark" / "onnx" / "model.dynamo.onnx"))
-        dynamo = (run_dir / "benchmark" / "onnx" / "model.dynamo.onnx").read_bytes()
+            prog.save(str(run_dir / runfiles.BENCHMARK_DIR / "onnx" / "model.dynamo.onnx"))
+        dynamo = (run_dir / runfiles.BENCHMARK_DIR / "onnx" / "model.dynamo.onnx").read_bytes()
     except Exception as err:  # noqa: BLE001 - report the exporter's failure and keep the legacy one
         print(f"dynamo=True: failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
         return

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune import runfiles
 from finetune.errors import UserError
 
 
@@ -115,7 +116,7 @@ def check_output(
     here = path.parent.resolve() / path.name  # the link itself, not where it points: a write replaces the link
     if run_dir is not None and here.is_relative_to(Path(run_dir).resolve()):
         inside = here.relative_to(Path(run_dir).resolve())
-        if inside.parts[0] == "export":  # the run's export folder is the toolkit's: a new export replaces it
+        if inside.parts[0] in ("export", runfiles.BENCHMARK_DIR):  # the toolkit's: a new export or benchmark replaces
             return
         if inside != Path("README.md"):
             raise UserError(f"{option} {path}: is one of the run's own files; write outside the run or under export/")

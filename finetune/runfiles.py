@@ -36,7 +36,7 @@ TORCHRUN_ID = "torchrun_id"  # the elastic job a run belongs to
 WANDB_ID = "wandb_id.txt"
 BENCHMARK = "benchmark.json"  # finetune benchmark's table
 BENCHMARK_PLOT = "benchmark.png"  # its quality-against-latency plot
-BENCHMARK_DIR = "benchmark"  # the models it exported and timed
+BENCHMARK_DIR = "benchmark_models"  # the models it exported and timed
 # A folder timm and the Hugging Face Hub read (finetune export --format hf): timm's own file names.
 HF_WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"

@@ -113,7 +113,7 @@ html = false
 def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 48-image demo dataset (24 train / 12 val / 12 test, 48 px): generated in well under a second."""
     root = tmp_path_factory.mktemp("tiny_coco")
-    write_demo(root, {"train": 24, "val": 12, "test": 12}, size=48, seed=1)
+    write_demo(root, {"train": 24, "val": 12, "test": 12}, size=48, seed=1, profile="easy")
     return root
 
 

@@ -38,7 +38,7 @@ def test_the_command_writes_a_row_per_backend_the_json_and_the_plot(tiny_run: Pa
     rows = {(r["backend"], r["precision"]): r for r in doc["rows"]}
     assert list(rows) == [("pytorch", "fp32"), ("onnx", "fp32"), ("onnx", "int8")]
     assert (tiny_run / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tiny_run / "export").exists()  # the timed files sit in RUN/benchmark/, not in the user's export
+    assert not (tiny_run / "export").exists()  # the timed files sit in RUN/benchmark_models/, not in the user's export
     for r in rows.values():
         assert r["b1_ms"] > 0 and r["b1_p90_ms"] >= r["b1_ms"] and r["batch_ips"] > 0 and r["top1"] is None
     assert rows["onnx", "int8"]["mib"] < rows["onnx", "fp32"]["mib"] / 2 and rows["pytorch", "fp32"]["mib"] is None
@@ -69,3 +69,8 @@ def test_a_run_without_a_test_split_is_scored_out_of_fold(tiny_coco: Path, tmp_p
     run = run_recipe(load_recipe(recipe, ["train.epochs=1", 'data.test=""']))
     doc = benchmark_run(run, ("onnx",), images=2, reps=2)
     assert doc["scored_on"].startswith("val split") and len(doc["rows"]) == 3
+    assert all(r["macro_f1_carried"] is None and 0 <= r["macro_f1_refit"] <= 1 for r in doc["rows"])
+    again = benchmark_run(run, ("onnx",), images=2, reps=2)  # its own files in RUN/benchmark_models/ are replaced
+    assert [r["mib"] for r in again["rows"]] == [r["mib"] for r in doc["rows"]]
+    with pytest.raises(UserError, match="--formats torchscript"):  # checked from Python too
+        benchmark_run(run, ("torchscript",))

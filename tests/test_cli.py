@@ -216,13 +216,10 @@ def test_every_recipe_validates_on_tiny_generated_data(tiny_coco: Path) -> None:
     coco = [p for p in sorted(recipes.glob("*.toml")) if 'format = "' not in p.read_text()]
     assert {p.name for p in coco} >= {"quickstart.toml", "demo_pretrain.toml", "coco_multilabel_focal.toml"}
     for path in coco:
-        sets = [
-            f'data.root="{tiny_coco.as_posix()}"',
-            'data.train="train"',
-            'data.val="val"',
-            'model.checkpoint=""',
-            "model.pretrained=false",
-        ]
+        sets = [f'data.root="{tiny_coco.as_posix()}"', 'data.train="train"', 'model.checkpoint=""']
+        sets += ["model.pretrained=false"]
+        if 'source = "train"' not in path.read_text():  # a recipe that holds its val out of train keeps doing so
+            sets.append('data.val="val"')
         proc = run_cli("validate", str(path), *[a for s in sets for a in ("--set", s)])
         assert proc.returncode == 0, (path.name, proc.stderr)
         assert "valid" in proc.stdout and "10 classes" in proc.stdout, path.name

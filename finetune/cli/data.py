@@ -26,10 +26,19 @@ def data_demo(
     val: int = 600,
     test: int = 600,
     source: Annotated[int, typer.Option(help="Images in the 'source' split that demo_pretrain trains on.")] = 2200,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="long-tail (rare classes, small or faint objects: per-class thresholds gain) or easy (every object "
+            "clear; the first demo data)."
+        ),
+    ] = "long-tail",
 ) -> None:
     """Write the synthetic COCO-format demo dataset (deterministic)."""
-    from finetune.data.demo import write_demo
+    from finetune.data.demo import PROFILES, write_demo
 
+    if profile not in PROFILES:
+        raise UserError(f"--profile {profile!r}: give one of {', '.join(PROFILES)}")
     if any(n < 0 for n in (train, val, test, source)) or size < 16:
         raise UserError("--train/--val/--test/--source: give counts of 0 or more; --size: at least 16 pixels")
     for parent in (out_dir, *out_dir.parents):
@@ -40,7 +49,7 @@ def data_demo(
         raise UserError(f"{out_dir}: is not empty (it holds {first}); choose a new or empty folder")
     start = time.perf_counter()
     sizes = {"train": train, "val": val, "test": test, "source": source}
-    counts = write_demo(out_dir, {k: v for k, v in sizes.items() if v > 0}, size, seed)
+    counts = write_demo(out_dir, {k: v for k, v in sizes.items() if v > 0}, size, seed, profile)
     err.print(
         f"wrote {sum(counts.values())} images {counts} to {escape(str(out_dir))} in {time.perf_counter() - start:.1f}s"
     )
@@ -49,13 +58,17 @@ def data_demo(
 @data_app.command("split")
 def data_split(
     source: Annotated[
-        Path, typer.Argument(help="A folder of class folders, a CSV of path and labels, or a COCO .json.")
+        Path,
+        typer.Argument(help="A folder of class folders, a CSV of path and labels, a COCO .json, or a VOC folder."),
     ],
     fractions: Annotated[str, typer.Option(help="train,val,test shares of the images, summing to 1.")] = "0.8,0.1,0.1",
     seed: Annotated[int, typer.Option(help="The random tie-breaks (the same seed gives the same split).")] = 0,
     out: Annotated[
         Path | None,
-        typer.Option(help="The CSV to write (default SOURCE/splits.csv, or NAME.split.csv); COCO: the folder."),
+        typer.Option(
+            help="The CSV to write (default SOURCE/splits.csv, or NAME.split.csv); COCO: the folder; VOC: the folder "
+            "of the image sets (default ROOT/ImageSets/Main, where the VOC reader looks)."
+        ),
     ] = None,
     label_sep: Annotated[str, typer.Option(help="The separator inside a CSV's labels column.")] = "|",
 ) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,40 @@ PARTNERS = {"star": ("crescent", 0.12), "square": ("arrow", 0.06), "triangle": (
 # (30-60 % opacity). The hardest are all but unreadable at the training size, and their colour (near the
 # class's hue, not always) is only partial evidence: such positives get middling probabilities however good the
 # model is, which is what puts a class's best threshold below 0.5.
-SMALL_P, FAINT_P = 0.25, 0.2
-HUE_NOISE, RANDOM_HUE = 0.035, 0.15  # the hue's spread around its class's (classes sit 0.1 apart), and how often any
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How a split's scenes are drawn.
+
+    Attributes:
+        shares: Each class's share of the objects drawn on their own (the pool's order).
+        partners: A class drawn brings its partner with this probability.
+        small: The share of objects drawn small.
+        faint: The share of objects drawn faint.
+        hue_noise: The spread of an object's hue around its class's (classes sit 0.1 apart).
+        random_hue: How often an object takes any hue.
+        source_only: Whether the pool has the source-only classes too.
+    """
+
+    shares: tuple[float, ...]
+    partners: dict[str, tuple[str, float]] = field(default_factory=dict)
+    small: float = 0.0
+    faint: float = 0.0
+    hue_noise: float = 0.02
+    random_hue: float = 0.1
+    source_only: bool = False
+
+
+LONG_TAIL = Profile(tuple(c[2] for c in CATEGORIES), PARTNERS, 0.25, 0.2, 0.035, 0.15)
 # The "source" split (the stand-in for ImageNet pretraining) is balanced, as ImageNet is: every class equally often,
 # no partners, so the backbone knows the rare shapes; the long tail is the target data's (train, val, test).
-BALANCED = ("source",)
+BALANCED_SOURCE = Profile((1.0,) * (len(CATEGORIES) + len(SOURCE_ONLY)), {}, 0.25, 0.2, 0.035, 0.15, True)
+# The first demo data (0.7 and before, and the tests' tiny data): every object clearly visible, a milder imbalance,
+# no partners, one pool for every split. A model is sure of nearly everything, so 0.5 is about as good as any
+# threshold: it shows training, not calibration.
+EASY = Profile((0.20, 0.17, 0.14, 0.12, 0.10, 0.08, 0.07, 0.055, 0.035, 0.02))
+PROFILES = {"long-tail": (LONG_TAIL, BALANCED_SOURCE), "easy": (EASY, EASY)}  # name -> (target splits, source)
 OBJECT_COUNT_P = (0.08, 0.30, 0.30, 0.20, 0.12)  # P(0..4 objects in an image)
 # "source" is a disjoint set of scenes for recipes/demo_pretrain.toml (the stand-in for ImageNet pretraining);
 # it comes last so train/val/test are the same images with or without it.
@@ -106,15 +137,15 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return 255 * np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, hue: float) -> np.ndarray:
+def _texture(rng: np.random.Generator, h: int, w: int, hue: float, profile: Profile) -> np.ndarray:
     """An HxWx3 float fill: solid, stripes, dots, checker or gradient, mostly in colours near the class's hue.
 
     Real classes have colour priors (bananas are yellow); some objects ignore theirs, so colour is only evidence.
     """
-    if rng.random() < RANDOM_HUE:
+    if rng.random() < profile.random_hue:
         hue = rng.random()
-    c1 = _hsv_to_rgb((hue + rng.normal(0, HUE_NOISE)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
-    c2 = _hsv_to_rgb((hue + rng.normal(0, HUE_NOISE)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.25, 0.6))
+    c1 = _hsv_to_rgb((hue + rng.normal(0, profile.hue_noise)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    c2 = _hsv_to_rgb((hue + rng.normal(0, profile.hue_noise)) % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.25, 0.6))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     kind = rng.integers(5)
     period = rng.uniform(7, 14)  # coarse enough to survive the resize to the training size without aliasing
@@ -174,34 +205,48 @@ def _grow(mask: np.ndarray, px: int = 2) -> np.ndarray:
     return out
 
 
-def _categories(rng: np.random.Generator, balanced: bool = False) -> list[int]:
-    """The category indices of one scene: 0-4 drawn by their shares, each maybe followed by its partner (4 at most).
+def _pool(profile: Profile) -> tuple[tuple[int, str, float], ...]:
+    return (*CATEGORIES, *SOURCE_ONLY) if profile.source_only else CATEGORIES
 
-    ``balanced``: every class, the source-only ones too, equally likely and no partners (the source split).
-    """
-    pool = (*CATEGORIES, *SOURCE_ONLY) if balanced else CATEGORIES
-    shares = np.ones(len(pool)) if balanced else np.array([c[2] for c in pool])
-    names = [c[1] for c in pool]
+
+def _categories(rng: np.random.Generator, profile: Profile) -> list[int]:
+    """The category indices of one scene: 0-4 drawn by their shares, each maybe followed by its partner (4 at most)."""
+    shares, names = np.array(profile.shares), [c[1] for c in _pool(profile)]
     n = rng.choice(len(OBJECT_COUNT_P), p=OBJECT_COUNT_P)
     cats: list[int] = []
     for _ in range(n):
-        cat = int(rng.choice(len(pool), p=shares / shares.sum()))
+        cat = int(rng.choice(len(shares), p=shares / shares.sum()))
         cats.append(cat)
-        partner, p = ("", 0.0) if balanced else PARTNERS.get(names[cat], ("", 0.0))
+        partner, p = profile.partners.get(names[cat], ("", 0.0))
         if rng.random() < p:
             cats.append(names.index(partner))
     return cats[: len(OBJECT_COUNT_P) - 1]
 
 
+def _objects(rng: np.random.Generator, profile: Profile) -> Iterator[tuple[int, bool, float]]:
+    """``(category, small, opacity)`` per object, drawn as the scene is painted.
+
+    The easy profile draws each class just before its object is placed, as the first demo did, so its images are
+    the same bytes as then (the tests' tiny data and the run fixture made on it rely on that).
+    """
+    if profile is EASY:
+        shares = np.array(profile.shares)
+        for _ in range(rng.choice(len(OBJECT_COUNT_P), p=OBJECT_COUNT_P)):
+            yield int(rng.choice(len(shares), p=shares / shares.sum())), False, 1.0
+        return
+    for cat in _categories(rng, profile):
+        small = rng.random() < profile.small
+        yield cat, small, (rng.uniform(0.3, 0.6) if rng.random() < profile.faint else 1.0)
+
+
 def render_scene(
-    rng: np.random.Generator, size: int = 128, balanced: bool = False
+    rng: np.random.Generator, size: int = 128, profile: Profile = LONG_TAIL
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Draw one scene; return the uint8 image and its objects (category index, bbox, polygon, area)."""
     img = _background(rng, size)
     objects: list[dict[str, Any]] = []
     taken = np.zeros((size, size), bool)
-    for cat in _categories(rng, balanced):
-        small, alpha = rng.random() < SMALL_P, rng.uniform(0.3, 0.6) if rng.random() < FAINT_P else 1.0
+    for cat, small, alpha in _objects(rng, profile):
         placed = _place(rng, size, cat, taken, small)
         if placed is None:  # no free spot: a labelled object is never hidden under another one
             continue
@@ -209,7 +254,7 @@ def render_scene(
         taken |= mask
         ys, xs = np.nonzero(mask)
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        tex = _texture(rng, y1 - y0, x1 - x0, hue=cat / len(CATEGORIES) % 1.0)
+        tex = _texture(rng, y1 - y0, x1 - x0, cat / len(CATEGORIES) % 1.0, profile)
         region = img[y0:y1, x0:x1]
         m = mask[y0:y1, x0:x1]
         region[m] = (1 - alpha) * region[m] + alpha * tex[m]
@@ -227,28 +272,35 @@ def render_scene(
 
 
 def write_demo(
-    out_dir: str | Path, splits: dict[str, int] | None = None, size: int = 128, seed: int = 0
+    out_dir: str | Path,
+    splits: dict[str, int] | None = None,
+    size: int = 128,
+    seed: int = 0,
+    profile: str = "long-tail",
 ) -> dict[str, int]:
     """Write the demo dataset (deterministic for a given seed); returns images per split.
 
     Args:
         out_dir: Dataset root; gets ``<split>/*.jpg`` and ``annotations/instances_<split>.json``.
-        splits: Images per split (default: train 2,200 / val 400 / test 400 / source 2,200).
+        splits: Images per split (default: train 2,200 / val 600 / test 600 / source 2,200).
         size: Image side in pixels.
         seed: Generator seed.
+        profile: ``long-tail`` (the demo) or ``easy`` (the first demo data: every object clear); see :data:`PROFILES`.
 
     Returns:
         Images written per split.
     """
     out = Path(out_dir)
     splits = splits or DEFAULT_SPLITS
-    every = (*CATEGORIES, *SOURCE_ONLY)
+    target, source = PROFILES[profile]
     for s_index, (split, count) in enumerate(splits.items()):
         (out / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
+        drawn = source if split == "source" else target
+        pool = _pool(drawn)
         for i in range(count):
             rng = np.random.default_rng([seed, s_index, i])
-            pixels, objects = render_scene(rng, size, balanced=split in BALANCED)
+            pixels, objects = render_scene(rng, size, drawn)
             image_id = s_index * 1_000_000 + i + 1
             file_name = f"{image_id:012d}.jpg"
             tmp = out / split / f".{file_name}.tmp"
@@ -260,7 +312,7 @@ def write_demo(
                     {
                         "id": len(annotations) + 1 + s_index * 10_000_000,
                         "image_id": image_id,
-                        "category_id": every[obj["category"]][0],
+                        "category_id": pool[obj["category"]][0],
                         "bbox": obj["bbox"],
                         "segmentation": obj["segmentation"],
                         "area": obj["area"],
@@ -272,10 +324,7 @@ def write_demo(
             "licenses": [],
             "images": images,
             "annotations": annotations,
-            "categories": [
-                {"id": cid, "name": name, "supercategory": "shape"}
-                for cid, name, _ in (every if split in BALANCED else CATEGORIES)
-            ],
+            "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, _ in pool],
         }
         (out / "annotations").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "annotations" / f"instances_{split}.json", json.dumps(doc))

@@ -238,9 +238,14 @@ def _split_voc(root: Path, f: tuple[float, ...], seed: int, out: Path | None) ->
     xmls = sorted((root / "Annotations").glob("*.xml"))
     if not xmls:
         raise UserError(f"{root / 'Annotations'}: no .xml annotation files to split")
-    objects = [read_objects(x, str(x))[1] for x in xmls]
-    names = sorted({o[0] for objs in objects for o in objs})
-    y = np.array([[any(o[0] == n for o in objs) for n in names] for objs in objects], dtype=np.float64)
+    objects = []
+    for x in xmls:  # positives as the reader counts them by default: difficult objects leave a class unknown
+        try:
+            objects.append([o[0] for o in read_objects(x, str(x))[1] if not o[1]])
+        except UserError:  # an annotation the reader refuses (no object): the image is split with no label
+            objects.append([])
+    names = sorted({n for objs in objects for n in objs})
+    y = np.array([[n in objs for n in names] for objs in objects], dtype=np.float64).reshape(len(xmls), len(names))
     split = iterative_split(y, f, seed)
     folder = out or root / "ImageSets" / "Main"
     paths = _new_files([folder / f"split_{name}.txt" for name in SPLITS], f)  # VOC's own train.txt is never touched

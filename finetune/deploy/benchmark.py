@@ -1,6 +1,6 @@
 """``finetune benchmark RUN``: every installed export backend on one run, measured side by side.
 
-For PyTorch eager and for each format's fp32 and INT8 files (exported into ``RUN/benchmark/<format>/``, so an
+For PyTorch eager and for each format's fp32 and INT8 files (exported into ``RUN/benchmark_models/<format>/``, so an
 export the user made is left as it is): the file size; batch-1 latency (median and p90 over ``reps`` calls on one
 held-out image); the images per second at a batch of ``images``; and held-out quality: multi-label mAP and macro-F1
 at the thresholds the fp32 model carries and at thresholds re-fitted on that backend's own probabilities (the
@@ -108,16 +108,20 @@ def timing(fn: Backend, image: np.ndarray, batch: np.ndarray, reps: int) -> tupl
     return statistics.median(times), float(np.percentile(times, 90)), rate
 
 
-def _quality(parts: RunParts, outs: dict[str, Predictions], carried: np.ndarray | None) -> dict[str, float]:
-    """Held-out quality of one backend's probabilities (see the module docstring)."""
+def _quality(parts: RunParts, outs: dict[str, Predictions], carried: np.ndarray | None) -> dict[str, float | None]:
+    """Held-out quality of one backend's probabilities (see the module docstring).
+
+    Without a test split the thresholds are out-of-fold on this backend's own probabilities, so there are no
+    carried thresholds to score on held-out images: that column is None.
+    """
     if carried is None:  # single-label: top-1 on test, else val
         held = outs["test"] if "test" in outs else outs["val"]
         return {"top1": summarize_single(held.targets, held.probs)["top1"]}
     own, _ = refit(parts, outs) if parts.calibration.enabled else (carried, "")
-    held, thr_carried, _ = held_out(parts, outs, carried)
-    _, thr_own, _ = held_out(parts, outs, own)
-    at_carried, at_own = summarize(held.targets, held.probs, thr_carried), summarize(held.targets, held.probs, thr_own)
-    return {"map": at_carried["map"], "macro_f1_carried": at_carried["macro_f1"], "macro_f1_refit": at_own["macro_f1"]}
+    held, thr_own, _ = held_out(parts, outs, own)
+    at_own = summarize(held.targets, held.probs, thr_own)
+    at_carried = summarize(held.targets, held.probs, carried)["macro_f1"] if "test" in outs else None
+    return {"map": at_own["map"], "macro_f1_carried": at_carried, "macro_f1_refit": at_own["macro_f1"]}
 
 
 def _backends(run: RunDir, parts: RunParts, formats: tuple[str, ...]) -> list[tuple[str, str, Backend, Path | None]]:
@@ -189,13 +193,16 @@ def benchmark_run(
 
     Raises:
         UserError: For a bad count or format, a missing extra, or a run that cannot be read.
+
+    Without a test split, quality is scored on val with out-of-fold thresholds and ``macro_f1_carried`` is None.
     """
     if images < 1 or reps < 1:
         raise UserError(f"--images {images} / --reps {reps}: give 1 or more")
-    formats = formats if formats is not None else parse_formats(None)
+    formats = parse_formats(None if formats is None else ",".join(formats))
     console = console or Console(stderr=True)
     run = RunDir.open(run_dir)
-    roles = ("val", "test")
+    split = run.recipe().calibrate.split  # the thresholds are re-fitted where the run fitted its own
+    roles = tuple(dict.fromkeys([split, "val", "test"]))
     parts = build_from_run(run, roles, ["data.num_workers=0"])  # no fork after a converter started its threads
     batch = _sample(parts, images)
     rows: list[Row] = []

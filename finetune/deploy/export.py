@@ -168,7 +168,7 @@ def _torchscript_bytes(model: ImageClassifier, info: dict[str, Any]) -> bytes:
 
 
 def _default_out(run: RunDir, fmt: str) -> Path:
-    """``RUN/export/model.onnx`` or ``.pt``; LiteRT, OpenVINO and timm's folder in folders of their own."""
+    """``RUN/export/model.onnx`` or ``.pt``; LiteRT, OpenVINO, ExecuTorch and timm's folder in folders of their own."""
     name = f"model{FORMATS[fmt]}"
     return run / "export" / (f"{fmt}/{name}" if fmt in FOLDERS else name)
 
@@ -178,7 +178,7 @@ def _check_request(fmt: str, int8: bool, out: Path | None) -> None:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if int8 and fmt in ("torchscript", "hf"):
         name = {"torchscript": "TorchScript", "hf": "timm's folder (hf)"}[fmt]
-        raise UserError(f"--int8: {name} has no INT8 export here; use --format onnx, openvino or litert")
+        raise UserError(f"--int8: {name} has no INT8 export here; use --format onnx, openvino, litert or executorch")
     if out is not None and (out.suffix != FORMATS[fmt] or out.stem.endswith(".int8")):
         raise UserError(f"--out {out}: a {fmt} file is named like model{FORMATS[fmt]}")
     if fmt == "hf" and out is not None and out.name != runfiles.HF_WEIGHTS:

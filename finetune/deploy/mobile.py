@@ -64,7 +64,7 @@ def _litert_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
 def _litert_int8_bytes(fp32: bytes, batches: list[np.ndarray]) -> bytes:
     """Static INT8 (int8 weights and activations) by Google's ai-edge-quantizer, calibrated image by image.
 
-    The last op (the sigmoid or softmax, or the flip average) stays in float, so the file's output is float
+    The last op (the sigmoid or softmax) stays in float, so the file's output is float
     probabilities: MediaPipe Tasks refuses an int8 output tensor, and the probabilities keep their resolution (as
     the ONNX INT8 file keeps its sigmoid in float). litert-torch's own PT2E route was tried first: with
     ``fold_quantize=True`` its converter fails on per-channel weights, and with ``fold_quantize=False`` the file kept
@@ -116,7 +116,7 @@ def export_litert(
     atomic_write_bytes(path, int8)
     int8_info, comparison = check_int8(parts, info, litert_backend(out), litert_backend(path), len(cal_loader.dataset))
     int8_info["quantization"] = {
-        "tool": "ai_edge_quantizer static_wi8_ai8",
+        "tool": "ai_edge_quantizer, static int8 (static_wi8_ai8 with the last op in float)",
         "weights": "int8, per channel",
         "activations": "int8, per tensor, min/max; the last op (the probabilities) in float",
         "calibration_images": len(cal_loader.dataset),

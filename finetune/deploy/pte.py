@@ -106,11 +106,15 @@ def pte_backend(path: Path) -> Backend:
     except Exception as err:  # noqa: BLE001 - the runtime raises its own types for a bad file
         raise UserError(f"{path}: not an ExecuTorch program ({(str(err).splitlines() or [''])[0][:120]})") from None
 
+    shape = tuple(method.metadata.input_tensor_meta(0).sizes())[1:]  # the export fixes height, width and channels
+
     def invoke(images: np.ndarray) -> np.ndarray:
+        if tuple(images.shape[1:]) != shape:
+            raise UserError(f"{path}: takes uint8 images of {shape[0]}x{shape[1]}x3, got {images.shape[1:]}")
         parts = [
             method.execute([torch.from_numpy(np.ascontiguousarray(images[i : i + MAX_BATCH]))])[0].numpy()
             for i in range(0, len(images), MAX_BATCH)
         ]
-        return np.concatenate(parts).astype(np.float32)
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
     return invoke

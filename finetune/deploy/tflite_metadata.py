@@ -10,10 +10,10 @@ per-class threshold, so the whole sidecar (classes, per-class thresholds, input 
 file as custom metadata named ``finetune/model_json``, which :func:`read_model_json` reads back without MediaPipe,
 so a ``.tflite`` needs no sidecar beside it.
 
-Two things in MediaPipe's wheels are worked around, both checked by the test that loads the file in MediaPipe:
-releases from 0.10.30 on ship the metadata writers without their native ``_pywrap_metadata_version`` module, whose
-one use is the minimum metadata-parser version; everything written here is in schema 1.0.0, which
-:func:`_writers` then supplies.
+One thing in MediaPipe's wheels is worked around, checked by the test that loads the file in MediaPipe: releases
+from 0.10.30 on ship the metadata writers without their native ``_pywrap_metadata_version`` module, whose one use
+is the minimum metadata-parser version; everything written here is in schema 1.0.0, which :func:`_writers` then
+supplies. (Score calibration, whose file MediaPipe's writer ends with one newline too many, is not used.)
 """
 
 from __future__ import annotations
