@@ -176,3 +176,19 @@ def test_a_voc_folder_gets_image_sets_beside_its_own(tmp_path: Path) -> None:
 def test_bad_input_is_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     assert_user_error(run_cli("data", "split", str(tmp_path / "empty"), *args), needle)
+
+
+def test_the_repair_swaps_when_a_move_would_take_a_class_from_its_donor() -> None:
+    """Test lacks A; train's two A images each hold train's only B or only C, so only a swap can give test an A."""
+    from finetune.data.stratify import _repair, shortages
+
+    # rows r0..r6 as classes A, B, C; r0-r1 in train, r2-r4 in val, r5-r6 in test
+    y = np.array([[1, 1, 0], [1, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 1, 0]])
+    split = np.array([0, 0, 1, 1, 1, 2, 2])
+    thirds = (1 / 3, 1 / 3, 1 / 3)
+    assert shortages(y, split, thirds) == [(2, 0)]
+    fixed = _repair(y > 0, split.copy(), np.ones(3, bool), np.random.default_rng(0))
+    assert shortages(y, fixed, thirds) == []
+    assert sorted(np.bincount(fixed, minlength=3)) == [2, 2, 3]  # a swap: every split keeps its size
+    # r0 (A, B) for test's B image r6, or r1 (A, C) for its C image r5: train keeps A, B and C either way
+    assert set(np.flatnonzero(fixed != split)) in ({0, 6}, {1, 5})
