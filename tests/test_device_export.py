@@ -248,13 +248,13 @@ def _check_mediapipe(run_dir: Path, files: list[Path], tmp_path: Path) -> None:
 
 
 @pytest.mark.extra("litert")
-def test_mediapipe_reads_the_tflite_without_a_sidecar(tiny_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
+def test_litert_files_are_read_by_mediapipe_without_a_sidecar(tiny_run: Path, tiny_coco: Path, tmp_path: Path) -> None:
     """MediaPipe Tasks' ImageClassifier (a runtime nobody here wrote) on the .tflite files alone: multi-label."""
     _check_mediapipe(tiny_run, sorted((tiny_coco / "train").glob("*.jpg"))[:8], tmp_path)
 
 
 @pytest.mark.extra("litert")
-def test_mediapipe_reads_a_single_label_tflite(folder_data: Path, tmp_path: Path) -> None:
+def test_litert_single_label_file_is_read_by_mediapipe(folder_data: Path, tmp_path: Path) -> None:
     sets = ['data.format="folder"', 'loss.name="ce"', "data.image_size=24", f'data.root="{folder_data.as_posix()}"']
     run_dir = _run(tmp_path, folder_data, [*sets, "train.epochs=1"])
     _check_mediapipe(run_dir, sorted((folder_data / "train").rglob("*.png"))[:8], tmp_path)
