@@ -286,6 +286,7 @@ def test_executorch_runtime_reads_the_pte(tiny_run: Path, tiny_coco: Path) -> No
     from executorch.runtime import Runtime
 
     from finetune.deploy.export import run_classifier
+    from finetune.deploy.pte import pte_backend
 
     result = export_run(tiny_run, "executorch", int8=True, calibration_images=16, card=False)
     assert result.path == tiny_run / "export" / "executorch" / "model.pte"
@@ -301,6 +302,8 @@ def test_executorch_runtime_reads_the_pte(tiny_run: Path, tiny_coco: Path) -> No
     files = sorted((tiny_coco / "train").glob("*.jpg"))[:16]  # not val: its probabilities are the thresholds
     ref = _probs(Predictor.from_run(tiny_run, "cpu").predict(files))
     np.testing.assert_allclose(_probs(Predictor.load(result.path).predict(files)), ref, atol=1e-4, rtol=0)
+    many = np.repeat(images.numpy(), 20, axis=0)  # 100 images: more than one call of the runtime takes
+    np.testing.assert_allclose(pte_backend(result.path)(many), np.repeat(eager, 20, axis=0), atol=1e-5, rtol=0)
     int8 = Predictor.load(result.path.with_name("model.int8.pte"))
     diff = np.abs(_probs(int8.predict(files)) - ref)
     assert diff.max() <= INT8_MAX and diff.mean() <= INT8_MEAN, (diff.max(), diff.mean())

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from finetune.assembly import RunParts
     from finetune.deploy.exported import Backend
 
-MAX_BATCH = 64  # the largest batch one call takes; the runtime wrapper splits larger ones
+MAX_BATCH = 64  # the batch's upper bound at export; the runtime wrapper splits a larger batch
 
 
 def require() -> None:
@@ -106,14 +106,16 @@ def pte_backend(path: Path) -> Backend:
     except Exception as err:  # noqa: BLE001 - the runtime raises its own types for a bad file
         raise UserError(f"{path}: not an ExecuTorch program ({(str(err).splitlines() or [''])[0][:120]})") from None
 
-    shape = tuple(method.metadata.input_tensor_meta(0).sizes())[1:]  # the export fixes height, width and channels
+    # The input's planned size: the largest batch one call takes (torch.export may bound it below MAX_BATCH: 15 on
+    # an 80-px model), then height, width and channels, which the export fixes.
+    capacity, *shape = method.metadata.input_tensor_meta(0).sizes()
 
     def invoke(images: np.ndarray) -> np.ndarray:
-        if tuple(images.shape[1:]) != shape:
+        if list(images.shape[1:]) != shape:
             raise UserError(f"{path}: takes uint8 images of {shape[0]}x{shape[1]}x3, got {images.shape[1:]}")
         parts = [
-            method.execute([torch.from_numpy(np.ascontiguousarray(images[i : i + MAX_BATCH]))])[0].numpy()
-            for i in range(0, len(images), MAX_BATCH)
+            method.execute([torch.from_numpy(np.ascontiguousarray(images[i : i + capacity]))])[0].numpy()
+            for i in range(0, len(images), capacity)
         ]
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
