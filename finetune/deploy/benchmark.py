@@ -272,12 +272,22 @@ def _plot(rows: list[Row], multi: bool) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     quality: Callable[[Row], float | None] = (lambda r: r.map) if multi else (lambda r: r.top1)
+    seen: dict[float, int] = {}  # backends of one quality (every fp32 file) get their labels stacked, not overlaid
     for r in rows:
         y = quality(r)
         if y is None:
             continue
+        k = seen[round(y, 4)] = seen.get(round(y, 4), -1) + 1
         ax.scatter(r.b1_ms, 100 * y, marker="o" if r.precision == "fp32" else "s", s=40)
-        ax.annotate(f"{r.backend} {r.precision}", (r.b1_ms, 100 * y), textcoords="offset points", xytext=(5, 4))
+        label = f"{r.backend} {r.precision}"
+        ax.annotate(label, (r.b1_ms, 100 * y), textcoords="offset points", xytext=(6, 4 - 11 * k), fontsize=8)
+    ax.margins(x=0.15, y=0.2)
+    if max(r.b1_ms for r in rows) > 5 * min(r.b1_ms for r in rows):
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.set_xscale("log")  # eager PyTorch is often several times the exported files
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("batch-1 latency, median (ms)")
     ax.set_ylabel("held-out mAP (%)" if multi else "held-out top-1 (%)")
     ax.set_title("Quality against latency, this machine")
