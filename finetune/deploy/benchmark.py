@@ -33,7 +33,8 @@ from finetune import __version__, runfiles
 from finetune.assembly import RunParts, build_from_run
 from finetune.deploy import mobile, pte
 from finetune.deploy.export import FORMATS, export_run, run_classifier
-from finetune.deploy.exported import Backend, int8_name, onnx_backend
+from finetune.deploy.exported import Backend, int8_name
+from finetune.deploy.predictor import Predictor
 from finetune.deploy.quantize import backend_outputs, held_out, nhwc_batches, refit
 from finetune.errors import UserError
 from finetune.eval.metrics import summarize, summarize_single
@@ -63,10 +64,14 @@ class Row:
 
 
 def parse_formats(text: str | None) -> tuple[str, ...]:
-    """``--formats onnx,litert`` as a tuple; refused for a format this command does not measure."""
+    """``--formats onnx,litert`` as a tuple (None: ONNX and every installed extra's); see :func:`check_formats`."""
     if text is None:
         return tuple(f for f in BENCH_FORMATS if f == "onnx" or _installed(f))
-    chosen = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    return check_formats(tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip())), text)
+
+
+def check_formats(chosen: tuple[str, ...], text: str = "") -> tuple[str, ...]:
+    """``chosen``, refused for a format this command does not measure or whose extra is missing."""
     bad = [f for f in chosen if f not in BENCH_FORMATS]
     if bad or not chosen:
         shown = ", ".join(bad) or repr(text)
@@ -124,9 +129,10 @@ def _quality(parts: RunParts, outs: dict[str, Predictions], carried: np.ndarray 
     return {"map": at_own["map"], "macro_f1_carried": at_carried, "macro_f1_refit": at_own["macro_f1"]}
 
 
-def _backends(run: RunDir, parts: RunParts, formats: tuple[str, ...]) -> list[tuple[str, str, Backend, Path | None]]:
+def _backends(
+    run: RunDir, model: torch.nn.Module, formats: tuple[str, ...]
+) -> list[tuple[str, str, Backend, Path | None]]:
     """``(backend, precision, function, file)`` for eager PyTorch and each format's fp32 and INT8 export."""
-    model, _ = run_classifier(run, parts)
 
     @torch.inference_mode()
     def eager(x: np.ndarray) -> np.ndarray:
@@ -138,15 +144,7 @@ def _backends(run: RunDir, parts: RunParts, formats: tuple[str, ...]) -> list[tu
         with contextlib.redirect_stdout(io.StringIO()):  # the converters print
             result = export_run(run.path, fmt, out, int8=True, card=False)
         for precision, path in (("fp32", result.path), ("int8", int8_name(result.path))):
-            if fmt == "onnx":
-                fn = onnx_backend(path.read_bytes())
-            elif fmt == "litert":
-                fn = mobile.litert_backend(path)
-            elif fmt == "executorch":
-                fn = pte.pte_backend(path)
-            else:
-                fn = mobile.openvino_backend(path)[0]
-            found.append((fmt, precision, fn, path))
+            found.append((fmt, precision, Predictor.load(path, "cpu").backend, path))  # the runtime predict uses
     return found
 
 
@@ -198,7 +196,7 @@ def benchmark_run(
     """
     if images < 1 or reps < 1:
         raise UserError(f"--images {images} / --reps {reps}: give 1 or more")
-    formats = parse_formats(None if formats is None else ",".join(formats))
+    formats = parse_formats(None) if formats is None else check_formats(tuple(formats))
     console = console or Console(stderr=True)
     run = RunDir.open(run_dir)
     split = run.recipe().calibrate.split  # the thresholds are re-fitted where the run fitted its own
@@ -206,8 +204,9 @@ def benchmark_run(
     parts = build_from_run(run, roles, ["data.num_workers=0"])  # no fork after a converter started its threads
     batch = _sample(parts, images)
     rows: list[Row] = []
-    carried = _carried_thresholds(parts, run)
-    for backend, precision, fn, path in _backends(run, parts, formats):
+    model, info = run_classifier(run, parts)
+    carried = np.asarray(info["thresholds"], dtype=np.float64) if info["thresholds"] is not None else None
+    for backend, precision, fn, path in _backends(run, model, formats):
         outs = backend_outputs(fn, parts, [r for r in roles if r in parts.splits])
         quality = _quality(parts, outs, carried)
         med, p90, rate = timing(fn, batch[:1], batch, reps)
@@ -226,16 +225,6 @@ def benchmark_run(
     atomic_write_json(run / runfiles.BENCHMARK, doc)
     atomic_write_bytes(run / runfiles.BENCHMARK_PLOT, _plot(rows, parts.task.calibrates))
     return doc
-
-
-def _carried_thresholds(parts: RunParts, run: RunDir) -> np.ndarray | None:
-    """The run's own thresholds, which its fp32 export carries and INT8 is scored at too; None for single-label."""
-    if not parts.task.calibrates:
-        return None
-    from finetune.eval.report import load_thresholds
-
-    thresholds, _ = load_thresholds(run.path, None, parts.fixed_threshold)
-    return np.broadcast_to(np.asarray(thresholds, dtype=np.float64), len(parts.classes.names)).copy()
 
 
 HEADER = (
