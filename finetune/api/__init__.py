@@ -10,18 +10,16 @@ to stdout unless asked (``verbose=True``, or a ``console``).
 from __future__ import annotations
 
 import copy
-import types
-import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tomli_w
-from pydantic import BaseModel
 from rich.console import Console
 
 from finetune import runfiles
+from finetune.config.keys import section_of
 from finetune.config.overrides import apply_overrides
 from finetune.config.recipe import Recipe, load_recipe, recipe_to_dict, validate_recipe
 from finetune.errors import UserError
@@ -40,14 +38,10 @@ def _is_section(path: str) -> bool:
     model: Any = Recipe
     for part in path.split("."):
         field = model.model_fields.get(part)
-        if field is None:
+        found = section_of(field.annotation) if field is not None else None
+        if found is None or found[1]:  # a value, or a list or map of sections (written whole)
             return False
-        ann = field.annotation
-        if typing.get_origin(ann) in (typing.Union, types.UnionType):  # Optional[Section]
-            ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return False
-        model = ann
+        model = found[0]
     return True
 
 

@@ -17,7 +17,7 @@ from pydantic_core import PydanticUndefined
 from finetune.config.recipe import Recipe
 
 
-def _section(annotation: Any, shape: str = "") -> tuple[type[BaseModel], str] | None:
+def section_of(annotation: Any, shape: str = "") -> tuple[type[BaseModel], str] | None:
     """The section model a field holds and how its keys are reached, or None for a value.
 
     ``DataConfig`` is reached as ``""``, ``list[StageConfig]`` as ``"[]"``, ``dict[str, ClassConfig]`` as
@@ -31,7 +31,7 @@ def _section(annotation: Any, shape: str = "") -> tuple[type[BaseModel], str] | 
     elif origin is dict:
         shape = ".<class>"
     for t in typing.get_args(annotation):
-        inner = _section(t, shape)
+        inner = section_of(t, shape)
         if inner is not None:
             return inner
     return None
@@ -44,7 +44,7 @@ def recipe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> Iterator[t
     """
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
-        section = _section(field.annotation)
+        section = section_of(field.annotation)
         if section is not None:
             yield from recipe_keys(section[0], key + section[1] + ".")
             continue
