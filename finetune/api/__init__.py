@@ -208,6 +208,13 @@ class Run:
 
         return export_run(self.dir, format, out, int8=int8, **options)
 
+    def qat(self, epochs: int = 4, lr: float | None = None, *, name: str = "", verbose: bool = False) -> Run:
+        """Quantization-aware training (``finetune qat``): a new run beside this one, for its INT8 exports."""
+        from finetune.runs.qat import qat_run
+
+        progress, tables = Console(stderr=True, quiet=not verbose), None if verbose else Console(quiet=True)
+        return Run(qat_run(self.dir, epochs, lr, name, console=progress, report_console=tables))
+
     def report(self, console: Console | None = None) -> Path:
         """Write ``report.html`` again (``finetune report``); returns its path."""
         from finetune.runs.report_page import report_run

@@ -12,7 +12,7 @@ below the assembly, components take plain arguments (commands may still print a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -30,16 +30,18 @@ from finetune.config import Recipe
 from finetune.data.split import ClassMap, Split
 from finetune.distributed import Dist, convert_sync_bn, gather
 from finetune.errors import UserError
-from finetune.eval.predict import EvalSettings
+from finetune.eval.predict import EvalSettings, image_inputs
 from finetune.eval.tasks import Task
 from finetune.eval.thresholds import CalibrationSettings
 from finetune.hooks.feature_cache import FeatureCache
 from finetune.hooks.freezing import FreezePolicy, Stage
 from finetune.hooks.probe import ProbeHook
+from finetune.hooks.qat import QatHook
 from finetune.models import LoadReport
 from finetune.rundir.directory import RunDir
 from finetune.train.fit import selected_weights
 from finetune.train.loop import FitSettings, Hook, Loop
+from finetune.train.qat import QuantSim
 
 Weights = Literal["recipe", "none", "best"]
 
@@ -258,7 +260,30 @@ class RunParts:
         """
         with torch.random.fork_rng(devices=[]):
             model = training.build_bare_model(self.raw, len(self.classes)).to(self.device)
+        if self.recipe.quantize.aware:  # the EMA's copy is validated with the same rounding
+            self.quant_sim.attach(model)
         return model.to(memory_format=torch.channels_last) if self.recipe.train.channels_last else model
+
+    @cached_property
+    def quant_sim(self) -> QuantSim:
+        """Where quantization-aware training rounds the network (``quantize.aware``), traced on first use."""
+        size = self.recipe.data.image_size
+        example = torch.zeros(2, 3, size, size, device=next(self.model.parameters()).device)
+        try:
+            return QuantSim(self.model, example)
+        except ValueError as err:
+            raise UserError(f"quantize.aware: {self.raw.model.name}: {err}") from None
+
+    def qat_batches(self) -> Iterator[torch.Tensor]:
+        """The first ``quantize.calibration_images`` train images, unaugmented and normalised, on the device."""
+        left = self.recipe.quantize.calibration_images
+        for batch in self.loader("train"):
+            x = image_inputs(batch, self.eval_settings)
+            if x is not None:
+                yield x[:left]
+                left -= len(x)
+            if left <= 0:
+                return
 
     @cached_property
     def groups(self) -> list | None:
@@ -345,6 +370,7 @@ class RunParts:
             probe=self.probe,
             l2sp_params=l2sp,
             make_model=self.make_model,
+            qat=QatHook(lambda: self.quant_sim, self.qat_batches) if self.recipe.quantize.aware else None,
             extra=self.extra_hooks,
             d=self.dist,
         )

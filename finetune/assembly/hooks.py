@@ -24,11 +24,16 @@ from finetune.hooks.freezing import FreezeHook, FreezePolicy
 from finetune.hooks.l2sp import L2SPHook
 from finetune.hooks.loggers import LOGGERS, make_loggers
 from finetune.hooks.probe import ProbeHook
+from finetune.hooks.qat import QatHook
 from finetune.train.loop import Hook, check_order
 
 # (earlier, later, why): a hook of the first type must come before every hook of the second.
 ORDER: list[tuple[type, type, str]] = [
     (FreezeHook, ProbeHook, "the probe solves the classifier on the features of the policy's frozen network"),
+    (FreezeHook, QatHook, "the simulation folds BatchNorm with the statistics the policy keeps fixed"),
+    (QatHook, ProbeHook, "the probe solves the classifier on the features the INT8 network computes"),
+    (QatHook, DDPHook, "DDP wraps the network with its rounding in place"),
+    (QatHook, EmaHook, "the EMA's copy shares the activation ranges set at the start"),
     (FreezeHook, DDPHook, "DDP wraps the forward that freezing chose for the epoch"),
     (ProbeHook, DDPHook, "DDP is built after the probe has set the classifier"),
     (ProbeHook, EmaHook, "the EMA starts from the solved classifier, not the random one"),
@@ -95,10 +100,11 @@ def build_hooks(
     probe: ProbeHook | None,
     l2sp_params: list[str],
     make_model: Callable[[], nn.Module] | None = None,
+    qat: QatHook | None = None,
     extra: Sequence[Hook] = (),
     d: Dist | None = None,
 ) -> list[Hook]:
-    """The loop's hooks in order: freezing, the probe, DDP, L2-SP, EMA, early stopping, ``extra``, the loggers.
+    """The loop's hooks in order: freezing, QAT, the probe, DDP, L2-SP, EMA, early stopping, ``extra``, the loggers.
 
     Under DDP (``d`` with more than one rank) only rank 0 logs. ``l2sp_params`` names the parameters L2-SP pulls
     toward their starting values (the assembly's choice: the backbone's weights, never the classifier's);
@@ -106,6 +112,8 @@ def build_hooks(
     """
     t = recipe.train
     hooks: list[Hook] = [FreezeHook(policy, cache)] if policy is not None else []
+    if qat is not None:
+        hooks.append(qat)
     if probe is not None:
         hooks.append(probe)
     if d is not None and d.enabled:

@@ -20,7 +20,7 @@ from rich.table import Table
 from finetune.cli import model as model_commands
 from finetune.cli.compare import compare_command, sweep_command
 from finetune.cli.data import data_app
-from finetune.cli.deploy import benchmark_command, card_command, export_command, predict_command
+from finetune.cli.deploy import benchmark_command, card_command, export_command, predict_command, qat_command
 from finetune.cli.options import SetOption, check_threshold, err, out
 from finetune.cli.report import inspect_command, report_command
 from finetune.errors import UserError, os_error_line
@@ -31,6 +31,7 @@ app.command("predict")(predict_command)
 app.command("export")(export_command)
 app.command("card")(card_command)
 app.command("benchmark")(benchmark_command)
+app.command("qat")(qat_command)
 app.command("report")(report_command)
 app.command("inspect")(inspect_command)
 app.command("compare")(compare_command)

@@ -186,6 +186,19 @@ def benchmark_command(
     out.print(f"scored on the {doc['scored_on']}; wrote {escape(str(Path(run_dir) / runfiles.BENCHMARK))} and .png")
 
 
+def qat_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    epochs: Annotated[int, typer.Option(help="QAT epochs, every layer group training.")] = 4,
+    lr: Annotated[float | None, typer.Option(help="Peak LR, cosine to zero (default: the run's optim.lr).")] = None,
+    name: Annotated[str, typer.Option(help="The new run's name, beside RUN (default: RUN's name + -qat).")] = "",
+) -> None:
+    """Quantization-aware training: fine-tune a finished run with the INT8 rounding simulated, into RUN-qat."""
+    from finetune.runs.qat import qat_run
+
+    path = qat_run(run_dir, epochs, lr, name, console=err)
+    out.print(f"wrote {escape(str(path))}; export its INT8 files with finetune export {escape(str(path))} --int8")
+
+
 def card_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     output: Annotated[Path | None, typer.Option("--out", help="File to write (default RUN/README.md).")] = None,

@@ -281,6 +281,19 @@ class OutputConfig(_Section):
     html: bool = Field(True, description="write report.html after training (finetune report writes it any time)")
 
 
+class QuantizeConfig(_Section):
+    """Quantization-aware training: the INT8 exports' rounding simulated while the network trains."""
+
+    aware: bool = Field(
+        False,
+        description=(
+            "train with fake quantization (int8 weights with BN folded, uint8 activations, as the INT8 exports "
+            'round them); needs freeze.bn = "all". finetune qat RUN does it to a finished run'
+        ),
+    )
+    calibration_images: int = Field(300, ge=1, description="train images that set the activation ranges first")
+
+
 class Recipe(_Section):
     """A whole recipe."""
 
@@ -291,6 +304,7 @@ class Recipe(_Section):
     freeze: FreezeConfig = FreezeConfig()
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     log: LogConfig = LogConfig()
     output: OutputConfig = OutputConfig()
 
@@ -369,6 +383,11 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
     check_model_rules(recipe.model.name, recipe.model.arch != ArchConfig(), source)
     check_calibration_rules(d.format, recipe.calibrate, source, d.task)
     check_augment_rules(d.format, d.task, d.augment, source)
+    if recipe.quantize.aware and recipe.freeze.bn != "all":
+        raise UserError(
+            f"{source}: quantize.aware: BatchNorm is folded into the convolutions as the INT8 file folds it, which "
+            'needs fixed statistics: set freeze.bn = "all"'
+        )
     return recipe
 
 
