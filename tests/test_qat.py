@@ -20,6 +20,7 @@ from finetune.train.fit import load_checkpoint
 from finetune.train.qat import QuantSim
 
 from .conftest import TINY_RECIPE, assert_user_error, run_cli
+from .helpers import StopAtStep
 
 
 def _model() -> nn.Module:
@@ -155,3 +156,18 @@ def test_run_qat_from_python(base_run: Path) -> None:
     qat = finetune.Run.load(base_run).qat(epochs=1, name="from-python")
     assert qat.dir == base_run.parent / "from-python" and qat.metrics["val"]
     assert RunDir.open(qat.dir).recipe().quantize.aware
+
+
+def test_a_qat_run_resumes_bitwise_with_its_activation_ranges(tiny_recipe: Path) -> None:
+    sets = ["train.epochs=2", "train.checkpoint_every=1", "train.ema=0.9", 'freeze.bn="all"', "quantize.aware=true"]
+    straight = run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=straight"]))
+    with pytest.raises(UserError, match="interrupted"):
+        run_recipe(load_recipe(tiny_recipe, [*sets, "output.name=cut"]), hooks=[StopAtStep(4)])
+    cut = tiny_recipe.parent / "runs" / "cut"
+    done = run_cli("run", "--resume", str(cut))
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (load_checkpoint(d / "last.pt") for d in (straight, cut))
+    for part in ("model", "eval_model"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    ranges = a["hooks"]["qat"]["quantizers"], b["hooks"]["qat"]["quantizers"]
+    assert all(torch.equal(ranges[0][k], ranges[1][k]) for k in ranges[0])
