@@ -46,7 +46,8 @@ def test_overrides_validate_like_the_file(tmp_path: Path) -> None:
     [
         (
             {"trian": {}},
-            "trian: unknown key; expected one of: calibrate, data, freeze, log, loss, model, optim, output, quantize, train",
+            "trian: unknown key; expected one of: calibrate, data, freeze, log, loss, model, optim, output, quantize, "
+            "train",
         ),
         ({"data": {"augment": {"flip": 0.5}}}, "data.augment.flip: unknown key"),
         ({"train": {"epochs": "10"}}, "train.epochs: Input should be a valid integer"),  # strict: no "10" -> 10

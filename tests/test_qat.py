@@ -61,8 +61,8 @@ def test_a_folded_convolution_is_torchs_fused_conv_bn_with_the_weight_rounded_to
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert sim.folds["conv_stem"] == "bn1" and len(sim.folds) == n_bn
     assert sim.weights == ["classifier"] and sim.inputs[0] == "conv_stem" and "classifier" in sim.inputs
+    sim.calibrate(model, [x])  # the plain network's ranges, then the rounding in place
     sim.attach(model)
-    sim.calibrate(model, [x])
 
     # The reference: torch's own BN fusion, the weight rounded in NumPy, the rounded input and output ranges.
     conv = model.conv_stem
@@ -86,8 +86,8 @@ def test_the_simulation_keeps_the_state_dict_and_comes_out_exactly() -> None:
         plain = model(x)
     keys = list(model.state_dict())
     sim = QuantSim(model, x)
+    sim.calibrate(model, [x])  # the plain network's ranges, then the rounding in place
     sim.attach(model)
-    sim.calibrate(model, [x])
     assert list(model.state_dict()) == keys  # checkpoints load into the plain network
     with torch.no_grad():
         rounded = model(x)
@@ -171,3 +171,64 @@ def test_a_qat_run_resumes_bitwise_with_its_activation_ranges(tiny_recipe: Path)
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     ranges = a["hooks"]["qat"]["quantizers"], b["hooks"]["qat"]["quantizers"]
     assert all(torch.equal(ranges[0][k], ranges[1][k]) for k in ranges[0])
+
+
+def test_the_ranges_and_first_layers_are_onnxruntimes_own(base_run: Path, tmp_path: Path) -> None:
+    """onnxruntime's INT8 file (its quantizer, its runtime: an independent implementation) is what is imitated.
+
+    Calibrated on the export's images, every range equals onnxruntime's; the first quantized tensors, read out of the
+    INT8 graph, equal the simulation's to the step, but for the rare value float arithmetic rounds the other way (the
+    integer kernels and a float convolution disagree at exact half steps; deeper layers compound them).
+    """
+    import onnx
+    import onnxruntime
+
+    from finetune.assembly import build_from_run
+    from finetune.deploy.export import export_run, run_classifier
+    from finetune.deploy.exported import int8_name
+    from finetune.deploy.quantize import calibration_loader, nhwc_batches
+
+    out = int8_name(export_run(base_run, "onnx", tmp_path / "model.onnx", int8=True, card=False).path)
+    graph = onnx.load(out)
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    rounded = {n.input[0]: n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in init}
+    parts = build_from_run(RunDir.open(base_run), ("train", "val"), ["data.num_workers=0"])
+    classifier, _ = run_classifier(RunDir.open(base_run))
+    sim = QuantSim(classifier.model, torch.zeros(2, 3, parts.image_size, parts.image_size))
+    calibration = np.concatenate([b for b, _ in nhwc_batches(calibration_loader(parts))])  # the export's images
+    sim.calibrate(classifier.model, [torch.from_numpy(calibration)], forward=classifier)
+    first = {  # the graph's tensor (TorchScript exporter names) -> the simulation's quantizer and module
+        "/Div_output_0": ("in:conv_stem", "conv_stem"),
+        "/model/bn1/act/Clip_output_0": ("out:bn1", "bn1"),
+        "/model/blocks/blocks.0/blocks.0.0/bn1/act/Clip_output_0": ("out:blocks.0.0.bn1", "blocks.0.0.bn1"),
+        "/model/blocks/blocks.0/blocks.0.0/conv_pw/Conv_output_0": ("out:blocks.0.0.bn2", "blocks.0.0.bn2"),
+        "/model/bn2/act/Clip_output_0": ("out:bn2", "bn2"),
+        "/model/classifier/Gemm_output_0": ("out:classifier", "classifier"),
+    }
+    for tensor, (key, _) in first.items():
+        fq, q = sim.quantizers[key.replace(".", "/")], rounded[tensor]
+        assert fq.scale.item() == pytest.approx(float(init[q.input[1]]), rel=1e-5), key
+        assert fq.zero_point.item() == int(init[q.input[2]]), key
+
+    sim.attach(classifier.model)
+    for tensor in list(first)[:4]:  # read the dequantized tensors out of the INT8 graph
+        dq = next(
+            n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == rounded[tensor].output[0]
+        )
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None))
+    images = np.concatenate([b for b, _ in nhwc_batches(parts.loader("val"))])
+    session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(None, {session.get_inputs()[0].name: images})
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [classifier.model.conv_stem.register_forward_pre_hook(lambda m, a: seen.setdefault("conv_stem", a[0]))]
+    for _, name in list(first.values())[1:4]:
+        mod = classifier.model.get_submodule(name)
+        hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, o)))
+    with torch.no_grad():
+        classifier(torch.from_numpy(images))
+    for h in hooks:
+        h.remove()
+    for i, (tensor, (key, name)) in enumerate(list(first.items())[:4]):
+        step = sim.quantizers[key.replace(".", "/")].scale.item()
+        off = np.abs(seen[name].numpy() - values[1 + i]) > 0.5 * step
+        assert off.mean() < 0.01, (tensor, off.mean())

@@ -32,11 +32,12 @@ class QatHook(Hook):
     def on_fit_start(self, loop: Loop) -> None:
         """Attach the simulation; set the activation ranges (calibrated, or the checkpoint's)."""
         sim, model = self.sim(), _unwrapped(loop.model)
-        sim.attach(model)
         if self._restored is not None:
+            sim.attach(model)
             sim.quantizers.load_state_dict(self._restored)
             return
-        seen = sim.calibrate(model, self.batches())
+        seen = sim.calibrate(model, self.batches())  # the float network's ranges, as the INT8 exports calibrate
+        sim.attach(model)
         if loop.is_main:
             loop.console.print(
                 f"quantization-aware training: {len(sim.folds)} convolutions with BatchNorm folded, "

@@ -7,10 +7,11 @@ survive exactly the rounding they will meet:
 - **weights**: each convolution's BatchNorm is folded into it (``w * gamma / sqrt(var + eps)``, what
   ``quant_pre_process`` does before quantizing) and the folded weight is rounded per output channel, symmetric int8
   in [-127, 127] with scale ``max|w| / 127`` (onnxruntime's per-channel QInt8); the classifier's weight likewise;
-- **activations**: uint8, per tensor, affine, ranges from a moving min/max (torch's ``FakeQuantize`` with a
-  ``MovingAverageMinMaxObserver``) at every point the INT8 graph quantizes: each BatchNorm's output (after its
-  activation), every convolution's or linear layer's input that is not one of those already (the network's input,
-  the sums of residual blocks, the pooled features), the output of a convolution with no BatchNorm, and the logits.
+- **activations**: uint8, per tensor, affine (torch's ``FakeQuantize``) at every tensor the INT8 graph rounds: each
+  BatchNorm's output (after its activation), every convolution's or linear layer's input that is not one of those
+  already (the network's input, the sums of residual blocks, the pooled features), the output of a convolution with
+  no BatchNorm, and the logits. The ranges start as onnxruntime's MinMax calibration sets them (the float network's
+  min and max over the calibration images, 0 included) and then follow a moving min/max while training.
 
 Gradients pass through the rounding unchanged (the straight-through estimator of torch's ``fake_quantize_*`` ops).
 BatchNorm must keep its running statistics (``freeze.bn = "all"``): folding is then exact, and the rounding is applied
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +107,6 @@ class QuantSim:
             raise ValueError("the network has no convolution or linear layer to quantize")
         names = [f"out:{n}" for n in self.outputs] + [f"in:{n}" for n in self.inputs]
         self.quantizers = nn.ModuleDict({n.replace(".", "/"): activation_quantizer() for n in names})
-        self.observing = False  # set by calibrate(); otherwise a model observes while it is in training mode
 
     def _trace(self, model: nn.Module, example: torch.Tensor) -> None:
         produced: dict[int, tuple[str, str]] = {}  # id(output tensor) -> (module, kind)
@@ -181,7 +182,7 @@ class QuantSim:
 
     def _round(self, fq: FakeQuantize, x: torch.Tensor, ref: weakref.ref) -> torch.Tensor:
         model = ref()
-        observe = self.observing or (model is not None and model.training)
+        observe = model is not None and model.training  # ranges move while training, never in evaluation
         fq.to(x.device)
         fq.observer_enabled[0] = int(observe)
         return fq(x.float()).to(x.dtype)
@@ -204,20 +205,48 @@ class QuantSim:
         for h in model.__dict__.pop("_qat_handles", []):
             h.remove()
 
-    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-        """Set the activation ranges from ``batches`` (model in eval mode, no gradient); returns the images seen."""
-        seen = 0
-        was, self.observing = model.training, True
+    def calibrate(
+        self, model: nn.Module, batches: Iterable[torch.Tensor], forward: Callable[[torch.Tensor], Any] | None = None
+    ) -> int:
+        """Set the activation ranges to the min/max over ``batches`` of the plain network (not yet attached).
+
+        The ranges onnxruntime's MinMax calibration takes: the float network's, over every image. ``forward`` runs a
+        batch (default ``model``; e.g. an export wrapper around it). Returns the images seen.
+        """
+        lo: dict[str, torch.Tensor] = {}
+        hi: dict[str, torch.Tensor] = {}
+
+        def seen(key: str, x: torch.Tensor) -> None:
+            x = x.detach().float()
+            lo[key] = torch.minimum(lo[key], x.min()) if key in lo else x.min()
+            hi[key] = torch.maximum(hi[key], x.max()) if key in hi else x.max()
+
+        handles = [
+            model.get_submodule(n).register_forward_hook(lambda m, a, o, k=f"out:{n}": seen(k, o)) for n in self.outputs
+        ]
+        handles += [
+            model.get_submodule(n).register_forward_pre_hook(lambda m, a, k=f"in:{n}": seen(k, a[0]))
+            for n in self.inputs
+        ]
+        count, was = 0, model.training
         try:
             model.eval()
             with torch.no_grad():
                 for x in batches:
-                    model(x)
-                    seen += len(x)
+                    (forward or model)(x)
+                    count += len(x)
         finally:
-            self.observing = False
             model.train(was)
-        return seen
+            for h in handles:
+                h.remove()
+        for key in lo:
+            fq = self.quantizers[key.replace(".", "/")]
+            obs = fq.activation_post_process
+            obs.min_val, obs.max_val = lo[key].to(obs.min_val.device), hi[key].to(obs.max_val.device)
+            scale, zero = obs.calculate_qparams()
+            fq.scale.resize_(scale.shape).copy_(scale)
+            fq.zero_point.resize_(zero.shape).copy_(zero)
+        return count
 
 
 def _kind(mod: nn.Module) -> str:
