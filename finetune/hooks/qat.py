@@ -14,8 +14,10 @@ from finetune.train.qat import QuantSim
 class QatHook(Hook):
     """Attaches :class:`~finetune.train.qat.QuantSim` to the trained model; checkpoints its activation ranges.
 
-    At the start the ranges are set from ``batches`` (unaugmented train images) unless a checkpoint restored them,
-    so a resumed run continues with the ranges it stopped with. At the end the simulation is taken out: the run's
+    The activation ranges are the float network's min/max over ``batches`` (unaugmented train images), what the INT8
+    exports calibrate: set at the start, and again after every epoch for the next one (the weights have moved), so
+    training always rounds with the ranges an export of the current weights would take. A checkpoint keeps them, so
+    a resumed run continues with the ranges it stopped with. At the end the simulation is taken out: the run's
     report, exports and checkpoints see the plain network with the weights QAT trained.
 
     Args:
@@ -44,6 +46,13 @@ class QatHook(Hook):
                 f"{len(sim.weights)} other weights, {len(sim.quantizers)} activations rounded (uint8 ranges from "
                 f"{seen} train images)"
             )
+
+    def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:
+        """The next epoch's ranges, from the float network as it is now (before the checkpoint keeps them)."""
+        sim, model = self.sim(), _unwrapped(loop.model)
+        QuantSim.detach(model)
+        sim.calibrate(model, self.batches())
+        sim.attach(model)
 
     def on_fit_end(self, loop: Loop) -> None:
         """Take the simulation out of the trained model."""

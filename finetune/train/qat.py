@@ -10,8 +10,9 @@ survive exactly the rounding they will meet:
 - **activations**: uint8, per tensor, affine (torch's ``FakeQuantize``) at every tensor the INT8 graph rounds: each
   BatchNorm's output (after its activation), every convolution's or linear layer's input that is not one of those
   already (the network's input, the sums of residual blocks, the pooled features), the output of a convolution with
-  no BatchNorm, and the logits. The ranges start as onnxruntime's MinMax calibration sets them (the float network's
-  min and max over the calibration images, 0 included) and then follow a moving min/max while training.
+  no BatchNorm, and the logits. The ranges are what onnxruntime's MinMax calibration takes (the float network's
+  min and max over the calibration images, 0 included), set by :meth:`QuantSim.calibrate`; they do not move while
+  training (the loop's hook calibrates them again after every epoch).
 
 Gradients pass through the rounding unchanged (the straight-through estimator of torch's ``fake_quantize_*`` ops).
 BatchNorm must keep its running statistics (``freeze.bn = "all"``): folding is then exact, and the rounding is applied
@@ -26,14 +27,13 @@ here the network stays the same ``nn.Module`` and only the rounding (torch's own
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+from torch.ao.quantization import FakeQuantize, MinMaxObserver
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Hardtanh)
 
@@ -76,14 +76,12 @@ class _QuantLinear(nn.Linear):
 
 
 def activation_quantizer() -> FakeQuantize:
-    """uint8, per tensor, affine, moving min/max: onnxruntime's activation type, MinMax ranges that include 0."""
-    return FakeQuantize(
-        observer=MovingAverageMinMaxObserver,
-        quant_min=0,
-        quant_max=255,
-        dtype=torch.quint8,
-        qscheme=torch.per_tensor_affine,
+    """uint8, per tensor, affine (onnxruntime's activation type); its range is set by :meth:`QuantSim.calibrate`."""
+    fq = FakeQuantize(
+        observer=MinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine
     )
+    fq.disable_observer()
+    return fq
 
 
 class QuantSim:
@@ -159,7 +157,6 @@ class QuantSim:
 
     def attach(self, model: nn.Module) -> None:
         """Simulate the rounding in ``model`` (the traced network or a copy of its architecture), in place."""
-        ref = weakref.ref(model)
         for conv, bn in self.folds.items():
             mod = model.get_submodule(conv)
             if type(mod) is nn.Conv2d:
@@ -174,24 +171,11 @@ class QuantSim:
         handles = []
         for name in self.outputs:
             fq = self.quantizers[f"out:{name}".replace(".", "/")]
-            handles.append(model.get_submodule(name).register_forward_hook(self._output_hook(fq, ref)))
+            handles.append(model.get_submodule(name).register_forward_hook(_output_hook(fq)))
         for name in self.inputs:
             fq = self.quantizers[f"in:{name}".replace(".", "/")]
-            handles.append(model.get_submodule(name).register_forward_pre_hook(self._input_hook(fq, ref)))
+            handles.append(model.get_submodule(name).register_forward_pre_hook(_input_hook(fq)))
         object.__setattr__(model, "_qat_handles", handles)
-
-    def _round(self, fq: FakeQuantize, x: torch.Tensor, ref: weakref.ref) -> torch.Tensor:
-        model = ref()
-        observe = model is not None and model.training  # ranges move while training, never in evaluation
-        fq.to(x.device)
-        fq.observer_enabled[0] = int(observe)
-        return fq(x.float()).to(x.dtype)
-
-    def _output_hook(self, fq: FakeQuantize, ref: weakref.ref) -> Callable:
-        return lambda mod, args, out: self._round(fq, out, ref)
-
-    def _input_hook(self, fq: FakeQuantize, ref: weakref.ref) -> Callable:
-        return lambda mod, args: (self._round(fq, args[0], ref), *args[1:])
 
     @staticmethod
     def detach(model: nn.Module) -> None:
@@ -247,6 +231,21 @@ class QuantSim:
             fq.scale.resize_(scale.shape).copy_(scale)
             fq.zero_point.resize_(zero.shape).copy_(zero)
         return count
+
+
+def _round(fq: FakeQuantize, x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to ``fq``'s uint8 grid (computed in float32 whatever the autocast dtype)."""
+    if fq.scale.device != x.device:
+        fq.to(x.device)
+    return fq(x.float()).to(x.dtype)
+
+
+def _output_hook(fq: FakeQuantize) -> Callable:
+    return lambda mod, args, out: _round(fq, out)
+
+
+def _input_hook(fq: FakeQuantize) -> Callable:
+    return lambda mod, args: (_round(fq, args[0]), *args[1:])
 
 
 def _kind(mod: nn.Module) -> str:
