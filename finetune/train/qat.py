@@ -92,7 +92,7 @@ class QuantSim:
         example: An input batch for the trace (its values do not matter, its shape does).
 
     Raises:
-        ValueError: For a network with no convolution or linear layer, or BatchNorm still updating its statistics.
+        ValueError: For a network with no convolution or linear layer.
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
@@ -156,7 +156,11 @@ class QuantSim:
         self.inputs = list(dict.fromkeys(self.inputs))
 
     def attach(self, model: nn.Module) -> None:
-        """Simulate the rounding in ``model`` (the traced network or a copy of its architecture), in place."""
+        """Simulate the rounding in ``model`` (the traced network or a copy of its architecture), in place.
+
+        Only plain ``nn.Conv2d`` and ``nn.Linear`` weights are rounded (a subclass with its own forward, such as timm's
+        ``Conv2dSame``, keeps float weights); every rounded activation is, whatever module produced it.
+        """
         for conv, bn in self.folds.items():
             mod = model.get_submodule(conv)
             if type(mod) is nn.Conv2d:
