@@ -313,5 +313,35 @@ def test_executorch_runtime_reads_the_pte(tiny_run: Path, tiny_coco: Path) -> No
     assert refitted["quantization"]["tool"].startswith("ExecuTorch XNNPACKQuantizer")
 
 
+@pytest.mark.extra("executorch")
+def test_executorch_int8_with_flip_tta_keeps_the_probabilities(tiny_run: Path, tmp_path: Path) -> None:
+    """Flip TTA inside the .pte: the INT8 file stays as close to eager as without it (BN statistics made non-trivial,
+    as a trained network's are: PT2E's INT8 of a graph calling the network twice was far off on efficientnet_lite0)."""
+    import torch
+
+    from finetune.deploy import pte
+    from finetune.deploy.export import run_classifier
+    from finetune.deploy.exported import int8_name
+    from finetune.deploy.quantize import calibration_loader
+
+    parts = build_from_run(RunDir.open(tiny_run), ("train", "val", "test"), ["data.num_workers=0"])
+    model, info = run_classifier(RunDir.open(tiny_run), parts)
+    model.hflip = True
+    gen = torch.Generator().manual_seed(0)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) * 3 + 0.25)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+    out = pte.export_executorch(model, info, tmp_path / "model.pte", parts, calibration_loader(parts, 16))
+    size = info["input"]["size"][0]
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        eager = model(torch.from_numpy(images)).numpy()
+    assert not model.one_pass  # the eager wrapper is left as it was
+    np.testing.assert_allclose(pte.pte_backend(out.path)(images), eager, atol=1e-5, rtol=0)
+    diff = np.abs(pte.pte_backend(int8_name(out.path))(images) - eager)
+    assert diff.max() <= INT8_MAX and diff.mean() <= INT8_MEAN, (diff.max(), diff.mean())
+
+
 def _probs(results) -> np.ndarray:
     return np.array([list(r.probabilities.values()) for r in results])

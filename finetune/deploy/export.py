@@ -85,6 +85,7 @@ class ImageClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.size, self.multi_label, self.hflip = model, size, multi_label, hflip
+        self.one_pass = False  # flip TTA as one call on [image; mirror] (the ExecuTorch export sets it)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
@@ -93,7 +94,11 @@ class ImageClassifier(nn.Module):
         x = image.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
         x = (x - self.mean) / self.std
-        logits = (hflip_average(self.model, x) if self.hflip else self.model(x)).float()
+        if self.hflip and self.one_pass:
+            both = self.model(torch.cat([x, x.flip(3)]))  # [image; mirror]: [2, n, classes] below
+            logits = both.unflatten(0, (2, -1)).mean(0).float()
+        else:
+            logits = (hflip_average(self.model, x) if self.hflip else self.model(x)).float()
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 

@@ -79,13 +79,19 @@ def export_executorch(
     from finetune.deploy.quantize import check_int8, nhwc_batches
 
     example = torch.zeros(2, model.size, model.size, 3, dtype=torch.uint8)
-    atomic_write_bytes(out, _lower(_export(model, example)))
-    result = Exported(out, [out])
+    # Flip TTA as one call of the network on [image; mirror]: with two calls, PT2E's INT8 model of efficientnet_lite0
+    # was 0.040 off the fp32 probabilities on average (held-out mAP 9.2 against 48.6); with one, 0.008.
+    model.one_pass = True
+    try:
+        atomic_write_bytes(out, _lower(_export(model, example)))
+        if cal_loader is not None:
+            batches = [images for images, _ in nhwc_batches(cal_loader)]
+            atomic_write_bytes(int8_name(out), _int8_bytes(model, example, batches))
+    finally:
+        model.one_pass = False
+    result, path = Exported(out, [out]), int8_name(out)
     if cal_loader is None:
         return result
-    batches = [images for images, _ in nhwc_batches(cal_loader)]
-    path = int8_name(out)
-    atomic_write_bytes(path, _int8_bytes(model, example, batches))
     int8_info, comparison = check_int8(parts, info, pte_backend(out), pte_backend(path), len(cal_loader.dataset))
     int8_info["quantization"] = {
         "tool": "ExecuTorch XNNPACKQuantizer (PT2E)",
