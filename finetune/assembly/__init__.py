@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -27,6 +28,7 @@ from finetune.assembly import data, hooks, training
 from finetune.assembly.data import ROLES, norm_stats, split_name
 from finetune.assembly.training import StepPlan
 from finetune.config import Recipe
+from finetune.data.dataset import collate
 from finetune.data.split import ClassMap, Split
 from finetune.distributed import Dist, convert_sync_bn, gather
 from finetune.errors import UserError
@@ -274,16 +276,22 @@ class RunParts:
         except ValueError as err:
             raise UserError(f"quantize.aware: {self.raw.model.name}: {err}") from None
 
+    def calibration_subset(self, count: int) -> torch.utils.data.DataLoader:
+        """``count`` train images (at most all), unaugmented, a subset seeded by the run's seed, in file order.
+
+        The INT8 exports calibrate on it, and quantization-aware training on the same images.
+        """
+        n = len(self.splits["train"].image_paths)
+        pick = np.sort(np.random.default_rng(self.recipe.train.seed).permutation(n)[: min(count, n)]).tolist()
+        subset = torch.utils.data.Subset(self.loader("train").dataset, pick)
+        return torch.utils.data.DataLoader(subset, batch_size=16, collate_fn=collate, num_workers=0)
+
     def qat_batches(self) -> Iterator[torch.Tensor]:
-        """The first ``quantize.calibration_images`` train images, unaugmented and normalised, on the device."""
-        left = self.recipe.quantize.calibration_images
-        for batch in self.loader("train"):
+        """The ``quantize.calibration_images`` calibration images (the exports' own), normalised, on the device."""
+        for batch in self.calibration_subset(self.recipe.quantize.calibration_images):
             x = image_inputs(batch, self.eval_settings)
             if x is not None:
-                yield x[:left]
-                left -= len(x)
-            if left <= 0:
-                return
+                yield x
 
     @cached_property
     def groups(self) -> list | None:

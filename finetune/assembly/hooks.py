@@ -33,7 +33,7 @@ ORDER: list[tuple[type, type, str]] = [
     (FreezeHook, QatHook, "the simulation folds BatchNorm with the statistics the policy keeps fixed"),
     (QatHook, ProbeHook, "the probe solves the classifier on the features the INT8 network computes"),
     (QatHook, DDPHook, "DDP wraps the network with its rounding in place"),
-    (QatHook, EmaHook, "the EMA's copy shares the activation ranges set at the start"),
+    (QatHook, EmaHook, "the EMA's copy, made at the start, rounds with the simulation's activation ranges"),
     (FreezeHook, DDPHook, "DDP wraps the forward that freezing chose for the epoch"),
     (ProbeHook, DDPHook, "DDP is built after the probe has set the classifier"),
     (ProbeHook, EmaHook, "the EMA starts from the solved classifier, not the random one"),

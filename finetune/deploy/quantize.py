@@ -58,6 +58,9 @@ def nhwc_batches(loader: torch.utils.data.DataLoader, policy: str = "skip") -> I
 def calibration_loader(parts: RunParts, count: int | None = None) -> torch.utils.data.DataLoader:
     """``count`` train images (default 300, or all when fewer): a subset seeded by the run's seed, unaugmented.
 
+    The images :meth:`~finetune.assembly.RunParts.calibration_subset` picks, which quantization-aware training
+    calibrates on too.
+
     Raises:
         UserError: For a count below 1 or above the train split's size.
     """
@@ -65,12 +68,7 @@ def calibration_loader(parts: RunParts, count: int | None = None) -> torch.utils
     count = min(DEFAULT_CALIBRATION_IMAGES, n) if count is None else count
     if not 1 <= count <= n:
         raise UserError(f"--calibration-images {count}: the run's train split has {n} images; give 1 to {n}")
-    dataset = parts.loader("train").dataset
-    pick = np.sort(np.random.default_rng(parts.recipe.train.seed).permutation(n)[:count]).tolist()
-    from finetune.data.dataset import collate
-
-    subset = torch.utils.data.Subset(dataset, pick)
-    return torch.utils.data.DataLoader(subset, batch_size=16, collate_fn=collate, num_workers=0)
+    return parts.calibration_subset(count)
 
 
 def quantize_onnx(fp32: bytes, batches: Iterator[np.ndarray], input_name: str) -> bytes:
