@@ -133,8 +133,14 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     return report
 
 
-def hflip_average(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Flip test-time augmentation: the mean of the logits of NCHW ``x`` and of its mirror (``train.tta = "hflip"``)."""
+def hflip_average(model: nn.Module, x: torch.Tensor, one_pass: bool = False) -> torch.Tensor:
+    """Flip test-time augmentation: the mean of the logits of NCHW ``x`` and of its mirror (``train.tta = "hflip"``).
+
+    ``one_pass``: one call of the network on ``[x; mirror]`` instead of two (the same logits; what PT2E quantizes
+    correctly, see :mod:`finetune.deploy.pte`). ``unflatten`` keeps an exported graph's batch dimension symbolic.
+    """
+    if one_pass:
+        return model(torch.cat([x, x.flip(3)])).unflatten(0, (2, -1)).mean(0)
     return (model(x) + model(x.flip(3))) / 2
 
 

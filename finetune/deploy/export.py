@@ -94,11 +94,7 @@ class ImageClassifier(nn.Module):
         x = image.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
         x = (x - self.mean) / self.std
-        if self.hflip and self.one_pass:
-            both = self.model(torch.cat([x, x.flip(3)]))  # [image; mirror]: [2, n, classes] below
-            logits = both.unflatten(0, (2, -1)).mean(0).float()
-        else:
-            logits = (hflip_average(self.model, x) if self.hflip else self.model(x)).float()
+        logits = (hflip_average(self.model, x, self.one_pass) if self.hflip else self.model(x)).float()
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 

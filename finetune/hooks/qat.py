@@ -33,7 +33,7 @@ class QatHook(Hook):
 
     def on_fit_start(self, loop: Loop) -> None:
         """Attach the simulation; set the activation ranges (calibrated, or the checkpoint's)."""
-        sim, model = self.sim(), _unwrapped(loop.model)
+        sim, model = self.sim(), loop.model
         if self._restored is not None:
             sim.attach(model)
             sim.quantizers.load_state_dict(self._restored)
@@ -49,14 +49,14 @@ class QatHook(Hook):
 
     def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:
         """The next epoch's ranges, from the float network as it is now (before the checkpoint keeps them)."""
-        sim, model = self.sim(), _unwrapped(loop.model)
+        sim, model = self.sim(), loop.model
         QuantSim.detach(model)
         sim.calibrate(model, self.batches())
         sim.attach(model)
 
     def on_fit_end(self, loop: Loop) -> None:
         """Take the simulation out of the trained model."""
-        QuantSim.detach(_unwrapped(loop.model))
+        QuantSim.detach(loop.model)
 
     def state_dict(self) -> dict[str, Any]:
         """The activation quantizers' ranges."""
@@ -65,8 +65,3 @@ class QatHook(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep the ranges for :meth:`on_fit_start`."""
         self._restored = state["quantizers"]
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The network inside a DDP wrapper (or the network itself)."""
-    return getattr(model, "module", model)
